@@ -1,0 +1,367 @@
+"""The app: one explicit, ordered frame loop (read ``step``; it is the whole engine).
+
+    capture thread   source -> newest frame slot          (engine/sources)
+    scene worker     newest frame + params -> image slot  (engine/scenes)
+    render thread    this file: events + params at the frame boundary, newest frame and
+                     newest scene image (never waiting), composite, present, HUD
+
+The render thread never waits on a scene, a file, the network or a device: a missing
+frame is the last frame again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from engine.catalog import PRESETS_DIR, SHADERS_DIR, build_registry
+from engine.clock import RealClock
+from engine.params import Change, ParamError
+from engine.presets import PresetError, PresetLibrary, load_preset, recall_values
+from engine.render.compositor import Compositor
+from engine.render.hud import Hud
+from engine.render.shaders import ShaderLibrary
+from engine.scenes import SceneCatalog, SceneWorker, builtin_catalog
+from engine.sources import ImageSource, LiveInput, open_source
+
+log = logging.getLogger(__name__)
+
+PATTERN_SIZE = (640, 360)  # the built-in pattern is soft: render it small, let the GPU scale it
+HUD_REFRESH = 0.25  # seconds between HUD text updates (the text is rasterised on the CPU)
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+    def tick(self) -> float: ...
+
+
+class Surface(Protocol):
+    has_window: bool
+    ctx: object
+    size: tuple[int, int]
+    should_close: bool
+
+    def poll(self) -> list[str]: ...
+    def swap(self) -> None: ...
+    def toggle_fullscreen(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    source: str | None = None  # None: the first camera that opens, else the pattern
+    preset: str | None = "default"
+    output_size: tuple[int, int] = (1280, 720)
+    source_fps: float = 30.0
+    presets_dir: Path = PRESETS_DIR
+    shaders_dir: Path = SHADERS_DIR
+    hot_reload: bool = True
+    source_max_age: float = 2.0  # seconds without a frame before the fallback pattern shows
+
+
+@dataclass
+class Stats:
+    frames: int = 0
+    render_fps: float = 0.0
+    frame_ms: float = 0.0
+    longest_frame_ms: float = 0.0
+    scene_transitions: int = 0
+    errors: deque = field(default_factory=lambda: deque(maxlen=20))
+
+
+class App:
+    def __init__(self, config: AppConfig, surface: Surface, clock: Clock | None = None,
+                 catalog: SceneCatalog | None = None) -> None:
+        self.config = config
+        self.surface = surface
+        self.clock = clock or RealClock(60.0)
+        self.catalog = catalog or builtin_catalog()
+        self.params = build_registry(self.catalog)
+        self.presets = PresetLibrary(config.presets_dir, self.params)
+        self.preset_name: str | None = None
+        self.stats = Stats()
+        self.last_error: str | None = None
+        self.running = False
+
+        source = open_source(config.source, self.params, size=config.output_size, fps=config.source_fps)
+        if source.kind == "pattern":
+            source = open_source("pattern", self.params, size=PATTERN_SIZE, fps=config.source_fps)
+        self.input = LiveInput(source, fallback_size=PATTERN_SIZE, fps=config.source_fps,
+                               params=self.params, max_age=config.source_max_age)
+        self.shaders = ShaderLibrary(surface.ctx, config.shaders_dir)
+        self.compositor = Compositor(surface.ctx, self.shaders, self.params, config.output_size)
+        self.hud = Hud(surface.ctx, self.shaders)
+        self.worker = SceneWorker(self.catalog, self.params, self._scene_input)
+        self.overlay: ImageSource | None = None
+
+        self._showing_scene: str | None = None
+        self._scene_seq = 0
+        self._preset_transition = False
+        self._hud_next = 0.0
+        self._lock = threading.Lock()  # guards last_error / preset_name set by loader threads
+        self.params.add_listener(self._on_change)
+
+    # -- life cycle --------------------------------------------------------------------
+    def start(self) -> "App":
+        """Start the threads and put the first preset in place (before the first frame)."""
+        if self.config.preset:
+            try:
+                preset = self.presets.load(self.config.preset)
+                self.params.set_many(recall_values(preset, self.params), origin="preset")
+                self.preset_name = preset.name
+            except (PresetError, ParamError) as exc:
+                self._error(f"preset {self.config.preset} refused: {exc}")
+        self.params.apply_pending(0.0)
+        self._preset_transition = False  # the first preset is the start, not a change
+        self._prewarm()
+        self.input.start()
+        self.worker.request(self.params.get("/scene/active"))
+        self.worker.start()
+        if self.config.hot_reload:
+            self.shaders.start_watching()
+        self.running = True
+        return self
+
+    def stop(self) -> None:
+        self.running = False
+        self.shaders.stop_watching()
+        self.worker.stop()
+        self.input.stop()
+        if self.overlay is not None:
+            self.overlay.stop()
+
+    def close(self) -> None:
+        """Stop the threads and free GL objects (the surface is the caller's to close)."""
+        self.stop()
+        self.hud.release()
+        self.compositor.release()
+        self.shaders.release()
+
+    def run(self, frames: int | None = None) -> None:
+        """The loop: step until the window closes, Esc, or ``frames`` frames."""
+        while self.running and not self.surface.should_close:
+            if frames is not None and self.stats.frames >= frames:
+                break
+            self.step()
+
+    # -- one frame ---------------------------------------------------------------------
+    def step(self) -> None:
+        dt = self.clock.tick()
+        now = self.clock.now()
+        started = time.perf_counter()
+
+        # 1. poll events, apply control changes at the frame boundary
+        for action in self.surface.poll():
+            self.handle_action(action)
+        self.shaders.poll()
+        self._preset_transition = False
+        self.params.apply_pending(dt)  # listeners run here: scene requests, transitions
+        self._revert_failed_scene()
+
+        # 2. take the newest source frame and the newest scene image, never waiting
+        frame, key, _ = self.input.latest()
+        self.compositor.set_layer("source", frame, ("source", key))
+        scene_frame, seq = self.worker.output.latest()
+        if scene_frame is not None and scene_frame.scene != self._showing_scene:
+            if self._showing_scene is not None:  # a new scene has its first image: crossfade to it
+                self.compositor.begin_transition(now)
+                self.stats.scene_transitions += 1
+            self._showing_scene = scene_frame.scene
+        self.compositor.set_layer("scene", None if scene_frame is None else scene_frame.image, ("scene", seq))
+        if self.overlay is not None:
+            image, overlay_seq = self.overlay.slot.latest()
+            self.compositor.set_layer("overlay", image, ("overlay", overlay_seq))
+
+        # 3. composite layers + effects + feedback + transitions into the output framebuffer
+        self.compositor.render(now)
+
+        # 4. present (vsync), HUD
+        if self.surface.has_window:
+            size = self.surface.size
+            self.compositor.present(size)
+            if self.params.get("/hud/visible"):
+                self._update_hud(now)
+                self.hud.draw(size)
+        elif now >= self._hud_next:
+            self._update_hud(now)  # headless: keep the HUD text current for the status views
+        self.surface.swap()
+        self._count_frame(dt, time.perf_counter() - started)
+
+    # -- controls ------------------------------------------------------------------------
+    def handle_action(self, action: str) -> None:
+        """Keys from the window: next scene, presets 1-9, fullscreen, HUD, quit."""
+        if action == "quit":
+            self.running = False
+        elif action == "next_scene":
+            self.next_scene()
+        elif action == "fullscreen":
+            self.surface.toggle_fullscreen()
+        elif action == "hud":
+            self.params.set("/hud/visible", not self.params.get("/hud/visible"), origin="key")
+        elif action.startswith("preset:"):
+            self.recall_preset(int(action.split(":", 1)[1]))
+
+    def next_scene(self) -> None:
+        names = self.catalog.names()
+        current = self.params.target("/scene/active")
+        self.params.set("/scene/active", names[(names.index(current) + 1) % len(names)], origin="key")
+
+    def recall_preset(self, ref: str | int) -> None:
+        """Load, validate and apply a preset off the render thread; it lands with a crossfade.
+
+        A preset that fails validation is refused whole and the show goes on unchanged.
+        """
+        threading.Thread(target=self._load_preset, args=(ref,), name="preset loader", daemon=True).start()
+
+    def recall_preset_now(self, ref: str | int) -> bool:
+        """The same, synchronously (tests and the command line); True if it was applied."""
+        return self._load_preset(ref)
+
+    def _load_preset(self, ref: str | int) -> bool:
+        try:
+            preset = self.presets.load(ref)
+            self.params.set_many(recall_values(preset, self.params), origin="preset")
+        except (PresetError, ParamError) as exc:
+            self._error(f"preset refused: {exc}")
+            return False
+        with self._lock:
+            self.preset_name = preset.name
+        log.info("preset %s recalled", preset.name)
+        return True
+
+    def save_preset(self, name: str, description: str = "") -> Path:
+        path = self.presets.save(name, description)
+        with self._lock:
+            self.preset_name = name
+        return path
+
+    def _on_change(self, change: Change) -> None:
+        """Registry listener (render thread, frame boundary)."""
+        if change.origin == "preset" and not self._preset_transition:
+            self._preset_transition = True  # one crossfade per recall, however many values land
+            self.compositor.begin_transition(self.clock.now())
+        if change.path == "/scene/active":
+            self.worker.request(change.value)
+        elif change.path == "/layer/overlay/image":
+            self._open_overlay(change.value)
+
+    def _open_overlay(self, path: str) -> None:
+        if self.overlay is not None:
+            self.overlay.stop(timeout=0.0)
+            self.overlay = None
+        self.compositor.set_layer("overlay", None, None)
+        if path:
+            self.overlay = ImageSource(path).start()
+
+    def _revert_failed_scene(self) -> None:
+        failed, self.worker.failed = self.worker.failed, None
+        if failed is not None:
+            self._error(self.worker.last_error or f"scene {failed} could not load")
+            active = self.worker.active_name
+            if active is not None and self.params.target("/scene/active") == failed:
+                self.params.set("/scene/active", active, origin="engine")
+
+    # -- the scene worker's view of the input ------------------------------------------
+    def _scene_input(self) -> tuple[np.ndarray | None, object]:
+        frame, key, _ = self.input.latest()
+        return frame, key
+
+    # -- outputs -------------------------------------------------------------------------
+    def screenshot(self, path: str | Path) -> Path:
+        """Write the last output frame as an image, atomically."""
+        path = Path(path)
+        ok, data = cv2.imencode(path.suffix or ".png", self.compositor.read_output()[:, :, ::-1])
+        if not ok:
+            raise ValueError(f"cannot encode a screenshot as {path.suffix!r}")
+        write_atomic(path, data.tobytes())
+        return path
+
+    # -- status ----------------------------------------------------------------------------
+    def _error(self, message: str) -> None:
+        with self._lock:
+            self.last_error = message
+            self.stats.errors.append((time.time(), message))
+        log.error("%s", message)
+
+    def errors_now(self) -> list[str]:
+        """Errors to show: shader errors (until fixed) and the latest other error."""
+        out = [*self.shaders.errors.values(),
+               *(e for k, e in self.compositor.errors.items() if e not in self.shaders.errors.values())]
+        latest = self.last_error
+        if self.worker.last_error and (not self.stats.errors or self.worker.last_error != latest):
+            latest = self.worker.last_error
+        if latest:
+            out.append(latest)
+        return out
+
+    def hud_lines(self) -> list[str]:
+        s = self.stats
+        drops = self.input.primary.slot.drops + self.worker.output.drops
+        scene = self.worker.active_name or "-"
+        if self.worker.loading:
+            scene += f" (loading {self.worker.loading})"
+        last = self.params.last_change
+        lines = [
+            f"render {s.render_fps:5.1f} fps  scene {self.worker.fps:5.1f} fps  dropped {drops}",
+            f"scene {scene}   preset {self.preset_name or '-'}",
+            f"source {self.input.status}",
+            f"last control {last.path} = {_short(last.value)} ({last.origin})" if last else "last control -",
+        ]
+        return lines + [f"error {e}" for e in self.errors_now()]
+
+    def _update_hud(self, now: float) -> None:
+        if now < self._hud_next:
+            return
+        self._hud_next = now + HUD_REFRESH
+        lines = self.hud_lines()
+        self.hud.update(lines, error_lines=len(self.errors_now()))
+
+    def _count_frame(self, dt: float, busy: float) -> None:
+        s = self.stats
+        s.frames += 1
+        s.frame_ms = busy * 1000.0
+        if s.frames > 10:  # the first frames compile shaders
+            s.longest_frame_ms = max(s.longest_frame_ms, s.frame_ms)
+        if dt > 0:
+            s.render_fps += (1.0 / dt - s.render_fps) * (0.1 if s.frames > 1 else 1.0)
+
+    def _prewarm(self) -> None:
+        """Compile the frame programs the presets need now, not in the middle of the show."""
+        states = [self.params.snapshot()]
+        for entry in self.presets.entries():
+            if entry.error is None:
+                try:
+                    states.append(load_preset(entry.path, self.params).values)
+                except PresetError:
+                    continue  # listed as broken by `dreamdeck presets`; recall will say why
+        self.compositor.prewarm(states)
+
+
+def _short(value: object) -> str:
+    text = f"{value:.3g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,34 @@
+"""Every parameter the engine has, declared in one place (no GL, no torch needed).
+
+``build_registry`` is what the app, ``dreamdeck presets`` and the tests use, so a preset
+is validated against exactly the parameters a running show has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.params import ParamRegistry, bool_param, enum_param
+from engine.render.compositor import COMPOSITOR_PARAMS
+from engine.render.effects import EFFECTS
+from engine.scenes import SceneCatalog, builtin_catalog
+from engine.sources.pattern import PatternSource
+
+ROOT = Path(__file__).resolve().parent.parent
+SHADERS_DIR = ROOT / "shaders"
+PRESETS_DIR = ROOT / "presets"
+
+
+def build_registry(catalog: SceneCatalog | None = None) -> ParamRegistry:
+    catalog = catalog or builtin_catalog()
+    registry = ParamRegistry()
+    registry.declare(enum_param("/scene/active", catalog.names()[0], catalog.names(),
+                                description="The scene playing on the scene layer"))
+    registry.declare_all(catalog.params())
+    registry.declare_all(COMPOSITOR_PARAMS)
+    for fx in EFFECTS:
+        registry.declare_all(fx.all_params())
+    registry.declare_all(PatternSource.PARAMS)
+    registry.declare(bool_param("/hud/visible", True, description="Show the HUD over the window",
+                                in_presets=False))
+    return registry

@@ -1,0 +1,267 @@
+"""The compositor: layers, effects, feedback and transitions, into a fixed-size output.
+
+One frame is one full-screen pass of ``shaders/frame.frag`` (read it: it is the whole
+chain, in order). Its target alternates between two output buffers so the feedback stage
+can read the previous output. The output has its own resolution, independent of the
+window, and is letterboxed into the window by ``present``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import moderngl
+import numpy as np
+
+from engine.params import Param, ParamRegistry, enum_param, float_param, string_param
+from engine.render.effects import EFFECTS
+from engine.render.shaders import ShaderError, ShaderLibrary, set_uniform
+
+log = logging.getLogger(__name__)
+
+BLEND_MODES = ("normal", "add", "multiply", "screen", "difference")
+LAYERS = ("source", "scene", "overlay")
+
+
+def _layer_params(layer: str, opacity: float) -> tuple[Param, ...]:
+    return (
+        float_param(f"/layer/{layer}/opacity", opacity, 0.0, 1.0, smoothing=0.05,
+                    description=f"Opacity of the {layer} layer"),
+        enum_param(f"/layer/{layer}/blend", "normal", BLEND_MODES,
+                   description=f"How the {layer} layer combines with the layers below it"),
+    )
+
+
+COMPOSITOR_PARAMS: tuple[Param, ...] = (
+    *_layer_params("source", 1.0),
+    *_layer_params("scene", 1.0),
+    *_layer_params("overlay", 1.0),
+    string_param("/layer/overlay/image", "", description="Image file shown on the overlay layer (empty: none)"),
+    float_param("/fx/feedback/amount", 0.0, 0.0, 0.98, smoothing=0.05,
+                description="Trails: how much of the previous output stays"),
+    float_param("/fx/feedback/zoom", 1.0, 0.8, 1.25, smoothing=0.1,
+                description="Zoom of the previous output per frame (>1 flows outwards)"),
+    float_param("/fx/feedback/rotate", 0.0, -5.0, 5.0, unit="deg", smoothing=0.1,
+                description="Rotation of the previous output per frame"),
+    float_param("/mix/transition", 1.0, 0.0, 10.0, unit="s",
+                description="Crossfade time for scene and preset changes"),
+)
+
+
+def cover_fit(layer_size: tuple[int, int], out_size: tuple[int, int]) -> tuple[float, float]:
+    """uv scale that makes a layer fill the output, cropping the sides or the top and bottom."""
+    la, oa = layer_size[0] / layer_size[1], out_size[0] / out_size[1]
+    return (oa / la, 1.0) if la > oa else (1.0, la / oa)
+
+
+def letterbox(out_size: tuple[int, int], window: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Viewport (x, y, w, h) that shows the whole output in the window at its aspect ratio."""
+    scale = min(window[0] / out_size[0], window[1] / out_size[1])
+    w, h = max(1, round(out_size[0] * scale)), max(1, round(out_size[1] * scale))
+    return (window[0] - w) // 2, (window[1] - h) // 2, w, h
+
+
+@dataclass
+class _Layer:
+    texture: moderngl.Texture
+    key: object = None
+
+
+class Compositor:
+    def __init__(self, ctx: moderngl.Context, shaders: ShaderLibrary, params: ParamRegistry,
+                 size: tuple[int, int] = (1280, 720)) -> None:
+        self.ctx = ctx
+        self.shaders = shaders
+        self.params = params
+        self.size = size
+        self.errors: dict[str, str] = {}
+        self._frame = 0
+        self._empty = ctx.texture((1, 1), 4, bytes(4))  # a layer with nothing yet: transparent
+        self._layers = {name: _Layer(self._empty) for name in LAYERS}
+        self._outputs = [self._make_target() for _ in range(2)]
+        self._snapshot = self._make_target()
+        self._work = self._make_target()  # the frame before a transition's crossfade
+        self._last_good: tuple[moderngl.Program, moderngl.VertexArray] | None = None
+        self._transition: tuple[float, float] | None = None  # (start time, duration)
+        self._progress_at = 0.0
+        self._last_output = self._outputs[0]
+        for fbo in self._outputs:
+            fbo.clear(0.0, 0.0, 0.0, 1.0)
+
+    def _make_target(self) -> moderngl.Framebuffer:
+        tex = self.ctx.texture(self.size, 4)
+        tex.repeat_x = tex.repeat_y = False
+        return self.ctx.framebuffer(color_attachments=[tex])
+
+    # -- inputs ----------------------------------------------------------------------
+    def set_layer(self, name: str, frame: np.ndarray | None, key: object) -> None:
+        """Upload a layer's newest image; nothing happens when ``key`` is unchanged."""
+        layer = self._layers[name]
+        if frame is None:
+            layer.key, layer.texture = key, self._empty
+            return
+        if key == layer.key and layer.texture is not self._empty:
+            return
+        h, w = frame.shape[:2]
+        comps = 1 if frame.ndim == 2 else frame.shape[2]
+        data = np.ascontiguousarray(frame, dtype=np.uint8)
+        tex = layer.texture
+        if tex is self._empty or tex.size != (w, h) or tex.components != comps:
+            if tex is not self._empty:
+                tex.release()
+            tex = self.ctx.texture((w, h), comps, data, alignment=1)
+            tex.repeat_x = tex.repeat_y = False
+        else:
+            tex.write(data, alignment=1)
+        layer.texture, layer.key = tex, key
+
+    def begin_transition(self, now: float, duration: float | None = None) -> None:
+        """Freeze the last output and crossfade from it to the live picture."""
+        duration = self.params.get("/mix/transition") if duration is None else duration
+        if duration <= 0:
+            self._transition = None
+            return
+        self.ctx.copy_framebuffer(self._snapshot, self._last_output)
+        self._transition = (now, duration)
+
+    @property
+    def transition_progress(self) -> float | None:
+        return None if self._transition is None else self._progress_at
+
+    # -- one frame -----------------------------------------------------------------
+    FRAME_SHADER = "frame.frag"
+
+    def variant(self, get: Callable[[str], Any] | None = None) -> tuple[str, ...]:
+        """The frame program's defines for a state: the stages that are on."""
+        get = get or self.params.get
+        defines = [fx.name.upper() for fx in EFFECTS if get(fx.enabled_path)]
+        if get("/fx/feedback/amount") > 0:
+            defines.append("FEEDBACK")
+        if get("/layer/overlay/opacity") > 0 and self._layers["overlay"].texture is not self._empty:
+            defines.append("OVERLAY")
+        return tuple(sorted(defines))
+
+    def prewarm(self, states: list[dict[str, Any]]) -> None:
+        """Compile the frame programs these parameter states need, before the show needs them."""
+        for state in states:
+            variant = self.variant(lambda path: state.get(path, self.params.get(path)))
+            try:
+                self.shaders.get(self.FRAME_SHADER, variant)
+            except ShaderError as exc:
+                self.errors[self.FRAME_SHADER] = str(exc)
+
+    def render(self, now: float) -> moderngl.Texture:
+        """Draw this frame into the next output buffer; returns the output texture."""
+        self._frame += 1
+        previous = self._last_output
+        output = self._outputs[self._frame % 2]
+        get = self.params.get
+
+        progress = None
+        if self._transition is not None:
+            start, duration = self._transition
+            progress = self._progress_at = min(1.0, max(0.0, (now - start) / duration))
+            if progress >= 1.0:
+                self._transition = progress = None
+
+        rotate = math.radians(get("/fx/feedback/rotate"))
+        uniforms: dict[str, object] = {
+            "u_resolution": (float(self.size[0]), float(self.size[1])),
+            "u_time": float(now),
+            "u_feedback_amount": get("/fx/feedback/amount"),
+            "u_feedback_zoom": get("/fx/feedback/zoom"),
+            "u_feedback_rotation": (math.cos(rotate), math.sin(rotate), -math.sin(rotate), math.cos(rotate)),
+        }
+        textures = {"u_previous": previous.color_attachments[0]}
+        for name, layer in self._layers.items():
+            textures[f"u_{name}"] = layer.texture
+            uniforms[f"u_{name}_fit"] = cover_fit(layer.texture.size, self.size)
+            uniforms[f"u_{name}_opacity"] = get(f"/layer/{name}/opacity")
+            uniforms[f"u_{name}_blend"] = BLEND_MODES.index(get(f"/layer/{name}/blend"))
+        for fx in EFFECTS:
+            uniforms.update(fx.uniforms(get))
+
+        frame_target = output if progress is None else self._work
+        if not self._draw(self._frame_program(), uniforms, textures, frame_target):
+            frame_target.clear(0.0, 0.0, 0.0, 1.0)
+        if progress is not None:
+            crossfade = self._program("crossfade.frag")
+            uniforms = {"u_progress": progress}
+            textures = {"u_input": self._work.color_attachments[0], "u_from": self._snapshot.color_attachments[0]}
+            if not self._draw(crossfade, uniforms, textures, output):
+                self.ctx.copy_framebuffer(output, self._work)
+        self._last_output = output
+        return output.color_attachments[0]
+
+    def _frame_program(self) -> tuple[moderngl.Program, moderngl.VertexArray] | None:
+        """This frame's variant; if it cannot compile, the last one that did (and say why)."""
+        variant = self.variant()
+        try:
+            found = self.shaders.get(self.FRAME_SHADER, variant)
+        except ShaderError as exc:
+            if self.errors.get(self.FRAME_SHADER) != str(exc):
+                log.error("%s (keeping the last good frame program)", exc)
+            self.errors[self.FRAME_SHADER] = str(exc)
+            return self._last_good
+        if self.errors.get(self.FRAME_SHADER) and not self.shaders.errors.get(self.FRAME_SHADER):
+            self.errors.pop(self.FRAME_SHADER, None)
+        self._last_good = found
+        return found
+
+    def _program(self, name: str) -> tuple[moderngl.Program, moderngl.VertexArray] | None:
+        try:
+            return self.shaders.get(name)
+        except ShaderError as exc:
+            self.errors[name] = str(exc)
+            return None
+
+    def _draw(self, found: tuple[moderngl.Program, moderngl.VertexArray] | None, uniforms: dict[str, object],
+              textures: dict[str, moderngl.Texture], target: moderngl.Framebuffer) -> bool:
+        if found is None:
+            return False
+        program, vao = found
+        for unit, (name, tex) in enumerate(textures.items()):
+            tex.use(unit)
+            set_uniform(program, name, unit)
+        for name, value in uniforms.items():
+            set_uniform(program, name, value)
+        target.use()
+        vao.render(moderngl.TRIANGLES)
+        return True
+
+    # -- outputs -----------------------------------------------------------------------
+    @property
+    def output_texture(self) -> moderngl.Texture:
+        return self._last_output.color_attachments[0]
+
+    def read_output(self) -> np.ndarray:
+        """The last output frame as RGB uint8 (H, W, 3), row 0 at the top."""
+        data = self._last_output.read(components=3, alignment=1)
+        return np.frombuffer(data, dtype=np.uint8).reshape(self.size[1], self.size[0], 3).copy()
+
+    def present(self, window_size: tuple[int, int]) -> None:
+        """Draw the output, letterboxed, into the window's default framebuffer."""
+        screen = self.ctx.screen
+        screen.use()
+        screen.viewport = (0, 0, *window_size)
+        self.ctx.clear(0.0, 0.0, 0.0, 1.0)
+        found = self._program("present.frag")
+        if found is None:
+            return
+        program, vao = found
+        screen.viewport = letterbox(self.size, window_size)
+        self.output_texture.use(0)
+        set_uniform(program, "u_input", 0)
+        vao.render(moderngl.TRIANGLES)
+
+    def release(self) -> None:
+        for layer in self._layers.values():
+            if layer.texture is not self._empty:
+                layer.texture.release()
+        for fbo in (*self._outputs, self._snapshot, self._work):
+            fbo.color_attachments[0].release()
+            fbo.release()
+        self._empty.release()

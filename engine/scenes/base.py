@@ -1,0 +1,79 @@
+"""What a scene is: a declared plugin that turns the newest source frame into an image.
+
+A scene declares its name, its parameters (under ``/scene/<name>/``), whether it keeps
+up with the display (``realtime``) and what it needs. ``load`` and ``process`` run on the
+scene worker thread, never on the render thread; a scene never imports another scene.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from engine.params import Param, ParamRegistry
+
+
+@dataclass(frozen=True)
+class SceneNeeds:
+    """What a scene asks of the machine, so the engine can refuse or plan before loading."""
+
+    accelerator_mb: int = 0  # GPU memory it will take; 0 = runs on the CPU
+    models: tuple[str, ...] = ()  # hub ids or paths it loads
+
+
+class Scene:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    realtime: ClassVar[bool] = True  # False: slower than the display (the compositor holds its last image)
+    uses_input: ClassVar[bool] = True  # False: generative; it runs without a source frame
+    max_fps: ClassVar[float] = 60.0  # the worker never runs it faster than this
+    needs: ClassVar[SceneNeeds] = SceneNeeds()
+    PARAMS: ClassVar[tuple[Param, ...]] = ()
+
+    def __init__(self, params: ParamRegistry) -> None:
+        self.params = params
+
+    def param(self, name: str) -> Any:
+        """This scene's own parameter ``/scene/<name>/<param>`` as of the last frame boundary."""
+        return self.params.get(f"/scene/{self.name}/{name}")
+
+    def load(self) -> None:
+        """Heavy set-up (models, buffers). Runs on a loader thread; may take seconds."""
+
+    def unload(self) -> None:
+        """Free what ``load`` took."""
+
+    def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:
+        """Newest source frame (RGB uint8, may be None) -> an RGB uint8 image, or None for no new image."""
+        raise NotImplementedError
+
+
+class SceneCatalog:
+    """Scene classes by name, in the order they were added (index = position)."""
+
+    def __init__(self, scenes: tuple[type[Scene], ...] = ()) -> None:
+        self._scenes: dict[str, type[Scene]] = {}
+        for scene in scenes:
+            self.add(scene)
+
+    def add(self, scene: type[Scene]) -> None:
+        if not scene.name or "/" in scene.name:
+            raise ValueError(f"scene {scene.__name__} needs a name without '/'")
+        for p in scene.PARAMS:
+            if not p.path.startswith(f"/scene/{scene.name}/"):
+                raise ValueError(f"scene {scene.name}: parameter {p.path} must live under /scene/{scene.name}/")
+        self._scenes[scene.name] = scene
+
+    def names(self) -> list[str]:
+        return list(self._scenes)
+
+    def get(self, name: str) -> type[Scene]:
+        try:
+            return self._scenes[name]
+        except KeyError:
+            raise KeyError(f"no scene named {name!r}; scenes: {', '.join(self._scenes)}") from None
+
+    def params(self) -> list[Param]:
+        return [p for scene in self._scenes.values() for p in scene.PARAMS]
