@@ -121,8 +121,9 @@ class App:
                 self.preset_name = preset.name
             except (PresetError, ParamError) as exc:
                 self._error(f"preset {self.config.preset} refused: {exc}")
+        self._preset_transition = True  # the first preset is the start, not a change: no crossfade
         self.params.apply_pending(0.0)
-        self._preset_transition = False  # the first preset is the start, not a change
+        self._preset_transition = False
         self._prewarm()
         self.input.start()
         self.worker.request(self.params.get("/scene/active"))
@@ -280,7 +281,10 @@ class App:
     def screenshot(self, path: str | Path) -> Path:
         """Write the last output frame as an image, atomically."""
         path = Path(path)
-        ok, data = cv2.imencode(path.suffix or ".png", self.compositor.read_output()[:, :, ::-1])
+        try:
+            ok, data = cv2.imencode(path.suffix or ".png", self.compositor.read_output()[:, :, ::-1])
+        except cv2.error:  # OpenCV raises, rather than returns False, for a suffix it has no encoder for
+            ok = False
         if not ok:
             raise ValueError(f"cannot encode a screenshot as {path.suffix!r}")
         write_atomic(path, data.tobytes())
@@ -294,14 +298,13 @@ class App:
         log.error("%s", message)
 
     def errors_now(self) -> list[str]:
-        """Errors to show: shader errors (until fixed) and the latest other error."""
+        """Errors to show: shader errors (until fixed), the scene worker's last error and the
+        latest other error (the two are not ordered in time, so neither may hide the other)."""
         out = [*self.shaders.errors.values(),
                *(e for k, e in self.compositor.errors.items() if e not in self.shaders.errors.values())]
-        latest = self.last_error
-        if self.worker.last_error and (not self.stats.errors or self.worker.last_error != latest):
-            latest = self.worker.last_error
-        if latest:
-            out.append(latest)
+        for error in (self.worker.last_error, self.last_error):
+            if error and error not in out:
+                out.append(error)
         return out
 
     def hud_lines(self) -> list[str]:
@@ -355,9 +358,14 @@ def _short(value: object) -> str:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o777  # replacing a file keeps its permissions
+    except FileNotFoundError:
+        mode = 0o644  # as any image tool would make it; mkstemp's 0600 would hide it from others
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -95,6 +95,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         except SourceSpecError as exc:
             print(f"dreamdeck run: {exc}", file=sys.stderr)
             return 2
+    if args.screenshot is not None and not _can_write_image(args.screenshot):
+        # said now, not after the show: the screenshot is written when the run ends
+        print(f"dreamdeck run: --screenshot {args.screenshot}: cannot write {args.screenshot.suffix!r} images "
+              "(use .png or .jpg)", file=sys.stderr)
+        return 2
     try:
         if args.headless:
             surface = HeadlessSurface()
@@ -124,6 +129,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             app.close()
             surface.close()
     return 0
+
+
+def _can_write_image(path: Path) -> bool:
+    import cv2
+
+    return cv2.haveImageWriter(f"image{path.suffix or '.png'}")  # App.screenshot writes PNG without a suffix
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -40,10 +40,18 @@ class ParamError(ValueError):
 _TRUE_WORDS = {"true", "on", "yes", "1"}
 _FALSE_WORDS = {"false", "off", "no", "0"}
 MAX_STRING = 10_000
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON allows any size)
+        return False
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,8 @@ class Param:
                 value = float(value)
             if not _is_number(value):
                 raise ParamError(f"{self.path}: expected a number, got {type(value).__name__} {value!r:.40}")
-            if not math.isfinite(value):
-                raise ParamError(f"{self.path}: {value} is not a finite number")
+            if not _is_finite(value):
+                raise ParamError(f"{self.path}: {value!r:.40} is not a finite number")
             if kind is Kind.INT:
                 value = int(round(value))
             else:
@@ -105,7 +113,7 @@ class Param:
         if kind is Kind.ENUM:
             if isinstance(value, str) and value in self.choices:
                 return value
-            if _is_number(value) and float(value).is_integer() and 0 <= value < len(self.choices):
+            if _is_number(value) and _is_finite(value) and float(value).is_integer() and 0 <= value < len(self.choices):
                 return self.choices[int(value)]
             raise ParamError(f"{self.path}: {value!r:.40} is not one of {', '.join(self.choices)}")
         if kind is Kind.STRING:
@@ -131,7 +139,7 @@ class Param:
 
     def denormalise(self, x: float) -> Any:
         """Map 0..1 onto this parameter's range (for CHOP channels, MIDI faders)."""
-        if not _is_number(x) or not math.isfinite(x):
+        if not _is_number(x) or not _is_finite(x):
             raise ParamError(f"{self.path}: normalised value must be a number, got {x!r:.40}")
         x = min(1.0, max(0.0, float(x)))
         if self.kind is Kind.FLOAT:
@@ -148,16 +156,13 @@ class Param:
 def _coerce_colour(path: str, value: Any) -> tuple[float, float, float, float]:
     if isinstance(value, str):
         text = value.lstrip("#")
-        if len(text) in (6, 8):
-            try:
-                channels = [int(text[i : i + 2], 16) / 255.0 for i in range(0, len(text), 2)]
-            except ValueError:
-                channels = []
-            if channels:
-                return tuple(channels + [1.0] * (4 - len(channels)))  # type: ignore[return-value]
+        # int(..., 16) alone would also take "-1", "+f" and " f": only hex digits are a colour
+        if len(text) in (6, 8) and all(ch in _HEX_DIGITS for ch in text):
+            channels = [int(text[i : i + 2], 16) / 255.0 for i in range(0, len(text), 2)]
+            return tuple(channels + [1.0] * (4 - len(channels)))  # type: ignore[return-value]
         raise ParamError(f"{path}: colour text must be #rrggbb or #rrggbbaa, got {value!r:.40}")
     if isinstance(value, (list, tuple)) and len(value) in (3, 4):
-        if all(_is_number(c) and math.isfinite(c) and 0.0 <= c <= 1.0 for c in value):
+        if all(_is_number(c) and _is_finite(c) and 0.0 <= c <= 1.0 for c in value):
             return tuple(float(c) for c in value) + ((1.0,) if len(value) == 3 else ())  # type: ignore[return-value]
     raise ParamError(f"{path}: colour must be 3 or 4 numbers in [0, 1] or #rrggbb, got {value!r:.40}")
 

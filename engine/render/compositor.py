@@ -84,7 +84,8 @@ class Compositor:
         self._outputs = [self._make_target() for _ in range(2)]
         self._snapshot = self._make_target()
         self._work = self._make_target()  # the frame before a transition's crossfade
-        self._last_good: tuple[moderngl.Program, moderngl.VertexArray] | None = None
+        # the variant (not the program object: a hot reload releases that) that last compiled
+        self._last_good: tuple[str, ...] | None = None
         self._transition: tuple[float, float] | None = None  # (start time, duration)
         self._progress_at = 0.0
         self._last_output = self._outputs[0]
@@ -205,18 +206,20 @@ class Compositor:
             if self.errors.get(self.FRAME_SHADER) != str(exc):
                 log.error("%s (keeping the last good frame program)", exc)
             self.errors[self.FRAME_SHADER] = str(exc)
-            return self._last_good
+            return None if self._last_good is None else self.shaders.get(self.FRAME_SHADER, self._last_good)
         if self.errors.get(self.FRAME_SHADER) and not self.shaders.errors.get(self.FRAME_SHADER):
             self.errors.pop(self.FRAME_SHADER, None)
-        self._last_good = found
+        self._last_good = variant
         return found
 
     def _program(self, name: str) -> tuple[moderngl.Program, moderngl.VertexArray] | None:
         try:
-            return self.shaders.get(name)
+            found = self.shaders.get(name)
         except ShaderError as exc:
             self.errors[name] = str(exc)
             return None
+        self.errors.pop(name, None)
+        return found
 
     def _draw(self, found: tuple[moderngl.Program, moderngl.VertexArray] | None, uniforms: dict[str, object],
               textures: dict[str, moderngl.Texture], target: moderngl.Framebuffer) -> bool:

@@ -82,7 +82,9 @@ class ShaderLibrary:
         self._changed: queue.SimpleQueue[tuple[Key, Expanded | ShaderError]] = queue.SimpleQueue()
         self._mtimes: dict[str, int] = {}  # every file a program uses -> last seen mtime
         self._users: dict[Key, set[str]] = {}  # program -> the files it is made of
+        self._failing: set[Key] = set()  # programs whose latest edit did not compile
         self.compile_ms: dict[Key, float] = {}
+        self._failed: dict[Key, ShaderError] = {}  # variants that failed, until a file changes
         self._poll_interval = poll_interval
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -142,10 +144,17 @@ class ShaderLibrary:
         key = (name, tuple(sorted(defines)))
         entry = self._entries.get(key)
         if entry is None:
-            expanded = self.expand_variant(key)
-            self._watch_files(key, expanded.files)
-            started = time.perf_counter()
-            program, vao = self._compile(name, expanded)
+            failure = self._failed.get(key)
+            if failure is not None:  # no new read or compile until a file changes
+                raise failure
+            try:
+                expanded = self.expand_variant(key)
+                self._watch_files(key, expanded.files)
+                started = time.perf_counter()
+                program, vao = self._compile(name, expanded)
+            except ShaderError as exc:
+                self._failed[key] = exc
+                raise
             entry = self._entries[key] = _Entry(program, vao)
             self.compile_ms[key] = (time.perf_counter() - started) * 1000
             log.debug("compiled %s %s in %.0f ms", name, "+".join(key[1]) or "-", self.compile_ms[key])
@@ -188,6 +197,8 @@ class ShaderLibrary:
             if mtime != seen:
                 self._mtimes[name] = mtime
                 changed.add(name)
+        if changed:
+            self._failed.clear()
         programs = [p for p, files in list(self._users.items()) if files & changed]
         for program in programs:
             try:
@@ -212,6 +223,7 @@ class ShaderLibrary:
                     raise expanded
                 program, vao = self._compile(name, expanded)
             except ShaderError as exc:
+                self._failing.add(key)
                 self.errors[name] = str(exc)
                 self.last_error = str(exc)
                 log.error("shader %s failed, keeping the last good version: %s", name, exc)
@@ -221,7 +233,9 @@ class ShaderLibrary:
                 old.vao.release()
                 old.program.release()
             self._entries[key] = _Entry(program, vao)
-            self.errors.pop(name, None)
+            self._failing.discard(key)
+            if not any(failing[0] == name for failing in self._failing):  # another variant may still be broken
+                self.errors.pop(name, None)
             self.reloads += 1
             reloaded.append(name)
             log.info("shader %s reloaded", name)

@@ -1,0 +1,376 @@
+"""The app's frame loop with real parts: headless EGL, real threads, real files.
+
+The app runs frame by frame on a ManualClock; sources and the scene worker run on their
+own threads in real time, so every wait steps the app until a condition holds, bounded
+by a frame count and a wall-clock timeout. No test asserts on wall-clock speed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+import pytest
+import tomli_w
+
+from engine.app import App, AppConfig
+from engine.clock import ManualClock
+from engine.presets import is_presettable
+from engine.render.surface import HeadlessSurface
+from engine.scenes import Scene, SceneCatalog
+from engine.scenes.passthrough import Passthrough
+from engine.scenes.reaction_diffusion import ReactionDiffusion
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT = (480, 270)  # small output: llvmpipe renders it quickly; the code path is the same
+TIMEOUT = 10.0
+MAX_FRAMES = 3000
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def step_until(app: App, condition: Callable[[], bool], what: str, frames: int = MAX_FRAMES,
+               timeout: float = TIMEOUT) -> int:
+    """Step the app until ``condition`` holds; return the number of frames it took."""
+    deadline = time.monotonic() + timeout
+    for n in range(1, frames + 1):
+        app.step()
+        if condition():
+            return n
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.001)  # let the source and scene threads run on a small machine
+    raise AssertionError(f"{what}: not after {n} frames; hud: {app.hud_lines()}")
+
+
+def step(app: App, frames: int) -> None:
+    for _ in range(frames):
+        app.step()
+        time.sleep(0.001)
+
+
+def scene_showing(app: App, name: str) -> Callable[[], bool]:
+    def check() -> bool:
+        frame = app.worker.output.latest()[0]
+        return frame is not None and frame.scene == name
+    return check
+
+
+def keeps_changing(app: App, changes: int = 4, min_change: float = 1.0) -> None:
+    """Step until the output has visibly changed ``changes`` times in a row (bounded).
+
+    The sources and the scene run in real time while the app steps on a manual clock, so
+    a change takes however many frames the threads need; a frozen output never changes.
+    """
+    last = app.compositor.read_output()
+    for n in range(changes):
+        def moved() -> bool:
+            return np.abs(app.compositor.read_output().astype(int) - last).mean() > min_change
+        step_until(app, moved, f"output change {n + 1} of {changes}", frames=600, timeout=5.0)
+        last = app.compositor.read_output()
+
+
+def presettable_values(app: App) -> dict:
+    return {p.path: app.params.target(p.path) for p in app.params.params() if is_presettable(p)}
+
+
+def source_line(app: App) -> str:
+    return next(line for line in app.hud_lines() if line.startswith("source "))
+
+
+def error_lines(app: App) -> list[str]:
+    return [line for line in app.hud_lines() if line.startswith("error ")]
+
+
+def other(choices: list, current: object) -> object:
+    return next(c for c in choices if c != current)
+
+
+@pytest.fixture
+def default_doc() -> dict:
+    return tomllib.loads((ROOT / "presets" / "default.toml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def presets_dir(tmp_path: Path, default_doc: dict) -> Path:
+    """A private presets folder: the shipped default and a valid variant of it."""
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    shutil.copy(ROOT / "presets" / "default.toml", folder / "default.toml")
+    variant = tomllib.loads(tomli_w.dumps(default_doc))  # a deep copy
+    kaleido = variant.setdefault("fx", {}).setdefault("kaleido", {})
+    kaleido["enabled"] = True
+    kaleido["segments"] = other([9, 11], kaleido.get("segments"))
+    layer = variant.setdefault("layer", {}).setdefault("scene", {})
+    layer["blend"] = other(["difference", "add"], layer.get("blend"))
+    (folder / "variant.toml").write_text(tomli_w.dumps(variant), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def make_app(presets_dir: Path) -> Iterator[Callable[..., App]]:
+    """Build and start an App on a headless surface; closed at the end even when a test fails."""
+    made: list[tuple[App, HeadlessSurface]] = []
+
+    def make(source: str = "pattern", catalog: SceneCatalog | None = None, **config: object) -> App:
+        surface = HeadlessSurface()
+        settings = {"source": source, "presets_dir": presets_dir, "output_size": OUTPUT, "hot_reload": False,
+                    **config}
+        app = App(AppConfig(**settings), surface, ManualClock(60.0), catalog=catalog)
+        made.append((app, surface))
+        return app.start()
+
+    yield make
+    for app, surface in made:
+        app.close()
+        surface.close()
+
+
+# -- frames -----------------------------------------------------------------------------------
+
+def test_frames_render_are_not_blank_and_change(make_app) -> None:
+    app = make_app()
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
+    step(app, 2)
+    out = app.compositor.read_output()
+    assert out.shape == (OUTPUT[1], OUTPUT[0], 3) and out.dtype == np.uint8
+    assert out.std() > 10, "the output looks blank"
+    assert len(np.unique(out.reshape(-1, 3)[::7], axis=0)) > 50, "the output has too few colours"
+    keeps_changing(app)
+    assert app.stats.frames > 5 and not app.errors_now()
+
+
+def test_start_does_not_crossfade_from_black(make_app) -> None:
+    app = make_app()
+    app.step()
+    assert app.compositor.transition_progress is None, "the first preset must not fade in like a change"
+    assert app.preset_name == "default"
+
+
+def test_hud_lines_show_scene_preset_and_source(make_app) -> None:
+    app = make_app()
+    step_until(app, lambda: app.worker.active_name is not None and app.input.primary.last_frame_time > 0,
+               "scene loaded and the pattern running")
+    lines = app.hud_lines()
+    assert lines[0].startswith("render ") and " fps" in lines[0]
+    assert lines[1].split() == ["scene", "reaction_diffusion", "preset", "default"]
+    assert source_line(app).startswith("source pattern ok")
+    assert not error_lines(app)
+
+
+# -- presets ----------------------------------------------------------------------------------
+
+def test_preset_recall_lands_with_a_crossfade(make_app, presets_dir: Path) -> None:
+    app = make_app()
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
+    assert app.compositor.transition_progress is None
+    variant = tomllib.loads((presets_dir / "variant.toml").read_text(encoding="utf-8"))
+    segments, blend = variant["fx"]["kaleido"]["segments"], variant["layer"]["scene"]["blend"]
+    assert app.params.get("/fx/kaleido/segments") != segments
+
+    assert app.recall_preset_now("variant") is True
+    app.step()
+    assert app.compositor.transition_progress is not None, "a preset recall must crossfade"
+    assert app.params.get("/fx/kaleido/segments") == segments
+    assert app.params.get("/layer/scene/blend") == blend
+    assert app.preset_name == "variant"
+    assert app.hud_lines()[1].split()[-2:] == ["preset", "variant"]
+    step_until(app, lambda: app.compositor.transition_progress is None, "the crossfade to end", frames=200)
+    assert not error_lines(app)
+
+    assert app.recall_preset_now(1) is True  # by number: sorted names, default first
+    app.step()
+    assert app.preset_name == "default" and app.params.get("/fx/kaleido/segments") != segments
+    assert app.compositor.transition_progress is not None
+
+    step_until(app, lambda: app.compositor.transition_progress is None, "the crossfade to end", frames=200)
+    app.handle_action("preset:2")  # the key path: loaded on a thread, lands at a frame boundary
+    step_until(app, lambda: app.params.get("/fx/kaleido/segments") == segments, "the keyed preset to land")
+    assert app.preset_name == "variant" and app.compositor.transition_progress is not None
+
+
+BROKEN_PRESETS = {
+    "unknown_key": ("[fx.kaleido]\nenabled = true\nsegments = 3\nsegmnets = 5\n", "segmnets: unknown parameter"),
+    "out_of_range": ("[fx.kaleido]\nenabled = true\nsegments = 999\n", "fx.kaleido.segments"),
+    "bad_toml": ("[fx.kaleido\nsegments = 3\n", "TOML syntax error"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_PRESETS))
+def test_invalid_preset_is_refused_and_the_show_goes_on(make_app, presets_dir: Path, name: str) -> None:
+    text, message = BROKEN_PRESETS[name]
+    (presets_dir / f"{name}.toml").write_text(text, encoding="utf-8")
+    app = make_app()
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
+    before = presettable_values(app)
+
+    assert app.recall_preset_now(name) is False
+    step(app, 3)
+    assert presettable_values(app) == before, "a refused preset changed values"
+    assert app.preset_name == "default"
+    assert app.compositor.transition_progress is None, "a refused preset must not crossfade"
+    errors = error_lines(app)
+    assert len(errors) == 1 and "preset refused" in errors[0] and message in errors[0], errors
+    keeps_changing(app)
+
+
+def test_refused_preset_error_is_not_hidden_by_an_older_scene_error(make_app) -> None:
+    catalog = SceneCatalog((ReactionDiffusion, Passthrough, BrokenLoad))
+    app = make_app(catalog=catalog)
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
+    app.params.set("/scene/active", "broken_load", origin="osc")
+    step_until(app, lambda: app.params.target("/scene/active") == "reaction_diffusion", "the revert")
+    assert any("could not load" in e for e in error_lines(app))
+
+    assert app.recall_preset_now("no_such_preset") is False
+    app.step()
+    assert any("no preset named 'no_such_preset'" in e for e in error_lines(app)), app.hud_lines()
+
+
+# -- scenes -----------------------------------------------------------------------------------
+
+def test_next_scene_crossfades_when_the_new_scene_has_a_frame(make_app) -> None:
+    app = make_app()
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
+    step_until(app, lambda: app.compositor.transition_progress is None, "no transition running")
+
+    app.next_scene()
+    frames_before = 0
+    for _ in range(MAX_FRAMES):
+        app.step()
+        if scene_showing(app, "passthrough")() and app.compositor.transition_progress is not None:
+            break
+        # until the new scene's first image, the old one shows and nothing fades
+        assert app.compositor.transition_progress is None, "crossfade began before the new scene had a frame"
+        frames_before += 1
+        time.sleep(0.001)
+    else:
+        raise AssertionError(f"no switch to passthrough; hud: {app.hud_lines()}")
+    assert app.stats.scene_transitions == 1
+    assert app.params.get("/scene/active") == "passthrough"
+    assert app.hud_lines()[1].split()[:2] == ["scene", "passthrough"]
+    keeps_changing(app, changes=2)
+
+    app.next_scene()  # wraps around to the first scene
+    step_until(app, lambda: app.stats.scene_transitions == 2, "the switch back")
+    assert app.params.get("/scene/active") == "reaction_diffusion"
+
+
+class BrokenLoad(Scene):
+    name = "broken_load"
+    description = "A plugin whose model is missing"
+
+    def load(self) -> None:
+        raise FileNotFoundError("weights.safetensors")
+
+    def process(self, frame: np.ndarray | None, t: float) -> np.ndarray:  # pragma: no cover - never loads
+        raise AssertionError("never loaded")
+
+
+def test_scene_that_fails_to_load_reverts_and_reports(make_app) -> None:
+    catalog = SceneCatalog((ReactionDiffusion, Passthrough, BrokenLoad))
+    app = make_app(catalog=catalog)
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
+
+    app.params.set("/scene/active", "broken_load", origin="osc")
+    app.step()
+    assert app.params.get("/scene/active") == "broken_load"
+    step_until(app, lambda: app.params.target("/scene/active") == "reaction_diffusion",
+               "/scene/active to revert to the playing scene")
+    step(app, 2)
+    assert app.params.get("/scene/active") == "reaction_diffusion"
+    assert app.worker.active_name == "reaction_diffusion"
+    errors = error_lines(app)
+    assert any("broken_load could not load" in e and "weights.safetensors" in e for e in errors), errors
+    assert app.stats.scene_transitions == 0
+    keeps_changing(app)
+
+    app.next_scene()  # the catalog order goes on from the playing scene
+    step_until(app, scene_showing(app, "passthrough"), "passthrough after the failure")
+
+
+# -- a video file that vanishes ----------------------------------------------------------------
+
+def write_clip(path: Path, fourcc: str = "MJPG", frames: int = 12) -> Path:
+    """A short 160x90 clip of a bar sweeping across: it loops (re-opens) three times a second."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 30, (160, 90))
+    assert writer.isOpened(), f"cannot write {fourcc} video here"
+    for i in range(frames):
+        frame = np.full((90, 160, 3), 40, np.uint8)
+        frame[:, i * 12: i * 12 + 24] = (40, 200, 250)  # BGR
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_vanishing_video_file_falls_back_to_the_pattern_and_recovers(make_app, tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "clip.avi")
+    app = make_app(source=f"file:{clip}")
+    step_until(app, lambda: source_line(app).startswith("source file:clip.avi ok"), "the file playing")
+    frame, _, fallback = app.input.latest()
+    assert not fallback and frame.shape == (90, 160, 3)
+    keeps_changing(app, changes=2)
+
+    hidden = clip.rename(tmp_path / "moved-away.avi")
+    step_until(app, lambda: " lost " in source_line(app), "the loss to show in the HUD")
+    line = source_line(app)
+    assert "file:clip.avi lost" in line and "showing pattern" in line, line
+    step_until(app, lambda: app.input.latest()[2] and app.input.latest()[0].shape[:2] != (90, 160),
+               "pattern frames on the source layer")
+    keeps_changing(app)  # the show goes on: the pattern moves, the scene lives
+    key = app.input.latest()[1]
+    step_until(app, lambda: app.input.latest()[1] >= key + 3 and app.input.latest()[2], "new pattern frames")
+    assert " lost " in source_line(app)
+
+    hidden.rename(clip)
+    step_until(app, lambda: not app.input.latest()[2] and source_line(app).startswith("source file:clip.avi ok"),
+               "the file back on the source layer")
+    assert app.input.latest()[0].shape == (90, 160, 3)
+    keeps_changing(app, changes=2)
+
+
+# -- screenshots ------------------------------------------------------------------------------
+
+def test_screenshot_writes_a_png_atomically(make_app, tmp_path: Path) -> None:
+    app = make_app()
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
+    shots = tmp_path / "shots"
+    path = app.screenshot(shots / "shot.png")  # the folder is made when missing
+    assert path == shots / "shot.png"
+    assert path.stat().st_mode & 0o777 == 0o644, "a new screenshot must be readable by others"
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (OUTPUT[1], OUTPUT[0], 3)
+    np.testing.assert_array_equal(image[:, :, ::-1], app.compositor.read_output())  # lossless, RGB order
+
+    step(app, 5)
+    path.chmod(0o640)
+    app.screenshot(path)  # replaced whole, keeping its permissions
+    assert path.stat().st_mode & 0o777 == 0o640
+    np.testing.assert_array_equal(cv2.imread(str(path))[:, :, ::-1], app.compositor.read_output())
+    assert sorted(p.name for p in shots.iterdir()) == ["shot.png"], "a temporary file was left behind"
+
+    old = path.read_bytes()
+    with pytest.raises(ValueError, match="cannot encode"):
+        app.screenshot(shots / "shot.xyz")
+    assert path.read_bytes() == old and sorted(p.name for p in shots.iterdir()) == ["shot.png"]
+
+    os.chmod(shots, 0o500)  # a folder it cannot write into: an error, and the old file intact
+    try:
+        if os.access(shots, os.W_OK):
+            return  # running as root: permissions are not enforced
+        with pytest.raises(OSError):
+            app.screenshot(path)
+        assert path.read_bytes() == old
+    finally:
+        os.chmod(shots, 0o700)
