@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.catalog import PRESETS_DIR, SHADERS_DIR, build_registry
 from engine.clock import RealClock
+from engine.control.actions import ActionError, Actions, Control
 from engine.params import Change, ParamError
 from engine.presets import PresetError, PresetLibrary, load_preset, recall_values
 from engine.render.compositor import Compositor
@@ -103,6 +104,9 @@ class App:
         self.hud = Hud(surface.ctx, self.shaders)
         self.worker = SceneWorker(self.catalog, self.params, self._scene_input)
         self.overlay: ImageSource | None = None
+        self.actions = Actions()
+        self.controls: list[Control] = []
+        self._register_actions()
 
         self._showing_scene: str | None = None
         self._scene_seq = 0
@@ -130,11 +134,25 @@ class App:
         self.worker.start()
         if self.config.hot_reload:
             self.shaders.start_watching()
+        for control in self.controls:
+            control.start()
         self.running = True
         return self
 
+    def add_control(self, control: Control) -> Control:
+        """Plug in a control (OSC, MIDI, audio...); started and stopped with the app."""
+        self.controls.append(control)
+        if self.running:
+            control.start()
+        return control
+
     def stop(self) -> None:
         self.running = False
+        for control in reversed(self.controls):
+            try:
+                control.stop()
+            except Exception:  # one control failing to stop must not keep the others running
+                log.exception("stopping %s failed", control.name)
         self.shaders.stop_watching()
         self.worker.stop()
         self.input.stop()
@@ -161,12 +179,15 @@ class App:
         now = self.clock.now()
         started = time.perf_counter()
 
-        # 1. poll events, apply control changes at the frame boundary
+        # 1. poll events, run posted actions, apply control changes at the frame boundary
         for action in self.surface.poll():
             self.handle_action(action)
+        self.actions.run_pending()
         self.shaders.poll()
         self._preset_transition = False
         self.params.apply_pending(dt)  # listeners run here: scene requests, transitions
+        for control in self.controls:  # modulation, feedback to controllers
+            control.frame(now)
         self._revert_failed_scene()
 
         # 2. take the newest source frame and the newest scene image, never waiting
@@ -204,24 +225,61 @@ class App:
         if action == "quit":
             self.running = False
         elif action == "next_scene":
-            self.next_scene()
+            self.actions.post("scene/next", origin="key")
         elif action == "fullscreen":
             self.surface.toggle_fullscreen()
         elif action == "hud":
             self.params.set("/hud/visible", not self.params.get("/hud/visible"), origin="key")
         elif action.startswith("preset:"):
-            self.recall_preset(int(action.split(":", 1)[1]))
+            self.actions.post("preset/recall", int(action.split(":", 1)[1]), origin="key")
+
+    def _register_actions(self) -> None:
+        self.actions.register("scene/next", self.next_scene)
+        self.actions.register("scene/select", self.select_scene)
+        self.actions.register("preset/recall", self.recall_preset)
+        self.actions.register("preset/save", self._save_preset_async)
+        self.actions.register("prompt", self.set_prompt)
 
     def next_scene(self) -> None:
         names = self.catalog.names()
         current = self.params.target("/scene/active")
         self.params.set("/scene/active", names[(names.index(current) + 1) % len(names)], origin="key")
 
+    def select_scene(self, ref: str | int) -> None:
+        """By name, or by 0-based index in the scene list (``dreamdeck params`` lists it)."""
+        names = self.catalog.names()
+        if isinstance(ref, (int, float)) and not isinstance(ref, bool):
+            if not float(ref).is_integer() or not 0 <= int(ref) < len(names):
+                raise ActionError(f"scene index {ref} out of range 0..{len(names) - 1}")
+            ref = names[int(ref)]
+        if ref not in names:
+            raise ActionError(f"no scene {ref!r}; scenes: {', '.join(names)}")
+        self.params.set("/scene/active", ref, origin="action")
+
+    def set_prompt(self, text: str) -> None:
+        path = f"/scene/{self.params.get('/scene/active')}/prompt"
+        if path not in self.params:
+            raise ActionError(f"scene {self.params.get('/scene/active')} has no prompt")
+        try:
+            self.params.set(path, str(text), origin="action")
+        except ParamError as exc:
+            raise ActionError(str(exc)) from None
+
+    def _save_preset_async(self, name: str, description: str = "") -> None:
+        def save() -> None:
+            try:
+                self.save_preset(str(name), str(description))
+            except (PresetError, OSError, ValueError) as exc:
+                self._error(f"preset {name} not saved: {exc}")
+        threading.Thread(target=save, name="preset saver", daemon=True).start()
+
     def recall_preset(self, ref: str | int) -> None:
         """Load, validate and apply a preset off the render thread; it lands with a crossfade.
 
         A preset that fails validation is refused whole and the show goes on unchanged.
         """
+        if isinstance(ref, float) and ref.is_integer():
+            ref = int(ref)  # OSC clients often send numbers as floats
         threading.Thread(target=self._load_preset, args=(ref,), name="preset loader", daemon=True).start()
 
     def recall_preset_now(self, ref: str | int) -> bool:
@@ -302,7 +360,7 @@ class App:
         latest other error (the two are not ordered in time, so neither may hide the other)."""
         out = [*self.shaders.errors.values(),
                *(e for k, e in self.compositor.errors.items() if e not in self.shaders.errors.values())]
-        for error in (self.worker.last_error, self.last_error):
+        for error in (self.worker.last_error, self.last_error, self.actions.last_error):
             if error and error not in out:
                 out.append(error)
         return out

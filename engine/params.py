@@ -215,6 +215,17 @@ class _Slot:
     current: Any
     target: Any
     fired: bool = False  # triggers: true for the one frame after they fire
+    modulation: float = 0.0  # offset in 0..1 units of the range, from the modulation matrix
+
+    def effective(self) -> Any:
+        """The value everything reads: the (smoothed) value plus modulation, kept in range."""
+        p = self.param
+        if p.kind is Kind.TRIGGER:
+            return self.fired
+        if not self.modulation or p.kind not in (Kind.FLOAT, Kind.INT):
+            return self.current
+        value = min(p.max, max(p.min, self.current + self.modulation * (p.max - p.min)))
+        return int(round(value)) if p.kind is Kind.INT else value
 
 
 class ParamRegistry:
@@ -272,10 +283,9 @@ class ParamRegistry:
             return [s.param for p, s in sorted(self._slots.items()) if p.startswith(prefix)]
 
     def get(self, path: str) -> Any:
-        """The value as of the last frame boundary (smoothed for floats)."""
+        """The value as of the last frame boundary (smoothed for floats, plus modulation)."""
         with self._lock:
-            slot = self._require(path)
-            return slot.fired if slot.param.kind is Kind.TRIGGER else slot.current
+            return self._require(path).effective()
 
     def target(self, path: str) -> Any:
         """The value a smoothed parameter is heading to (what a preset would save)."""
@@ -285,8 +295,26 @@ class ParamRegistry:
 
     def snapshot(self, prefix: str = "/") -> dict[str, Any]:
         with self._lock:
-            return {p: s.current for p, s in sorted(self._slots.items())
+            return {p: s.effective() for p, s in sorted(self._slots.items())
                     if p.startswith(prefix) and s.param.kind is not Kind.TRIGGER}
+
+    # -- modulation (render thread, frame boundary) ---------------------------------
+    def set_modulation(self, offsets: dict[str, float]) -> None:
+        """Replace every modulation offset (0..1 units of each range); paths not named get 0.
+
+        Modulation never changes what a preset saves or what a control set: it rides on top.
+        """
+        with self._lock:
+            for path in offsets:
+                slot = self._require(path)
+                if slot.param.kind not in (Kind.FLOAT, Kind.INT):
+                    raise ParamError(f"{path}: only numbers can be modulated")
+            for path, slot in self._slots.items():
+                slot.modulation = float(offsets.get(path, 0.0))
+
+    def modulation(self, path: str) -> float:
+        with self._lock:
+            return self._require(path).modulation
 
     # -- writing (any thread) --------------------------------------------------------
     def set(self, path: str, value: Any, origin: str = "api") -> Any:
