@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fps", type=_positive_float, default=60.0, help="frame rate cap (default 60)")
     run.add_argument("--presets-dir", type=Path, default=PRESETS_DIR, help="where presets live")
     run.add_argument("--no-vsync", action="store_true", help="do not wait for the display's refresh")
+
+    params = sub.add_parser("params", help="list every parameter (the OSC / MIDI / preset address space)")
+    form = params.add_mutually_exclusive_group()
+    form.add_argument("--markdown", action="store_true", help="a Markdown table (for the README)")
+    form.add_argument("--json", action="store_true", help="JSON, one object per parameter")
 
     presets = sub.add_parser("presets", help="list presets and whether each is valid")
     presets.add_argument("--presets-dir", type=Path, default=PRESETS_DIR)
@@ -137,6 +143,20 @@ def _can_write_image(path: Path) -> bool:
     return cv2.haveImageWriter(f"image{path.suffix or '.png'}")  # App.screenshot writes PNG without a suffix
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    from engine.catalog import build_registry
+    from engine.paramdoc import params_json, params_markdown, params_text
+
+    registry = build_registry()
+    if args.markdown:
+        print(params_markdown(registry))
+    elif args.json:
+        print(params_json(registry))
+    else:
+        print(params_text(registry))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from engine.catalog import build_registry
     from engine.presets import PresetLibrary
@@ -170,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    commands = {"run": cmd_run, "presets": cmd_presets, "doctor": cmd_doctor, "bench": cmd_bench}
-    return commands[args.command](args)
+    commands = {"run": cmd_run, "params": cmd_params, "presets": cmd_presets, "doctor": cmd_doctor, "bench": cmd_bench}
+    try:
+        return commands[args.command](args)
+    except BrokenPipeError:  # `dreamdeck params | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
