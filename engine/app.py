@@ -46,6 +46,17 @@ class Clock(Protocol):
     def tick(self) -> float: ...
 
 
+class Output(Protocol):
+    """Something that takes rendered frames: it must not block (copy, queue, return)."""
+
+    name: str
+    status: str
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def after_render(self, app: "App", now: float) -> None: ...
+
+
 class Surface(Protocol):
     has_window: bool
     ctx: object
@@ -106,6 +117,7 @@ class App:
         self.overlay: ImageSource | None = None
         self.actions = Actions()
         self.controls: list[Control] = []
+        self.outputs: list[Output] = []  # recorder, status thumbnail, virtual camera...
         self._register_actions()
 
         self._showing_scene: str | None = None
@@ -136,8 +148,17 @@ class App:
             self.shaders.start_watching()
         for control in self.controls:
             control.start()
+        for output in self.outputs:
+            output.start()
         self.running = True
         return self
+
+    def add_output(self, output: "Output") -> "Output":
+        """Plug in an output that reads each rendered frame (started and stopped with the app)."""
+        self.outputs.append(output)
+        if self.running:
+            output.start()
+        return output
 
     def add_control(self, control: Control) -> Control:
         """Plug in a control (OSC, MIDI, audio...); started and stopped with the app."""
@@ -148,11 +169,11 @@ class App:
 
     def stop(self) -> None:
         self.running = False
-        for control in reversed(self.controls):
+        for part in [*reversed(self.outputs), *reversed(self.controls)]:
             try:
-                control.stop()
-            except Exception:  # one control failing to stop must not keep the others running
-                log.exception("stopping %s failed", control.name)
+                part.stop()
+            except Exception:  # one part failing to stop must not keep the others running
+                log.exception("stopping %s failed", part.name)
         self.shaders.stop_watching()
         self.worker.stop()
         self.input.stop()
@@ -206,6 +227,8 @@ class App:
 
         # 3. composite layers + effects + feedback + transitions into the output framebuffer
         self.compositor.render(now)
+        for output in self.outputs:
+            output.after_render(self, now)
 
         # 4. present (vsync), HUD
         if self.surface.has_window:
