@@ -31,6 +31,7 @@ from engine.params import Change, ParamError
 from engine.presets import PresetError, PresetLibrary, load_preset, recall_values
 from engine.render.compositor import Compositor
 from engine.render.hud import Hud
+from engine.render.output import OutputTransform, PreviewView
 from engine.render.shaders import ShaderLibrary
 from engine.scenes import SceneCatalog, SceneWorker, builtin_catalog
 from engine.sources import ImageSource, LiveInput, open_source
@@ -104,6 +105,7 @@ class App:
         self.stats = Stats()
         self.last_error: str | None = None
         self.running = False
+        self._closed = False
 
         source = open_source(config.source, self.params, size=config.output_size, fps=config.source_fps)
         if source.kind == "pattern":
@@ -113,6 +115,8 @@ class App:
         self.shaders = ShaderLibrary(surface.ctx, config.shaders_dir)
         self.compositor = Compositor(surface.ctx, self.shaders, self.params, config.output_size)
         self.hud = Hud(surface.ctx, self.shaders)
+        preview_window = getattr(surface, "preview", None)  # WindowConfig(preview=True)
+        self.preview = PreviewView(preview_window, config.shaders_dir) if preview_window is not None else None
         self.worker = SceneWorker(self.catalog, self.params, self._scene_input)
         self.overlay: ImageSource | None = None
         self.actions = Actions()
@@ -146,10 +150,8 @@ class App:
         self.worker.start()
         if self.config.hot_reload:
             self.shaders.start_watching()
-        for control in self.controls:
-            control.start()
-        for output in self.outputs:
-            output.start()
+        for part in [*self.controls, *self.outputs]:
+            self._start_part(part)
         self.running = True
         return self
 
@@ -157,15 +159,23 @@ class App:
         """Plug in an output that reads each rendered frame (started and stopped with the app)."""
         self.outputs.append(output)
         if self.running:
-            output.start()
+            self._start_part(output)
         return output
 
     def add_control(self, control: Control) -> Control:
         """Plug in a control (OSC, MIDI, audio...); started and stopped with the app."""
         self.controls.append(control)
         if self.running:
-            control.start()
+            self._start_part(control)
         return control
+
+    def _start_part(self, part: "Control | Output") -> None:
+        """Start a control or output; one that cannot start (port taken, no device) is reported
+        in the HUD and the log, and the show goes on without it."""
+        try:
+            part.start()
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._error(f"{part.name} not started: {exc}")
 
     def stop(self) -> None:
         self.running = False
@@ -181,9 +191,14 @@ class App:
             self.overlay.stop()
 
     def close(self) -> None:
-        """Stop the threads and free GL objects (the surface is the caller's to close)."""
+        """Stop the threads and free GL objects (the surface is the caller's to close). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self.stop()
         self.hud.release()
+        if self.preview is not None:
+            self.preview.release()
         self.compositor.release()
         self.shaders.release()
 
@@ -230,12 +245,17 @@ class App:
         for output in self.outputs:
             output.after_render(self, now)
 
-        # 4. present (vsync), HUD
+        # 4. present (vsync) with the room's transforms, HUD (in the preview window if there is one)
         if self.surface.has_window:
             size = self.surface.size
-            self.compositor.present(size)
-            if self.params.get("/hud/visible"):
+            self.compositor.present(size, OutputTransform.from_params(self.params.get))
+            hud_on = self.params.get("/hud/visible")
+            if hud_on:
                 self._update_hud(now)
+            if self.preview is not None:
+                self.preview.draw(self.compositor.output_texture, self.hud.lines if hud_on else None,
+                                  self.hud.error_lines, self.params.get("/output/master"))
+            elif hud_on:
                 self.hud.draw(size)
         elif now >= self._hud_next:
             self._update_hud(now)  # headless: keep the HUD text current for the status views
@@ -401,6 +421,10 @@ class App:
             f"source {self.input.status}",
             f"last control {last.path} = {_short(last.value)} ({last.origin})" if last else "last control -",
         ]
+        for part in [*self.controls, *self.outputs]:
+            status = part.status
+            if status:
+                lines.append(status if status.startswith(part.name) else f"{part.name} {status}")
         return lines + [f"error {e}" for e in self.errors_now()]
 
     def _update_hud(self, now: float) -> None:

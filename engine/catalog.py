@@ -8,8 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.control.audio import AUDIO_PARAMS
+from engine.control.link import LINK_PARAMS
+from engine.control.modulation import MOD_PARAMS
+from engine.control.tempo import ALL_TEMPO_PARAMS
 from engine.params import ParamRegistry, bool_param, enum_param
 from engine.render.compositor import COMPOSITOR_PARAMS
+from engine.outputs.recorder import RECORDER_PARAMS
+from engine.render.output import OUTPUT_PARAMS
 from engine.render.effects import EFFECTS
 from engine.scenes import SceneCatalog, builtin_catalog
 from engine.sources.pattern import PatternSource
@@ -26,9 +32,13 @@ def build_registry(catalog: SceneCatalog | None = None) -> ParamRegistry:
                                 description="The scene playing on the scene layer"))
     registry.declare_all(catalog.params())
     registry.declare_all(COMPOSITOR_PARAMS)
+    registry.declare_all(OUTPUT_PARAMS)
     for fx in EFFECTS:
         registry.declare_all(fx.all_params())
     registry.declare_all(PatternSource.PARAMS)
+    registry.declare_all(RECORDER_PARAMS)
     registry.declare(bool_param("/hud/visible", True, description="Show the HUD over the window",
                                 in_presets=False))
+    for control_params in (AUDIO_PARAMS, ALL_TEMPO_PARAMS, LINK_PARAMS, MOD_PARAMS):
+        registry.declare_all(control_params)
     return registry

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from engine.catalog import PRESETS_DIR
+from engine.outputs.recorder import DEFAULT_PATTERN
 
 log = logging.getLogger("dreamdeck")
 
@@ -36,6 +38,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return value
+
+
+def _monitor(text: str) -> int | str:
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("a monitor is an index or part of its name")
+    return int(text) if text.isdigit() else text
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host, _port(port)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -49,25 +72,84 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamdeck", description="Real-time audiovisual performance engine.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-file", type=Path,
+                        help="rotating log file, 5 MB x 5 (default: ~/.local/state/dreamdeck/log/dreamdeck.log)")
+    parser.add_argument("--no-log-file", action="store_true", help="log to the console only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     run = sub.add_parser("run", help="play: source -> scene -> compositor -> window",
                          description="Play. Keys: space next scene, 1-9 presets, F fullscreen, H HUD, Esc quit.")
-    run.add_argument("--preset", default="default", help="preset name or 1-based number (default: default)")
+    run.add_argument("--preset", help="preset name or 1-based number (default: the last one played, else default)")
     run.add_argument("--source", help="camera:N | camera:/dev/videoN | file:PATH | image:PATH | pattern "
                                       "(default: first camera that opens, else pattern)")
-    run.add_argument("--fullscreen", action="store_true", help="fullscreen on --monitor")
-    run.add_argument("--monitor", type=_positive_int, default=0, help="monitor index for fullscreen (default 0)")
-    run.add_argument("--size", type=_size, default=(1280, 720), help="window size WxH (default 1280x720)")
-    run.add_argument("--output", type=_size, default=(1280, 720),
+    run.add_argument("--fullscreen", action=argparse.BooleanOptionalAction, help="fullscreen on --monitor")
+    run.add_argument("--monitor", type=_monitor,
+                     help="monitor for fullscreen: index, or part of its name, e.g. HDMI (default 0)")
+    run.add_argument("--borderless", action="store_true", help="no window frame when windowed")
+    run.add_argument("--preview", action="store_true",
+                     help="a second window with the output and the HUD (the main window stays clean)")
+    run.add_argument("--preview-size", type=_size, default=(640, 360), help="preview window size (default 640x360)")
+    run.add_argument("--allow-sleep", action="store_true", help="let the screensaver / display sleep run")
+    outs = run.add_argument_group("recording and sharing")
+    outs.add_argument("--record", nargs="?", const=DEFAULT_PATTERN, metavar="PATTERN",
+                      help="record the output to MP4 from the start (default " + DEFAULT_PATTERN.replace("%", "%%") + ")")
+    outs.add_argument("--record-fps", type=_positive_float, default=30.0, help="recording frame rate (default 30)")
+    outs.add_argument("--virtualcam", nargs="?", const="", metavar="DEVICE",
+                      help="share the output as a virtual camera (pyvirtualcam; Linux: v4l2loopback)")
+    outs.add_argument("--ndi", nargs="?", const="dreamdeck", metavar="NAME", help="share over NDI (cyndilib)")
+    outs.add_argument("--spout", nargs="?", const="dreamdeck", metavar="NAME", help="share by Spout (Windows)")
+    outs.add_argument("--syphon", nargs="?", const="dreamdeck", metavar="NAME", help="share by Syphon (macOS)")
+    run.add_argument("--size", type=_size, help="window size WxH (default 1280x720)")
+    run.add_argument("--output", type=_size,
                      help="output resolution WxH, letterboxed into the window (default 1280x720)")
+    run.add_argument("--fresh", action="store_true",
+                     help="ignore the saved state (last preset, source, window) and use the defaults")
     run.add_argument("--headless", action="store_true", help="no window: offscreen EGL (tests, servers)")
     run.add_argument("--frames", type=_positive_int, help="stop after N frames")
     run.add_argument("--screenshot", type=Path, help="save the last output frame to this image file")
     run.add_argument("--fps", type=_positive_float, default=60.0, help="frame rate cap (default 60)")
     run.add_argument("--presets-dir", type=Path, default=PRESETS_DIR, help="where presets live")
     run.add_argument("--no-vsync", action="store_true", help="do not wait for the display's refresh")
+    run.add_argument("--status-port", type=_port,
+                     help="status page and phone remote (default 9330; if that is taken, the show runs without)")
+    run.add_argument("--status-host", default="127.0.0.1",
+                     help="address to serve it on (default 127.0.0.1; any other needs a token)")
+    run.add_argument("--status-token", default=os.environ.get("DREAMDECK_STATUS_TOKEN"),
+                     help="token for the status page (default: $DREAMDECK_STATUS_TOKEN; generated when off "
+                          "the loopback and not given)")
+    run.add_argument("--no-status", action="store_true", help="no status page")
+    live = run.add_argument_group("live control (OSC, OSCQuery, MIDI, audio)")
+    live.add_argument("--osc-port", type=_port, default=9321, help="OSC UDP port (default 9321)")
+    live.add_argument("--osc-host", default="127.0.0.1",
+                      help="address for OSC and OSCQuery (default 127.0.0.1; any other needs --osc-allow)")
+    live.add_argument("--osc-allow", action="append", default=[], metavar="ADDR",
+                      help="sender address or network allowed when OSC is open to the network (repeatable)")
+    live.add_argument("--osc-feedback", type=_host_port, metavar="HOST:PORT",
+                      help="send every parameter change here (TouchDesigner / TouchOSC panels follow)")
+    live.add_argument("--osc-tcp", action="store_true", help="also take OSC over TCP on the same port")
+    live.add_argument("--no-osc", action="store_true", help="no OSC and no OSCQuery")
+    live.add_argument("--oscquery-port", type=_port, default=9322, help="OSCQuery HTTP port (default 9322)")
+    live.add_argument("--no-oscquery", action="store_true", help="no OSCQuery server")
+    live.add_argument("--advertise", action="store_true", help="announce OSCQuery by zeroconf (_oscjson._tcp)")
+    live.add_argument("--midi-in", action="append", default=[], metavar="NAME",
+                      help="MIDI input port name or part of it (repeatable; '*' = all)")
+    live.add_argument("--midi-out", action="append", default=[], metavar="NAME",
+                      help="MIDI output port for LED / motor-fader feedback (repeatable)")
+    live.add_argument("--midi-map", type=Path, help="MIDI mappings file (default ~/.config/dreamdeck/midi.toml)")
+    live.add_argument("--midi-api", default="auto", choices=["auto", "alsa", "jack"], help="MIDI system")
+    live.add_argument("--no-midi", action="store_true", help="no MIDI")
+    live.add_argument("--audio", metavar="SPEC",
+                      help="audio input: a device name or index, 'default', or file:PATH (a WAV, looped)")
+    run.add_argument("--hours", help='opening hours, e.g. "Mon-Fri 10:00-18:00, Sat 12:00-20:00": '
+                                     "black and paused outside them")
+
+    service = sub.add_parser("install-service", help="run unattended: write a systemd user unit",
+                             description="Write ~/.config/systemd/user/dreamdeck.service: restarts on crash "
+                                         "and on a frozen frame loop (watchdog).")
+    service.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
+    service.add_argument("run_args", nargs=argparse.REMAINDER, metavar="-- RUN FLAGS",
+                         help="flags for `dreamdeck run`, e.g. -- --preset gallery --fullscreen --monitor 1")
 
     params = sub.add_parser("params", help="list every parameter (the OSC / MIDI / preset address space)")
     form = params.add_mutually_exclusive_group()
@@ -90,17 +172,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from engine.app import App, AppConfig
     from engine.clock import RealClock
+    from engine.control.osc import check_binding
+    from engine.control.setup import ControlConfig, install_controls
+    from engine.outputs.recorder import RECORD_PARAM, Recorder
+    from engine.outputs.sharing import SpoutOutput, SyphonOutput, ndi, virtual_camera
     from engine.render.surface import HeadlessSurface, SurfaceError, WindowConfig, WindowSurface
+    from engine.schedule import OpeningHours, ScheduleError, parse_hours
+    from engine.service import Notifier
     from engine.sources import SourceSpecError, parse_source_spec
+    from engine.state import SessionState, StateStore, StateTracker, load_state
+    from engine.web import DEFAULT_PORT as DEFAULT_STATUS_PORT
+    from engine.web import StatusConfig, install_status_page
 
-    if args.source is not None:
+    # a flag given now wins, then what was saved before a crash or restart, then the default
+    saved = SessionState() if args.fresh else load_state()
+    preset = args.preset or saved.preset or "default"
+    source = args.source if args.source is not None else saved.source
+    fullscreen = args.fullscreen if args.fullscreen is not None else saved.fullscreen
+    monitor = args.monitor if args.monitor is not None else saved.monitor
+    size = args.size or saved.window_size or (1280, 720)
+    output = args.output or saved.output_size or (1280, 720)
+
+    if source is not None:
         try:
-            parse_source_spec(args.source)
+            parse_source_spec(source)
         except SourceSpecError as exc:
             print(f"dreamdeck run: {exc}", file=sys.stderr)
             return 2
+    if not args.no_osc:
+        try:  # opening OSC to the network without saying who may send is refused before the show
+            check_binding(args.osc_host, args.osc_allow or None, "--osc-host")
+        except ValueError as exc:
+            print(f"dreamdeck run: {exc}", file=sys.stderr)
+            return 2
+    try:
+        hours = parse_hours(args.hours) if args.hours else None
+    except ScheduleError as exc:
+        print(f"dreamdeck run: --hours: {exc}", file=sys.stderr)
+        return 2
     if args.screenshot is not None and not _can_write_image(args.screenshot):
         # said now, not after the show: the screenshot is written when the run ends
         print(f"dreamdeck run: --screenshot {args.screenshot}: cannot write {args.screenshot.suffix!r} images "
@@ -110,20 +223,67 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.headless:
             surface = HeadlessSurface()
         else:
-            surface = WindowSurface(WindowConfig(size=args.size, fullscreen=args.fullscreen,
-                                                 monitor=args.monitor, vsync=not args.no_vsync))
+            surface = WindowSurface(WindowConfig(
+                size=size, fullscreen=bool(fullscreen), monitor=monitor if monitor is not None else 0,
+                vsync=not args.no_vsync, borderless=args.borderless, preview=args.preview,
+                preview_size=args.preview_size, keep_awake=not args.allow_sleep))
     except SurfaceError as exc:
         print(f"dreamdeck run: {exc}", file=sys.stderr)
         return 1
-    config = AppConfig(source=args.source, preset=args.preset, output_size=args.output,
-                       presets_dir=args.presets_dir)
+    config = AppConfig(source=source, preset=preset, output_size=output, presets_dir=args.presets_dir)
     app = App(config, surface, RealClock(args.fps))
+    app.add_output(Recorder(args.record or DEFAULT_PATTERN, fps=args.record_fps))
+    if args.record:
+        app.params.set(RECORD_PARAM, True, origin="cli")
+    if args.virtualcam is not None:
+        app.add_output(virtual_camera(device=args.virtualcam or None))
+    if args.ndi is not None:
+        app.add_output(ndi(args.ndi))
+    if args.spout is not None:
+        app.add_output(SpoutOutput(args.spout))
+    if args.syphon is not None:
+        app.add_output(SyphonOutput(args.syphon))
+    install_controls(app, ControlConfig(
+        osc_host=args.osc_host, osc_port=None if args.no_osc else args.osc_port, osc_allow=tuple(args.osc_allow),
+        osc_feedback=args.osc_feedback, osc_tcp=args.osc_tcp,
+        oscquery_port=None if args.no_oscquery else args.oscquery_port, advertise=args.advertise,
+        midi=not args.no_midi and bool(args.midi_in or args.midi_out), midi_inputs=tuple(args.midi_in), midi_outputs=tuple(args.midi_out),
+        midi_map=args.midi_map, midi_api=args.midi_api,
+        audio=None if args.audio is None else ("" if args.audio == "default" else args.audio)))
+    store = StateStore(initial=dataclasses.replace(saved, source=source, fullscreen=fullscreen, monitor=monitor,
+                                                   window_size=size, output_size=output))
+    app.add_output(StateTracker(store))
+    app.add_output(Notifier())  # READY and watchdog pings when systemd runs us; nothing otherwise
+    if hours is not None:
+        app.add_control(OpeningHours(app.params, hours, on_pause=app.worker.pause, on_resume=app.worker.resume))
+    if not args.no_status:
+        port = DEFAULT_STATUS_PORT if args.status_port is None else args.status_port
+        try:
+            server = install_status_page(app, StatusConfig(args.status_host, port, args.status_token))
+        except (OSError, ValueError) as exc:
+            if args.status_port is not None or isinstance(exc, ValueError):  # asked for: a usage error
+                app.close()
+                surface.close()
+                print(f"dreamdeck run: status page on {args.status_host}:{port}: {exc}", file=sys.stderr)
+                return 2
+            # the default port is taken (another dreamdeck?): the show matters more than the page
+            log.warning("status page off: %s:%d: %s (choose one with --status-port)", args.status_host, port, exc)
+        else:
+            print(f"status page: {server.url}", flush=True)  # once: it holds the token when open to the network
+
+    def stop_show(signum: int, frame: object) -> None:
+        # end the loop at the next frame boundary: a KeyboardInterrupt raised inside a lock
+        # could leave it held and hang the shutdown
+        log.info("signal %d: stopping", signum)
+        app.running = False
+
+    previous = {sig: signal.signal(sig, stop_show) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app.start()
         app.run(frames=args.frames)
-    except KeyboardInterrupt:
-        log.info("interrupted")
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         try:
             if args.screenshot is not None:
                 path = app.screenshot(args.screenshot)
@@ -135,6 +295,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             app.close()
             surface.close()
     return 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from engine.service import enable_hint, install_service
+
+    run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+    try:  # the flags are checked now, not at 3 am when systemd starts the show
+        build_parser().parse_args(["run", *run_args])
+    except SystemExit:
+        return 2
+    result = install_service(None, run_args, dry_run=args.dry_run)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.dry_run:
+        print(result.text, end="")
+        return 0
+    print(f"wrote {result.path}\n{result.verify}\n\nthen:\n{enable_hint(result.path)}")
+    return 1 if result.valid is False else 0
 
 
 def _can_write_image(path: Path) -> bool:
@@ -188,9 +366,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    commands = {"run": cmd_run, "params": cmd_params, "presets": cmd_presets, "doctor": cmd_doctor, "bench": cmd_bench}
+    from engine.logsetup import setup_logging
+
+    # the file is for the show (and its post-mortem); `dreamdeck params` need not touch the disk
+    setup_logging(args.log_level, args.log_file, to_file=args.command == "run" and not args.no_log_file)
+    commands = {"run": cmd_run, "params": cmd_params, "presets": cmd_presets, "doctor": cmd_doctor, "bench": cmd_bench,
+                "install-service": cmd_install_service}
     try:
         return commands[args.command](args)
     except BrokenPipeError:  # `dreamdeck params | head`: the reader left; not an error

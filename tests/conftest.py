@@ -25,3 +25,11 @@ def shader_root(tmp_path):
     dst = tmp_path / "shaders"
     shutil.copytree(ROOT / "shaders", dst)
     return dst
+
+
+@pytest.fixture(autouse=True)
+def private_state(tmp_path_factory, monkeypatch):
+    """Each test (and every `dreamdeck` it starts) keeps its saved state and MIDI map to itself."""
+    home = tmp_path_factory.mktemp("xdg")
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))

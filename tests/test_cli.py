@@ -146,7 +146,7 @@ def test_doctor_prints_a_table_with_a_gl_row() -> None:
     assert len(gl.split()) > 2, f"the gl row says nothing: {gl!r}"
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["presets"], ["doctor"], ["bench"], ["bench", "render"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["presets"], ["params"], ["doctor"], ["bench"], ["bench", "render"], ["install-service"]])
 def test_help_works_on_every_command(command: list[str]) -> None:
     result = dreamdeck(*command, "--help")
     assert result.returncode == 0, result.stderr

@@ -8,6 +8,7 @@ HUD error, and the show goes on.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 from typing import Any, Callable, Protocol
@@ -59,8 +60,13 @@ class Actions:
 
     def post(self, name: str, *args: Any, origin: str = "api") -> None:
         """Queue an action for the next frame boundary (any thread). Unknown names raise ActionError."""
-        if name not in self._handlers:
+        handler = self._handlers.get(name)
+        if handler is None:
             raise ActionError(f"unknown action {name!r}")
+        try:  # the wrong number of arguments is the sender's mistake, said now, not a crash later
+            inspect.signature(handler).bind(*args)
+        except TypeError as exc:
+            raise ActionError(f"{name}: {exc}") from None
         self._queue.put((name, args, origin))
 
     def run_pending(self) -> int:
@@ -78,3 +84,6 @@ class Actions:
             except ActionError as exc:
                 self.last_error = f"{name}: {exc}"
                 log.warning("action %s refused: %s", name, exc)
+            except Exception as exc:  # a handler's bug must not end the show: loud, and the next frame comes
+                self.last_error = f"{name} failed: {type(exc).__name__}: {exc}"
+                log.exception("action %s failed", name)

@@ -3,7 +3,8 @@
 One frame is one full-screen pass of ``shaders/frame.frag`` (read it: it is the whole
 chain, in order). Its target alternates between two output buffers so the feedback stage
 can read the previous output. The output has its own resolution, independent of the
-window, and is letterboxed into the window by ``present``.
+window, and ``present`` draws it into the window through the room's corrections
+(engine/render/output.py: letterbox or stretch, flips, rotation, keystone, master fade).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from engine.params import Param, ParamRegistry, enum_param, float_param, string_param
 from engine.render.effects import EFFECTS
+from engine.render.output import OutputTransform, Presenter
 from engine.render.shaders import ShaderError, ShaderLibrary, set_uniform
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class Compositor:
         self._transition: tuple[float, float] | None = None  # (start time, duration)
         self._progress_at = 0.0
         self._last_output = self._outputs[0]
+        self._presenter = Presenter(shaders)
         for fbo in self._outputs:
             fbo.clear(0.0, 0.0, 0.0, 1.0)
 
@@ -245,20 +248,19 @@ class Compositor:
         data = self._last_output.read(components=3, alignment=1)
         return np.frombuffer(data, dtype=np.uint8).reshape(self.size[1], self.size[0], 3).copy()
 
-    def present(self, window_size: tuple[int, int]) -> None:
-        """Draw the output, letterboxed, into the window's default framebuffer."""
-        screen = self.ctx.screen
-        screen.use()
-        screen.viewport = (0, 0, *window_size)
-        self.ctx.clear(0.0, 0.0, 0.0, 1.0)
-        found = self._program("present.frag")
-        if found is None:
-            return
-        program, vao = found
-        screen.viewport = letterbox(self.size, window_size)
-        self.output_texture.use(0)
-        set_uniform(program, "u_input", 0)
-        vao.render(moderngl.TRIANGLES)
+    def present(self, window_size: tuple[int, int], transform: OutputTransform | None = None,
+                target: moderngl.Framebuffer | None = None) -> None:
+        """Draw the output into the window (``target``: another framebuffer standing in for it).
+
+        ``transform`` is the room's corrections (flips, rotation, fit, keystone, master fade;
+        see engine/render/output.py); none means letterboxed as it is. They apply here only,
+        never to the output framebuffer that recordings and screenshots read.
+        """
+        self._presenter.present(self.output_texture, window_size, transform, target)
+        if self._presenter.error:
+            self.errors["present"] = self._presenter.error
+        else:
+            self.errors.pop("present", None)
 
     def release(self) -> None:
         for layer in self._layers.values():

@@ -40,11 +40,13 @@ class Hud:
         self.lines: list[str] = []
         self._texture: moderngl.Texture | None = None
         self._shown: tuple[tuple[str, ...], int] | None = None
+        self.error_lines = 0
 
     def update(self, lines: list[str], error_lines: int = 0) -> None:
         """Re-rasterise only when the text changed (fps figures are rounded by the caller)."""
         key = (tuple(lines), error_lines)
         self.lines = list(lines)
+        self.error_lines = error_lines
         if key == self._shown:
             return
         self._shown = key

@@ -49,6 +49,7 @@ class SceneWorker:
         self._ready: Scene | None = None  # loaded by the loader thread, not yet active
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._paused = threading.Event()  # opening hours closed: the scene stays loaded, the GPU rests
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._index = 0
@@ -66,6 +67,18 @@ class SceneWorker:
     def active_name(self) -> str | None:
         scene = self.active
         return None if scene is None else scene.name
+
+    def pause(self) -> None:
+        """Stop running the scene (the last image stays); loading and requests still work."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+        self._wake.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
 
     def start(self) -> "SceneWorker":
         self._thread = threading.Thread(target=self._run, name="scene worker", daemon=True)
@@ -88,7 +101,7 @@ class SceneWorker:
             self._switch_if_ready()
             self._start_loading_if_requested()
             scene = self.active
-            if scene is None:
+            if scene is None or self._paused.is_set():
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue

@@ -1,0 +1,62 @@
+"""Plug the live controls into an app from command-line settings, in the order they must run.
+
+Order matters at the frame boundary: the tempo advances before the modulation matrix
+reads its LFOs, and MIDI clock feeds the tempo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.control.audio import AudioInput
+from engine.control.link import LinkSession
+from engine.control.midi import MidiControl
+from engine.control.modulation import ModulationMatrix, build_sources
+from engine.control.osc import DEFAULT_OSC_PORT, OscServer
+from engine.control.oscquery import DEFAULT_OSCQUERY_PORT, OscQueryServer
+from engine.control.tempo import Tempo
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    osc_host: str = "127.0.0.1"
+    osc_port: int | None = DEFAULT_OSC_PORT  # None: no OSC
+    osc_allow: tuple[str, ...] = ()
+    osc_feedback: tuple[str, int] | None = None
+    osc_tcp: bool = False
+    oscquery_port: int | None = DEFAULT_OSCQUERY_PORT  # None: no OSCQuery
+    advertise: bool = False
+    midi_inputs: tuple[str, ...] = ()
+    midi_outputs: tuple[str, ...] = ()
+    midi_map: Path | None = None
+    midi_api: str = "auto"
+    midi: bool = True
+    audio: str | None = None  # None: no audio input; "" the default device; "file:PATH"; a device name
+    extra: dict = field(default_factory=dict)
+
+
+def install_controls(app, config: ControlConfig) -> dict[str, object]:
+    """Add every configured control to ``app``; returns them by name."""
+    made: dict[str, object] = {}
+    audio = AudioInput(config.audio, app.params) if config.audio is not None else None
+    if audio is not None:
+        made["audio"] = app.add_control(audio)
+    link = made["link"] = app.add_control(LinkSession(app.params))
+    tempo = Tempo(app.params, audio=audio, link=link)
+    tempo.register_actions(app.actions)
+    made["tempo"] = app.add_control(tempo)
+    made["modulation"] = app.add_control(ModulationMatrix(app.params, build_sources(audio, tempo)))
+    if config.midi:
+        made["midi"] = app.add_control(MidiControl(
+            app.params, app.actions, inputs=config.midi_inputs, outputs=config.midi_outputs,
+            mappings_path=config.midi_map, api=config.midi_api, clock_callback=tempo.on_midi_clock))
+    if config.osc_port is not None:
+        osc = OscServer(app.params, app.actions, host=config.osc_host, port=config.osc_port,
+                        allow=list(config.osc_allow) or None, feedback=config.osc_feedback, tcp=config.osc_tcp)
+        made["osc"] = app.add_control(osc)
+        if config.oscquery_port is not None:
+            made["oscquery"] = app.add_control(OscQueryServer(
+                app.params, config.osc_port, host=config.osc_host, port=config.oscquery_port,
+                advertise=config.advertise, allow=list(config.osc_allow) or None, actions=app.actions))
+    return made

@@ -1,0 +1,26 @@
+"""Real-time diffusion img2img (SD-turbo, LCM) for the ``realtime`` scene and the benchmark.
+
+The modules here import torch and diffusers; this package file does not, so importing
+``engine.diffusion`` (or the scene that uses it) costs nothing until a model is loaded.
+Nothing here imports GL: the benchmark runs on a GPU machine with no display.
+
+    loading.py      ModelSpec -> DiffusionModel (hub id, local folder, single file, LoRA, TAESD)
+    configs.py      full-size and tiny architectures as config dicts (random-weight models)
+    single_file.py  a model as one original-layout .safetensors (the inverse of diffusers' loader)
+    device.py       device and precision: auto (cuda fp16, mps fp16, cpu fp32) or chosen
+    schedule.py     the per-stage numbers of a stream batch (Euler / Euler ancestral / LCM)
+    prompts.py      prompt embeddings encoded off the frame path, blended by slerp
+    hotpath.py      the three per-frame stages as one torch module (encode, denoise, decode)
+    similarity.py   skip frames that show nothing new
+    timing.py       per-stage timing (CUDA events on a GPU)
+    stream.py       StreamImg2Img: host frame in, host image out, one UNet call per frame
+    accel.py        eager / torch.compile / TensorRT stages, built in the background
+    onnx_export.py  the UNet as ONNX with a dynamic batch (verified with onnxruntime)
+    tensorrt.py     TensorRT engine build (cached) and runner: written, never run here
+    bench.py        ``dreamdeck bench diffusion``
+    options.py      the choices offered to the scene and the CLI (no torch)
+"""
+
+from engine.diffusion.errors import ModelNotFound
+
+__all__ = ["ModelNotFound"]

@@ -1,0 +1,240 @@
+"""The real-time diffusion scene: the newest source frame -> SD-turbo / LCM img2img -> the scene layer.
+
+Everything heavy lives in ``engine.diffusion`` and is imported inside ``load``: importing
+this module (to list scenes, validate presets, print parameters) needs no torch.
+
+- ``load`` (loader thread) loads the model, builds the stream and encodes the first prompt.
+  A missing model raises ``ModelNotFound`` with its one-line message: the worker reports it
+  and the previous scene keeps playing. So does an out-of-memory error.
+- ``process`` (worker thread) applies the live parameters, then runs the hot path on the
+  newest frame. Prompts encode in the background; ``steps`` or ``resolution`` rebuild the
+  stream around the loaded model; ``model``, ``lora``, ``vae``, ``device``, ``dtype`` and
+  ``accel`` load a new model on a background thread while the current one keeps playing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES
+from engine.params import enum_param, float_param, int_param, string_param
+from engine.scenes.base import Scene, SceneNeeds
+
+log = logging.getLogger(__name__)
+
+_P = "/scene/realtime"
+DEFAULT_MODEL = "stabilityai/sd-turbo"
+DEFAULT_TINY_VAE = "madebyollin/taesd"
+
+
+@dataclass(frozen=True)
+class _LoadKey:
+    """The parameters that need a new model (seconds); anything else is live."""
+
+    model: str
+    lora: str
+    vae: str
+    device: str
+    dtype: str
+    accel: str
+
+
+class RealtimeScene(Scene):
+    name = "realtime"
+    description = "Diffusion img2img of the source, every frame (SD-turbo, LCM)"
+    realtime = True
+    uses_input = True
+    needs = SceneNeeds(accelerator_mb=6000, models=(DEFAULT_MODEL, DEFAULT_TINY_VAE))
+    PARAMS = (
+        string_param(f"{_P}/prompt", "a watercolour painting, vivid colours, soft light",
+                     description="What the image becomes"),
+        string_param(f"{_P}/prompt_b", "", description="A second prompt, blended in by prompt_mix (empty: none)"),
+        float_param(f"{_P}/prompt_mix", 0.0, 0.0, 1.0, smoothing=0.3,
+                    description="0 = prompt, 1 = prompt_b; in between a slerp of the two"),
+        float_param(f"{_P}/strength", 0.5, 0.05, 1.0,
+                    description="How far the image departs from the source (the noise level)"),
+        int_param(f"{_P}/steps", 1, 1, 4, description="Denoising steps as one stream batch: 1 for SD-turbo, 2-4 for LCM"),
+        int_param(f"{_P}/seed", 0, 0, 2**31 - 1, description="The fixed noise; a new seed is a new look"),
+        float_param(f"{_P}/noise_drift", 0.0, 0.0, 1.0,
+                    description="0 = the same noise every frame (stable); 1 = fresh noise every frame"),
+        float_param(f"{_P}/guidance", 8.5, 1.0, 20.0,
+                    description="Guidance of LCM models with a guidance embedding (LCM_Dreamshaper); others ignore it"),
+        float_param(f"{_P}/similarity_threshold", 0.98, 0.0, 1.0,
+                    description="Skip frames at least this similar to the last one processed; 0 = off"),
+        int_param(f"{_P}/resolution", 0, 0, 1024, unit="px",
+                  description="Square output size (a multiple of 64); 0 = the model's native size"),
+        string_param(f"{_P}/model", DEFAULT_MODEL,
+                     description="Hub id, local diffusers folder or .safetensors file (SD 1.5 / 2.1 architecture)"),
+        string_param(f"{_P}/lora", "", description="LoRA fused into the model, e.g. latent-consistency/lcm-lora-sdv1-5"),
+        string_param(f"{_P}/vae", DEFAULT_TINY_VAE,
+                     description="TAESD (AutoencoderTiny) id or folder in place of the model's VAE; empty = the model's"),
+        enum_param(f"{_P}/device", "auto", DEVICE_CHOICES, description="Where it runs (auto: CUDA, then MPS, then CPU)",
+                   in_presets=False),
+        enum_param(f"{_P}/dtype", "auto", DTYPE_CHOICES, description="Precision (auto: float16 on GPUs, float32 on CPU)",
+                   in_presets=False),
+        enum_param(f"{_P}/accel", "auto", ACCEL_CHOICES,
+                   description="eager, compile (torch.compile, built in the background) or tensorrt; auto: compile on CUDA",
+                   in_presets=False),
+    )
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params)
+        self._model: Any = None
+        self._stream: Any = None
+        self._load_key: _LoadKey | None = None  # the last one asked for (loaded, loading or failed)
+        self._active_key: _LoadKey | None = None  # the one playing
+        self._stream_key: tuple[int, int] | None = None
+        self._reload_thread: threading.Thread | None = None
+        self._reloaded: tuple[_LoadKey, Any, Any] | None = None  # (key, model, stream) from the reload thread
+        self._reload_error: BaseException | None = None
+        self._refused_strength: float | None = None
+
+    # -- loader thread -------------------------------------------------------------------------
+    def load(self) -> None:
+        _require_diffusion_extra()
+        key = self._wanted_load_key()
+        self._model, self._stream = self._build(key)
+        self._load_key = self._active_key = key
+
+    def unload(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._model = self._stream = None
+        _free_accelerator_memory()
+
+    # -- worker thread ---------------------------------------------------------------------------
+    def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:
+        if frame is None:
+            return None
+        self._take_reloaded_model()
+        self._apply_params()
+        try:
+            return self._stream(frame)
+        except Exception as exc:
+            if _is_out_of_memory(exc):  # give the memory back before the worker reports it
+                _free_accelerator_memory()
+            raise
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _wanted_load_key(self) -> _LoadKey:
+        return _LoadKey(model=self.param("model").strip() or DEFAULT_MODEL, lora=self.param("lora").strip(),
+                        vae=self.param("vae").strip(), device=self.param("device"), dtype=self.param("dtype"),
+                        accel=self.param("accel"))
+
+    def _wanted_stream_key(self) -> tuple[int, int]:
+        return self.param("steps"), self.param("resolution")
+
+    def _build(self, key: _LoadKey, bank: Any = None, model: Any = None) -> tuple[Any, Any]:
+        """(model, stream): loads the model unless given; raises ModelNotFound, OutOfMemoryError, ValueError."""
+        from engine.diffusion.accel import choose_accelerator
+        from engine.diffusion.device import choose_device
+        from engine.diffusion.loading import ModelSpec, load_model
+        from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img
+
+        choice = choose_device(key.device, key.dtype)
+        try:
+            if model is None:
+                model = load_model(ModelSpec(model=key.model, lora=key.lora, tiny_vae=key.vae), choice)
+            steps, resolution = self._wanted_stream_key()
+            stream = StreamImg2Img(
+                model, choice, StreamConfig(size=(resolution, resolution) if resolution else None, steps=steps),
+                LiveSettings(strength=self.param("strength"), seed=self.param("seed"),
+                             noise_drift=self.param("noise_drift"), guidance_scale=self.param("guidance"),
+                             similarity_threshold=self.param("similarity_threshold")),
+                prompts=self._weighted_prompts(), accelerator=choose_accelerator(key.accel, choice.device), bank=bank)
+            stream.prompts.wait()
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                model = None
+                _free_accelerator_memory()
+            raise
+        self._stream_key = (steps, resolution)
+        log.info("realtime: %s on %s, %dx%d, %d step(s), accel %s", key.model, choice.describe(),
+                 stream.size[1], stream.size[0], steps, stream.accel_requested)
+        return model, stream
+
+    def _weighted_prompts(self) -> list[tuple[str, float]]:
+        prompt, other, mix = self.param("prompt"), self.param("prompt_b"), self.param("prompt_mix")
+        if not other.strip():
+            return [(prompt, 1.0)]
+        return [(prompt, 1.0 - mix), (other, mix)]
+
+    def _apply_params(self) -> None:
+        key = self._wanted_load_key()
+        if key != self._load_key and self._reload_thread is None:
+            self._start_reload(key)
+        if self._wanted_stream_key() != self._stream_key:
+            old = self._stream
+            self._model, self._stream = self._build(self._active_key, bank=old.prompts, model=self._model)
+        stream = self._stream
+        stream.set_prompts(self._weighted_prompts())
+        stream.set_seed(self.param("seed"))
+        stream.set_noise_drift(self.param("noise_drift"))
+        stream.set_guidance_scale(self.param("guidance"))
+        stream.set_similarity_threshold(self.param("similarity_threshold"))
+        strength = self.param("strength")
+        if strength != self._refused_strength:
+            try:
+                stream.set_strength(strength)
+            except ValueError as exc:  # live input is untrusted: say why once, keep the last strength
+                self._refused_strength = strength
+                log.warning("realtime: strength %.3g refused (%s); keeping %.3g", strength, exc,
+                            stream.settings.strength)
+
+    def _start_reload(self, key: _LoadKey) -> None:
+        """A new model on a background thread; the current one plays until it is ready."""
+        self._load_key = key  # a failed key is not retried until the parameters change again
+
+        def reload() -> None:
+            try:
+                model, stream = self._build(key)
+            except Exception as exc:  # reported from process() on the worker, the old model plays on
+                log.exception("realtime: loading %s failed", key.model)
+                self._reload_error = exc
+                return
+            self._reloaded = (key, model, stream)
+
+        self._reload_thread = threading.Thread(target=reload, name=f"realtime load {key.model}", daemon=True)
+        self._reload_thread.start()
+
+    def _take_reloaded_model(self) -> None:
+        thread = self._reload_thread
+        if thread is None or thread.is_alive():
+            return
+        self._reload_thread = None
+        error, self._reload_error = self._reload_error, None
+        if error is not None:
+            raise error  # the worker reports it once; the current model keeps playing
+        reloaded, self._reloaded = self._reloaded, None
+        if reloaded is not None:
+            old = self._stream
+            self._active_key, self._model, self._stream = reloaded
+            old.close()
+            _free_accelerator_memory()
+
+
+def _require_diffusion_extra() -> None:
+    import importlib.util
+
+    missing = [name for name in ("torch", "diffusers", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(f"the realtime scene needs {', '.join(missing)}: install a torch build for "
+                                  "your GPU, then pip install -e '.[diffusion]'")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

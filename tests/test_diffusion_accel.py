@@ -1,0 +1,189 @@
+"""Acceleration backends: the background build, the switch, and the same images after it.
+
+- torch.compile: built on a background thread while frames run eager, then switched in.
+  Inductor on this 2-core CPU takes 70-170 s cold for even the tiny model, so the default
+  test compiles with dynamo's ``eager`` backend and ``fullgraph=True``: the same dynamo
+  tracing (and proof that no stage has a graph break, which would split CUDA graphs) and the
+  same build-then-switch machinery, without code generation. (``aot_eager`` trips over the
+  VAE's group norm in torch 2.13 on the CPU.) DREAMDECK_SLOW_TESTS=1 also runs real
+  inductor, cold then warm from its disk cache.
+- TensorRT: the ONNX export it builds from is run with onnxruntime against torch. The
+  engine build and run need the ``tensorrt`` package and a CUDA GPU: skipped without them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
+
+from engine.diffusion.accel import CompileAccelerator, EagerAccelerator, choose_accelerator  # noqa: E402
+from engine.diffusion.configs import build_random_model  # noqa: E402
+from engine.diffusion.device import choose_device  # noqa: E402
+from engine.diffusion.hotpath import DiffusersUNet  # noqa: E402
+from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
+from engine.diffusion.tensorrt import engine_key, module_fingerprint  # noqa: E402
+
+CPU = choose_device("cpu")
+SLOW = os.environ.get("DREAMDECK_SLOW_TESTS") == "1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the build machine is shared: two threads per process thrash
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_random_model("tiny")
+
+
+def frames(count: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def stream_on(model, accelerator, steps: int = 1) -> StreamImg2Img:
+    stream = StreamImg2Img(model, CPU, StreamConfig(size=(32, 32), steps=steps),
+                           LiveSettings(similarity_threshold=0.0), prompts=[("a cat", 1.0)], accelerator=accelerator)
+    assert stream.prompts.wait(30)
+    return stream
+
+
+def run_until_switched(stream: StreamImg2Img, images: list[np.ndarray], timeout: float = 600.0) -> int:
+    """Feed frames while the backend builds; returns how many frames ran before the switch."""
+    deadline = time.monotonic() + timeout
+    produced = 0
+    while stream.accel == "eager" and stream.accel_error is None and time.monotonic() < deadline:
+        dropped = stream.frames_dropped
+        image = stream(images[produced % len(images)])
+        # the show never waits for the compiler: an image, or a frame dropped while torch.fx traces
+        assert image is not None or stream.frames_dropped > dropped
+        produced += 1
+    return produced
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    not SLOW, reason="inductor on this CPU takes minutes cold; set DREAMDECK_SLOW_TESTS=1"))])
+def test_compile_builds_in_the_background_then_switches(tiny, backend, tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the backend chooses a persistent one
+    images = frames(3)
+    reference = stream_on(tiny, EagerAccelerator())
+    expected = [reference(f) for f in images]
+    compiled = stream_on(tiny, CompileAccelerator(backend=backend, cache_dir=tmp_path / "inductor", fullgraph=True))
+    assert compiled.accel == "eager"  # frames start at once, on eager
+    run_until_switched(compiled, images)
+    assert compiled.wait_for_accel(600), compiled.accel_error
+    assert compiled.accel == "compile" and compiled.accel_ready_s is not None
+    for frame, want in zip(images, expected):
+        got = compiled(frame)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    if backend == "eager":
+        assert compiled.frames_dropped == 0  # dynamo alone never patches modules
+    else:
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+        assert any((tmp_path / "inductor").rglob("*")), "the inductor cache stayed empty"
+
+
+@pytest.mark.skipif(not SLOW, reason="inductor on this CPU takes minutes cold; set DREAMDECK_SLOW_TESTS=1")
+def test_a_warm_inductor_cache_builds_without_tracing(tiny, tmp_path, monkeypatch):
+    """A second start (dynamo's in-memory caches cleared) loads from inductor's disk caches:
+    no torch.fx tracing, so no frame is dropped while it builds."""
+    import torch.fx._symbolic_trace as symbolic_trace
+
+    images = frames(3)
+    cold = stream_on(tiny, CompileAccelerator(cache_dir=tmp_path / "inductor"))
+    run_until_switched(cold, images)
+    assert cold.wait_for_accel(600), cold.accel_error
+    torch._dynamo.reset()
+    traces = []
+    trace = symbolic_trace.Tracer.trace
+    monkeypatch.setattr(symbolic_trace.Tracer, "trace", lambda self, *a, **k: traces.append(1) or trace(self, *a, **k))
+    warm = stream_on(tiny, CompileAccelerator(cache_dir=tmp_path / "inductor"))
+    run_until_switched(warm, images)
+    assert warm.wait_for_accel(600), warm.accel_error
+    assert not traces and warm.frames_dropped == 0
+    assert warm.accel_ready_s < cold.accel_ready_s
+
+
+def test_a_failed_build_stays_on_eager_and_says_why(tiny):
+    stream = stream_on(tiny, CompileAccelerator(backend="no_such_backend"))
+    assert stream(frames(1)[0]) is not None  # the first frame starts the build, and runs eager
+    assert not stream.wait_for_accel(60)
+    assert stream.accel == "eager"
+    assert "compile failed, staying on eager" in stream.accel_error
+    assert stream(frames(1)[0]) is not None
+
+
+def test_auto_policy():
+    assert choose_accelerator("auto", torch.device("cpu")).name == "eager"
+    assert choose_accelerator("auto", torch.device("cuda")).name == "compile"
+    with pytest.raises(ValueError, match="CUDA"):
+        choose_accelerator("tensorrt", torch.device("cpu"))
+    with pytest.raises(ValueError, match="not one of"):
+        choose_accelerator("fast", torch.device("cpu"))
+
+
+def test_onnx_export_with_dynamic_batch_runs_like_torch(tmp_path):
+    """The LCM variant (with the guidance input) exported once, run at batch 1 and 3 by onnxruntime."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from engine.diffusion.onnx_export import OUTPUT_NAME, export_unet_onnx, unet_input_names
+
+    model = build_random_model("tiny", scheduler="lcm", time_cond_proj_dim=32)
+    unet = DiffusersUNet(model.unet).eval()
+
+    def inputs(batch: int):
+        generator = torch.Generator().manual_seed(batch)
+        return (torch.randn(batch, 4, 16, 16, generator=generator), torch.linspace(999.0, 259.0, batch),
+                torch.randn(batch, 77, 32, generator=generator), torch.randn(batch, 32, generator=generator))
+
+    path = export_unet_onnx(unet, inputs(2), tmp_path / "unet.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == unet_input_names(True)
+    assert session.get_outputs()[0].name == OUTPUT_NAME
+    for batch in (1, 3):
+        args = inputs(batch)
+        got = session.run(None, {name: t.numpy() for name, t in zip(unet_input_names(True), args)})[0]
+        with torch.no_grad():
+            want = unet(*args).numpy()
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_cache_key_follows_model_shapes_and_precision(tiny):
+    fingerprint = module_fingerprint(DiffusersUNet(tiny.unet))
+    shapes = {"sample": (1, 4, 64, 64), "timestep": (1,), "encoder_hidden_states": (1, 77, 1024)}
+    key = engine_key(fingerprint, shapes, True, "10.0")
+    assert key == engine_key(fingerprint, dict(shapes), True, "10.0")
+    assert key != engine_key(fingerprint, {**shapes, "sample": (2, 4, 64, 64)}, True, "10.0")
+    assert key != engine_key(fingerprint, shapes, False, "10.0")
+    other = build_random_model("tiny", seed=1)
+    assert module_fingerprint(DiffusersUNet(other.unet)) != fingerprint
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")
+def test_tensorrt_engine_matches_torch(tmp_path):
+    pytest.importorskip("tensorrt")
+    from engine.diffusion.tensorrt import TrtUNet, build_cached_engine
+
+    gpu = choose_device("cuda")
+    model = build_random_model("tiny").to(gpu)
+    unet = DiffusersUNet(model.unet).eval()
+    args = (torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16),
+            torch.tensor([499.0, 249.0], device="cuda"),
+            torch.randn(2, 77, 32, device="cuda", dtype=torch.float16), None)
+    path = build_cached_engine(unet, args, tmp_path)
+    assert build_cached_engine(unet, args, tmp_path) == path  # the second time from the cache
+    with torch.no_grad():
+        got, want = TrtUNet(path, torch.device("cuda"))(*args), unet(*args)
+    torch.cuda.synchronize()
+    assert torch.allclose(got.float(), want.float(), atol=2e-2)

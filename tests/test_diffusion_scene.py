@@ -1,0 +1,187 @@
+"""The ``realtime`` scene through the real scene worker: it plays, it takes live changes, and
+when a model is missing or memory runs out the previous scene keeps playing.
+
+A tiny random-weight model saved to a folder stands in for SD-turbo (``model`` points at
+it); every wait is a polling loop with a timeout, and no test asserts on speed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
+
+from engine.diffusion.configs import build_random_model  # noqa: E402
+from engine.params import ParamRegistry  # noqa: E402
+from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
+from engine.scenes.passthrough import Passthrough  # noqa: E402
+from engine.scenes.realtime import RealtimeScene  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 120.0  # generous: the build machine is shared and slow; nothing here is a speed test
+P = "/scene/realtime"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the build machine is shared: two threads per process thrash
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    build_random_model("tiny", seed=0).save_pretrained(root / "tiny-a")
+    build_random_model("tiny", seed=1).save_pretrained(root / "tiny-b")
+    return root / "tiny-a", root / "tiny-b"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+class StillFeed:
+    """A camera on a still scene: the same picture, a new frame (key) every call."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.image = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+        self._lock = threading.Lock()
+        self.key = 0
+
+    def __call__(self) -> tuple[np.ndarray, int]:
+        with self._lock:
+            self.key += 1
+            return self.image, self.key
+
+
+def set_params(params: ParamRegistry, values: dict) -> None:
+    params.set_many(values)
+    params.apply_pending(10.0)  # land them, smoothing included
+
+
+@pytest.fixture
+def show(model_folders):
+    """A worker playing passthrough, with the realtime scene set up for the tiny model."""
+    params = ParamRegistry()
+    params.declare_all(RealtimeScene.PARAMS)
+    set_params(params, {f"{P}/model": str(model_folders[0]), f"{P}/vae": "", f"{P}/resolution": 32,
+                        f"{P}/device": "cpu", f"{P}/accel": "eager", f"{P}/similarity_threshold": 0.0})
+    worker = SceneWorker(SceneCatalog((Passthrough, RealtimeScene)), params, StillFeed(), error_backoff=0.05)
+    worker.start()
+    worker.request("passthrough")
+    assert wait_for(lambda: worker.active_name == "passthrough")
+    yield worker, params
+    worker.stop()
+
+
+def newest(worker: SceneWorker, after: int = 0, scene: str = "realtime"):
+    """The newest output of ``scene`` with an index above ``after`` (waits for it)."""
+    found = []
+
+    def ready() -> bool:
+        frame, _ = worker.output.latest()
+        if frame is not None and frame.scene == scene and frame.index > after:
+            found.append(frame)
+            return True
+        return False
+
+    assert wait_for(ready), f"no new {scene} image; last error: {worker.last_error}"
+    return found[-1]
+
+
+def test_importing_the_scene_needs_no_torch():
+    code = "import sys, engine.scenes.realtime; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False False", done.stderr
+
+
+def test_the_scene_plays_and_takes_live_changes(show):
+    worker, params = show
+    worker.request("realtime")
+    first = newest(worker)
+    assert first.image.shape == (32, 32, 3) and first.image.dtype == np.uint8
+    again = newest(worker, first.index)
+    assert np.array_equal(again.image, first.image)  # a still camera and fixed noise: a still image
+    set_params(params, {f"{P}/prompt": "a dog on the moon"})
+    assert wait_for(lambda: not np.array_equal(newest(worker).image, first.image))
+    set_params(params, {f"{P}/steps": 2, f"{P}/seed": 7})  # rebuilds the stream around the same model
+    changed = newest(worker, newest(worker).index + 2)
+    assert changed.image.shape == (32, 32, 3)
+    assert worker.last_error is None
+
+
+def test_a_missing_model_keeps_the_previous_scene(show):
+    worker, params = show
+    set_params(params, {f"{P}/model": "dreamdeck-test/missing-model"})
+    worker.request("realtime")
+    assert wait_for(lambda: worker.failed == "realtime")
+    assert worker.active_name == "passthrough"
+    assert "ModelNotFound" in worker.last_error and "hf download dreamdeck-test/missing-model" in worker.last_error
+    before = newest(worker, scene="passthrough").index
+    newest(worker, before, scene="passthrough")  # and it keeps playing
+
+
+def test_out_of_memory_while_loading_keeps_the_previous_scene(show, monkeypatch):
+    import engine.diffusion.loading as loading
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loading, "load_model", no_memory)
+    worker, _ = show
+    worker.request("realtime")
+    assert wait_for(lambda: worker.failed == "realtime")
+    assert worker.active_name == "passthrough" and "OutOfMemoryError" in worker.last_error
+
+
+def test_out_of_memory_while_playing_keeps_the_last_image(show, monkeypatch):
+    from engine.diffusion.stream import StreamImg2Img
+
+    worker, _ = show
+    worker.request("realtime")
+    newest(worker)
+
+    def no_memory(self, frame):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(StreamImg2Img, "__call__", no_memory)  # the next frames run out of memory
+    assert wait_for(lambda: worker.last_error is not None and "OutOfMemoryError" in worker.last_error)
+    last, _ = worker.output.latest()
+    time.sleep(0.3)  # more frames arrive and fail meanwhile
+    frame, _ = worker.output.latest()
+    assert worker.active_name == "realtime" and frame.index == last.index  # the last good image stays
+
+
+def test_a_model_change_loads_in_the_background(show, model_folders):
+    worker, params = show
+    worker.request("realtime")
+    first = newest(worker)
+    set_params(params, {f"{P}/model": str(model_folders[1])})
+    assert wait_for(lambda: not np.array_equal(newest(worker).image, first.image))  # other weights, other image
+    set_params(params, {f"{P}/model": "dreamdeck-test/missing-model"})
+    assert wait_for(lambda: worker.last_error is not None and "missing-model" in worker.last_error)
+    current = newest(worker)
+    newest(worker, current.index)  # the loaded model plays on
+    assert worker.active_name == "realtime"

@@ -1,0 +1,306 @@
+"""Real windows on an Xvfb display: the preview beside the projector window, fullscreen by
+monitor name, and the screensaver kept off while the show runs.
+
+Each test runs a small show in a subprocess (glfw owns a process's display connection):
+a known picture (four coloured quadrants) presented through the same Presenter and
+PreviewView the app uses, then reads the X screen with ImageMagick's ``import``.
+Every wait is bounded; nothing asserts on wall-clock speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.render.surface import pick_monitor
+
+pytestmark = pytest.mark.window
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREEN = (1280, 720)
+MAIN = (480, 270)
+PREVIEW = (320, 180)
+GAP = 16  # the preview sits this far right of the main window (no window manager: no frame)
+TIMEOUT = 30.0
+RED, GREEN, BLUE, YELLOW = (230, 30, 30), (30, 210, 40), (40, 50, 220), (240, 220, 20)
+HUD_LINES = ["dreamdeck", "preview"]
+
+SHOW = """
+import json, logging, os, sys, time
+import numpy as np
+from engine.catalog import SHADERS_DIR
+from engine.render.output import OutputTransform, Presenter, PreviewView
+from engine.render.shaders import ShaderLibrary
+from engine.render.surface import WindowConfig, WindowSurface
+
+config, transform, stop = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+hidden = json.loads(sys.argv[4])  # tools to pretend are not installed
+logging.basicConfig(level=logging.INFO)
+if hidden:
+    import shutil
+    import engine.render.surface as surface_module
+    which = shutil.which
+    surface_module.shutil.which = lambda name, *a, **k: None if name in hidden else which(name, *a, **k)
+for key in ("size", "preview_size"):
+    if key in config:
+        config[key] = tuple(config[key])
+surface = WindowSurface(WindowConfig(**config))
+image = np.zeros((36, 64, 3), np.uint8)
+image[:18, :32], image[:18, 32:], image[18:, 32:], image[18:, :32] = {colours}
+texture = surface.ctx.texture((64, 36), 3, image.tobytes())
+texture.repeat_x = texture.repeat_y = False  # as the compositor's output: no colour wraps in at the edges
+shaders = ShaderLibrary(surface.ctx, SHADERS_DIR)
+presenter = Presenter(shaders)
+preview = PreviewView(surface.preview, SHADERS_DIR) if surface.preview else None
+frames = 0
+while not os.path.exists(stop) and frames < 20000:
+    surface.poll()
+    presenter.present(texture, surface.size, OutputTransform(**transform))
+    if preview is not None:
+        preview.draw(texture, {hud})
+    surface.swap()
+    frames += 1
+    if frames == 5:
+        glfw = surface.glfw
+        facts = dict(size=surface.size, fullscreen=surface.fullscreen, monitors=surface.monitors(),
+                     keep_awake=surface.keep_awake.method if surface.keep_awake else None,
+                     main_pos=glfw.get_window_pos(surface.window))
+        if surface.preview is not None:
+            facts.update(preview_size=surface.preview.size, preview_pos=glfw.get_window_pos(surface.preview.window))
+        print(json.dumps(facts), flush=True)
+    time.sleep(0.01)
+if preview is not None:
+    preview.release()
+shaders.release()
+surface.close()
+print("closed", flush=True)
+""".format(colours=(RED, GREEN, BLUE, YELLOW), hud=HUD_LINES)
+
+
+# -- the display ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def display() -> Iterator[str]:
+    """A private Xvfb server on a free display number (Xvfb picks it: -displayfd)."""
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (apt-get install xvfb)")
+    if shutil.which("import") is None:
+        pytest.fail("ImageMagick's `import` is needed to read the screen (apt-get install imagemagick)")
+    read_end, write_end = os.pipe()
+    server = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24",
+                               "-nolisten", "tcp"], pass_fds=(write_end,), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    os.close(write_end)
+    try:
+        number = b""
+        deadline = time.monotonic() + TIMEOUT
+        while not number.endswith(b"\n") and time.monotonic() < deadline:
+            if select.select([read_end], [], [], 0.5)[0]:
+                chunk = os.read(read_end, 16)
+                if not chunk:
+                    break
+                number += chunk
+        if not number.strip().isdigit():
+            server.kill()
+            raise RuntimeError(f"Xvfb did not start: {server.communicate(timeout=10)[1].decode(errors='replace')}")
+        yield f":{number.strip().decode()}"
+    finally:
+        os.close(read_end)
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+class Show:
+    """The SHOW script on the display; ``facts`` is what it printed once its windows were up."""
+
+    def __init__(self, display: str, tmp_path: Path, config: dict, transform: dict | None = None,
+                 hidden_tools: tuple[str, ...] = (), path: str | None = None) -> None:
+        self.stop_file = tmp_path / "stop"
+        env = {k: v for k, v in os.environ.items() if k != "WAYLAND_DISPLAY"}
+        env["DISPLAY"] = display
+        if path is not None:
+            env["PATH"] = path
+        args = [json.dumps(config), json.dumps(transform or {}), str(self.stop_file), json.dumps(hidden_tools)]
+        self.proc = subprocess.Popen([sys.executable, "-c", SHOW, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.facts = json.loads(self._line("the show's windows"))
+
+    def _line(self, what: str) -> str:
+        assert self.proc.stdout is not None
+        if not select.select([self.proc.stdout], [], [], TIMEOUT)[0]:
+            raise AssertionError(f"no output from the show within {TIMEOUT:.0f} s waiting for {what}")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the show ended (rc {self.proc.wait()}) before {what}:\n"
+                                 f"{self.proc.stderr.read()[-3000:]}")
+        return line
+
+    def finish(self) -> str:
+        """Ask the show to close its windows; return its log (stderr)."""
+        self.stop_file.touch()
+        try:
+            out, err = self.proc.communicate(timeout=TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+        assert self.proc.returncode == 0 and "closed" in out, err[-3000:]
+        return err
+
+
+def screen(display: str) -> np.ndarray:
+    """The whole X screen now, as RGB ints."""
+    result = subprocess.run(["import", "-display", display, "-window", "root", "png:-"], capture_output=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    image = cv2.imdecode(np.frombuffer(result.stdout, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape == (SCREEN[1], SCREEN[0], 3)
+    return image[:, :, ::-1].astype(int)
+
+
+def close_to(pixel: np.ndarray, colour: tuple[int, int, int]) -> bool:
+    return bool(np.abs(pixel - colour).max() <= 12)
+
+
+def shot_when(display: str, show: Show, checks: dict[str, tuple[tuple[int, int], tuple[int, int, int]]]) -> np.ndarray:
+    """Screenshots until every named (row, column) has its colour; a clear message if none does."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        image = screen(display)
+        wrong = {name: tuple(image[rc]) for name, (rc, colour) in checks.items() if not close_to(image[rc], colour)}
+        if not wrong:
+            return image
+        if time.monotonic() > deadline or show.proc.poll() is not None:
+            raise AssertionError(f"on screen: {wrong} (expected {checks})")
+        time.sleep(0.05)
+
+
+def hud_text_pixels(region: np.ndarray) -> int:
+    """Light-grey text pixels (the HUD draws its text in (235, 235, 235))."""
+    spread = region.max(axis=2) - region.min(axis=2)
+    return int(((region.min(axis=2) > 150) & (spread < 16)).sum())
+
+
+def quadrant_points(x0: int, y0: int, size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """(row, column) on screen of the middle of each quadrant of a window at (x0, y0)."""
+    w, h = size
+    return {"tl": (y0 + h // 4, x0 + w // 4), "tr": (y0 + h // 4, x0 + 3 * w // 4),
+            "br": (y0 + 3 * h // 4, x0 + 3 * w // 4), "bl": (y0 + 3 * h // 4, x0 + w // 4)}
+
+
+# -- tests -----------------------------------------------------------------------------------------
+
+def test_preview_window_shows_the_output_with_the_hud_beside_the_clean_projector_window(display, tmp_path):
+    show = Show(display, tmp_path, {"size": MAIN, "preview": True, "preview_size": PREVIEW, "vsync": False},
+                transform={"rotate": 180})  # the projector hangs upside down; the preview stays upright
+    try:
+        facts = show.facts
+        assert facts["size"] == list(MAIN) and facts["preview_size"] == list(PREVIEW)
+        assert facts["fullscreen"] is False
+        px, py = facts["preview_pos"]
+        assert (px, py) == (MAIN[0] + GAP, 0), "the preview should sit just right of the projector window"
+        main, preview = quadrant_points(0, 0, MAIN), quadrant_points(px, py, PREVIEW)
+        image = shot_when(display, show, {
+            "main tl (turned: the image's br)": (main["tl"], BLUE), "main br": (main["br"], RED),
+            "main tr": (main["tr"], YELLOW), "main bl": (main["bl"], GREEN),
+            "preview tr (upright)": (preview["tr"], GREEN), "preview br": (preview["br"], BLUE),
+            "preview bl": (preview["bl"], YELLOW), "preview tl, beside the HUD": ((py + 60, px + 120), RED),
+        })
+        if os.environ.get("DREAMDECK_SHOTS"):  # to look at it: DREAMDECK_SHOTS=folder pytest ...
+            cv2.imwrite(str(Path(os.environ["DREAMDECK_SHOTS"]) / "preview.png"), image[:, :, ::-1].astype(np.uint8))
+        hud_box = (slice(0, 50), slice(0, 110))  # two short lines of HUD text
+        preview_corner = image[py:py + PREVIEW[1], px:px + PREVIEW[0]][hud_box]
+        main_corner = image[:MAIN[1], :MAIN[0]][hud_box]
+        assert hud_text_pixels(preview_corner) > 40, "the preview has no HUD text"
+        assert hud_text_pixels(main_corner) == 0, "the projector window shows HUD text"
+        assert np.median(preview_corner[..., 0]) < 0.7 * RED[0], "the HUD panel does not darken the picture under it"
+        gap = image[:PREVIEW[1], MAIN[0] + 2:MAIN[0] + GAP - 2]
+        assert gap.max() == 0, "something drew between the two windows"
+    finally:
+        show.finish()
+
+
+@pytest.mark.parametrize("monitor", ["SCR", "HDMI"])
+def test_fullscreen_on_a_monitor_chosen_by_name_covers_the_screen(display, tmp_path, monitor):
+    show = Show(display, tmp_path, {"size": (320, 180), "fullscreen": True, "monitor": monitor, "vsync": False})
+    try:
+        facts = show.facts
+        assert facts["fullscreen"] and facts["size"] == list(SCREEN), facts
+        points = quadrant_points(0, 0, SCREEN)
+        image = shot_when(display, show, {"tl": (points["tl"], RED), "tr": (points["tr"], GREEN),
+                                          "br": (points["br"], BLUE), "bl": (points["bl"], YELLOW)})
+        assert image[[2, 2, -3, -3], [2, -3, 2, -3]].min() > 0, "the picture does not reach the screen's corners"
+    finally:
+        err = show.finish()
+    names = facts["monitors"]
+    if monitor == "SCR":
+        assert any("scr" in n.lower() for n in names), f"Xvfb's monitor is called {names} here"
+        assert "no monitor named like" not in err
+    else:  # a projector that is not plugged in: said once, with the monitors there are, and shown on 0
+        assert re.search(r"no monitor named like 'HDMI'; using 0 \(monitors: 0: \w+", err), err[-2000:]
+
+
+@pytest.mark.parametrize("method", ["xdg-screensaver", "xset", "none"])
+def test_the_screensaver_is_held_off_while_the_window_is_open_and_given_back_after(display, tmp_path, method):
+    """Xvfb keeps its screensaver timeout whatever clients ask and has no DPMS, so the X
+    server cannot show the effect: an ``xset`` on PATH that logs, then runs the real one,
+    does. xdg-screensaver (on a desktop with no screensaver service) calls xset too."""
+    real_xset = shutil.which("xset")
+    if method != "none" and (real_xset is None or shutil.which(method) is None):
+        pytest.skip(f"{method} and xset are needed here (apt-get install xdg-utils x11-xserver-utils)")
+    bin_dir, log = tmp_path / "bin", tmp_path / "xset.log"
+    bin_dir.mkdir()
+    if real_xset is not None:
+        shim = bin_dir / "xset"
+        shim.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real_xset} "$@"\n')
+        shim.chmod(0o755)
+    hidden = {"xdg-screensaver": (), "xset": ("xdg-screensaver",), "none": ("xdg-screensaver", "xset")}[method]
+
+    show = Show(display, tmp_path, {"size": (160, 90), "vsync": False}, hidden_tools=hidden,
+                path=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    try:
+        assert show.facts["keep_awake"] == method
+        during = log.read_text().splitlines() if log.exists() else []
+        if method != "none":
+            assert "s off" in " ".join(during), f"nobody turned the X screensaver off: {during}"
+    finally:
+        err = show.finish()
+    if method == "none":
+        assert "cannot keep the display awake: install xdg-utils or x11-xserver-utils" in err
+        return
+    deadline = time.monotonic() + TIMEOUT
+    while not log.read_text().splitlines()[-1].startswith("s 600") and time.monotonic() < deadline:
+        time.sleep(0.1)  # xdg-screensaver gives it back from a background watcher
+    assert log.read_text().splitlines()[-1].startswith("s 600"), f"not given back: {log.read_text()}"
+    assert f"keeping the display awake: {method}" in err
+
+
+def test_pick_monitor_by_index_or_name() -> None:
+    names = ["eDP-1 Built-in", "HDMI-1 Epson", "DP-2 Dell"]
+    assert pick_monitor(names, 1) == (1, None)
+    assert pick_monitor(names, "hdmi") == (1, None)
+    assert pick_monitor(names, "dp-2") == (2, None)
+    assert pick_monitor(names, "DP") == (2, None)  # a name that starts with it beats "eDP-1"
+    assert pick_monitor(names, "epson") == (1, None)
+    assert pick_monitor(names, "hdmi-1 epson") == (1, None)
+    index, warning = pick_monitor(names, "Barco")
+    assert index == 0 and "no monitor named like 'Barco'" in warning and "1: HDMI-1 Epson" in warning
+    index, warning = pick_monitor(names, 5)
+    assert index == 0 and "monitor 5 does not exist" in warning
+    assert pick_monitor([], 0) == (0, "no monitor found")
