@@ -275,6 +275,21 @@ class App:
             self.params.set("/hud/visible", not self.params.get("/hud/visible"), origin="key")
         elif action.startswith("preset:"):
             self.actions.post("preset/recall", int(action.split(":", 1)[1]), origin="key")
+        elif action == "learn":
+            self.learn_last_touched()
+
+    def learn_last_touched(self) -> None:
+        """L in the window: arm MIDI learn for the parameter touched last (by OSC, web, keys)."""
+        midi = next((c for c in self.controls if hasattr(c, "learn_last_touched")), None)
+        if midi is None:
+            self._error("MIDI learn: MIDI is off (start with --midi-in NAME)")
+            return
+        try:
+            path = midi.learn_last_touched()
+        except ActionError as exc:
+            self._error(f"MIDI learn: {exc}")
+            return
+        log.info("MIDI learn armed for %s: move a control", path)
 
     def _register_actions(self) -> None:
         self.actions.register("scene/next", self.next_scene)

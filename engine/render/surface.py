@@ -96,7 +96,8 @@ class HeadlessSurface:
 
 # Keys the performer uses in the window, as actions the app understands.
 def _key_actions(glfw) -> dict[int, str]:
-    actions = {glfw.KEY_SPACE: "next_scene", glfw.KEY_F: "fullscreen", glfw.KEY_H: "hud", glfw.KEY_ESCAPE: "quit"}
+    actions = {glfw.KEY_SPACE: "next_scene", glfw.KEY_F: "fullscreen", glfw.KEY_H: "hud", glfw.KEY_ESCAPE: "quit",
+               glfw.KEY_L: "learn"}
     for n in range(1, 10):
         actions[getattr(glfw, f"KEY_{n}")] = f"preset:{n}"
     return actions
