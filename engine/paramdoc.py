@@ -72,3 +72,15 @@ def params_markdown(registry: ParamRegistry) -> str:
     for name, description in ACTIONS.items():
         lines.append(f"| {name} | `{OSC_PREFIX}/{name}` | {description} |")
     return "\n".join(lines)
+
+
+START, END = "<!-- params:start -->", "<!-- params:end -->"
+
+
+def readme_with_params(readme: str, registry: ParamRegistry) -> str:
+    """The README with its address-space section regenerated (appended if it has none)."""
+    block = f"{START}\n{params_markdown(registry)}\n{END}"
+    if START in readme and END in readme:
+        head, rest = readme.split(START, 1)
+        return head + block + rest.split(END, 1)[1]
+    return readme.rstrip("\n") + "\n\n## Address space\n\n" + block + "\n"

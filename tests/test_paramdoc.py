@@ -40,3 +40,13 @@ def test_text_table_has_one_line_per_parameter():
 def test_cli_params_markdown():
     out = subprocess.run([sys.executable, "-m", "engine", "params", "--markdown"], capture_output=True, text=True)
     assert out.returncode == 0 and "/fx/kaleido/segments" in out.stdout
+
+
+def test_readme_address_space_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from engine.paramdoc import readme_with_params
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert readme_with_params(readme, build_registry()) == readme, \
+        "README's address space is stale: run python3 scripts/update_readme.py"
