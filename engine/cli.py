@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--sizes", type=_size, nargs="+", default=[(1280, 720), (1920, 1080)])
     render.add_argument("--frames", type=_positive_int, default=200)
     render.add_argument("--json", type=Path, help="also write the results here")
+    from engine.diffusion.bench import add_arguments as add_diffusion_bench_arguments
+
+    add_diffusion_bench_arguments(bench_sub.add_parser(
+        "diffusion", help="diffusion img2img: the hot path against diffusers, same weights, same run"))
     return parser
 
 
@@ -358,6 +362,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "diffusion":
+        from engine.diffusion.bench import run
+
+        return run(args)
     from engine.bench import bench_render
 
     bench_render(args.sizes, args.frames, args.json)
