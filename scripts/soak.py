@@ -49,6 +49,7 @@ from engine.app import App, AppConfig
 from engine.catalog import PRESETS_DIR, SHADERS_DIR
 from engine.clock import ManualClock, RealClock
 from engine.render.surface import HeadlessSurface
+from engine.scenes import SceneCatalog, builtin_catalog
 from engine.web import StatusConfig, accelerator_memory, install_status_page
 
 log = logging.getLogger("soak")
@@ -311,7 +312,7 @@ def run_soak(args: argparse.Namespace) -> Report:
         ws = make_workspace(root)
         clock = ManualClock(args.fps) if args.clock == "manual" else RealClock(args.fps)
         app = App(AppConfig(source=f"file:{ws.clip}", presets_dir=ws.presets, shaders_dir=ws.shaders,
-                            output_size=args.size, hot_reload=True), surface, clock)
+                            output_size=args.size, hot_reload=True), surface, clock, catalog=soak_catalog(args))
         osc = _add_osc(app, report)
         server = install_status_page(app, StatusConfig(port=0))
         app.start()
@@ -453,6 +454,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu-scenes", action="store_true",
+                        help="also switch to scenes that need an accelerator (the real-time diffusion scene): "
+                             "for the installation's GPU machine, with its models in the cache")
     parser.add_argument("--frames", type=int, help="frames to run (default 3600, or --seconds x --fps)")
     parser.add_argument("--seconds", type=float, help="stop after this long instead (a 24-hour run: 86400)")
     parser.add_argument("--clock", choices=["manual", "real"], default="manual",
@@ -482,6 +486,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown events {', '.join(unknown)}; known: {', '.join(dict.fromkeys(EVENTS))}")
     return args
+
+
+def soak_catalog(args: argparse.Namespace) -> SceneCatalog:
+    """On a machine without a GPU the diffusion scene can only fail to load; its first attempt
+    imports torch (hundreds of MB, once), which would read as a leak. Leave it out unless asked."""
+    full = builtin_catalog()
+    if args.gpu_scenes:
+        return full
+    return SceneCatalog(tuple(full.get(n) for n in full.names() if full.get(n).needs.accelerator_mb == 0))
 
 
 def main(argv: list[str] | None = None) -> int:

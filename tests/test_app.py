@@ -241,7 +241,7 @@ def test_refused_preset_error_is_not_hidden_by_an_older_scene_error(make_app) ->
 # -- scenes -----------------------------------------------------------------------------------
 
 def test_next_scene_crossfades_when_the_new_scene_has_a_frame(make_app) -> None:
-    app = make_app()
+    app = make_app(catalog=SceneCatalog((ReactionDiffusion, Passthrough)))
     step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
     step_until(app, lambda: app.compositor.transition_progress is None, "no transition running")
 
