@@ -384,7 +384,7 @@ class App:
         failed, self.worker.failed = self.worker.failed, None
         if failed is not None:
             self._error(self.worker.last_error or f"scene {failed} could not load")
-            active = self.worker.active_name
+            active = self.worker.pending_name or self.worker.active_name
             if active is not None and self.params.target("/scene/active") == failed:
                 self.params.set("/scene/active", active, origin="engine")
 

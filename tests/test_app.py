@@ -374,3 +374,32 @@ def test_screenshot_writes_a_png_atomically(make_app, tmp_path: Path) -> None:
         assert path.read_bytes() == old
     finally:
         os.chmod(shots, 0o700)
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.OutOfMemoryError: the worker recognises it by name, without torch."""
+
+
+class Greedy(Scene):
+    name = "greedy"
+    description = "Runs out of accelerator memory on its third image"
+
+    def load(self) -> None:
+        self.images = 0
+
+    def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:
+        self.images += 1
+        if self.images > 2:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return frame
+
+
+def test_out_of_memory_goes_back_to_the_previous_scene(make_app) -> None:
+    app = make_app(catalog=SceneCatalog((ReactionDiffusion, Passthrough, Greedy)))
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the first scene")
+    app.select_scene("greedy")
+    step_until(app, scene_showing(app, "greedy"), "the greedy scene's first image")
+    step_until(app, lambda: app.worker.active_name == "reaction_diffusion"
+               and app.params.get("/scene/active") == "reaction_diffusion", "the way back")
+    assert any("ran out of accelerator memory: back to reaction_diffusion" in line for line in app.hud_lines())
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the previous scene's images again")

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 FrameGetter = Callable[[], tuple[np.ndarray | None, object]]
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA/MPS) and MemoryError, told apart by name: no torch import here."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
 @dataclass(frozen=True)
 class SceneFrame:
     scene: str
@@ -42,7 +47,8 @@ class SceneWorker:
         self.active: Scene | None = None
         self.loading: str | None = None
         self.last_error: str | None = None
-        self.failed: str | None = None  # a scene that could not load; the app reverts its choice
+        self.failed: str | None = None  # a scene that could not load or ran out of memory; the app reverts
+        self.previous_name: str | None = None  # the scene that played before the active one
         self.fps = 0.0
         self._error_backoff = error_backoff
         self._requested: str | None = None
@@ -62,6 +68,11 @@ class SceneWorker:
         with self._lock:
             self._requested = name
         self._wake.set()
+
+    @property
+    def pending_name(self) -> str | None:
+        """The scene that will play next: requested or loading (None when nothing is on its way)."""
+        return self._requested or self.loading
 
     @property
     def active_name(self) -> str | None:
@@ -129,6 +140,14 @@ class SceneWorker:
         try:
             image = scene.process(frame, time.monotonic())
         except Exception as exc:  # a scene's bug must not end the show: keep the last image
+            if is_out_of_memory(exc) and self.previous_name is not None:
+                # named policy: out of accelerator memory -> back to the scene that played before
+                self._report(f"scene {scene.name} ran out of accelerator memory: back to {self.previous_name}")
+                with self._lock:
+                    self._requested = self.previous_name
+                    self.failed = scene.name
+                self._wake.set()
+                return False
             self._report(f"scene {scene.name} failed: {type(exc).__name__}: {exc}")
             log.exception("scene %s raised in process()", scene.name)
             self._stop.wait(self._error_backoff)
@@ -172,6 +191,8 @@ class SceneWorker:
             if scene is None:
                 return
             old, self.active, self.loading = self.active, scene, None
+            if old is not None:
+                self.previous_name = old.name
             self._index = 0
             self._last_key = None
         if old is not None:
