@@ -25,7 +25,7 @@ import rtmidi
 import tomli_w
 
 from engine.control.actions import ActionError, Actions
-from engine.control.midi import MidiClock, MidiControl, port_matches, resolve_apis
+from engine.control.midi import JACK_CLOSE_PAUSE, MidiClock, MidiControl, port_matches, resolve_apis
 from engine.control.midimap import (LearnEvent, MapType, Mapping, Mode, guess_mapping, parse_mapping,
                                     relative_ticks)
 from engine.params import (Change, ParamRegistry, bool_param, enum_param, float_param, int_param,
@@ -65,6 +65,7 @@ def jack_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 pytest.fail(f"jackd exited with {server.returncode}: {log_path.read_text(errors='replace')}")
             try:
                 rtmidi.MidiIn(rtapi=rtmidi.API_UNIX_JACK).delete()
+                time.sleep(JACK_CLOSE_PAUSE)
                 break
             except rtmidi.SystemError:
                 if time.monotonic() > deadline:
@@ -106,7 +107,9 @@ class Controller:
 
     def unplug(self) -> None:
         self.out.close()
+        time.sleep(JACK_CLOSE_PAUSE)  # libjack can crash when clients close back to back
         self.feedback.delete()
+        time.sleep(JACK_CLOSE_PAUSE)
 
     def send(self, *messages: mido.Message) -> None:
         for message in messages:
@@ -500,6 +503,7 @@ def test_garbage_sysex_and_unmapped_messages_are_ignored(rig) -> None:
         assert r.midi.last_error is None
     finally:
         junk.delete()
+        time.sleep(JACK_CLOSE_PAUSE)
 
 
 def test_api_names_and_port_patterns() -> None:

@@ -108,8 +108,11 @@ def test_records_every_frame_of_the_show_into_an_mp4(make_app, tmp_path: Path) -
 
     n = 24
     shown = []
+    # every frame of the show must look different, or "frame k is the show's frame k" means nothing
+    app.params.set("/fx/kaleido/enabled", True)
     record(app, True)
-    for _ in range(n):
+    for i in range(n):
+        app.params.set("/fx/kaleido/segments", 2 + i)
         app.step()
         shown.append(app.compositor.read_output().astype(int))
         # pace the test so the writer keeps up: this test is about content, not about dropping

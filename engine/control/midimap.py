@@ -255,6 +255,8 @@ def load_mappings(path: Path, registry: ParamRegistry) -> MappingFile:
 
     for key in sorted(set(document) - {"version", "map"}):
         log.warning("%s: unknown top-level key %r ignored", path, key)
+    if document.get("version", FILE_VERSION) != FILE_VERSION:
+        log.warning("%s: version %r; reading it as version %d", path, document["version"], FILE_VERSION)
     entries = document.get("map", [])
     if not isinstance(entries, list):
         log.warning("%s: map must be an array of tables ([[map]]); no MIDI mappings loaded", path)
