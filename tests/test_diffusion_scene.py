@@ -156,7 +156,7 @@ def test_out_of_memory_while_loading_keeps_the_previous_scene(show, monkeypatch)
     assert worker.active_name == "passthrough" and "OutOfMemoryError" in worker.last_error
 
 
-def test_out_of_memory_while_playing_keeps_the_last_image(show, monkeypatch):
+def test_out_of_memory_while_playing_goes_back_to_the_previous_scene(show, monkeypatch):
     from engine.diffusion.stream import StreamImg2Img
 
     worker, _ = show
@@ -167,11 +167,10 @@ def test_out_of_memory_while_playing_keeps_the_last_image(show, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(StreamImg2Img, "__call__", no_memory)  # the next frames run out of memory
-    assert wait_for(lambda: worker.last_error is not None and "OutOfMemoryError" in worker.last_error)
-    last, _ = worker.output.latest()
-    time.sleep(0.3)  # more frames arrive and fail meanwhile
-    frame, _ = worker.output.latest()
-    assert worker.active_name == "realtime" and frame.index == last.index  # the last good image stays
+    assert wait_for(lambda: worker.last_error is not None and "ran out of accelerator memory" in worker.last_error)
+    assert worker.failed == "realtime"  # the app reverts /scene/active with this
+    assert wait_for(lambda: worker.active_name == "passthrough")  # the scene that played before
+    newest(worker, scene="passthrough")  # and it plays
 
 
 def test_a_model_change_loads_in_the_background(show, model_folders):
