@@ -12,8 +12,6 @@ frame is the last frame again.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -25,6 +23,7 @@ import cv2
 import numpy as np
 
 from engine.catalog import PRESETS_DIR, SHADERS_DIR, build_registry
+from engine.files import write_atomic
 from engine.clock import RealClock
 from engine.control.actions import ActionError, Actions, Control
 from engine.params import Change, ParamError
@@ -473,23 +472,3 @@ class App:
 def _short(value: object) -> str:
     text = f"{value:.3g}" if isinstance(value, float) else str(value)
     return text if len(text) <= 40 else text[:39] + "…"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that a crash leaves either the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.stat().st_mode & 0o777  # replacing a file keeps its permissions
-    except FileNotFoundError:
-        mode = 0o644  # as any image tool would make it; mkstemp's 0600 would hide it from others
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

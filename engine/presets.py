@@ -22,19 +22,18 @@ cut mid-save never leaves a half-written preset where a good one was.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from engine.files import write_atomic
 from engine.params import Kind, Param, ParamError, ParamRegistry
 
 if sys.version_info >= (3, 11):
@@ -248,51 +247,9 @@ def save_preset(path: str | os.PathLike[str], registry: ParamRegistry, descripti
         value = registry.target(param.path)
         table[name] = list(value) if param.kind is Kind.COLOUR else value
     data = tomli_w.dumps(document).encode("utf-8")
-    _write_atomic(path, data)
+    write_atomic(path, data)
     log.info("saved preset %s", path)
     return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename over, fsync the folder.
-
-    The rename is atomic on one file system, so readers see the old file or the new one,
-    never a mix; the folder fsync makes the rename itself survive a power cut. The temp
-    name starts with a dot and does not end in .toml, so a library never lists it.
-    """
-    mode = _file_mode(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            if hasattr(os, "fchmod"):
-                os.fchmod(tmp.fileno(), mode)
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _file_mode(path: Path) -> int:
-    """Keep an existing preset's permissions; mkstemp's 0600 would hide a new one from others."""
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        return 0o644
-
-
-def _fsync_directory(directory: Path) -> None:
-    if os.name != "posix":  # Windows cannot open a folder for fsync; NTFS journals renames
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- a folder of presets ----------------------------------------------------------------

@@ -20,13 +20,14 @@ import dataclasses
 import logging
 import os
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import tomli_w
+
+from engine.files import write_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,32 +115,6 @@ def _check_field(name: str, value: Any) -> Any:
 
 
 # -- files -------------------------------------------------------------------------------
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same folder, fsync, rename over, fsync the folder.
-
-    The rename is atomic on one file system: readers see the old file or the new one,
-    never half of one; the folder fsync makes the rename itself survive a power cut.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            os.fchmod(tmp.fileno(), mode)
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
 
 def load_state(path: Path | None = None) -> SessionState:
     """The saved state, or the defaults when there is none or it is unreadable.

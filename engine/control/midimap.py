@@ -35,7 +35,7 @@ from typing import Any
 import tomli_w
 
 from engine.params import Kind, Param, ParamRegistry
-from engine.presets import _write_atomic
+from engine.files import write_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -290,7 +290,7 @@ def save_mappings(file: MappingFile) -> None:
         raise OSError(f"{file.path} could not be read at start; not overwriting it")
     document = {"version": FILE_VERSION, "map": [m.to_toml() for m in file.mappings] + list(file.kept)}
     file.path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(file.path, (FILE_HEADER + tomli_w.dumps(document)).encode("utf-8"))
+    write_atomic(file.path, (FILE_HEADER + tomli_w.dumps(document)).encode("utf-8"))
 
 
 # -- decoding -------------------------------------------------------------------------------
