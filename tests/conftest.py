@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import shutil
+import subprocess
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -33,3 +40,43 @@ def private_state(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("xdg")
     monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+
+
+@contextlib.contextmanager
+def xvfb(screen: tuple[int, int], *extra: str, timeout: float = 30.0) -> Iterator[str]:
+    """A private Xvfb server on a free display number (Xvfb picks it: -displayfd); yields ":N".
+
+    Skips when Xvfb is missing; fails when ImageMagick's `import` (the screenshot tool) is.
+    """
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (apt-get install xvfb)")
+    if shutil.which("import") is None:
+        pytest.fail("ImageMagick's `import` is needed to read the screen (apt-get install imagemagick)")
+    read_end, write_end = os.pipe()
+    server = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write_end), "-screen", "0", f"{screen[0]}x{screen[1]}x24", *extra,
+         "-nolisten", "tcp"],
+        pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(write_end)
+    try:
+        number = b""
+        deadline = time.monotonic() + timeout
+        while not number.endswith(b"\n") and time.monotonic() < deadline:
+            if select.select([read_end], [], [], 0.5)[0]:
+                chunk = os.read(read_end, 16)
+                if not chunk:
+                    break
+                number += chunk
+        if not number.strip().isdigit():
+            server.kill()
+            _, err = server.communicate(timeout=10)
+            raise RuntimeError(f"Xvfb did not start: {err.decode(errors='replace')[-500:]}")
+        yield f":{number.strip().decode()}"
+    finally:
+        os.close(read_end)
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

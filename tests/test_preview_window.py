@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import xvfb
+
 from engine.render.surface import pick_monitor
 
 pytestmark = pytest.mark.window
@@ -93,37 +95,9 @@ print("closed", flush=True)
 
 @pytest.fixture(scope="module")
 def display() -> Iterator[str]:
-    """A private Xvfb server on a free display number (Xvfb picks it: -displayfd)."""
-    if shutil.which("Xvfb") is None:
-        pytest.skip("Xvfb is not installed (apt-get install xvfb)")
-    if shutil.which("import") is None:
-        pytest.fail("ImageMagick's `import` is needed to read the screen (apt-get install imagemagick)")
-    read_end, write_end = os.pipe()
-    server = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24",
-                               "-nolisten", "tcp"], pass_fds=(write_end,), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    os.close(write_end)
-    try:
-        number = b""
-        deadline = time.monotonic() + TIMEOUT
-        while not number.endswith(b"\n") and time.monotonic() < deadline:
-            if select.select([read_end], [], [], 0.5)[0]:
-                chunk = os.read(read_end, 16)
-                if not chunk:
-                    break
-                number += chunk
-        if not number.strip().isdigit():
-            server.kill()
-            raise RuntimeError(f"Xvfb did not start: {server.communicate(timeout=10)[1].decode(errors='replace')}")
-        yield f":{number.strip().decode()}"
-    finally:
-        os.close(read_end)
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    """A private Xvfb server on a free display number."""
+    with xvfb(SCREEN, timeout=TIMEOUT) as name:
+        yield name
 
 
 class Show:

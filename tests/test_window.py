@@ -11,7 +11,6 @@ import ctypes
 import ctypes.util
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 import pytest
+
+from conftest import xvfb
 
 pytestmark = pytest.mark.window
 
@@ -35,40 +36,9 @@ XK_h, XK_Escape = 0x68, 0xFF1B
 
 @pytest.fixture(scope="module")
 def display() -> Iterator[str]:
-    """A private Xvfb server on a free display number (Xvfb picks it: -displayfd)."""
-    if shutil.which("Xvfb") is None:
-        pytest.skip("Xvfb is not installed (apt-get install xvfb)")
-    if shutil.which("import") is None:
-        pytest.fail("ImageMagick's `import` is needed to read the screen (apt-get install imagemagick)")
-    read_end, write_end = os.pipe()
-    server = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(write_end), "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24", "-br",
-         "-nolisten", "tcp"],
-        pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    os.close(write_end)
-    try:
-        number = b""
-        deadline = time.monotonic() + TIMEOUT
-        while not number.endswith(b"\n") and time.monotonic() < deadline:
-            ready, _, _ = select.select([read_end], [], [], 0.5)
-            if ready:
-                chunk = os.read(read_end, 16)
-                if not chunk:
-                    break
-                number += chunk
-        if not number.strip().isdigit():
-            server.kill()
-            _, err = server.communicate(timeout=10)
-            raise RuntimeError(f"Xvfb did not start: {err.decode(errors='replace')[-500:]}")
-        yield f":{number.strip().decode()}"
-    finally:
-        os.close(read_end)
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    """A private Xvfb server on a free display number."""
+    with xvfb(SCREEN, "-br", timeout=TIMEOUT) as name:
+        yield name
 
 
 def dreamdeck_command() -> list[str]:
