@@ -28,22 +28,10 @@ from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.hotpath import DiffusersUNet  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
 from engine.diffusion.tensorrt import engine_key, module_fingerprint  # noqa: E402
+from diffusion_fixtures import one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
 
 CPU = choose_device("cpu")
 SLOW = os.environ.get("DREAMDECK_SLOW_TESTS") == "1"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the build machine is shared: two threads per process thrash
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_random_model("tiny")
 
 
 def frames(count: int) -> list[np.ndarray]:

@@ -18,17 +18,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
 from engine.diffusion.bench import main  # noqa: E402
+from diffusion_fixtures import one_torch_thread  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = {"upload", "encode", "unet", "decode", "download"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the build machine is shared: two threads per process thrash
-    yield
-    torch.set_num_threads(before)
 
 
 def check_result(result: dict, steps: int) -> None:

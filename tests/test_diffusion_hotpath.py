@@ -31,19 +31,11 @@ from engine.diffusion.hotpath import fit_to  # noqa: E402
 from engine.diffusion.prompts import blend, slerp  # noqa: E402
 from engine.diffusion.schedule import build_schedule  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
+from diffusion_fixtures import one_torch_thread  # noqa: E402,F401  (fixtures)
 
 SIZE = 32  # pixels; the tiny VAE halves it: 16x16 latents
 ROUNDING = 0.5 / 255 + 1e-4  # the hot path returns uint8; the pipeline float32 in [0, 1]
 CPU = choose_device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The build machine is shared: two threads per process thrash when other tests run too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

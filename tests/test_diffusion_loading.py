@@ -25,29 +25,11 @@ from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.errors import ModelNotFound  # noqa: E402
 from engine.diffusion.loading import ModelSpec, load_model  # noqa: E402
 from engine.diffusion.single_file import save_single_file  # noqa: E402
+from diffusion_fixtures import offline, one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = choose_device("cpu")
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Nothing in this file may reach a hub, whatever the machine's settings."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the build machine is shared: two threads per process thrash
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_random_model("tiny")
 
 
 @pytest.fixture(scope="module")

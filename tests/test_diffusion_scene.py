@@ -25,23 +25,11 @@ from engine.params import ParamRegistry  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.passthrough import Passthrough  # noqa: E402
 from engine.scenes.realtime import RealtimeScene  # noqa: E402
+from diffusion_fixtures import offline, one_torch_thread  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120.0  # generous: the build machine is shared and slow; nothing here is a speed test
 P = "/scene/realtime"
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the build machine is shared: two threads per process thrash
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
