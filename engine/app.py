@@ -422,7 +422,7 @@ class App:
                 out.append(error)
         return out
 
-    def hud_lines(self) -> list[str]:
+    def hud_lines(self, errors: list[str] | None = None) -> list[str]:
         s = self.stats
         drops = self.input.primary.slot.drops + self.worker.output.drops
         scene = self.worker.active_name or "-"
@@ -439,14 +439,14 @@ class App:
             status = part.status
             if status:
                 lines.append(status if status.startswith(part.name) else f"{part.name} {status}")
-        return lines + [f"error {e}" for e in self.errors_now()]
+        return lines + [f"error {e}" for e in (self.errors_now() if errors is None else errors)]
 
     def _update_hud(self, now: float) -> None:
         if now < self._hud_next:
             return
         self._hud_next = now + HUD_REFRESH
-        lines = self.hud_lines()
-        self.hud.update(lines, error_lines=len(self.errors_now()))
+        errors = self.errors_now()
+        self.hud.update(self.hud_lines(errors), error_lines=len(errors))
 
     def _count_frame(self, dt: float, busy: float) -> None:
         s = self.stats
