@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import random
 import socket
 import subprocess
 import time
@@ -686,8 +687,23 @@ def test_new_parameters_are_reached_by_wildcards_after_a_frame(server: OscServer
     assert registry.target("/fx/late/amount") == 0.5
 
 
+def fixed_free_port() -> int:
+    """A port free for UDP and TCP below Linux's ephemeral range (32768+), so no outgoing
+    connection elsewhere on the machine can take it between two binds of this test."""
+    for port in random.Random().sample(range(20000, 32000), 200):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                u.bind(("127.0.0.1", port))
+                t.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port in 20000-32000")
+
+
 def test_stop_frees_the_port_and_start_is_idempotent(registry: ParamRegistry, recorder: Recorder) -> None:
-    server = OscServer(registry, recorder.actions, port=0, tcp=True)
+    server = OscServer(registry, recorder.actions, port=fixed_free_port(), tcp=True)
     server.start()
     server.start()
     port = server.port
