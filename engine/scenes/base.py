@@ -30,6 +30,7 @@ class Scene:
     uses_input: ClassVar[bool] = True  # False: generative; it runs without a source frame
     max_fps: ClassVar[float] = 60.0  # the worker never runs it faster than this
     needs: ClassVar[SceneNeeds] = SceneNeeds()
+    fallback: ClassVar[str | None] = None  # played instead when this scene cannot load and nothing played before
     PARAMS: ClassVar[tuple[Param, ...]] = ()
 
     def __init__(self, params: ParamRegistry) -> None:
@@ -48,6 +49,19 @@ class Scene:
     def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:
         """Newest source frame (RGB uint8, may be None) -> an RGB uint8 image, or None for no new image."""
         raise NotImplementedError
+
+
+def reserve_render_core() -> None:
+    """Leave one CPU core to the render thread when a torch scene computes on the CPU.
+
+    torch uses every core by default; on a small machine the render loop would then wait
+    for a core and drop frames. Call it from ``load`` when the scene runs on the CPU.
+    """
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
 
 class SceneCatalog:
