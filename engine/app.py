@@ -22,7 +22,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from engine.catalog import PRESETS_DIR, SHADERS_DIR, build_registry
+from engine.catalog import NO_CUE, PRESETS_DIR, SHADERS_DIR, build_registry
 from engine.files import write_atomic
 from engine.clock import RealClock
 from engine.control.actions import ActionError, Actions, Control
@@ -125,6 +125,8 @@ class App:
 
         self._showing_scene: str | None = None
         self._scene_seq = 0
+        self._scene_arrivals: tuple[float, float] = (0.0, 0.0)  # when the scene's last two images arrived
+        self._fallen_back: set[str] = set()  # fallback scenes tried since the last scene that played
         self._preset_transition = False
         self._hud_next = 0.0
         self._lock = threading.Lock()  # guards last_error / preset_name set by loader threads
@@ -229,12 +231,19 @@ class App:
         frame, key, _ = self.input.latest()
         self.compositor.set_layer("source", frame, ("source", key))
         scene_frame, seq = self.worker.output.latest()
+        morph = 0.0
         if scene_frame is not None and scene_frame.scene != self._showing_scene:
-            if self._showing_scene is not None:  # a new scene has its first image: crossfade to it
+            if self._showing_scene is not None:  # a new scene has its first image: transition to it
                 self.compositor.begin_transition(now)
                 self.stats.scene_transitions += 1
             self._showing_scene = scene_frame.scene
-        self.compositor.set_layer("scene", None if scene_frame is None else scene_frame.image, ("scene", seq))
+            self._scene_arrivals = (now, now)
+            self._fallen_back.clear()
+        elif scene_frame is not None and seq != self._scene_seq:
+            morph = self._morph_time(scene_frame.scene, now)
+        self._scene_seq = seq
+        self.compositor.set_layer("scene", None if scene_frame is None else scene_frame.image, ("scene", seq),
+                                  morph=morph, now=now)
         if self.overlay is not None:
             image, overlay_seq = self.overlay.slot.latest()
             self.compositor.set_layer("overlay", image, ("overlay", overlay_seq))
@@ -261,9 +270,21 @@ class App:
         self.surface.swap()
         self._count_frame(dt, time.perf_counter() - started)
 
+    def _morph_time(self, scene: str, now: float) -> float:
+        """Seconds a slow scene's new image takes to fade in over its previous one (0: at once)."""
+        previous, last = self._scene_arrivals
+        self._scene_arrivals = (last, now)
+        if self.catalog.get(scene).realtime:
+            return 0.0
+        longest = self.params.get("/mix/morph")
+        if not self.params.get("/mix/morph_follow"):
+            return longest
+        interval = now - last  # the next image is due about this long from now
+        return min(longest, interval) if interval > 0 else longest
+
     # -- controls ------------------------------------------------------------------------
     def handle_action(self, action: str) -> None:
-        """Keys from the window: next scene, presets 1-9, fullscreen, HUD, quit."""
+        """Keys from the window: next scene, scenes F1-F9, presets 1-9, fullscreen, HUD, quit."""
         if action == "quit":
             self.running = False
         elif action == "next_scene":
@@ -274,6 +295,8 @@ class App:
             self.params.set("/hud/visible", not self.params.get("/hud/visible"), origin="key")
         elif action.startswith("preset:"):
             self.actions.post("preset/recall", int(action.split(":", 1)[1]), origin="key")
+        elif action.startswith("scene:"):
+            self.actions.post("scene/select", int(action.split(":", 1)[1]), origin="key")
         elif action == "learn":
             self.learn_last_touched()
 
@@ -293,6 +316,7 @@ class App:
     def _register_actions(self) -> None:
         self.actions.register("scene/next", self.next_scene)
         self.actions.register("scene/select", self.select_scene)
+        self.actions.register("scene/preload", self.preload_scene)
         self.actions.register("preset/recall", self.recall_preset)
         self.actions.register("preset/save", self._save_preset_async)
         self.actions.register("prompt", self.set_prompt)
@@ -312,6 +336,13 @@ class App:
         if ref not in names:
             raise ActionError(f"no scene {ref!r}; scenes: {', '.join(names)}")
         self.params.set("/scene/active", ref, origin="action")
+
+    def preload_scene(self, name: str) -> None:
+        """Load a scene in the background (it stays loaded within /scene/memory_budget)."""
+        try:
+            self.worker.preload(str(name))
+        except KeyError as exc:
+            raise ActionError(str(exc.args[0])) from None
 
     def set_prompt(self, text: str) -> None:
         path = f"/scene/{self.params.get('/scene/active')}/prompt"
@@ -368,6 +399,8 @@ class App:
             self.compositor.begin_transition(self.clock.now())
         if change.path == "/scene/active":
             self.worker.request(change.value)
+        elif change.path == "/scene/cue" and change.value != NO_CUE:
+            self.worker.preload(change.value)
         elif change.path == "/layer/overlay/image":
             self._open_overlay(change.value)
 
@@ -380,12 +413,25 @@ class App:
             self.overlay = ImageSource(path).start()
 
     def _revert_failed_scene(self) -> None:
+        """A scene that could not load: the one playing goes on; with none playing (the
+        start of a show), the scene's fallback plays (e.g. the shipped DDPM when a hub
+        model is missing offline), else the first scene."""
         failed, self.worker.failed = self.worker.failed, None
-        if failed is not None:
-            self._error(self.worker.last_error or f"scene {failed} could not load")
-            active = self.worker.pending_name or self.worker.active_name
-            if active is not None and self.params.target("/scene/active") == failed:
-                self.params.set("/scene/active", active, origin="engine")
+        if failed is None:
+            return
+        self._error(self.worker.last_error or f"scene {failed} could not load")
+        if self.params.target("/scene/active") != failed:
+            return  # the performer has already moved on
+        instead = self.worker.pending_name or self.worker.active_name
+        if instead is None:
+            self._fallen_back.add(failed)
+            options = [self.catalog.get(failed).fallback, self.catalog.names()[0]]
+            instead = next((name for name in options if name and name not in self._fallen_back
+                            and name in self.catalog.names()), None)
+            if instead is not None:
+                log.info("scene %s could not load: playing %s instead", failed, instead)
+        if instead is not None:
+            self.params.set("/scene/active", instead, origin="engine")
 
     # -- the scene worker's view of the input ------------------------------------------
     def _scene_input(self) -> tuple[np.ndarray | None, object]:
@@ -426,8 +472,11 @@ class App:
         s = self.stats
         drops = self.input.primary.slot.drops + self.worker.output.drops
         scene = self.worker.active_name or "-"
-        if self.worker.loading:
-            scene += f" (loading {self.worker.loading})"
+        loading = self.worker.loading
+        if loading:
+            scene += f" ({'loading' if loading == self.worker.pending_name else 'preloading'} {loading})"
+        if self._showing_scene and not self.catalog.get(self._showing_scene).realtime:
+            scene += f" {self.worker.fps:.1f} img/s"
         last = self.params.last_change
         lines = [
             f"render {s.render_fps:5.1f} fps  scene {self.worker.fps:5.1f} fps  dropped {drops}",
@@ -466,7 +515,10 @@ class App:
                     states.append(load_preset(entry.path, self.params).values)
                 except PresetError:
                     continue  # listed as broken by `dreamdeck presets`; recall will say why
-        self.compositor.prewarm(states)
+        def slow(state: dict) -> bool:
+            name = state.get("/scene/active", self.params.get("/scene/active"))
+            return name in self.catalog.names() and not self.catalog.get(name).realtime
+        self.compositor.prewarm(states, morphing=slow)
 
 
 def _short(value: object) -> str:

@@ -12,7 +12,7 @@ from engine.control.audio import AUDIO_PARAMS
 from engine.control.link import LINK_PARAMS
 from engine.control.modulation import MOD_PARAMS
 from engine.control.tempo import ALL_TEMPO_PARAMS
-from engine.params import ParamRegistry, bool_param, enum_param
+from engine.params import ParamRegistry, bool_param, enum_param, int_param
 from engine.render.compositor import COMPOSITOR_PARAMS
 from engine.outputs.recorder import RECORDER_PARAMS
 from engine.render.output import OUTPUT_PARAMS
@@ -23,13 +23,19 @@ from engine.sources.pattern import PatternSource
 ROOT = Path(__file__).resolve().parent.parent
 SHADERS_DIR = ROOT / "shaders"
 PRESETS_DIR = ROOT / "presets"
+NO_CUE = "none"
 
 
 def build_registry(catalog: SceneCatalog | None = None) -> ParamRegistry:
     catalog = catalog or builtin_catalog()
     registry = ParamRegistry()
     registry.declare(enum_param("/scene/active", catalog.names()[0], catalog.names(),
-                                description="The scene playing on the scene layer"))
+                                description="The scene playing on the scene layer (by name, or its index from MIDI)"))
+    registry.declare(enum_param("/scene/cue", NO_CUE, (NO_CUE, *catalog.names()),
+                                description="A scene to load in the background now, so that cutting to it is instant"))
+    registry.declare(int_param("/scene/memory_budget", 12000, 0, 1_000_000, unit="MB", in_presets=False,
+                               description="Accelerator memory the loaded scenes may hold; past it the least "
+                                           "recently played are unloaded (0 = keep only the playing scene)"))
     registry.declare_all(catalog.params())
     registry.declare_all(COMPOSITOR_PARAMS)
     registry.declare_all(OUTPUT_PARAMS)

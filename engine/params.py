@@ -172,8 +172,9 @@ def float_param(path: str, default: float, lo: float, hi: float, *, unit: str = 
     return Param(path, Kind.FLOAT, default, lo, hi, unit=unit, smoothing=smoothing, description=description)
 
 
-def int_param(path: str, default: int, lo: int, hi: int, *, unit: str = "", description: str = "") -> Param:
-    return Param(path, Kind.INT, default, lo, hi, unit=unit, description=description)
+def int_param(path: str, default: int, lo: int, hi: int, *, unit: str = "", description: str = "",
+              in_presets: bool = True) -> Param:
+    return Param(path, Kind.INT, default, lo, hi, unit=unit, description=description, in_presets=in_presets)
 
 
 def bool_param(path: str, default: bool, *, description: str = "", in_presets: bool = True) -> Param:

@@ -7,7 +7,7 @@
 //   4. feedback mixes in the previous output      (trails)
 // A stage that is off is compiled out (#ifdef NAME): a GPU skips a branch on a uniform
 // for free, but llvmpipe runs every branch, so each combination is its own program.
-// Transitions are a second pass (crossfade.frag), only while one runs.
+// Transitions are a second pass (transitions/*.frag), only while one runs.
 // Edit any of these files while running: the frame is rebuilt; a compile error keeps
 // the last good program.
 

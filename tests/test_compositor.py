@@ -140,6 +140,97 @@ def test_transition_time_comes_from_the_registry_and_zero_is_a_cut(comp):
     assert_close(render(comp, 20.0), np.array(A), lsb=0)
 
 
+def halves(left: tuple[int, int, int], right: tuple[int, int, int]) -> np.ndarray:
+    image = solid(left)
+    image[:, W // 2:] = right
+    return image
+
+
+def test_luma_wipe_shows_the_bright_parts_of_the_new_picture_first(comp):
+    comp.set_layer("source", solid(A), "a")
+    render(comp, 0.0)
+    dark, bright = (40, 40, 40), (220, 220, 220)  # luminance 0.16 and 0.86
+    comp.set_layer("source", halves(dark, bright), "b")
+    settle(comp.params, {"/mix/wipe_softness": 0.0})
+    comp.begin_transition(now=0.0, duration=1.0, kind="luma_wipe")
+
+    out = render(comp, 0.05)  # the edge is above every luminance: all old
+    assert_close(out, np.array(A), lsb=0)
+    out = render(comp, 0.5)  # edge at 0.5: the bright half is new, the dark half still old
+    assert_close(out[:, W // 2:], np.array(bright), lsb=0)
+    assert_close(out[:, :W // 2], np.array(A), lsb=0)
+    out = render(comp, 0.95)  # edge at 0.05: both halves new
+    assert_close(out, halves(dark, bright), lsb=0)
+    render(comp, 1.0)
+    assert comp.transition_progress is None
+
+
+def test_feedback_dissolve_lets_the_new_picture_in_pixel_by_pixel_and_ends_on_it(comp):
+    comp.set_layer("source", solid(A), "a")
+    render(comp, 0.0)
+    comp.set_layer("source", solid(B), "b")
+    comp.begin_transition(now=0.0, duration=1.0, kind="feedback_dissolve")
+
+    def share_of_new(out: np.ndarray) -> float:
+        return float((np.abs(out - np.array(B)).max(axis=2) <= 1).mean())
+
+    first = render(comp, 0.3)
+    old = (np.abs(first - np.array(A)).max(axis=2) <= 1).mean()
+    assert 0.2 <= share_of_new(first) <= 0.4, "the first frame: about 30% of the pixels dissolved in"
+    assert share_of_new(first) + old == pytest.approx(1.0), "every pixel is the old or the new picture"
+    later = render(comp, 0.7)
+    assert share_of_new(later) >= 0.6  # dissolved ones stay, and trails of them flow outwards
+    assert_close(render(comp, 1.0), np.array(B), lsb=0)
+
+
+def test_the_transition_keeps_its_kind_when_the_parameter_changes_midway(comp):
+    comp.set_layer("source", solid(A), "a")
+    render(comp, 0.0)
+    comp.set_layer("source", solid(B), "b")
+    settle(comp.params, {"/mix/transition_type": "fade"})
+    comp.begin_transition(now=0.0, duration=1.0)
+    settle(comp.params, {"/mix/transition_type": "luma_wipe"})
+    assert_close(render(comp, 0.5), (np.array(A) + np.array(B)) / 2)
+
+
+# -- a slow scene's images morph into each other ----------------------------------------------
+
+C = (10, 250, 30)
+
+
+def test_a_slow_scenes_new_image_fades_in_over_the_previous_one(comp):
+    comp.set_layer("scene", solid(A), ("scene", 1))
+    assert_close(render(comp, 0.0), np.array(A), lsb=0)
+    comp.set_layer("scene", solid(B), ("scene", 2), morph=1.0, now=0.0)
+    assert_close(render(comp, 0.5), (np.array(A) + np.array(B)) / 2)
+    assert comp.morph_progress == pytest.approx(0.5)
+    assert_close(render(comp, 1.0), np.array(B), lsb=0)
+    assert comp.morph_progress is None
+
+    comp.set_layer("scene", solid(C), ("scene", 3), morph=0.0, now=2.0)  # 0: a cut
+    assert_close(render(comp, 2.0), np.array(C), lsb=0)
+
+
+def test_an_image_that_arrives_mid_morph_starts_from_what_shows_never_jumping(comp):
+    comp.set_layer("scene", solid(A), ("scene", 1))
+    render(comp, 0.0)
+    comp.set_layer("scene", solid(B), ("scene", 2), morph=1.0, now=0.0)
+    halfway = (np.array(A) + np.array(B)) / 2
+    assert_close(render(comp, 0.5), halfway)
+    comp.set_layer("scene", solid(C), ("scene", 3), morph=1.0, now=0.5)
+    assert_close(render(comp, 0.5), halfway, lsb=1.5)  # the same picture as a moment ago
+    assert_close(render(comp, 1.0), (halfway + np.array(C)) / 2, lsb=1.5)
+    assert_close(render(comp, 1.5), np.array(C), lsb=0)
+
+
+def test_a_new_image_size_cuts_instead_of_morphing(comp):
+    comp.set_layer("scene", solid(A), ("scene", 1))
+    render(comp, 0.0)
+    comp.set_layer("scene", solid(B, (32, 18)), ("scene", 2), morph=1.0, now=0.0)
+    assert comp.morph_progress is None
+    assert_close(render(comp, 0.1), np.array(B), lsb=0)
+
+
 # -- effects -------------------------------------------------------------------------------
 
 NEUTRAL = {

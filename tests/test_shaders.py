@@ -240,16 +240,16 @@ def test_an_error_in_one_variant_is_not_hidden_by_another_that_reloads(comp, lib
 
 def test_a_broken_transition_shows_the_live_picture_and_recovers(comp, library, shader_root):
     render(comp)
-    path = shader_root / "crossfade.frag"
+    path = shader_root / "transitions" / "fade.frag"
     line = edit(path, "u_progress), 1.0);", "u_progress), 1.0)")
     comp.set_layer("source", np.zeros((H, W, 3), np.uint8), "black")
     comp.begin_transition(now=0.0, duration=1.0)
     comp.render(0.5)
     assert (comp.read_output() == 0).all()  # no crossfade program: cut to the live picture, never garbage
-    assert re.search(rf"crossfade\.frag:({line}|{line + 1}):", comp.errors["crossfade.frag"])
+    assert re.search(rf"fade\.frag:({line}|{line + 1}):", comp.errors["transitions/fade.frag"])
 
     edit(path, "u_progress), 1.0)", "u_progress), 1.0);")
     reload(library)
     comp.render(0.5)
-    assert "crossfade.frag" not in comp.errors  # the HUD stops showing a fixed error
+    assert "transitions/fade.frag" not in comp.errors  # the HUD stops showing a fixed error
     assert np.abs(comp.read_output().astype(int) - np.array(COLOUR) / 2).max() <= 1

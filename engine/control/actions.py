@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 ACTIONS = {
     "scene/next": "Switch to the next scene",
     "scene/select": "Switch to a scene by name or 0-based index",
+    "scene/preload": "Load a scene in the background (name) so that cutting to it is instant",
     "preset/recall": "Recall a preset by name or 1-based number",
     "preset/save": "Save the current state as a preset (name)",
     "prompt": "Set the active scene's prompt (text)",

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import moderngl
 import numpy as np
 
-from engine.params import Param, ParamRegistry, enum_param, float_param, string_param
+from engine.params import Param, ParamRegistry, bool_param, enum_param, float_param, string_param
 from engine.render.effects import EFFECTS
 from engine.render.output import OutputTransform, Presenter
 from engine.render.shaders import ShaderError, ShaderLibrary, set_uniform
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 BLEND_MODES = ("normal", "add", "multiply", "screen", "difference")
 LAYERS = ("source", "scene", "overlay")
+TRANSITIONS = ("fade", "luma_wipe", "feedback_dissolve")  # shaders/transitions/<name>.frag
+DISSOLVE_ZOOM = 1.015  # feedback dissolve: how fast the old picture flows outwards per frame
+DISSOLVE_TURN = math.radians(0.4)  # ... and turns
 
 
 def _layer_params(layer: str, opacity: float) -> tuple[Param, ...]:
@@ -49,7 +52,16 @@ COMPOSITOR_PARAMS: tuple[Param, ...] = (
     float_param("/fx/feedback/rotate", 0.0, -5.0, 5.0, unit="deg", smoothing=0.1,
                 description="Rotation of the previous output per frame"),
     float_param("/mix/transition", 1.0, 0.0, 10.0, unit="s",
-                description="Crossfade time for scene and preset changes"),
+                description="Transition time for scene and preset changes (0 = a cut)"),
+    enum_param("/mix/transition_type", "fade", TRANSITIONS,
+               description="How scene and preset changes look: fade, luma_wipe (bright parts first), "
+                           "feedback_dissolve (the old picture flows out in trails as the new one dissolves in)"),
+    float_param("/mix/wipe_softness", 0.1, 0.0, 0.5, description="Edge width of the luma wipe (0 = hard)"),
+    float_param("/mix/morph", 0.5, 0.0, 10.0, unit="s",
+                description="A slow scene's new image fades in over its previous one in this time (0 = a cut)"),
+    bool_param("/mix/morph_follow", True,
+               description="Morph over the time between the slow scene's last two images (at most /mix/morph): "
+                           "continuous motion, one image behind"),
 )
 
 
@@ -72,6 +84,33 @@ class _Layer:
     key: object = None
 
 
+class _Morph:
+    """The scene layer's previous image and how far the newest has faded in over it.
+
+    A slow scene (DDPM, VQGAN+CLIP) gives a new image a few times a second; instead of
+    jumping, the newest fades in over the previous one. When another image arrives
+    before the fade ends, the half-finished mix is baked into the "previous" image, so
+    nothing ever jumps.
+    """
+
+    def __init__(self) -> None:
+        self.prev: moderngl.Framebuffer | None = None  # the image fading out
+        self.scratch: moderngl.Framebuffer | None = None  # where a half-finished mix is baked
+        self.start = 0.0
+        self.duration = 0.0
+        self.progress = 1.0
+
+    def active(self) -> bool:
+        return self.prev is not None and self.progress < 1.0
+
+    def release(self) -> None:
+        for fbo in (self.prev, self.scratch):
+            if fbo is not None:
+                fbo.color_attachments[0].release()
+                fbo.release()
+        self.prev = self.scratch = None
+
+
 class Compositor:
     def __init__(self, ctx: moderngl.Context, shaders: ShaderLibrary, params: ParamRegistry,
                  size: tuple[int, int] = (1280, 720)) -> None:
@@ -83,6 +122,7 @@ class Compositor:
         self._frame = 0
         self._empty = ctx.texture((1, 1), 4, bytes(4))  # a layer with nothing yet: transparent
         self._layers = {name: _Layer(self._empty) for name in LAYERS}
+        self._morph = _Morph()
         self._outputs = [self._make_target() for _ in range(2)]
         self._snapshot = self._make_target()
         self._work = self._make_target()  # the frame before a transition's crossfade
@@ -95,23 +135,34 @@ class Compositor:
         for fbo in self._outputs:
             fbo.clear(0.0, 0.0, 0.0, 1.0)
 
-    def _make_target(self) -> moderngl.Framebuffer:
-        tex = self.ctx.texture(self.size, 4)
+    def _make_target(self, size: tuple[int, int] | None = None) -> moderngl.Framebuffer:
+        tex = self.ctx.texture(size or self.size, 4)
         tex.repeat_x = tex.repeat_y = False
         return self.ctx.framebuffer(color_attachments=[tex])
 
     # -- inputs ----------------------------------------------------------------------
-    def set_layer(self, name: str, frame: np.ndarray | None, key: object) -> None:
-        """Upload a layer's newest image; nothing happens when ``key`` is unchanged."""
+    def set_layer(self, name: str, frame: np.ndarray | None, key: object, *, morph: float = 0.0,
+                  now: float = 0.0) -> None:
+        """Upload a layer's newest image; nothing happens when ``key`` is unchanged.
+
+        ``morph`` (the scene layer only): seconds over which the new image fades in over
+        the one it replaces, starting at ``now``; 0 replaces it at once.
+        """
         layer = self._layers[name]
         if frame is None:
+            if layer.texture is not self._empty:
+                layer.texture.release()  # an empty slot must not keep a texture alive
             layer.key, layer.texture = key, self._empty
+            if name == "scene":
+                self._morph.release()
             return
         if key == layer.key and layer.texture is not self._empty:
             return
         h, w = frame.shape[:2]
         comps = 1 if frame.ndim == 2 else frame.shape[2]
         data = np.ascontiguousarray(frame, dtype=np.uint8)
+        if name == "scene":
+            self._keep_for_morph(layer, (w, h), comps, morph, now)
         tex = layer.texture
         if tex is self._empty or tex.size != (w, h) or tex.components != comps:
             if tex is not self._empty:
@@ -122,14 +173,40 @@ class Compositor:
             tex.write(data, alignment=1)
         layer.texture, layer.key = tex, key
 
-    def begin_transition(self, now: float, duration: float | None = None) -> None:
-        """Freeze the last output and crossfade from it to the live picture."""
+    def _keep_for_morph(self, layer: _Layer, size: tuple[int, int], comps: int, morph: float, now: float) -> None:
+        """Before the scene layer's texture is overwritten: keep what shows now as the morph's start."""
+        m = self._morph
+        old = layer.texture
+        if morph <= 0 or old is self._empty or old.size != size or old.components != comps:
+            m.progress = 1.0  # a cut: a new scene, a new size, or morphing is off
+            return
+        if m.prev is None or m.prev.color_attachments[0].size != size:
+            m.release()
+            m.prev, m.scratch = self._make_target(size), self._make_target(size)
+        # what shows now: the half-finished mix if a fade runs (so the next one starts
+        # where this one is), else the old image (the mix at progress 1)
+        progress = m.progress if m.active() else 1.0
+        if not self._draw(self._program("transitions/fade.frag"), {"u_progress": progress},
+                          {"u_from": m.prev.color_attachments[0], "u_input": old}, m.scratch):
+            m.progress = 1.0  # no fade program (a broken edit): cut
+            return
+        m.prev, m.scratch = m.scratch, m.prev
+        m.start, m.duration, m.progress = now, morph, 0.0
+
+    @property
+    def morph_progress(self) -> float | None:
+        """How far a slow scene's newest image has faded in (None: no morph running)."""
+        return self._morph.progress if self._morph.active() else None
+
+    def begin_transition(self, now: float, duration: float | None = None, kind: str | None = None) -> None:
+        """Freeze the last output and go from it to the live picture (``kind``: one of TRANSITIONS)."""
         duration = self.params.get("/mix/transition") if duration is None else duration
+        kind = self.params.get("/mix/transition_type") if kind is None else kind
         if duration <= 0:
             self._transition = None
             return
         self.ctx.copy_framebuffer(self._snapshot, self._last_output)
-        self._transition = (now, duration)
+        self._transition = (now, duration, kind)
 
     @property
     def transition_progress(self) -> float | None:
@@ -146,16 +223,28 @@ class Compositor:
             defines.append("FEEDBACK")
         if get("/layer/overlay/opacity") > 0 and self._layers["overlay"].texture is not self._empty:
             defines.append("OVERLAY")
+        if self._morph.active():
+            defines.append("MORPH")
         return tuple(sorted(defines))
 
-    def prewarm(self, states: list[dict[str, Any]]) -> None:
-        """Compile the frame programs these parameter states need, before the show needs them."""
+    def prewarm(self, states: list[dict[str, Any]], morphing: Callable[[dict[str, Any]], bool] = lambda s: False) -> None:
+        """Compile the programs these parameter states need, before the show needs them.
+
+        ``morphing(state)``: whether that state plays a slow scene (its frames morph).
+        """
+        names = [f"transitions/{kind}.frag" for kind in TRANSITIONS]
+        for name in names:
+            self._program(name)
         for state in states:
             variant = self.variant(lambda path: state.get(path, self.params.get(path)))
-            try:
-                self.shaders.get(self.FRAME_SHADER, variant)
-            except ShaderError as exc:
-                self.errors[self.FRAME_SHADER] = str(exc)
+            variants = [variant]
+            if morphing(state):
+                variants.append(tuple(sorted((*variant, "MORPH"))))
+            for defines in variants:
+                try:
+                    self.shaders.get(self.FRAME_SHADER, defines)
+                except ShaderError as exc:
+                    self.errors[self.FRAME_SHADER] = str(exc)
 
     def render(self, now: float) -> moderngl.Texture:
         """Draw this frame into the next output buffer; returns the output texture."""
@@ -164,12 +253,15 @@ class Compositor:
         output = self._outputs[self._frame % 2]
         get = self.params.get
 
-        progress = None
+        progress, kind = None, "fade"
         if self._transition is not None:
-            start, duration = self._transition
+            start, duration, kind = self._transition
             progress = self._progress_at = min(1.0, max(0.0, (now - start) / duration))
             if progress >= 1.0:
                 self._transition = progress = None
+        m = self._morph
+        if m.prev is not None and m.progress < 1.0:
+            m.progress = 1.0 if m.duration <= 0 else min(1.0, max(0.0, (now - m.start) / m.duration))
 
         rotate = math.radians(get("/fx/feedback/rotate"))
         uniforms: dict[str, object] = {
@@ -185,6 +277,9 @@ class Compositor:
             uniforms[f"u_{name}_fit"] = cover_fit(layer.texture.size, self.size)
             uniforms[f"u_{name}_opacity"] = get(f"/layer/{name}/opacity")
             uniforms[f"u_{name}_blend"] = BLEND_MODES.index(get(f"/layer/{name}/blend"))
+        if m.active():
+            textures["u_scene_prev"] = m.prev.color_attachments[0]
+            uniforms["u_morph"] = m.progress
         for fx in EFFECTS:
             uniforms.update(fx.uniforms(get))
 
@@ -192,13 +287,25 @@ class Compositor:
         if not self._draw(self._frame_program(), uniforms, textures, frame_target):
             frame_target.clear(0.0, 0.0, 0.0, 1.0)
         if progress is not None:
-            crossfade = self._program("crossfade.frag")
-            uniforms = {"u_progress": progress}
-            textures = {"u_input": self._work.color_attachments[0], "u_from": self._snapshot.color_attachments[0]}
-            if not self._draw(crossfade, uniforms, textures, output):
-                self.ctx.copy_framebuffer(output, self._work)
+            self._transition_pass(kind, progress, previous, output)
         self._last_output = output
         return output.color_attachments[0]
+
+    def _transition_pass(self, kind: str, progress: float, previous: moderngl.Framebuffer,
+                         output: moderngl.Framebuffer) -> None:
+        """From the frozen frame (or, for the feedback dissolve, the previous output) to this frame's picture."""
+        uniforms: dict[str, object] = {"u_progress": progress}
+        textures = {"u_input": self._work.color_attachments[0]}
+        if kind == "feedback_dissolve":
+            textures["u_previous"] = previous.color_attachments[0]
+            c, s = math.cos(DISSOLVE_TURN), math.sin(DISSOLVE_TURN)
+            uniforms.update(u_zoom=DISSOLVE_ZOOM, u_rotation=(c, s, -s, c),
+                            u_resolution=(float(self.size[0]), float(self.size[1])))
+        else:
+            textures["u_from"] = self._snapshot.color_attachments[0]
+            uniforms["u_softness"] = self.params.get("/mix/wipe_softness")
+        if not self._draw(self._program(f"transitions/{kind}.frag"), uniforms, textures, output):
+            self.ctx.copy_framebuffer(output, self._work)  # a broken transition shader: cut, never garbage
 
     def _frame_program(self) -> tuple[moderngl.Program, moderngl.VertexArray] | None:
         """This frame's variant; if it cannot compile, the last one that did (and say why)."""
@@ -266,6 +373,7 @@ class Compositor:
         for layer in self._layers.values():
             if layer.texture is not self._empty:
                 layer.texture.release()
+        self._morph.release()
         for fbo in (*self._outputs, self._snapshot, self._work):
             fbo.color_attachments[0].release()
             fbo.release()

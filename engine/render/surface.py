@@ -100,6 +100,7 @@ def _key_actions(glfw) -> dict[int, str]:
                glfw.KEY_L: "learn"}
     for n in range(1, 10):
         actions[getattr(glfw, f"KEY_{n}")] = f"preset:{n}"
+        actions[getattr(glfw, f"KEY_F{n}")] = f"scene:{n - 1}"  # F1 = the first scene in `dreamdeck params`
     return actions
 
 

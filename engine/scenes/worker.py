@@ -4,6 +4,12 @@ The render thread asks for a scene by name (``request``) and reads ``output``; i
 waits. Loading happens on a loader thread, so the old scene keeps playing until the new
 one is ready; if loading fails, the old scene stays and the error is reported. A scene
 that raises in ``process`` keeps its last good image on screen.
+
+Scenes stay loaded after they stop playing, so cutting back to one is instant, and
+``preload`` loads one in the background before the performer asks for it. What stays is
+bounded by an accelerator memory budget (``/scene/memory_budget``, in MB, against each
+scene's declared ``needs.accelerator_mb``): when a load needs room, the least recently
+played scenes are unloaded first. The playing scene is never unloaded for room.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +30,7 @@ from engine.slots import NewestSlot
 log = logging.getLogger(__name__)
 
 FrameGetter = Callable[[], tuple[np.ndarray | None, object]]
+BUDGET_PARAM = "/scene/memory_budget"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -50,8 +58,13 @@ class SceneWorker:
         self.failed: str | None = None  # a scene that could not load or ran out of memory; the app reverts
         self.previous_name: str | None = None  # the scene that played before the active one
         self.fps = 0.0
+        # loaded scenes, least recently played first (the active one included); worker thread only
+        self.loaded: OrderedDict[str, Scene] = OrderedDict()
+        self.evicted: list[str] = []  # scenes unloaded for room, oldest first (for the HUD and tests)
         self._error_backoff = error_backoff
         self._requested: str | None = None
+        self._preload: list[str] = []  # scenes to load in the background without playing them
+        self._loading_activates = True  # the load in progress: play it when ready, or just keep it
         self._ready: Scene | None = None  # loaded by the loader thread, not yet active
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -69,10 +82,30 @@ class SceneWorker:
             self._requested = name
         self._wake.set()
 
+    def preload(self, name: str) -> None:
+        """Load a scene in the background so that selecting it later is instant (KeyError if unknown)."""
+        self.catalog.get(name)
+        with self._lock:
+            if name not in self._preload:
+                self._preload.append(name)
+        self._wake.set()
+
+    @property
+    def loaded_names(self) -> list[str]:
+        """Loaded scenes, least recently played first."""
+        with self._lock:
+            return list(self.loaded)
+
     @property
     def pending_name(self) -> str | None:
-        """The scene that will play next: requested or loading (None when nothing is on its way)."""
-        return self._requested or self.loading
+        """The scene that will play next: requested, loading or ready (None when nothing is on its way)."""
+        with self._lock:
+            ready = self._ready
+            if self._requested:
+                return self._requested
+            if self.loading and self._loading_activates:
+                return self.loading
+            return None if ready is None or ready.name == self.loading else ready.name
 
     @property
     def active_name(self) -> str | None:
@@ -101,9 +134,10 @@ class SceneWorker:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self.active is not None:
-            self.active.unload()
-            self.active = None
+        for scene in reversed(list(self.loaded.values())):
+            self._unload(scene)
+        self.loaded.clear()
+        self.active = None
 
     # -- worker thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -161,26 +195,44 @@ class SceneWorker:
     def _start_loading_if_requested(self) -> None:
         with self._lock:
             name = self._requested
-            if name is None or name == self.active_name or self.loading is not None:
+            if name is not None and name == self.active_name:
+                self._requested = None
                 return
-            self._requested = None
-            self.loading = name
-        threading.Thread(target=self._load, args=(name,), name=f"load {name}", daemon=True).start()
+            if name is not None and name in self.loaded:  # kept loaded: play it at once
+                self._requested = None
+                self._ready = self.loaded[name]
+                return
+            if self.loading is not None:
+                return
+            activate = name is not None
+            if not activate:  # nothing asked for: load the next scene to preload, if any
+                while self._preload and (self._preload[0] in self.loaded or self._preload[0] == self.active_name):
+                    self._preload.pop(0)
+                if not self._preload:
+                    return
+                name = self._preload.pop(0)
+            else:
+                self._requested = None
+            self.loading, self._loading_activates = name, activate
+        self._make_room(name)
+        threading.Thread(target=self._load, args=(name, activate), name=f"load {name}", daemon=True).start()
 
-    def _load(self, name: str) -> None:
+    def _load(self, name: str, activate: bool = True) -> None:
         started = time.monotonic()
         try:
             scene = self.catalog.get(name)(self.params)
             scene.load()
         except Exception as exc:  # a missing model or a bad plugin: the current scene plays on
-            self._report(f"scene {name} could not load: {type(exc).__name__}: {exc}")
+            what = "could not load" if activate else "could not preload"
+            self._report(f"scene {name} {what}: {type(exc).__name__}: {exc}")
             log.exception("loading scene %s failed", name)
             with self._lock:
                 self.loading = None
-                self.failed = name
+                if activate:
+                    self.failed = name
             self._wake.set()
             return
-        log.info("scene %s loaded in %.2f s", name, time.monotonic() - started)
+        log.info("scene %s %s in %.2f s", name, "loaded" if activate else "preloaded", time.monotonic() - started)
         with self._lock:
             self._ready = scene
         self._wake.set()
@@ -190,16 +242,55 @@ class SceneWorker:
             scene, self._ready = self._ready, None
             if scene is None:
                 return
-            old, self.active, self.loading = self.active, scene, None
-            if old is not None:
-                self.previous_name = old.name
-            self._index = 0
-            self._last_key = None
-        if old is not None:
-            try:
-                old.unload()
-            except Exception:  # unloading must not stop the new scene from playing
-                log.exception("unloading scene %s failed", old.name)
+            if self.loading == scene.name:
+                self.loading = None
+                if not self._loading_activates:  # preloaded: keep it loaded, do not play it
+                    self.loaded[scene.name] = scene
+                    self.loaded.move_to_end(scene.name, last=False)  # not played yet: first to go
+                    scene = None
+            if scene is not None:
+                old, self.active = self.active, scene
+                if old is not None and old is not scene:
+                    self.previous_name = old.name
+                self.loaded[scene.name] = scene
+                self.loaded.move_to_end(scene.name)
+                self._index = 0
+                self._last_key = None
+        self._make_room(None)
+
+    # -- the memory budget (worker thread) ----------------------------------------------------
+    def budget_mb(self) -> int:
+        if BUDGET_PARAM not in self.params:
+            return 0  # a registry without the parameter (a test's own): keep only the playing scene
+        return int(self.params.get(BUDGET_PARAM))
+
+    def _make_room(self, incoming: str | None) -> None:
+        """Unload the least recently played scenes until the loaded ones (and ``incoming``) fit."""
+        def need(name: str) -> int:
+            return self.catalog.get(name).needs.accelerator_mb
+
+        budget = self.budget_mb()
+        while True:
+            with self._lock:
+                used = sum(need(n) for n in self.loaded) + (need(incoming) if incoming else 0)
+                spare = [n for n in self.loaded if n != self.active_name]
+                if budget > 0:  # only unloading a scene that holds accelerator memory makes room
+                    spare = [n for n in spare if need(n) > 0]
+                    if used <= budget:
+                        return
+                if not spare:  # budget 0: keep nothing but the playing scene
+                    return
+                victim = spare[0]  # the least recently played
+                scene = self.loaded.pop(victim)
+            self.evicted.append(victim)
+            log.info("scene %s unloaded to stay within the memory budget (%d MB)", victim, budget)
+            self._unload(scene)
+
+    def _unload(self, scene: Scene) -> None:
+        try:
+            scene.unload()
+        except Exception:  # unloading must not stop the show
+            log.exception("unloading scene %s failed", scene.name)
 
     def _report(self, message: str) -> None:
         self.last_error = message

@@ -1,5 +1,6 @@
 #version 330
-// Scene and preset transitions: the frozen last frame fades into the live picture.
+// Transition "fade": the frozen last frame (u_from) fades into the live picture.
+// Also used to bake a half-finished morph of a slow scene into one image.
 uniform sampler2D u_from;
 uniform sampler2D u_input;
 uniform float u_progress;
