@@ -324,6 +324,18 @@ def test_notes_trigger_toggle_and_momentary(rig) -> None:
     assert r.registry.get("/fx/steps") == 100, "trigger sets the velocity's value and keeps it"
 
 
+def test_a_pad_per_choice_sets_its_value(rig) -> None:
+    r = rig([{"channel": 1, "type": "note", "number": 36, "param": "/fx/blend", "mode": "trigger", "value": "screen"},
+             {"channel": 1, "type": "note", "number": 37, "param": "/fx/blend", "mode": "trigger", "value": "add"},
+             {"channel": 1, "type": "note", "number": 38, "param": "/fx/blend", "mode": "trigger", "value": "nope"},
+             {"channel": 1, "type": "note", "number": 39, "param": "/fx/blend", "mode": "toggle", "value": "add"}])
+    assert len(r.midi.mappings) == 2, "an unknown choice, or a value on a toggle, is refused with a reason"
+    r.play(mido.Message("note_on", note=36, velocity=5))
+    assert r.registry.get("/fx/blend") == "screen", "the pad's value, whatever the velocity"
+    r.play(mido.Message("note_on", note=37, velocity=127), mido.Message("note_off", note=37))
+    assert r.registry.get("/fx/blend") == "add"
+
+
 def test_soft_takeover_waits_for_the_fader_to_reach_the_value(rig) -> None:
     r = rig([{"channel": 1, "type": "cc", "number": 7, "param": "/fx/amount"},  # pickup is the default
              {"channel": 1, "type": "cc", "number": 8, "param": "/fx/fine", "takeover": "jump"}])

@@ -708,6 +708,8 @@ class MidiControl:
         if not pressed and mode is not Mode.MOMENTARY:
             return  # only a momentary button does something on release
         on = True if param.kind is Kind.BOOL else param.denormalise(velocity / 127)
+        if mapping.value is not None:  # a pad that sets one value (a scene, a preset choice)
+            on = mapping.value
         off = False if param.kind is Kind.BOOL else param.denormalise(0.0)
         if mode is Mode.TOGGLE:
             current = self._current(mapping.param)

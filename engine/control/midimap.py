@@ -15,6 +15,8 @@ A mapping file is TOML, written by MIDI learn and meant to be read and edited by
                                    # relative-twos-complement | trigger | toggle | momentary
     takeover = "pickup"            # absolute only: pickup (default) | jump
     step = 0.01                    # relative only, optional: 0..1 units per encoder tick
+    value = "ddpm"                 # trigger only, optional: the value a press sets (a pad per
+                                   # scene: param = "/scene/active", value = "ddpm")
 
 This module is pure: no ports, no threads. It parses and validates entries (a file is
 untrusted input: each bad entry is skipped with a reason, the rest still load), writes
@@ -34,7 +36,7 @@ from typing import Any
 
 import tomli_w
 
-from engine.params import Kind, Param, ParamRegistry
+from engine.params import Kind, Param, ParamError, ParamRegistry
 from engine.files import write_atomic
 
 if sys.version_info >= (3, 11):
@@ -90,7 +92,7 @@ _MODES_FOR_TYPE = {
     MapType.NOTE: frozenset({Mode.TRIGGER, Mode.TOGGLE, Mode.MOMENTARY}),
 }
 _NUMBERED = frozenset({MapType.CC, MapType.CC14, MapType.NOTE})
-_KEYS = frozenset({"port", "channel", "type", "number", "param", "mode", "takeover", "step"})
+_KEYS = frozenset({"port", "channel", "type", "number", "param", "mode", "takeover", "step", "value"})
 MAPPABLE_KINDS = frozenset({Kind.FLOAT, Kind.INT, Kind.BOOL, Kind.ENUM, Kind.TRIGGER})
 
 
@@ -110,6 +112,7 @@ class Mapping:
     mode: Mode
     takeover: Takeover = Takeover.PICKUP
     step: float | None = None  # relative modes: 0..1 units per tick; None: one step of the parameter
+    value: Any = None  # trigger mode: the value a press sets; None: the velocity's value
 
     @property
     def control(self) -> tuple[str, int, MapType, int]:
@@ -133,6 +136,8 @@ class Mapping:
             entry["takeover"] = self.takeover.value
         if self.step is not None:
             entry["step"] = self.step
+        if self.value is not None:
+            entry["value"] = self.value
         return entry
 
 
@@ -195,7 +200,15 @@ def parse_mapping(entry: Any, registry: ParamRegistry) -> Mapping:
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
             raise MappingError(f"step: expected a number in (0, 1], got {step!r:.40}")
         step = float(step)
-    return Mapping(port, channel, type_, number, path, mode, takeover, step)
+    value = entry.get("value")
+    if value is not None:
+        if mode is not Mode.TRIGGER or param.kind is Kind.TRIGGER:
+            raise MappingError("value: only a trigger mapping of a non-trigger parameter takes a value")
+        try:
+            value = param.coerce(value)
+        except (ParamError, TypeError, ValueError) as exc:
+            raise MappingError(f"value: {exc}") from None
+    return Mapping(port, channel, type_, number, path, mode, takeover, step, value)
 
 
 def _require(entry: dict[str, Any], key: str, expected: type) -> Any:
