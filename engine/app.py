@@ -142,6 +142,7 @@ class App:
                 self.preset_name = preset.name
             except (PresetError, ParamError) as exc:
                 self._error(f"preset {self.config.preset} refused: {exc}")
+        self._import_scene_modules()
         self._preset_transition = True  # the first preset is the start, not a change: no crossfade
         self.params.apply_pending(0.0)
         self._preset_transition = False
@@ -155,6 +156,23 @@ class App:
             self._start_part(part)
         self.running = True
         return self
+
+    def _import_scene_modules(self) -> None:
+        """Import what the scenes will import (torch, diffusers...) now, before the show:
+        an import on a loader thread mid-show holds the GIL and freezes the render loop."""
+        import importlib
+        import importlib.util
+
+        wanted = dict.fromkeys(m for name in self.catalog.names() for m in self.catalog.get(name).needs.imports)
+        for module in wanted:
+            try:
+                if importlib.util.find_spec(module) is None:
+                    continue  # not installed: the scene will say so when it is chosen
+                started = time.perf_counter()
+                importlib.import_module(module)
+                log.info("imported %s in %.1f s (once, before the show)", module, time.perf_counter() - started)
+            except Exception as exc:  # a broken install must not stop the show: the scene will report it
+                log.warning("importing %s failed: %s", module, exc)
 
     def add_output(self, output: "Output") -> "Output":
         """Plug in an output that reads each rendered frame (started and stopped with the app)."""

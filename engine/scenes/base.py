@@ -21,6 +21,10 @@ class SceneNeeds:
 
     accelerator_mb: int = 0  # GPU memory it will take; 0 = runs on the CPU
     models: tuple[str, ...] = ()  # hub ids or paths it loads
+    # Python modules it imports when it loads. Importing torch or diffusers holds the GIL
+    # for seconds, which would freeze the render loop mid-show: the app imports the ones
+    # that are installed once, before the first frame.
+    imports: tuple[str, ...] = ()
 
 
 class Scene:
