@@ -14,6 +14,7 @@ Nothing here imports GL: the benchmark runs on a GPU machine with no display.
     similarity.py   skip frames that show nothing new
     timing.py       per-stage timing (CUDA events on a GPU)
     stream.py       StreamImg2Img: host frame in, host image out, one UNet call per frame
+    lora.py         LoRA slots on the UNet: files read in the background, hot-swapped, blended live
     accel.py        eager / torch.compile / TensorRT stages, built in the background
     onnx_export.py  the UNet as ONNX with a dynamic batch (verified with onnxruntime)
     tensorrt.py     TensorRT engine build (cached) and runner: written, never run here

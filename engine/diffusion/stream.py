@@ -11,7 +11,9 @@ StreamDiffusion's ideas in one small class:
   entering at stage 0 and leaving ``k - 1`` calls later, so every call finishes one frame;
 - a similarity filter skips frames that show nothing new, without sleeping;
 - the stages run eager at once, while a compiled or TensorRT build of them is made in the
-  background; the switch is one reference assignment between two frames. (While a cold
+  background; the switch is one reference assignment between two frames;
+- LoRA slots (``lora.py``) swap files in and write weights between two frames; when a
+  slot's adapter layers are new, the compiled stages are rebuilt in the background. (While a cold
   torch.compile traces, torch.fx patches every module's ``__call__`` process-wide: frames
   that meet it are dropped and counted, never failed.)
 
@@ -35,6 +37,7 @@ from engine.diffusion.accel import Accelerator, EagerAccelerator, StageExample, 
 from engine.diffusion.device import DeviceChoice
 from engine.diffusion.hotpath import DiffusersUNet, HotPath
 from engine.diffusion.loading import DiffusionModel
+from engine.diffusion.lora import AdapterBank
 from engine.diffusion.prompts import PromptBank
 from engine.diffusion.schedule import StageCoefficients, build_schedule, guidance_embedding
 from engine.diffusion.similarity import SimilarityFilter
@@ -89,8 +92,10 @@ class StreamImg2Img:
 
     def __init__(self, model: DiffusionModel, choice: DeviceChoice, config: StreamConfig = StreamConfig(),
                  settings: LiveSettings | None = None, prompts: Sequence[tuple[str, float]] = (("", 1.0),),
-                 accelerator: Accelerator | None = None, bank: PromptBank | None = None) -> None:
-        """``bank``: a PromptBank of the same model to share (a rebuilt stream keeps its embeddings)."""
+                 accelerator: Accelerator | None = None, bank: PromptBank | None = None,
+                 adapters: AdapterBank | None = None) -> None:
+        """``bank``: a PromptBank of the same model to share (a rebuilt stream keeps its embeddings).
+        ``adapters``: the LoRA slots on this model's UNet (applied between frames)."""
         self.model = model
         self.choice = choice
         self.config = config
@@ -106,6 +111,7 @@ class StreamImg2Img:
         self.hot = HotPath(DiffusersUNet(model.unet), model.vae, prediction_type=model.scheduler.config.prediction_type,
                            size=self.size, dtype=choice.dtype)
         self.prompts = bank or PromptBank(model.tokenizer, model.text_encoder, choice)
+        self.adapters = adapters
         self.filter = SimilarityFilter(self.settings.similarity_threshold)
         self.timer = StageTimer(choice.device)
         self.frames_in = 0  # frames that went through the UNet
@@ -131,6 +137,8 @@ class StreamImg2Img:
         self._accel_thread: threading.Thread | None = None
         accelerator = accelerator or EagerAccelerator()
         self.accel_requested = accelerator.name
+        self._accel_choice = accelerator
+        self._layers_version = 0  # bumped when LoRA layers are added: a build of an older version is stale
         # built from the first frame's shape (a camera's size is known only then)
         self._accelerator: Accelerator | None = accelerator if accelerator.name != "eager" else None
 
@@ -181,6 +189,9 @@ class StreamImg2Img:
     # -- the frame (worker thread) -------------------------------------------------------------
     def __call__(self, frame: np.ndarray) -> np.ndarray | None:
         """RGB uint8 (H, W, 3) -> RGB uint8 (h, w, 3), or None (nothing new, or the batch still filling)."""
+        # 0. LoRA slots: files swapped in, weights written, between two frames (raises LoraError)
+        if self.adapters is not None:
+            self._apply_adapters()
         # 1. similarity filter: a frame that shows nothing new costs nothing
         if self.prompts.version == 0 or self._skip(frame):  # (version 0: the first prompt is still encoding)
             return None
@@ -232,6 +243,19 @@ class StreamImg2Img:
         self.frames_out += 1
         return result
 
+    def rebuild_accelerated(self) -> None:
+        """The UNet's layers changed (a LoRA adapter was added): compiled graphs no longer fit it.
+
+        Frames go back to eager at once, and the backend is built again in the background
+        (starting with the next frame, or when a build in progress ends, since it is stale).
+        """
+        if self.accel_requested == "eager":
+            return
+        self._layers_version += 1
+        self._stages = eager_stages(self.hot)
+        if self._accel_thread is None or not self._accel_thread.is_alive():
+            self._accelerator = self._accel_choice
+
     def close(self) -> None:
         """Stop the prompt encoder thread (not when the bank is shared with a newer stream)."""
         self.prompts.close()
@@ -248,6 +272,15 @@ class StreamImg2Img:
             self._flush_left -= 1
             return False
         return True
+
+    def _apply_adapters(self) -> None:
+        # on the frame's CUDA stream: the next frame reads the weights after these writes
+        with self._on_frame_stream():
+            change = self.adapters.apply()
+        if change.restructured:
+            self.rebuild_accelerated()
+        if change.changed:
+            self._changed = True
 
     def _on_frame_stream(self):
         return torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else nullcontext()
@@ -315,11 +348,18 @@ class StreamImg2Img:
     def _build_accelerated(self, accelerator: Accelerator, example: StageExample) -> None:
         """Background thread: build, warm up, then switch with one assignment."""
         started = time.monotonic()
+        version = self._layers_version
         try:
             stages = accelerator.build(self.hot, example)
         except Exception as exc:  # named fallback policy: the show stays on eager, the error is reported
+            if version != self._layers_version:  # the layers changed under the build: try again
+                self._accelerator = accelerator
+                return
             self.accel_error = f"{accelerator.name} failed, staying on eager: {type(exc).__name__}: {exc}"
             log.exception("accelerator %s failed; frames stay on eager", accelerator.name)
+            return
+        if version != self._layers_version:  # built for layers that are gone: build again from the next frame
+            self._accelerator = accelerator
             return
         self.accel_ready_s = time.monotonic() - started
         self._stages = stages

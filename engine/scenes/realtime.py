@@ -10,6 +10,11 @@ this module (to list scenes, validate presets, print parameters) needs no torch.
   newest frame. Prompts encode in the background; ``steps`` or ``resolution`` rebuild the
   stream around the loaded model; ``model``, ``lora``, ``vae``, ``device``, ``dtype`` and
   ``accel`` load a new model on a background thread while the current one keeps playing.
+- LoRA slots ``loras/<n>/file`` and ``loras/<n>/weight`` (n = 1..4) play adapters on the loaded
+  UNet (``engine.diffusion.lora``): a file is read in the background and swapped in between
+  two frames (the old one plays until then, a bad one is reported and the last good one
+  plays on); a weight change lands at the next frame. A new model starts with the slots
+  loaded again. They do not reach a TensorRT engine (its weights are built in).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES
+from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS
 from engine.params import enum_param, float_param, int_param, string_param
 from engine.scenes.base import Scene, SceneNeeds
 
@@ -44,12 +49,23 @@ class _LoadKey:
     accel: str
 
 
+def _lora_slot_params(slot: int) -> tuple:
+    return (
+        string_param(f"{_P}/loras/{slot}/file", "",
+                     description=f"LoRA slot {slot}: .safetensors file, folder, hub id or hub id/weights.safetensors "
+                                 "(diffusers or kohya); swapped in live, without reloading the model; empty = off"),
+        float_param(f"{_P}/loras/{slot}/weight", 1.0, -1.0, 2.0, smoothing=0.05,
+                    description=f"LoRA slot {slot}'s strength: 0 = off, 1 = as trained, negative = the opposite"),
+    )
+
+
 class RealtimeScene(Scene):
     name = "realtime"
     description = "Diffusion img2img of the source, every frame (SD-turbo, LCM)"
     realtime = True
     uses_input = True
-    needs = SceneNeeds(accelerator_mb=6000, models=(DEFAULT_MODEL, DEFAULT_TINY_VAE))
+    needs = SceneNeeds(accelerator_mb=6000, models=(DEFAULT_MODEL, DEFAULT_TINY_VAE),
+                       imports=("torch", "diffusers", "transformers"))
     PARAMS = (
         string_param(f"{_P}/prompt", "a watercolour painting, vivid colours, soft light",
                      description="What the image becomes"),
@@ -80,6 +96,7 @@ class RealtimeScene(Scene):
         enum_param(f"{_P}/accel", "auto", ACCEL_CHOICES,
                    description="eager, compile (torch.compile, built in the background) or tensorrt; auto: compile on CUDA",
                    in_presets=False),
+        *(param for slot in range(1, LORA_SLOTS + 1) for param in _lora_slot_params(slot)),
     )
 
     def __init__(self, params: Any) -> None:
@@ -93,6 +110,9 @@ class RealtimeScene(Scene):
         self._reloaded: tuple[_LoadKey, Any, Any] | None = None  # (key, model, stream) from the reload thread
         self._reload_error: BaseException | None = None
         self._refused_strength: float | None = None
+        self._lora_bank: Any = None  # the AdapterBank the files below were requested from
+        self._lora_requested: dict[int, str] = {}
+        self._lora_refused: tuple[str, ...] = ()  # slot files refused on TensorRT (said once)
 
     # -- loader thread -------------------------------------------------------------------------
     def load(self) -> None:
@@ -104,6 +124,7 @@ class RealtimeScene(Scene):
     def unload(self) -> None:
         if self._stream is not None:
             self._stream.close()
+            self._stream.adapters.close()
         self._model = self._stream = None
         _free_accelerator_memory()
 
@@ -129,24 +150,29 @@ class RealtimeScene(Scene):
     def _wanted_stream_key(self) -> tuple[int, int]:
         return self.param("steps"), self.param("resolution")
 
-    def _build(self, key: _LoadKey, bank: Any = None, model: Any = None) -> tuple[Any, Any]:
-        """(model, stream): loads the model unless given; raises ModelNotFound, OutOfMemoryError, ValueError."""
+    def _build(self, key: _LoadKey, bank: Any = None, model: Any = None, adapters: Any = None) -> tuple[Any, Any]:
+        """(model, stream): loads the model unless given; raises ModelNotFound, OutOfMemoryError, ValueError.
+
+        ``adapters``: the LoRA slots of the given model (a new model gets empty ones)."""
         from engine.diffusion.accel import choose_accelerator
         from engine.diffusion.device import choose_device
         from engine.diffusion.loading import ModelSpec, load_model
+        from engine.diffusion.lora import AdapterBank
         from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img
 
         choice = choose_device(key.device, key.dtype)
         try:
             if model is None:
                 model = load_model(ModelSpec(model=key.model, lora=key.lora, tiny_vae=key.vae), choice)
+            adapters = adapters if adapters is not None else AdapterBank(model.unet)
             steps, resolution = self._wanted_stream_key()
             stream = StreamImg2Img(
                 model, choice, StreamConfig(size=(resolution, resolution) if resolution else None, steps=steps),
                 LiveSettings(strength=self.param("strength"), seed=self.param("seed"),
                              noise_drift=self.param("noise_drift"), guidance_scale=self.param("guidance"),
                              similarity_threshold=self.param("similarity_threshold")),
-                prompts=self._weighted_prompts(), accelerator=choose_accelerator(key.accel, choice.device), bank=bank)
+                prompts=self._weighted_prompts(), accelerator=choose_accelerator(key.accel, choice.device), bank=bank,
+                adapters=adapters)
             stream.prompts.wait()
         except Exception as exc:
             if _is_out_of_memory(exc):
@@ -170,8 +196,10 @@ class RealtimeScene(Scene):
             self._start_reload(key)
         if self._wanted_stream_key() != self._stream_key:
             old = self._stream
-            self._model, self._stream = self._build(self._active_key, bank=old.prompts, model=self._model)
+            self._model, self._stream = self._build(self._active_key, bank=old.prompts, model=self._model,
+                                                    adapters=old.adapters)
         stream = self._stream
+        self._apply_lora_slots(stream)
         stream.set_prompts(self._weighted_prompts())
         stream.set_seed(self.param("seed"))
         stream.set_noise_drift(self.param("noise_drift"))
@@ -185,6 +213,24 @@ class RealtimeScene(Scene):
                 self._refused_strength = strength
                 log.warning("realtime: strength %.3g refused (%s); keeping %.3g", strength, exc,
                             stream.settings.strength)
+
+    def _apply_lora_slots(self, stream: Any) -> None:
+        """Ask for changed slot files (read in the background) and pass the weights on; the stream
+        applies both before its next frame."""
+        if stream.adapters is not self._lora_bank:  # a new model: its slots start empty
+            self._lora_bank, self._lora_requested = stream.adapters, {}
+        files = tuple(self.param(f"loras/{slot}/file").strip() for slot in range(1, LORA_SLOTS + 1))
+        if stream.accel_requested == "tensorrt":
+            if any(files) and files != self._lora_refused:
+                self._lora_refused = files
+                raise ValueError("LoRA slots do not reach a TensorRT engine (its weights are built in); "
+                                 "use accel compile or eager")
+            return
+        for slot, source in enumerate(files, start=1):
+            if source != self._lora_requested.get(slot, ""):
+                self._lora_requested[slot] = source
+                stream.adapters.request(slot, source)
+            stream.adapters.set_weight(slot, self.param(f"loras/{slot}/weight"))
 
     def _start_reload(self, key: _LoadKey) -> None:
         """A new model on a background thread; the current one plays until it is ready."""
@@ -215,6 +261,7 @@ class RealtimeScene(Scene):
             old = self._stream
             self._active_key, self._model, self._stream = reloaded
             old.close()
+            old.adapters.close()
             _free_accelerator_memory()
 
 
