@@ -1,0 +1,155 @@
+"""The VQGAN+CLIP scene: an image that keeps optimising itself toward the prompts, a frame per step.
+
+Slow and generative: every ``process`` call is one Adam step of ``engine.vqclip`` (the source
+frame is used only to start from, with ``init`` = camera). Everything heavy is imported in
+``load``: importing this module (to list scenes, print parameters) needs no torch.
+
+- ``load`` (loader thread) loads the VQGAN checkpoint and CLIP; a missing one raises
+  ``ModelNotFound`` in one line, and the app plays the ``fallback`` scene (ddpm) instead.
+- ``process`` (worker thread) applies the live parameters, then steps. Prompts, ``lr`` and
+  ``step_rate`` steer the running optimisation; ``size`` resizes the latent and carries on;
+  ``restart``, ``seed``, ``init`` and ``cutouts`` start over from noise or the newest frame.
+  A prompt string that does not parse is logged once and the last good prompts stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from engine.params import enum_param, float_param, int_param, string_param, trigger_param
+from engine.scenes.base import Scene, SceneNeeds, reserve_render_core
+
+log = logging.getLogger(__name__)
+
+_P = "/scene/vqgan_clip"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # engine.vqclip.clip.DEFAULT_CLIP (not imported: it needs torch)
+
+
+class VqganClipScene(Scene):
+    name = "vqgan_clip"
+    description = "VQGAN+CLIP: a latent optimised toward weighted text prompts, every step a frame"
+    realtime = False
+    uses_input = False
+    fallback = "ddpm"
+    needs = SceneNeeds(accelerator_mb=4000, models=("vqgan_imagenet_f16_16384", DEFAULT_CLIP),
+                       imports=("torch", "diffusers", "transformers"))
+    PARAMS = (
+        string_param(f"{_P}/prompt", "a lighthouse in a storm, oil painting:1|trending on artstation:0.3",
+                     description="What the image moves toward: text[:weight] parts separated by '|'"),
+        string_param(f"{_P}/negative_prompt", "", description="What it moves away from, same syntax; weights count "
+                                                              "as negative"),
+        string_param(f"{_P}/vqgan", "", description="taming VQGAN: a .ckpt with its .yaml beside it, or a folder with "
+                                                    "model.ckpt + model.yaml (empty: ~/.cache/dreamdeck/"
+                                                    "vqgan_imagenet_f16_16384)"),
+        string_param(f"{_P}/clip", DEFAULT_CLIP, description="CLIP in transformers format: hub id or local folder"),
+        int_param(f"{_P}/size", 256, 16, 1024, unit="px",
+                  description="Square image size (a multiple of 16 for f16 VQGANs); a change resizes the latent"),
+        enum_param(f"{_P}/init", "noise", ("noise", "camera"),
+                   description="Start from random codes or from the newest source frame (at restart)"),
+        trigger_param(f"{_P}/restart", description="Start over from init"),
+        float_param(f"{_P}/lr", 0.1, 0.001, 1.0, description="Adam step size: how fast the image changes"),
+        int_param(f"{_P}/cutouts", 32, 1, 128,
+                  description="Random crops CLIP sees per step: more = steadier, slower (restarts)"),
+        int_param(f"{_P}/seed", 0, 0, 2**31 - 1, description="Noise init and crop randomness (restarts)"),
+        float_param(f"{_P}/step_rate", 30.0, 0.1, 60.0, unit="steps/s",
+                    description="At most this many optimisation steps (frames) a second"),
+    )
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params)
+        self._vqgan: Any = None
+        self._clip: Any = None
+        self._run: Any = None  # engine.vqclip.optimise.VqganClip
+        self._prompt_text: tuple[str, str] | None = None  # the (prompt, negative) last parsed, good or bad
+        self._prompts: list[Any] = []  # the last good ones
+        self._restart_key: tuple[Any, ...] | None = None
+        self._autocast: Any = None
+        self._restart = threading.Event()  # set by the render thread when the restart trigger fires
+
+    # -- loader thread -------------------------------------------------------------------------
+    def load(self) -> None:
+        from engine.diffusion.device import choose_device
+        from engine.vqclip.clip import load_clip
+        from engine.vqclip.vqgan import default_vqgan_path, load_vqgan
+
+        import torch
+
+        choice = choose_device("auto")
+        vqgan = load_vqgan(self.param("vqgan").strip() or default_vqgan_path())
+        clip = load_clip(self.param("clip"))
+        if choice.device.type == "cpu":
+            reserve_render_core()
+        else:  # half-precision forward passes; z and Adam stay float32
+            self._autocast = torch.bfloat16 if choice.is_cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self._vqgan, self._clip = vqgan.to(choice.device), clip.to(choice.device)
+        self._update_prompts()
+        # a trigger is true for one render frame only, shorter than a step: catch it as it lands.
+        # The registry has no remove_listener, so the listener holds the scene weakly.
+        self.params.add_listener(_RestartListener(weakref.ref(self)))
+
+    def unload(self) -> None:
+        import torch
+
+        self._vqgan = self._clip = self._run = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- worker thread ---------------------------------------------------------------------------
+    def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:
+        self.max_fps = self.param("step_rate")  # the worker paces by it
+        self._update_prompts()
+        restart_key = (self.param("init"), self.param("cutouts"), self.param("seed"))
+        if self._run is None or self._restart.is_set() or restart_key != self._restart_key:
+            self._restart.clear()
+            self._start(frame, restart_key)
+        run = self._run
+        if self.param("size") != run.size:
+            run.resize(self.param("size"))
+        run.set_lr(self.param("lr"))
+        return run.step()
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _start(self, frame: np.ndarray | None, key: tuple[Any, ...]) -> None:
+        from engine.vqclip.optimise import Cutouts, VqganClip
+
+        init, cutouts, seed = key
+        if init == "camera" and frame is None:
+            log.info("vqgan_clip: init camera but no source frame yet; starting from noise")
+        self._run = VqganClip(self._vqgan, self._clip, self._prompts, size=self.param("size"),
+                              init=frame if init == "camera" else None, lr=self.param("lr"),
+                              cutouts=Cutouts(count=cutouts), seed=seed, autocast=self._autocast)
+        self._restart_key = key
+
+    def _update_prompts(self) -> None:
+        """Parse the prompt params when they change; a bad one is logged once, the last good ones stay."""
+        from engine.vqclip.clip import parse_prompts
+
+        text = (self.param("prompt"), self.param("negative_prompt"))
+        if text == self._prompt_text:
+            return
+        self._prompt_text = text
+        try:
+            prompts = parse_prompts(text[0]) + parse_prompts(text[1], negative=True)
+        except ValueError as exc:
+            log.warning("vqgan_clip: %s; keeping the last good prompts", exc)
+            return
+        self._prompts = prompts
+        if self._run is not None:
+            self._run.set_prompts(prompts)
+
+
+class _RestartListener:
+    """Sets the scene's restart flag when ``/scene/vqgan_clip/restart`` fires (render thread)."""
+
+    def __init__(self, scene: "weakref.ref[VqganClipScene]") -> None:
+        self._scene = scene
+
+    def __call__(self, change: Any) -> None:
+        scene = self._scene()
+        if scene is not None and change.path == f"{_P}/restart":
+            scene._restart.set()
