@@ -159,20 +159,31 @@ class App:
 
     def _import_scene_modules(self) -> None:
         """Import what the scenes will import (torch, diffusers...) now, before the show:
-        an import on a loader thread mid-show holds the GIL and freezes the render loop."""
+        an import on a loader thread mid-show holds the GIL and freezes the render loop.
+
+        ``needs.imports`` names modules, or ``module:Name`` for a library that imports
+        lazily (diffusers and transformers load a class's module when it is first used).
+        """
         import importlib
         import importlib.util
 
         wanted = dict.fromkeys(m for name in self.catalog.names() for m in self.catalog.get(name).needs.imports)
-        for module in wanted:
+        started = time.perf_counter()
+        done: list[str] = []
+        for spec in wanted:
+            module, _, attr = spec.partition(":")
             try:
                 if importlib.util.find_spec(module) is None:
                     continue  # not installed: the scene will say so when it is chosen
-                started = time.perf_counter()
-                importlib.import_module(module)
-                log.info("imported %s in %.1f s (once, before the show)", module, time.perf_counter() - started)
+                loaded = importlib.import_module(module)
+                if attr:
+                    getattr(loaded, attr)
+                done.append(spec)
             except Exception as exc:  # a broken install must not stop the show: the scene will report it
-                log.warning("importing %s failed: %s", module, exc)
+                log.warning("importing %s failed: %s", spec, exc)
+        if done:
+            log.info("imported %d scene modules in %.1f s (once, before the show)", len(done),
+                     time.perf_counter() - started)
 
     def add_output(self, output: "Output") -> "Output":
         """Plug in an output that reads each rendered frame (started and stopped with the app)."""

@@ -64,8 +64,11 @@ class RealtimeScene(Scene):
     description = "Diffusion img2img of the source, every frame (SD-turbo, LCM)"
     realtime = True
     uses_input = True
+    fallback = "ddpm"  # a missing model at the start of a show: the shipped DDPM plays instead
     needs = SceneNeeds(accelerator_mb=6000, models=(DEFAULT_MODEL, DEFAULT_TINY_VAE),
-                       imports=("torch", "diffusers", "transformers"))
+                       imports=("torch", "diffusers:UNet2DConditionModel", "diffusers:AutoencoderKL",
+                                "diffusers:AutoencoderTiny", "diffusers:StableDiffusionImg2ImgPipeline",
+                                "transformers:CLIPTextModel", "peft"))
     PARAMS = (
         string_param(f"{_P}/prompt", "a watercolour painting, vivid colours, soft light",
                      description="What the image becomes"),

@@ -37,7 +37,8 @@ class VqganClipScene(Scene):
     uses_input = False
     fallback = "ddpm"
     needs = SceneNeeds(accelerator_mb=4000, models=("vqgan_imagenet_f16_16384", DEFAULT_CLIP),
-                       imports=("torch", "diffusers", "transformers"))
+                       imports=("torch", "diffusers:VQModel", "transformers:CLIPModel",
+                                "transformers:CLIPTokenizer"))
     PARAMS = (
         string_param(f"{_P}/prompt", "a lighthouse in a storm, oil painting:1|trending on artstation:0.3",
                      description="What the image moves toward: text[:weight] parts separated by '|'"),

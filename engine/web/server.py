@@ -61,7 +61,7 @@ SAFE_INTEGER = 2**53  # numbers beyond this are not exact in JavaScript or as fl
 # count is checked here, before posting. tests/test_web_status.py keeps it in step with
 # the App's handlers.
 ACTION_ARITY: dict[str, tuple[int, int]] = {
-    "scene/next": (0, 0), "scene/select": (1, 1), "preset/recall": (1, 1), "preset/save": (1, 2),
+    "scene/next": (0, 0), "scene/select": (1, 1), "scene/preload": (1, 1), "preset/recall": (1, 1), "preset/save": (1, 2),
     "prompt": (1, 1), "tap": (0, 0), "midi/learn": (1, 1),
 }
 LINGER_S = 0.5
