@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.diffusion.errors import ModelNotFound
-from engine.diffusion.loading import ModelSpec, _cache_dir, _classify, _how_to_get, offline
+from engine.diffusion.loading import ModelSpec, classify_source, how_to_get, hub_cache_dir, offline
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _hub_layouts(name: str, cache_dir: str | None) -> list[tuple[str | None, str
     if cached("config.json"):
         return [(None, None)]
     if offline():
-        raise ModelNotFound(name, _how_to_get(name, ModelSpec(model=name, cache_dir=cache_dir)))
+        raise ModelNotFound(name, how_to_get(name, ModelSpec(model=name, cache_dir=cache_dir)))
     return [("unet", "scheduler"), (None, None)]  # online: diffusers downloads whichever the repo has
 
 
@@ -104,10 +104,10 @@ def load_ddpm(name: str = "", device: torch.device | str = "cpu", dtype: torch.d
     from diffusers import DDPMScheduler, UNet2DModel
 
     source = name or str(SHIPPED_MODEL)
-    kind = _classify(source)  # raises ModelNotFound for a path that is not there
+    kind = classify_source(source)  # raises ModelNotFound for a path that is not there
     if kind == "file":
         raise ModelNotFound(source, "a DDPM is a diffusers folder (unet/ + scheduler/) or a hub id, not a file")
-    cache = _cache_dir(ModelSpec(model=source, cache_dir=cache_dir)) if kind == "hub" else None
+    cache = hub_cache_dir(ModelSpec(model=source, cache_dir=cache_dir)) if kind == "hub" else None
     layouts = _hub_layouts(source, cache) if kind == "hub" else [_layout(Path(source).expanduser())]
     where = {"local_files_only": offline(), "cache_dir": cache}
     for attempt, (unet_sub, scheduler_sub) in enumerate(layouts, start=1):
@@ -119,7 +119,7 @@ def load_ddpm(name: str = "", device: torch.device | str = "cpu", dtype: torch.d
             if attempt < len(layouts):
                 continue
             if kind == "hub" and offline():
-                how = f"{_how_to_get(source, ModelSpec(model=source, cache_dir=cache_dir))} ({_one_line(exc)})"
+                how = f"{how_to_get(source, ModelSpec(model=source, cache_dir=cache_dir))} ({_one_line(exc)})"
             else:
                 how = f"it could not be loaded as a DDPM folder (unet/ + scheduler/): {_one_line(exc)}"
             raise ModelNotFound(source, how) from exc

@@ -92,20 +92,20 @@ def offline() -> bool:
     return constants.HF_HUB_OFFLINE or value.strip().lower() in ("1", "on", "yes", "true")
 
 
-def _cache_dir(spec: ModelSpec) -> str:
+def hub_cache_dir(spec: ModelSpec) -> str:
     from huggingface_hub import constants
 
     return spec.cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
 
 
-def _how_to_get(name: str, spec: ModelSpec) -> str:
-    return (f"it is not in the Hugging Face cache ({_cache_dir(spec)}) and downloads are off "
+def how_to_get(name: str, spec: ModelSpec) -> str:
+    return (f"it is not in the Hugging Face cache ({hub_cache_dir(spec)}) and downloads are off "
             f"(HF_HUB_OFFLINE=1). On a machine with network run `hf download {name}` (older "
             f"huggingface_hub: `huggingface-cli download {name}`) and copy the cache here, or "
             "point the model at a local diffusers folder or .safetensors file")
 
 
-def _classify(name: str) -> Literal["folder", "file", "hub"]:
+def classify_source(name: str) -> Literal["folder", "file", "hub"]:
     path = Path(name).expanduser()
     if path.is_dir():
         return "folder"
@@ -116,12 +116,12 @@ def _classify(name: str) -> Literal["folder", "file", "hub"]:
     return "hub"
 
 
-def _require_cached(name: str, spec: ModelSpec, marker: str) -> None:
+def require_cached(name: str, spec: ModelSpec, marker: str) -> None:
     """Offline: refuse early, with the one clear message, if the hub id was never downloaded."""
     from huggingface_hub import try_to_load_from_cache
 
-    if offline() and not isinstance(try_to_load_from_cache(name, marker, cache_dir=_cache_dir(spec)), str):
-        raise ModelNotFound(name, _how_to_get(name, spec))
+    if offline() and not isinstance(try_to_load_from_cache(name, marker, cache_dir=hub_cache_dir(spec)), str):
+        raise ModelNotFound(name, how_to_get(name, spec))
 
 
 def load_model(spec: ModelSpec, choice: DeviceChoice) -> DiffusionModel:
@@ -146,19 +146,19 @@ def load_model(spec: ModelSpec, choice: DeviceChoice) -> DiffusionModel:
 def _load_base(spec: ModelSpec, dtype: torch.dtype) -> DiffusionModel:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    kind = _classify(spec.model)
+    kind = classify_source(spec.model)
     local_only = offline()
     try:
         if kind == "file":
             config = spec.config or None
-            if config and _classify(config) == "hub":
-                _require_cached(config, spec, "model_index.json")
+            if config and classify_source(config) == "hub":
+                require_cached(config, spec, "model_index.json")
             pipe = StableDiffusionPipeline.from_single_file(
                 spec.model, config=config, torch_dtype=dtype, local_files_only=local_only,
                 cache_dir=spec.cache_dir, safety_checker=None, requires_safety_checker=False)
         else:
             if kind == "hub":
-                _require_cached(spec.model, spec, "model_index.json")
+                require_cached(spec.model, spec, "model_index.json")
             pipe = DiffusionPipeline.from_pretrained(
                 spec.model, torch_dtype=dtype, local_files_only=local_only, cache_dir=spec.cache_dir,
                 safety_checker=None, requires_safety_checker=False)
@@ -168,7 +168,7 @@ def _load_base(spec: ModelSpec, dtype: torch.dtype) -> DiffusionModel:
                    "config to a local diffusers folder of the same architecture, or cache the default "
                    f"configs first ({exc})")
         elif local_only:
-            how = f"{_how_to_get(spec.model, spec)} ({exc})"
+            how = f"{how_to_get(spec.model, spec)} ({exc})"
         else:
             how = f"it could not be loaded ({exc})"
         raise ModelNotFound(spec.model, how) from exc
@@ -184,13 +184,13 @@ def _fuse_lora(model: DiffusionModel, spec: ModelSpec, dtype: torch.dtype) -> No
     from diffusers import StableDiffusionPipeline
 
     pipe = model.img2img_pipeline()
-    kind = _classify(spec.lora)
+    kind = classify_source(spec.lora)
     where: dict[str, Any] = {"local_files_only": offline(), "cache_dir": spec.cache_dir}
     source = spec.lora
     if kind == "file":
         source, where["weight_name"] = str(Path(spec.lora).parent), Path(spec.lora).name
     elif kind == "hub":
-        _require_cached(spec.lora, spec, "pytorch_lora_weights.safetensors")
+        require_cached(spec.lora, spec, "pytorch_lora_weights.safetensors")
     try:
         StableDiffusionPipeline.load_lora_weights(pipe, source, **where)
     except OSError as exc:
@@ -233,9 +233,9 @@ def load_tiny_vae(spec: ModelSpec, dtype: torch.dtype) -> Any:
     """``spec.tiny_vae`` (hub id or folder) as an AutoencoderTiny, on the CPU. Raises ModelNotFound."""
     from diffusers import AutoencoderTiny
 
-    kind = _classify(spec.tiny_vae)
+    kind = classify_source(spec.tiny_vae)
     if kind == "hub":
-        _require_cached(spec.tiny_vae, spec, "config.json")
+        require_cached(spec.tiny_vae, spec, "config.json")
     if kind == "file":
         raise ModelNotFound(spec.tiny_vae, "TAESD loads from a diffusers folder or hub id, not a single file")
     try:

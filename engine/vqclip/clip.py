@@ -101,19 +101,19 @@ def load_clip(name: str = DEFAULT_CLIP) -> Clip:
     from transformers import CLIPModel, CLIPTokenizer
 
     # the same resolution rules and messages as the diffusion models (hub id / folder / missing)
-    from engine.diffusion.loading import ModelSpec, _classify, _how_to_get, _require_cached, offline
+    from engine.diffusion.loading import ModelSpec, classify_source, how_to_get, offline, require_cached
 
     name = name.strip() or DEFAULT_CLIP
-    kind = _classify(name)
+    kind = classify_source(name)
     if kind == "file":
         raise ModelNotFound(name, "CLIP loads from a transformers folder or hub id, not a single file")
     if kind == "hub":
-        _require_cached(name, ModelSpec(), "config.json")
+        require_cached(name, ModelSpec(), "config.json")
     try:
         model = CLIPModel.from_pretrained(name, local_files_only=offline())
         tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=offline())
     except OSError as exc:  # transformers reports every missing or partial file as an OSError
-        how = _how_to_get(name, ModelSpec()) if kind == "hub" and offline() else "it could not be loaded"
+        how = how_to_get(name, ModelSpec()) if kind == "hub" and offline() else "it could not be loaded"
         raise ModelNotFound(name, f"{how} ({exc})") from exc
     model.eval().requires_grad_(False)
     log.info("clip: %s (%d px, %d-d embeddings)", name, model.config.vision_config.image_size,
