@@ -220,6 +220,22 @@ def probe_model_cache(env: Mapping[str, str] | None = None) -> Row:
     return "model cache", OK, f"{cache}: {', '.join(listed)}"
 
 
+SHIPPED_DDPM = Path(__file__).resolve().parent / "models" / "ddpm-textures"
+VQGAN_FOLDER = "vqgan_imagenet_f16_16384"  # engine.vqclip.vqgan's default place (that module needs torch)
+
+
+def probe_scene_models(env: Mapping[str, str] | None = None) -> Row:
+    """The models the slow scenes play without a hub: the shipped DDPM and the VQGAN checkpoint."""
+    env = os.environ if env is None else env
+    weights = SHIPPED_DDPM / "unet" / "diffusion_pytorch_model.safetensors"
+    ddpm = f"shipped DDPM {_human(weights.stat().st_size)}" if weights.is_file() else "shipped DDPM missing"
+    vqgan_dir = Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dreamdeck" / VQGAN_FOLDER
+    found = any((vqgan_dir / name).is_file() for name in ("model.ckpt", "last.ckpt")) and \
+        (vqgan_dir / "model.yaml").is_file()
+    vqgan = f"VQGAN in {vqgan_dir}" if found else f"no VQGAN checkpoint in {vqgan_dir} (vqgan_clip plays the DDPM)"
+    return "scene models", OK if weights.is_file() else MISSING, f"{ddpm}; {vqgan}"
+
+
 # -- the report -----------------------------------------------------------------------------
 
 PROBES: tuple[tuple[str, Callable[[], Row]], ...] = (
@@ -233,6 +249,7 @@ PROBES: tuple[tuple[str, Callable[[], Row]], ...] = (
     ("cameras", probe_cameras),
     ("midi", probe_midi),
     ("model cache", probe_model_cache),
+    ("scene models", probe_scene_models),
 )
 CHECKS = tuple(name for name, _probe in PROBES)
 

@@ -5,6 +5,9 @@ Kept out of conftest.py so that tests which do not need torch never import it.
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import pytest
 import torch
 
@@ -28,3 +31,16 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny():
     return build_random_model("tiny")
+
+
+TIMEOUT = 120.0  # generous: the build machine is shared and slow; nothing here is a speed test
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    """Poll a condition that a worker thread will make true; False if it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()

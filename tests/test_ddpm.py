@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -29,10 +27,9 @@ from engine.params import ParamRegistry  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.ddpm import DdpmScene  # noqa: E402
 from engine.scenes.passthrough import Passthrough  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread  # noqa: E402,F401  (fixtures)
+from diffusion_fixtures import offline, one_torch_thread, wait_for  # noqa: E402,F401  (fixtures)
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
-TIMEOUT = 120.0  # generous: the build machine is shared and slow; nothing here is a speed test
 P = "/scene/ddpm"
 TINY_UNET = {  # diffusers' own DDPM test architecture
     "sample_size": 16, "in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": (32, 64),
@@ -230,15 +227,6 @@ class Camera:
         with self._lock:
             self.key += 1
             return (self.image if self.on else None), self.key
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def frames_after(worker: SceneWorker, after: int, count: int) -> list:

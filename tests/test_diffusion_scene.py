@@ -10,9 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -25,10 +23,9 @@ from engine.params import ParamRegistry  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.passthrough import Passthrough  # noqa: E402
 from engine.scenes.realtime import RealtimeScene  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread  # noqa: E402,F401  (fixtures)
+from diffusion_fixtures import offline, one_torch_thread, wait_for  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 120.0  # generous: the build machine is shared and slow; nothing here is a speed test
 P = "/scene/realtime"
 
 
@@ -38,15 +35,6 @@ def model_folders(tmp_path_factory) -> tuple[Path, Path]:
     build_random_model("tiny", seed=0).save_pretrained(root / "tiny-a")
     build_random_model("tiny", seed=1).save_pretrained(root / "tiny-b")
     return root / "tiny-a", root / "tiny-b"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 class StillFeed:

@@ -141,6 +141,19 @@ def test_model_cache_dir_follows_the_hub_rules():
     assert doctor.model_cache_dir({"HF_HOME": "~/hf"}) == home / "hf" / "hub"
 
 
+def test_scene_models_names_the_shipped_ddpm_and_where_the_vqgan_goes(tmp_path):
+    check, status, detail = doctor.probe_scene_models({"XDG_CACHE_HOME": str(tmp_path)})
+    assert (check, status) == ("scene models", "ok")
+    assert detail.startswith("shipped DDPM 8.") and "MiB" in detail  # the fp16 weights in git
+    assert f"no VQGAN checkpoint in {tmp_path}/dreamdeck/vqgan_imagenet_f16_16384" in detail
+
+    folder = tmp_path / "dreamdeck" / "vqgan_imagenet_f16_16384"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"x")
+    (folder / "model.yaml").write_text("model: {}")
+    assert doctor.probe_scene_models({"XDG_CACHE_HOME": str(tmp_path)})[2].endswith(f"VQGAN in {folder}")
+
+
 def test_format_table_aligns_columns():
     rows = [("python", "ok", "3.11.7"), ("model cache", "missing", "/a/b"), ("gl", "warn", "")]
     lines = doctor.format_table(rows).splitlines()

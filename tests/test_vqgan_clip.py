@@ -12,9 +12,7 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -31,9 +29,8 @@ from engine.vqclip.clip import WeightedPrompt, load_clip, parse_prompts  # noqa:
 from engine.vqclip.configs import TINY_CLIP, TINY_VQGAN, build_random_clip_model, taming_yaml  # noqa: E402
 from engine.vqclip.optimise import Cutouts, VqganClip, frame_to_tensor  # noqa: E402
 from engine.vqclip.vqgan import load_vqgan  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread  # noqa: E402,F401  (fixtures)
+from diffusion_fixtures import offline, one_torch_thread, wait_for  # noqa: E402,F401  (fixtures)
 
-TIMEOUT = 120.0  # generous: the build machine is shared; nothing here is a speed test
 P = "/scene/vqgan_clip"
 FOX, SEA = [WeightedPrompt("a red fox in the snow", 1.0)], [WeightedPrompt("the deep blue sea", 1.0)]
 
@@ -210,15 +207,6 @@ def test_importing_the_scene_needs_no_torch():
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False False", done.stderr
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 class StillFeed:

@@ -7,12 +7,17 @@ scene worker thread, never on the render thread; a scene never imports another s
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Generic, TypeVar
 
 import numpy as np
 
 from engine.params import Param, ParamRegistry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,37 @@ class Scene:
     def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:
         """Newest source frame (RGB uint8, may be None) -> an RGB uint8 image, or None for no new image."""
         raise NotImplementedError
+
+
+class BackgroundLoad(Generic[T]):
+    """Something heavy (a new model) loading on its own thread while the scene plays on
+    with what it has. The worker polls ``done`` between frames, then ``take``s it once:
+    the result, or the load's exception raised there, so the worker reports it in the HUD
+    and the scene plays on with its old model."""
+
+    def __init__(self, what: str, load: Callable[[], T]) -> None:
+        self.what = what
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(load,), name=f"load {what}", daemon=True)
+        self._thread.start()
+
+    def _run(self, load: Callable[[], T]) -> None:
+        try:
+            self._result = load()
+        except Exception as exc:  # raised from take() on the worker, which reports it
+            log.exception("loading %s failed", self.what)
+            self._error = exc
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def take(self) -> T:
+        """The loaded result (call once ``done``); raises what the load raised."""
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
 
 
 def reserve_render_core() -> None:

@@ -18,13 +18,12 @@ Importing this module needs no torch (the catalog lists scenes without it).
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import numpy as np
 
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import Scene, SceneNeeds, reserve_render_core
+from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds, reserve_render_core
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +65,7 @@ class DdpmScene(Scene):
         self._device: Any = None
         self._dtype: Any = None
         self._model_name: str | None = None  # the one asked for last (playing, loading or failed)
-        self._reload_thread: threading.Thread | None = None
-        self._reloaded: Any = None
-        self._reload_error: BaseException | None = None
+        self._reload: BackgroundLoad | None = None  # a new model on its way
         self._reverse: Any = None  # the ReverseProcess of the image on its way
         self._images = 0  # images started, for the seed
         self._hold_until = 0.0
@@ -87,7 +84,7 @@ class DdpmScene(Scene):
         self._model = self._load(self._model_name)
 
     def unload(self) -> None:
-        self._model = self._reverse = self._reloaded = None
+        self._model = self._reverse = self._reload = None
         if self._device is not None and self._device.type == "cuda":
             import torch
 
@@ -146,28 +143,15 @@ class DdpmScene(Scene):
     def _start_reload_if_changed(self) -> None:
         """A new model on a background thread; the current one plays until it is ready."""
         name = self._wanted_model()
-        if name == self._model_name or self._reload_thread is not None:
+        if name == self._model_name or self._reload is not None:
             return
         self._model_name = name  # a failed name is not retried until the parameter changes again
-
-        def reload() -> None:
-            try:
-                self._reloaded = self._load(name)
-            except Exception as exc:  # reported from process() on the worker; the old model plays on
-                log.exception("ddpm: loading %r failed", name)
-                self._reload_error = exc
-
-        self._reload_thread = threading.Thread(target=reload, name=f"ddpm load {name or 'textures'}", daemon=True)
-        self._reload_thread.start()
+        self._reload = BackgroundLoad(f"ddpm {name or 'textures'}", lambda: self._load(name))
 
     def _take_reloaded_model(self) -> None:
-        thread = self._reload_thread
-        if thread is None or thread.is_alive():
+        if self._reload is None or not self._reload.done:
             return
-        self._reload_thread = None
-        error, self._reload_error = self._reload_error, None
-        if error is not None:
-            raise error  # the worker reports it once; the current model keeps playing
-        self._model, self._reloaded = self._reloaded, None
+        reload, self._reload = self._reload, None
+        self._model = reload.take()  # a failed load raises here: the worker reports it, the old model plays on
         self._reverse = None  # the next image starts at once, from the new model
         self._hold_until = 0.0

@@ -20,7 +20,6 @@ this module (to list scenes, validate presets, print parameters) needs no torch.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import Scene, SceneNeeds
+from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +108,7 @@ class RealtimeScene(Scene):
         self._load_key: _LoadKey | None = None  # the last one asked for (loaded, loading or failed)
         self._active_key: _LoadKey | None = None  # the one playing
         self._stream_key: tuple[int, int] | None = None
-        self._reload_thread: threading.Thread | None = None
-        self._reloaded: tuple[_LoadKey, Any, Any] | None = None  # (key, model, stream) from the reload thread
-        self._reload_error: BaseException | None = None
+        self._reload: BackgroundLoad | None = None  # a new (key, model, stream) on its way
         self._refused_strength: float | None = None
         self._lora_bank: Any = None  # the AdapterBank the files below were requested from
         self._lora_requested: dict[int, str] = {}
@@ -195,7 +192,7 @@ class RealtimeScene(Scene):
 
     def _apply_params(self) -> None:
         key = self._wanted_load_key()
-        if key != self._load_key and self._reload_thread is None:
+        if key != self._load_key and self._reload is None:
             self._start_reload(key)
         if self._wanted_stream_key() != self._stream_key:
             old = self._stream
@@ -238,28 +235,13 @@ class RealtimeScene(Scene):
     def _start_reload(self, key: _LoadKey) -> None:
         """A new model on a background thread; the current one plays until it is ready."""
         self._load_key = key  # a failed key is not retried until the parameters change again
-
-        def reload() -> None:
-            try:
-                model, stream = self._build(key)
-            except Exception as exc:  # reported from process() on the worker, the old model plays on
-                log.exception("realtime: loading %s failed", key.model)
-                self._reload_error = exc
-                return
-            self._reloaded = (key, model, stream)
-
-        self._reload_thread = threading.Thread(target=reload, name=f"realtime load {key.model}", daemon=True)
-        self._reload_thread.start()
+        self._reload = BackgroundLoad(f"realtime {key.model}", lambda: (key, *self._build(key)))
 
     def _take_reloaded_model(self) -> None:
-        thread = self._reload_thread
-        if thread is None or thread.is_alive():
+        if self._reload is None or not self._reload.done:
             return
-        self._reload_thread = None
-        error, self._reload_error = self._reload_error, None
-        if error is not None:
-            raise error  # the worker reports it once; the current model keeps playing
-        reloaded, self._reloaded = self._reloaded, None
+        reload, self._reload = self._reload, None
+        reloaded = reload.take()  # a failed load raises here: the worker reports it, the old model plays on
         if reloaded is not None:
             old = self._stream
             self._active_key, self._model, self._stream = reloaded
