@@ -91,6 +91,17 @@ class BackgroundLoad(Generic[T]):
         return self._result  # type: ignore[return-value]
 
 
+def require_diffusion_extra(scene: str) -> None:
+    """Raise one clear line when torch / diffusers / transformers are not installed (the
+    ``diffusion`` extra); the worker shows it and the app plays the fallback scene."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "diffusers", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(f"the {scene} scene needs {', '.join(missing)}: install a torch build for "
+                                  "your GPU, then pip install -e '.[diffusion]'")
+
+
 def reserve_render_core() -> None:
     """Leave one CPU core to the render thread when a torch scene computes on the CPU.
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds, reserve_render_core
+from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds, require_diffusion_extra, reserve_render_core
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class DdpmScene(Scene):
 
     # -- loader thread -----------------------------------------------------------------------
     def load(self) -> None:
+        require_diffusion_extra(self.name)
         import torch
 
         cuda = torch.cuda.is_available()

@@ -27,7 +27,7 @@ import numpy as np
 
 from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds
+from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds, require_diffusion_extra
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class RealtimeScene(Scene):
 
     # -- loader thread -------------------------------------------------------------------------
     def load(self) -> None:
-        _require_diffusion_extra()
+        require_diffusion_extra(self.name)
         key = self._wanted_load_key()
         self._model, self._stream = self._build(key)
         self._load_key = self._active_key = key
@@ -248,15 +248,6 @@ class RealtimeScene(Scene):
             old.close()
             old.adapters.close()
             _free_accelerator_memory()
-
-
-def _require_diffusion_extra() -> None:
-    import importlib.util
-
-    missing = [name for name in ("torch", "diffusers", "transformers") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ModuleNotFoundError(f"the realtime scene needs {', '.join(missing)}: install a torch build for "
-                                  "your GPU, then pip install -e '.[diffusion]'")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

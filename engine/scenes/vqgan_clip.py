@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.params import enum_param, float_param, int_param, string_param, trigger_param
-from engine.scenes.base import Scene, SceneNeeds, reserve_render_core
+from engine.scenes.base import Scene, SceneNeeds, require_diffusion_extra, reserve_render_core
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class VqganClipScene(Scene):
 
     # -- loader thread -------------------------------------------------------------------------
     def load(self) -> None:
+        require_diffusion_extra(self.name)
         from engine.diffusion.device import choose_device
         from engine.vqclip.clip import load_clip
         from engine.vqclip.vqgan import default_vqgan_path, load_vqgan
