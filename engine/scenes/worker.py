@@ -176,10 +176,11 @@ class SceneWorker:
         except Exception as exc:  # a scene's bug must not end the show: keep the last image
             if is_out_of_memory(exc) and self.previous_name is not None:
                 # named policy: out of accelerator memory -> back to the scene that played before
-                self._report(f"scene {scene.name} ran out of accelerator memory: back to {self.previous_name}")
-                with self._lock:
+                message = f"scene {scene.name} ran out of accelerator memory: back to {self.previous_name}"
+                with self._lock:  # together: whoever sees the error also sees the way back
                     self._requested = self.previous_name
-                    self.failed = scene.name
+                    self.failed, self.last_error = scene.name, message
+                log.error("%s", message)
                 self._wake.set()
                 return False
             self._report(f"scene {scene.name} failed: {type(exc).__name__}: {exc}")
@@ -224,10 +225,10 @@ class SceneWorker:
             scene.load()
         except Exception as exc:  # a missing model or a bad plugin: the current scene plays on
             what = "could not load" if activate else "could not preload"
-            self._report(f"scene {name} {what}: {type(exc).__name__}: {exc}")
+            message = f"scene {name} {what}: {type(exc).__name__}: {exc}"
             log.exception("loading scene %s failed", name)
-            with self._lock:
-                self.loading = None
+            with self._lock:  # together: whoever sees the failure also sees why
+                self.loading, self.last_error = None, message
                 if activate:
                     self.failed = name
             self._wake.set()
