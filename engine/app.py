@@ -544,10 +544,8 @@ class App:
                     states.append(load_preset(entry.path, self.params).values)
                 except PresetError:
                     continue  # listed as broken by `dreamdeck presets`; recall will say why
-        def slow(state: dict) -> bool:
-            name = state.get("/scene/active", self.params.get("/scene/active"))
-            return name in self.catalog.names() and not self.catalog.get(name).realtime
-        self.compositor.prewarm(states, morphing=slow)
+        slow_scenes = any(not self.catalog.get(name).realtime for name in self.catalog.names())
+        self.compositor.prewarm(states, morph=slow_scenes)
 
 
 def _short(value: object) -> str:

@@ -227,19 +227,16 @@ class Compositor:
             defines.append("MORPH")
         return tuple(sorted(defines))
 
-    def prewarm(self, states: list[dict[str, Any]], morphing: Callable[[dict[str, Any]], bool] = lambda s: False) -> None:
+    def prewarm(self, states: list[dict[str, Any]], morph: bool = False) -> None:
         """Compile the programs these parameter states need, before the show needs them.
 
-        ``morphing(state)``: whether that state plays a slow scene (its frames morph).
+        ``morph``: also each state's MORPH variant (a slow scene can be cut to from any look).
         """
-        names = [f"transitions/{kind}.frag" for kind in TRANSITIONS]
-        for name in names:
-            self._program(name)
+        for kind in TRANSITIONS:
+            self._program(f"transitions/{kind}.frag")
         for state in states:
             variant = self.variant(lambda path: state.get(path, self.params.get(path)))
-            variants = [variant]
-            if morphing(state):
-                variants.append(tuple(sorted((*variant, "MORPH"))))
+            variants = [variant, tuple(sorted({*variant, "MORPH"}))] if morph else [variant]
             for defines in variants:
                 try:
                     self.shaders.get(self.FRAME_SHADER, defines)
