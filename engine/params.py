@@ -336,6 +336,11 @@ class ParamRegistry:
         with self._lock:
             self._listeners.append(listener)
 
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (a scene that unloads); unknown listeners are ignored."""
+        with self._lock:
+            self._listeners = [known for known in self._listeners if known != listener]
+
     # -- the frame boundary (render thread) -----------------------------------------
     def apply_pending(self, dt: float) -> list[Change]:
         """Land queued changes, advance smoothing by ``dt`` seconds, fire listeners."""

@@ -239,6 +239,21 @@ def test_triggers_fire_for_exactly_one_frame():
     assert "/t/go" not in registry.snapshot()
 
 
+def test_a_removed_listener_hears_nothing_more():
+    registry = make_registry()
+    kept: list[Change] = []
+    removed: list[Change] = []
+    registry.add_listener(kept.append)
+    registry.add_listener(removed.append)
+    registry.set("/t/level", 0.2, origin="osc")
+    registry.apply_pending(0.0)
+    registry.remove_listener(removed.append)  # an equal bound method: how a scene removes itself
+    registry.remove_listener(print)  # never added: ignored
+    registry.set("/t/level", 0.3, origin="osc")
+    registry.apply_pending(0.0)
+    assert [c.value for c in kept] == [0.2, 0.3] and [c.value for c in removed] == [0.2]
+
+
 def test_listeners_get_each_change_with_its_origin():
     registry = make_registry()
     seen: list[Change] = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from typing import Any
 
 import numpy as np
@@ -90,16 +89,21 @@ class VqganClipScene(Scene):
             self._autocast = torch.bfloat16 if choice.is_cuda and torch.cuda.is_bf16_supported() else torch.float16
         self._vqgan, self._clip = vqgan.to(choice.device), clip.to(choice.device)
         self._update_prompts()
-        # a trigger is true for one render frame only, shorter than a step: catch it as it lands.
-        # The registry has no remove_listener, so the listener holds the scene weakly.
-        self.params.add_listener(_RestartListener(weakref.ref(self)))
+        # a trigger is true for one render frame only, shorter than a step: catch it as it lands
+        self.params.add_listener(self._on_change)
 
     def unload(self) -> None:
         import torch
 
+        self.params.remove_listener(self._on_change)
         self._vqgan = self._clip = self._run = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _on_change(self, change: Any) -> None:
+        """Registry listener (render thread): the restart trigger sets a flag the worker reads."""
+        if change.path == f"{_P}/restart":
+            self._restart.set()
 
     # -- worker thread ---------------------------------------------------------------------------
     def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:
@@ -143,15 +147,3 @@ class VqganClipScene(Scene):
         self._prompts = prompts
         if self._run is not None:
             self._run.set_prompts(prompts)
-
-
-class _RestartListener:
-    """Sets the scene's restart flag when ``/scene/vqgan_clip/restart`` fires (render thread)."""
-
-    def __init__(self, scene: "weakref.ref[VqganClipScene]") -> None:
-        self._scene = scene
-
-    def __call__(self, change: Any) -> None:
-        scene = self._scene()
-        if scene is not None and change.path == f"{_P}/restart":
-            scene._restart.set()
