@@ -457,6 +457,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-scenes", action="store_true",
                         help="also switch to scenes that need an accelerator (the real-time diffusion scene): "
                              "for the installation's GPU machine, with its models in the cache")
+    parser.add_argument("--scenes", type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+                        help="exactly these scenes, comma-separated (e.g. reaction_diffusion,passthrough,ddpm: the "
+                             "shipped DDPM runs on a CPU with no download)")
     parser.add_argument("--frames", type=int, help="frames to run (default 3600, or --seconds x --fps)")
     parser.add_argument("--seconds", type=float, help="stop after this long instead (a 24-hour run: 86400)")
     parser.add_argument("--clock", choices=["manual", "real"], default="manual",
@@ -492,6 +495,8 @@ def soak_catalog(args: argparse.Namespace) -> SceneCatalog:
     """On a machine without a GPU the diffusion scene can only fail to load; its first attempt
     imports torch (hundreds of MB, once), which would read as a leak. Leave it out unless asked."""
     full = builtin_catalog()
+    if args.scenes:
+        return SceneCatalog(tuple(full.get(n) for n in args.scenes))  # KeyError names the known scenes
     if args.gpu_scenes:
         return full
     return SceneCatalog(tuple(full.get(n) for n in full.names() if full.get(n).needs.accelerator_mb == 0))
