@@ -1,0 +1,74 @@
+"""The shipped presets run as `dreamdeck run --preset NAME` would, offline on this machine:
+`ddpm` plays its shipped model; `vqgan-clip` and `lora-swap` need hub / downloaded weights,
+say what to get, and play the shipped DDPM instead.
+
+Real app (headless EGL, real scene worker, real diffusers), HF_HUB_OFFLINE=1, a private
+cache folder so no model a developer downloaded can make a test pass.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from engine.app import App, AppConfig  # noqa: E402
+from engine.catalog import PRESETS_DIR  # noqa: E402
+from engine.clock import ManualClock  # noqa: E402
+from engine.render.surface import HeadlessSurface  # noqa: E402
+
+TIMEOUT = 120.0  # generous: the build machine is shared; nothing here is a speed test
+
+
+@pytest.fixture
+def run_preset(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    made: list[tuple[App, HeadlessSurface]] = []
+
+    def run(name: str) -> App:
+        surface = HeadlessSurface()
+        app = App(AppConfig(source="pattern", preset=name, presets_dir=PRESETS_DIR, output_size=(320, 180),
+                            hot_reload=False), surface, ManualClock(60.0))
+        made.append((app, surface))
+        app.start()
+        return app
+
+    yield run
+    for app, surface in made:
+        app.close()
+        surface.close()
+
+
+def play_until_images(app: App, scene: str, images: int = 3) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        app.step()
+        frame, seq = app.worker.output.latest()
+        if frame is not None and frame.scene == scene and frame.index >= images:
+            return
+        assert time.monotonic() < deadline, f"{scene} never played: {app.hud_lines()}"
+        time.sleep(0.002)
+
+
+def test_the_ddpm_preset_plays_the_shipped_model(run_preset) -> None:
+    app = run_preset("ddpm")
+    play_until_images(app, "ddpm")
+    assert app.preset_name == "ddpm" and app.params.get("/scene/active") == "ddpm"
+    assert app.errors_now() == []
+
+
+@pytest.mark.parametrize("preset, scene, hint", [
+    ("vqgan-clip", "vqgan_clip", "heibox.uni-heidelberg.de"),
+    ("lora-swap", "realtime", "hf download stabilityai/sd-turbo"),
+])
+def test_a_hub_preset_offline_says_what_to_get_and_plays_the_shipped_ddpm(run_preset, preset, scene, hint) -> None:
+    app = run_preset(preset)
+    play_until_images(app, "ddpm")
+    assert app.params.get("/scene/active") == "ddpm"
+    errors = app.errors_now()
+    assert any(f"scene {scene} could not load" in e and hint in e for e in errors), errors
