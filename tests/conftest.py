@@ -42,6 +42,20 @@ def private_state(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
 
 
+def _wait_until_it_answers(display: str, deadline: float) -> None:
+    """Xvfb names its display when its socket listens; a client has been seen to be refused
+    just after (a loaded machine, a display number reused at once): ask until it answers."""
+    if shutil.which("xdpyinfo") is None:
+        return
+    while time.monotonic() < deadline:
+        done = subprocess.run(["xdpyinfo", "-display", display], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=10)
+        if done.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"Xvfb on {display} never answered")
+
+
 @contextlib.contextmanager
 def xvfb(screen: tuple[int, int], *extra: str, timeout: float = 30.0) -> Iterator[str]:
     """A private Xvfb server on a free display number (Xvfb picks it: -displayfd); yields ":N".
@@ -71,7 +85,9 @@ def xvfb(screen: tuple[int, int], *extra: str, timeout: float = 30.0) -> Iterato
             server.kill()
             _, err = server.communicate(timeout=10)
             raise RuntimeError(f"Xvfb did not start: {err.decode(errors='replace')[-500:]}")
-        yield f":{number.strip().decode()}"
+        display = f":{number.strip().decode()}"
+        _wait_until_it_answers(display, deadline)
+        yield display
     finally:
         os.close(read_end)
         server.terminate()

@@ -224,9 +224,9 @@ def test_liblo_oscsend_is_understood_over_udp_and_tcp(make_server: Callable[...,
         pytest.skip("liblo-tools (oscsend) is not installed")
     server = make_server(tcp=True)
     run = [
-        [oscsend, "localhost", str(server.port), "/dreamdeck/fx/kaleido/segments", "i", "8"],
-        [oscsend, "localhost", str(server.port), "/dreamdeck/fx/grade/enabled", "T"],
-        [oscsend, f"osc.tcp://localhost:{server.port}", "/dreamdeck/layer/scene/blend", "s", "difference"],
+        [oscsend, "127.0.0.1", str(server.port), "/dreamdeck/fx/kaleido/segments", "i", "8"],
+        [oscsend, "127.0.0.1", str(server.port), "/dreamdeck/fx/grade/enabled", "T"],
+        [oscsend, f"osc.tcp://127.0.0.1:{server.port}", "/dreamdeck/layer/scene/blend", "s", "difference"],
     ]
     for command in run:
         subprocess.run(command, check=True, timeout=TIMEOUT, capture_output=True)

@@ -473,6 +473,7 @@ class OscServer:
         for collision in address_collisions(self.registry):
             log.warning("OSC: %s (parameters are resolved first)", collision)
         family = _family(self.host)
+        any_port = self.port == 0
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self.receive_buffer = _grow_receive_buffer(sock)
@@ -482,7 +483,21 @@ class OscServer:
             if self.feedback is not None:
                 self._open_feedback()
             if self.tcp:
-                self._start_tcp(family)
+                for attempt in range(8):
+                    try:
+                        self._start_tcp(family)
+                        break
+                    except OSError as exc:
+                        # port 0 = any free port: the UDP one may be taken for TCP (an outgoing
+                        # connection's ephemeral port); take another pair rather than fail
+                        if not any_port or exc.errno != errno.EADDRINUSE or attempt == 7:
+                            raise
+                        sock.close()
+                        sock = socket.socket(family, socket.SOCK_DGRAM)
+                        self.receive_buffer = _grow_receive_buffer(sock)
+                        sock.bind((self.host, 0))
+                        sock.setblocking(False)
+                        self.port = sock.getsockname()[1]
         except OSError as exc:
             sock.close()
             self._close_feedback()
