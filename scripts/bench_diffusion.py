@@ -8,14 +8,16 @@ as wheels in .whl/, see ../shared/device/fetch-wheels.sh). From the repository r
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
     python3 scripts/bench_diffusion.py --out "$OUT"
 
-Each case runs ``python -m engine.diffusion.bench`` in its own process, so the compile
-cases measure real cold and warm starts (the second run finds the first one's inductor
-cache). Cases (full-size architectures, random weights, 512x512, fp16):
+Each case runs in its own process, so the compile cases measure real cold and warm starts
+(the second run finds the first one's inductor cache). Cases (full-size architectures,
+random weights, fp16 / bf16):
 
-    turbo-eager           SD-turbo, 1 step, eager
+    turbo-eager           SD-turbo, 1 step, eager, 512x512 (python -m engine.diffusion.bench)
     turbo-compile-cold    SD-turbo, 1 step, torch.compile, empty inductor cache
     turbo-compile-warm    the same again: the cache is warm
     lcm4-compile          SD 1.5 + LCM, 4 steps as one stream batch, torch.compile
+    vqgan-clip            VQGAN f16_16384 + CLIP ViT-B/32 steps/s at 256 and 512 (scripts/bench_vqgan_clip.py)
+    lora                  LoRA weight change and file hot-swap on the SD 1.5 UNet (scripts/bench_lora.py)
 
 ``--tiny`` runs the same machinery with tiny models on the CPU (the CI check of this script).
 """
@@ -34,17 +36,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NEEDED = ("torch", "diffusers", "transformers", "PIL", "cv2", "numpy")
 
+BENCH = ["-m", "engine.diffusion.bench"]  # a case is the command line after `python3`
+VQGAN_CLIP = [str(ROOT / "scripts" / "bench_vqgan_clip.py")]
+LORA = [str(ROOT / "scripts" / "bench_lora.py")]
 GPU_CASES = {
-    "turbo-eager": ["--arch", "sd-turbo", "--random-weights", "--accel", "eager"],
-    "turbo-compile-cold": ["--arch", "sd-turbo", "--random-weights", "--accel", "compile"],
-    "turbo-compile-warm": ["--arch", "sd-turbo", "--random-weights", "--accel", "compile"],
-    "lcm4-compile": ["--arch", "sd15", "--random-weights", "--steps", "4", "--accel", "compile"],
+    "turbo-eager": [*BENCH, "--arch", "sd-turbo", "--random-weights", "--accel", "eager"],
+    "turbo-compile-cold": [*BENCH, "--arch", "sd-turbo", "--random-weights", "--accel", "compile"],
+    "turbo-compile-warm": [*BENCH, "--arch", "sd-turbo", "--random-weights", "--accel", "compile"],
+    "lcm4-compile": [*BENCH, "--arch", "sd15", "--random-weights", "--steps", "4", "--accel", "compile"],
+    "vqgan-clip": [*VQGAN_CLIP, "--device", "cuda", "--autocast", "bfloat16", "--steps", "20", "--warmup", "3"],
+    "lora": [*LORA, "--device", "cuda"],
 }
 TINY_CASES = {
-    "tiny-turbo-eager": ["--tiny", "--device", "cpu", "--accel", "eager", "--frames", "3", "--warmup", "1",
+    "tiny-turbo-eager": [*BENCH, "--tiny", "--device", "cpu", "--accel", "eager", "--frames", "3", "--warmup", "1",
                          "--baseline-frames", "2"],
-    "tiny-lcm4-eager": ["--tiny", "--arch", "sd15", "--device", "cpu", "--accel", "eager", "--frames", "3",
+    "tiny-lcm4-eager": [*BENCH, "--tiny", "--arch", "sd15", "--device", "cpu", "--accel", "eager", "--frames", "3",
                         "--warmup", "1", "--baseline-frames", "2"],
+    "tiny-vqgan-clip": [*VQGAN_CLIP, "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"],
 }
 
 
@@ -56,7 +64,7 @@ def missing_modules() -> list[str]:
 
 def run_case(name: str, args: list[str], out: Path, env: dict[str, str], timeout: float) -> dict:
     json_path = out / f"{name}.json"
-    command = [sys.executable, "-m", "engine.diffusion.bench", *args, "--json", str(json_path)]
+    command = [sys.executable, *args, "--json", str(json_path)]
     print(f"== {name}: {' '.join(command[1:])}", flush=True)
     started = time.monotonic()
     try:
@@ -107,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if "error" in r:
             print(f"{r['case']:22}  {r['error']}")
+            continue
+        if "engine" not in r:  # the slow-scene and LoRA benches print their own tables above
             continue
         e, b = r["engine"], r["baseline"] or {}
         ready = f"{r['accel_ready_s']:.1f}" if r["accel_ready_s"] is not None else "-"

@@ -53,13 +53,16 @@ def test_bench_usage_errors_are_one_line(capsys):
 
 
 def test_gpu_check_script_runs_with_tiny_models(tmp_path):
-    """One case of the --tiny plan (each case is a process of its own: seconds of imports)."""
+    """Two cases of the --tiny plan: the diffusion bench and a slow-scene bench (each case is
+    a process of its own: seconds of imports)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_diffusion.py"), "--tiny", "--out",
-                           str(tmp_path), "--cases", "tiny-lcm4-eager"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+                           str(tmp_path), "--cases", "tiny-lcm4-eager", "tiny-vqgan-clip"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [case["case"] for case in summary["cases"]] == ["tiny-lcm4-eager"]
+    assert [case["case"] for case in summary["cases"]] == ["tiny-lcm4-eager", "tiny-vqgan-clip"]
     check_result(json.loads((tmp_path / "tiny-lcm4-eager.json").read_text()), steps=4)
     assert "tiny-lcm4-eager" in done.stdout and "ratio" in done.stdout
+    vqgan = json.loads((tmp_path / "tiny-vqgan-clip.json").read_text())
+    assert [r["size"] for r in vqgan["results"]] == [32, 64] and all(r["steps_per_second"] > 0 for r in vqgan["results"])
