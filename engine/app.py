@@ -510,6 +510,7 @@ class App:
         lines = [
             f"render {s.render_fps:5.1f} fps  scene {self.worker.fps:5.1f} fps  dropped {drops}",
             f"scene {scene}   preset {self.preset_name or '-'}",
+            self._loaded_line(),
             f"source {self.input.status}",
             f"last control {last.path} = {_short(last.value)} ({last.origin})" if last else "last control -",
         ]
@@ -518,6 +519,13 @@ class App:
             if status:
                 lines.append(status if status.startswith(part.name) else f"{part.name} {status}")
         return lines + [f"error {e}" for e in (self.errors_now() if errors is None else errors)]
+
+    def _loaded_line(self) -> str:
+        """Which scenes a cut reaches at once, and the memory they declare against the budget."""
+        names = self.worker.loaded_names
+        used = sum(self.catalog.get(n).needs.accelerator_mb for n in names)
+        budget = self.params.get("/scene/memory_budget")
+        return f"loaded {', '.join(reversed(names)) or '-'} ({used} of {budget} MB)"
 
     def _update_hud(self, now: float) -> None:
         if now < self._hud_next:

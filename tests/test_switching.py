@@ -89,6 +89,7 @@ def test_scenes_stay_loaded_within_the_budget_and_the_least_recent_goes_first(ma
     step_until(app, lambda: app.worker.active_name == "c", "scene c")
     assert app.worker.evicted == ["b"] and b.counts["unload"] == 1 and a.counts["unload"] == 0
     assert app.worker.loaded_names == ["a", "c"]
+    assert "loaded c, a (200 of 250 MB)" in app.hud_lines(), "the HUD lists what a cut reaches at once"
 
 
 def test_a_zero_budget_keeps_only_the_playing_scene(make_app) -> None:
