@@ -5,13 +5,16 @@ Kept out of conftest.py so that tests which do not need torch never import it.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 
 from engine.diffusion.configs import build_random_model
+from engine.params import ParamRegistry
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +47,23 @@ def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
             return True
         time.sleep(0.01)
     return condition()
+
+
+class StillFeed:
+    """A camera on a still scene: the same picture, a new frame (key) every call."""
+
+    def __init__(self) -> None:
+        self.image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+        self._lock = threading.Lock()
+        self.key = 0
+
+    def __call__(self) -> tuple[np.ndarray, int]:
+        with self._lock:
+            self.key += 1
+            return self.image, self.key
+
+
+def set_params(params: ParamRegistry, values: dict) -> None:
+    """Set values and land them at once, smoothing included (what a frame boundary does)."""
+    params.set_many(values)
+    params.apply_pending(10.0)

@@ -27,7 +27,7 @@ from engine.params import ParamRegistry  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.ddpm import DdpmScene  # noqa: E402
 from engine.scenes.passthrough import Passthrough  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread, wait_for  # noqa: E402,F401  (fixtures)
+from diffusion_fixtures import offline, one_torch_thread, set_params, wait_for  # noqa: E402,F401  (fixtures)
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 P = "/scene/ddpm"
@@ -255,8 +255,7 @@ def test_importing_the_scene_needs_no_torch():
 def test_the_scene_plays_through_a_worker_and_takes_live_changes(tmp_path):
     params = ParamRegistry()
     params.declare_all(DdpmScene.PARAMS)
-    params.set_many({f"{P}/steps": 4, f"{P}/step_rate": 120.0, f"{P}/hold": 0.0})
-    params.apply_pending(10.0)
+    set_params(params, {f"{P}/steps": 4, f"{P}/step_rate": 120.0, f"{P}/hold": 0.0})
     camera = Camera()
     worker = SceneWorker(SceneCatalog((Passthrough, DdpmScene)), params, camera, error_backoff=0.05)
     worker.start()
@@ -267,14 +266,12 @@ def test_the_scene_plays_through_a_worker_and_takes_live_changes(tmp_path):
         assert len({f.image.tobytes() for f in frames}) >= 5  # it denoises: the frames change
         assert worker.active.max_fps == 120.0
         # a missing model: reported once, the shipped one plays on
-        params.set_many({f"{P}/model": str(tmp_path / "no-such-model")})
-        params.apply_pending(10.0)
+        set_params(params, {f"{P}/model": str(tmp_path / "no-such-model")})
         assert wait_for(lambda: worker.last_error is not None and "no-such-model" in worker.last_error)
         assert "ModelNotFound" in worker.last_error
         after = frames_after(worker, frames[-1].index, 4)[-1].index
         # sdedit: no camera frame yet -> noise; then the camera, any size
-        params.set_many({f"{P}/mode": "sdedit", f"{P}/sdedit_strength": 0.1, f"{P}/show": "x0"})
-        params.apply_pending(10.0)
+        set_params(params, {f"{P}/mode": "sdedit", f"{P}/sdedit_strength": 0.1, f"{P}/show": "x0"})
         camera.on = True
         late = frames_after(worker, after + 8, 4)  # past any image started before the change
         target = image_to_tensor(camera.image, 32, torch.device("cpu"), torch.float32)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from engine.params import ParamRegistry  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.passthrough import Passthrough  # noqa: E402
 from engine.scenes.realtime import RealtimeScene  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread, wait_for  # noqa: E402,F401  (fixtures)
+from diffusion_fixtures import StillFeed, offline, one_torch_thread, set_params, wait_for  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 P = "/scene/realtime"
@@ -37,24 +36,6 @@ def model_folders(tmp_path_factory) -> tuple[Path, Path]:
     return root / "tiny-a", root / "tiny-b"
 
 
-class StillFeed:
-    """A camera on a still scene: the same picture, a new frame (key) every call."""
-
-    def __init__(self) -> None:
-        rng = np.random.default_rng(0)
-        self.image = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
-        self._lock = threading.Lock()
-        self.key = 0
-
-    def __call__(self) -> tuple[np.ndarray, int]:
-        with self._lock:
-            self.key += 1
-            return self.image, self.key
-
-
-def set_params(params: ParamRegistry, values: dict) -> None:
-    params.set_many(values)
-    params.apply_pending(10.0)  # land them, smoothing included
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.lora import AdapterBank, LoraError, random_lora, save_lora  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
 from diffusion_fixtures import offline, one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
-from test_diffusion_scene import P, model_folders, newest, set_params, show, wait_for  # noqa: E402,F401
+from diffusion_fixtures import set_params, wait_for  # noqa: E402
+from test_diffusion_scene import P, model_folders, newest, show  # noqa: E402,F401
 
 TARGET_RANK = 8
 

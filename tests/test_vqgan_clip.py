@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from engine.vqclip.clip import WeightedPrompt, load_clip, parse_prompts  # noqa:
 from engine.vqclip.configs import TINY_CLIP, TINY_VQGAN, build_random_clip_model, taming_yaml  # noqa: E402
 from engine.vqclip.optimise import Cutouts, VqganClip, frame_to_tensor  # noqa: E402
 from engine.vqclip.vqgan import load_vqgan  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread, wait_for  # noqa: E402,F401  (fixtures)
+from diffusion_fixtures import StillFeed, offline, one_torch_thread, set_params, wait_for  # noqa: E402,F401  (fixtures)
 
 P = "/scene/vqgan_clip"
 FOX, SEA = [WeightedPrompt("a red fox in the snow", 1.0)], [WeightedPrompt("the deep blue sea", 1.0)]
@@ -209,21 +208,6 @@ def test_importing_the_scene_needs_no_torch():
     assert done.stdout.strip() == "False False", done.stderr
 
 
-class StillFeed:
-    def __init__(self) -> None:
-        self.image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
-        self._lock = threading.Lock()
-        self.key = 0
-
-    def __call__(self) -> tuple[np.ndarray, int]:
-        with self._lock:
-            self.key += 1
-            return self.image, self.key
-
-
-def set_params(params: ParamRegistry, values: dict) -> None:
-    params.set_many(values)
-    params.apply_pending(10.0)
 
 
 def newest(worker: SceneWorker, after: int = 0):
