@@ -257,7 +257,7 @@ class Compositor:
             if progress >= 1.0:
                 self._transition = progress = None
         m = self._morph
-        if m.prev is not None and m.progress < 1.0:
+        if m.active():
             m.progress = 1.0 if m.duration <= 0 else min(1.0, max(0.0, (now - m.start) / m.duration))
 
         rotate = math.radians(get("/fx/feedback/rotate"))

@@ -102,6 +102,15 @@ def require_diffusion_extra(scene: str) -> None:
                                   "your GPU, then pip install -e '.[diffusion]'")
 
 
+def free_accelerator_memory() -> None:
+    """Give cached GPU memory back (after an unload or an out-of-memory error); no-op on a CPU."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a scene that never imported torch has nothing to free
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def reserve_render_core() -> None:
     """Leave one CPU core to the render thread when a torch scene computes on the CPU.
 

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds, require_diffusion_extra, reserve_render_core
+from engine.scenes.base import (BackgroundLoad, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra,
+                                reserve_render_core)
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,7 @@ class DdpmScene(Scene):
 
     def unload(self) -> None:
         self._model = self._reverse = self._reload = None
-        if self._device is not None and self._device.type == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
 
     # -- worker thread -------------------------------------------------------------------------
     def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:

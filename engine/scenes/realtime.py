@@ -27,7 +27,8 @@ import numpy as np
 
 from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds, require_diffusion_extra
+from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra
+from engine.scenes.worker import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class RealtimeScene(Scene):
             self._stream.close()
             self._stream.adapters.close()
         self._model = self._stream = None
-        _free_accelerator_memory()
+        free_accelerator_memory()
 
     # -- worker thread ---------------------------------------------------------------------------
     def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:
@@ -137,8 +138,8 @@ class RealtimeScene(Scene):
         try:
             return self._stream(frame)
         except Exception as exc:
-            if _is_out_of_memory(exc):  # give the memory back before the worker reports it
-                _free_accelerator_memory()
+            if is_out_of_memory(exc):  # give the memory back before the worker reports it
+                free_accelerator_memory()
             raise
 
     # -- internals ---------------------------------------------------------------------------------
@@ -175,9 +176,9 @@ class RealtimeScene(Scene):
                 adapters=adapters)
             stream.prompts.wait()
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 model = None
-                _free_accelerator_memory()
+                free_accelerator_memory()
             raise
         self._stream_key = (steps, resolution)
         log.info("realtime: %s on %s, %dx%d, %d step(s), accel %s", key.model, choice.describe(),
@@ -247,17 +248,4 @@ class RealtimeScene(Scene):
             self._active_key, self._model, self._stream = reloaded
             old.close()
             old.adapters.close()
-            _free_accelerator_memory()
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
-def _free_accelerator_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+            free_accelerator_memory()

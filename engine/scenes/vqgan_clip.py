@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from engine.params import enum_param, float_param, int_param, string_param, trigger_param
-from engine.scenes.base import Scene, SceneNeeds, require_diffusion_extra, reserve_render_core
+from engine.scenes.base import Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra, reserve_render_core
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,9 @@ class VqganClipScene(Scene):
         self.params.add_listener(self._on_change)
 
     def unload(self) -> None:
-        import torch
-
         self.params.remove_listener(self._on_change)
         self._vqgan = self._clip = self._run = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
 
     def _on_change(self, change: Any) -> None:
         """Registry listener (render thread): the restart trigger sets a flag the worker reads."""
