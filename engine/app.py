@@ -125,7 +125,7 @@ class App:
 
         self._showing_scene: str | None = None
         self._scene_seq = 0
-        self._scene_arrivals: tuple[float, float] = (0.0, 0.0)  # when the scene's last two images arrived
+        self._scene_arrived = 0.0  # when the scene's newest image arrived
         self._fallen_back: set[str] = set()  # fallback scenes tried since the last scene that played
         self._preset_transition = False
         self._hud_next = 0.0
@@ -266,7 +266,7 @@ class App:
                 self.compositor.begin_transition(now)
                 self.stats.scene_transitions += 1
             self._showing_scene = scene_frame.scene
-            self._scene_arrivals = (now, now)
+            self._scene_arrived = now
             self._fallen_back.clear()
         elif scene_frame is not None and seq != self._scene_seq:
             morph = self._morph_time(scene_frame.scene, now)
@@ -301,8 +301,7 @@ class App:
 
     def _morph_time(self, scene: str, now: float) -> float:
         """Seconds a slow scene's new image takes to fade in over its previous one (0: at once)."""
-        previous, last = self._scene_arrivals
-        self._scene_arrivals = (last, now)
+        last, self._scene_arrived = self._scene_arrived, now
         if self.catalog.get(scene).realtime:
             return 0.0
         longest = self.params.get("/mix/morph")
