@@ -28,7 +28,8 @@ BLEND_MODES = ("normal", "add", "multiply", "screen", "difference")
 LAYERS = ("source", "scene", "overlay")
 TRANSITIONS = ("fade", "luma_wipe", "feedback_dissolve")  # shaders/transitions/<name>.frag
 DISSOLVE_ZOOM = 1.015  # feedback dissolve: how fast the old picture flows outwards per frame
-DISSOLVE_TURN = math.radians(0.4)  # ... and turns
+_TURN = math.radians(0.4)
+DISSOLVE_ROTATION = (math.cos(_TURN), math.sin(_TURN), -math.sin(_TURN), math.cos(_TURN))  # ... and turns
 
 
 def _layer_params(layer: str, opacity: float) -> tuple[Param, ...]:
@@ -295,8 +296,7 @@ class Compositor:
         textures = {"u_input": self._work.color_attachments[0]}
         if kind == "feedback_dissolve":
             textures["u_previous"] = previous.color_attachments[0]
-            c, s = math.cos(DISSOLVE_TURN), math.sin(DISSOLVE_TURN)
-            uniforms.update(u_zoom=DISSOLVE_ZOOM, u_rotation=(c, s, -s, c),
+            uniforms.update(u_zoom=DISSOLVE_ZOOM, u_rotation=DISSOLVE_ROTATION,
                             u_resolution=(float(self.size[0]), float(self.size[1])))
         else:
             textures["u_from"] = self._snapshot.color_attachments[0]
