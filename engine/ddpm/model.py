@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.diffusion.errors import ModelNotFound
-from engine.diffusion.loading import ModelSpec, classify_source, how_to_get, hub_cache_dir, offline
+from engine.diffusion.loading import ModelSpec, classify_source, dtype_argument, how_to_get, hub_cache_dir, offline
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def load_ddpm(name: str = "", device: torch.device | str = "cpu", dtype: torch.d
     where = {"local_files_only": offline(), "cache_dir": cache}
     for attempt, (unet_sub, scheduler_sub) in enumerate(layouts, start=1):
         try:
-            unet = UNet2DModel.from_pretrained(source, subfolder=unet_sub, torch_dtype=dtype, **where)
+            unet = UNet2DModel.from_pretrained(source, subfolder=unet_sub, **dtype_argument(dtype), **where)
             schedule = dict(DDPMScheduler.load_config(source, subfolder=scheduler_sub, **where))
             break
         except OSError as exc:  # diffusers reports every missing or partial file as an OSError

@@ -84,6 +84,14 @@ class DiffusionModel:
         self.img2img_pipeline().save_pretrained(folder)
 
 
+def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The precision keyword of diffusers' ``from_pretrained``: ``dtype`` where diffusers knows it
+    (it warns about ``torch_dtype`` on every load there), ``torch_dtype`` in older versions."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def offline() -> bool:
     """Downloads are off: ``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it only at import)."""
     from huggingface_hub import constants
@@ -154,13 +162,13 @@ def _load_base(spec: ModelSpec, dtype: torch.dtype) -> DiffusionModel:
             if config and classify_source(config) == "hub":
                 require_cached(config, spec, "model_index.json")
             pipe = StableDiffusionPipeline.from_single_file(
-                spec.model, config=config, torch_dtype=dtype, local_files_only=local_only,
+                spec.model, config=config, **dtype_argument(dtype), local_files_only=local_only,
                 cache_dir=spec.cache_dir, safety_checker=None, requires_safety_checker=False)
         else:
             if kind == "hub":
                 require_cached(spec.model, spec, "model_index.json")
             pipe = DiffusionPipeline.from_pretrained(
-                spec.model, torch_dtype=dtype, local_files_only=local_only, cache_dir=spec.cache_dir,
+                spec.model, **dtype_argument(dtype), local_files_only=local_only, cache_dir=spec.cache_dir,
                 safety_checker=None, requires_safety_checker=False)
     except OSError as exc:  # diffusers reports every missing or partial file as an OSError
         if kind == "file" and not spec.config:
@@ -239,7 +247,7 @@ def load_tiny_vae(spec: ModelSpec, dtype: torch.dtype) -> Any:
     if kind == "file":
         raise ModelNotFound(spec.tiny_vae, "TAESD loads from a diffusers folder or hub id, not a single file")
     try:
-        return AutoencoderTiny.from_pretrained(spec.tiny_vae, torch_dtype=dtype, local_files_only=offline(),
+        return AutoencoderTiny.from_pretrained(spec.tiny_vae, **dtype_argument(dtype), local_files_only=offline(),
                                                cache_dir=spec.cache_dir)
     except OSError as exc:
         raise ModelNotFound(spec.tiny_vae, f"the tiny VAE could not be loaded ({exc})") from exc
