@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from engine.files import write_atomic  # noqa: E402  (no torch: the script checks for it first)
 NEEDED = ("torch", "diffusers", "transformers", "PIL", "cv2", "numpy")
 
 BENCH = ["-m", "engine.diffusion.bench"]  # a case is the command line after `python3`
@@ -110,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
         results = [run_case(name, cases[name], args.out, env, args.timeout) for name in chosen]
     summary = {"cases": results}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{'case':22}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'base fps':>10}{'ratio':>8}{'accel s':>9}  device")
+    write_atomic(args.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    print(f"\n{'case':22}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'base fps':>10}{'ratio':>8}{'1st frame s':>12}"
+          f"{'accel s':>9}  device")
     for r in results:
         if "error" in r:
             print(f"{r['case']:22}  {r['error']}")
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         e, b = r["engine"], r["baseline"] or {}
         ready = f"{r['accel_ready_s']:.1f}" if r["accel_ready_s"] is not None else "-"
         print(f"{r['case']:22}{e['fps']:9.1f}{e['p50_ms']:9.2f}{e['p99_ms']:9.2f}{b.get('fps', 0):10.1f}"
-              f"{(r['ratio'] or 0):8.1f}{ready:>9}  {r['gpu_name'] or r['device']}")
+              f"{(r['ratio'] or 0):8.1f}{r['startup']['first_frame_s']:12.2f}{ready:>9}  {r['gpu_name'] or r['device']}")
     return 0 if all("error" not in r for r in results) else 1
 
 

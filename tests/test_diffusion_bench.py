@@ -36,6 +36,10 @@ def check_result(result: dict, steps: int) -> None:
     assert all(value >= 0 for value in engine["stages_ms"].values()) and engine["stages_ms"]["unet"] > 0
     assert result["baseline"]["fps"] > 0 and result["baseline"]["p50_ms"] > 0
     assert result["ratio"] == pytest.approx(engine["fps"] / result["baseline"]["fps"])
+    # the first diffused frame, timed from the loaded weights: at least the frames that fill the stream batch
+    startup = result["startup"]
+    assert startup["load_s"] > 0 and startup["first_frame_s"] > 0
+    assert startup["first_frame_s"] >= steps * engine["stages_ms"]["unet"] / 1000.0 * 0.5
 
 
 def test_bench_tiny_json_has_every_key(tmp_path, capsys):

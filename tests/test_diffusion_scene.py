@@ -7,8 +7,10 @@ it); every wait is a polling loop with a timeout, and no test asserts on speed.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,20 @@ def test_the_scene_plays_and_takes_live_changes(show):
     changed = newest(worker, newest(worker).index + 2)
     assert changed.image.shape == (32, 32, 3)
     assert worker.last_error is None
+
+
+def test_the_first_diffused_frame_is_timed_from_the_loaded_weights(show, caplog):
+    worker, params = show
+    caplog.set_level(logging.INFO, logger="engine.scenes.realtime")
+    asked = time.monotonic()
+    worker.request("realtime")
+    newest(worker)
+    since_asked = time.monotonic() - asked
+    scene = worker.active
+    assert isinstance(scene, RealtimeScene) and scene.first_frame_s is not None
+    assert 0 < scene.first_frame_s < since_asked  # the load itself is not counted, the first frame is
+    lines = [r.getMessage() for r in caplog.records if "first diffused frame" in r.getMessage()]
+    assert len(lines) == 1 and f"{scene.first_frame_s:.2f} s after the weights loaded" in lines[0]
 
 
 def test_a_missing_model_keeps_the_previous_scene(show):

@@ -96,6 +96,8 @@ class StreamImg2Img:
                  adapters: AdapterBank | None = None) -> None:
         """``bank``: a PromptBank of the same model to share (a rebuilt stream keeps its embeddings).
         ``adapters``: the LoRA slots on this model's UNet (applied between frames)."""
+        self.started = time.monotonic()  # the weights are loaded by now: the first image is timed from here
+        self.first_image_s: float | None = None  # seconds from ``started`` to the first image out
         self.model = model
         self.choice = choice
         self.config = config
@@ -124,15 +126,19 @@ class StreamImg2Img:
         self._device_in: torch.Tensor | None = None
         self._host_out: torch.Tensor | None = None
         self._done = torch.cuda.Event() if choice.is_cuda else None
-        self._buffer = torch.zeros((config.steps - 1, *self.latent_shape), device=choice.device, dtype=choice.dtype)
+        self._uploaded = torch.cuda.Event() if choice.is_cuda else None  # the pinned input was read
+        with self._on_frame_stream():  # (see set_strength)
+            self._buffer = torch.zeros((config.steps - 1, *self.latent_shape), device=choice.device,
+                                       dtype=choice.dtype)
         self._drift_generator = torch.Generator(choice.device)
         self._changed = True
         self._seen_prompts = 0
         self._flush_left = 0
-        self._coefficients = self._build_coefficients(self.settings.strength)
-        self._timestep_cond = self._build_timestep_cond(self.settings.guidance_scale)
-        self._noise = self._build_noise(self.settings.seed)
-        self.prompts.request(prompts)
+        with self._on_frame_stream():
+            self._coefficients = self._build_coefficients(self.settings.strength)
+            self._timestep_cond = self._build_timestep_cond(self.settings.guidance_scale)
+            self._noise = self._build_noise(self.settings.seed)
+            self.prompts.request(prompts)
         self.frames_dropped = 0  # frames that met torch.fx tracing during a background build
         self._accel_thread: threading.Thread | None = None
         accelerator = accelerator or EagerAccelerator()
@@ -145,18 +151,25 @@ class StreamImg2Img:
     # -- live settings (worker thread) -------------------------------------------------------
     def set_prompts(self, prompts: Sequence[tuple[str, float]]) -> None:
         """Weighted prompts, blended by slerp; encoded in the background if new."""
-        self.prompts.request(prompts)
+        with self._on_frame_stream():  # a blend of cached prompts is computed here (see set_strength)
+            self.prompts.request(prompts)
 
     def set_strength(self, strength: float) -> None:
-        """Raises ValueError (and keeps the old strength) when the schedule cannot be built."""
+        """Raises ValueError (and keeps the old strength) when the schedule cannot be built.
+
+        Like every setter, it makes its tensors on the frame's CUDA stream: frames read them in
+        stream order, with no synchronisation (the worker's default stream is not ordered with it).
+        """
         if strength != self.settings.strength:
-            self._coefficients = self._build_coefficients(strength)
+            with self._on_frame_stream():
+                self._coefficients = self._build_coefficients(strength)
             self.settings.strength = strength
             self._changed = True
 
     def set_seed(self, seed: int) -> None:
         if seed != self.settings.seed:
-            self._noise = self._build_noise(seed)
+            with self._on_frame_stream():
+                self._noise = self._build_noise(seed)
             self.settings.seed = seed
             self._changed = True
 
@@ -165,7 +178,8 @@ class StreamImg2Img:
 
     def set_guidance_scale(self, scale: float) -> None:
         if scale != self.settings.guidance_scale:
-            self._timestep_cond = self._build_timestep_cond(scale)
+            with self._on_frame_stream():
+                self._timestep_cond = self._build_timestep_cond(scale)
             self.settings.guidance_scale = scale
             self._changed = True
 
@@ -241,6 +255,8 @@ class StreamImg2Img:
                 result = self._download(image)
         self.timer.finish()
         self.frames_out += 1
+        if self.first_image_s is None:
+            self.first_image_s = time.monotonic() - self.started
         return result
 
     def rebuild_accelerated(self) -> None:
@@ -291,9 +307,12 @@ class StreamImg2Img:
         if self._host_in is None or tuple(self._host_in.shape) != frame.shape:
             self._host_in = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
             self._device_in = torch.empty(frame.shape, dtype=torch.uint8, device=self.choice.device)
-        # safe to overwrite: the previous frame's copy finished before its download returned
+        # the previous copy out of the pinned buffer must be done before it is overwritten: a frame
+        # that returned no image (the stream batch filling) never synchronised
+        self._uploaded.synchronize()
         np.copyto(self._host_in.numpy(), frame)
         self._device_in.copy_(self._host_in, non_blocking=True)
+        self._uploaded.record()
         return self._device_in
 
     def _download(self, image: torch.Tensor) -> np.ndarray:
@@ -324,9 +343,10 @@ class StreamImg2Img:
     def _drift_noise(self, drift: float) -> None:
         """Rotate the noise towards fresh noise by ``drift`` of a quarter turn (unit variance kept)."""
         angle = drift * math.pi / 2
-        fresh = torch.randn(self._noise.shape, generator=self._drift_generator, device=self.choice.device,
-                            dtype=self._noise.dtype)
-        self._noise = math.cos(angle) * self._noise + math.sin(angle) * fresh
+        with self._on_frame_stream():
+            fresh = torch.randn(self._noise.shape, generator=self._drift_generator, device=self.choice.device,
+                                dtype=self._noise.dtype)
+            self._noise = math.cos(angle) * self._noise + math.sin(angle) * fresh
 
     def _start_accelerated_build(self, frame_shape: tuple[int, ...]) -> None:
         accelerator, self._accelerator = self._accelerator, None

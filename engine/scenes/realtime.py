@@ -20,6 +20,7 @@ this module (to list scenes, validate presets, print parameters) needs no torch.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,8 @@ class RealtimeScene(Scene):
         self._lora_bank: Any = None  # the AdapterBank the files below were requested from
         self._lora_requested: dict[int, str] = {}
         self._lora_refused: tuple[str, ...] = ()  # slot files refused on TensorRT (said once)
+        self._first_frame_told: Any = None  # the stream whose first image has been logged
+        self.first_frame_s: float | None = None  # the playing stream: weights loaded -> first diffused frame
 
     # -- loader thread -------------------------------------------------------------------------
     def load(self) -> None:
@@ -136,13 +139,25 @@ class RealtimeScene(Scene):
         self._take_reloaded_model()
         self._apply_params()
         try:
-            return self._stream(frame)
+            image = self._stream(frame)
         except Exception as exc:
             if is_out_of_memory(exc):  # give the memory back before the worker reports it
                 free_accelerator_memory()
             raise
+        if image is not None and self._first_frame_told is not self._stream:
+            self._tell_first_frame(self._stream)
+        return image
 
     # -- internals ---------------------------------------------------------------------------------
+    def _tell_first_frame(self, stream: Any) -> None:
+        """One log line per stream: how long from loaded weights to the first diffused frame."""
+        self._first_frame_told = stream
+        self.first_frame_s = stream.first_image_s
+        log.info("realtime: first diffused frame %.2f s after the weights loaded (%s, accel %s%s)",
+                 stream.first_image_s, stream.choice.describe(), stream.accel,
+                 f", {stream.accel_requested} building in the background" if stream.accel != stream.accel_requested
+                 else "")
+
     def _wanted_load_key(self) -> _LoadKey:
         return _LoadKey(model=self.param("model").strip() or DEFAULT_MODEL, lora=self.param("lora").strip(),
                         vae=self.param("vae").strip(), device=self.param("device"), dtype=self.param("dtype"),
@@ -164,7 +179,9 @@ class RealtimeScene(Scene):
         choice = choose_device(key.device, key.dtype)
         try:
             if model is None:
+                started = time.monotonic()
                 model = load_model(ModelSpec(model=key.model, lora=key.lora, tiny_vae=key.vae), choice)
+                log.info("realtime: %s loaded in %.1f s", key.model, time.monotonic() - started)
             adapters = adapters if adapters is not None else AdapterBank(model.unet)
             steps, resolution = self._wanted_stream_key()
             stream = StreamImg2Img(
