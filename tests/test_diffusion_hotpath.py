@@ -275,10 +275,22 @@ def test_device_choice():
         choose_device("tpu")
 
 
+def test_device_auto_is_what_dreamdeck_run_chose(monkeypatch):
+    monkeypatch.setenv("DREAMDECK_DEVICE", "cpu")  # dreamdeck run --device cpu --dtype bfloat16
+    monkeypatch.setenv("DREAMDECK_DTYPE", "bfloat16")
+    assert choose_device() == choose_device("cpu", "bfloat16")
+    assert choose_device("cpu", "float32").dtype is torch.float32  # a scene's own choice wins
+    monkeypatch.setenv("DREAMDECK_DEVICE", "mps")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="no MPS"):
+            choose_device()
+
+
 def test_bfloat16_on_the_cpu_is_the_same_diffusion_in_less_precision(turbo):
     """The CPU's other precision: the same weights in bfloat16 give nearly the float32 image
-    (and a different input still gives a clearly different one)."""
-    image, other = frames(2)
+    (and a different input still gives a clearly different one). The frames are twice the
+    model's size, as a camera's are larger: the resize runs too."""
+    image, other = (np.kron(f, np.ones((2, 2, 1), dtype=np.uint8)) for f in frames(2))
     reference = as_float(make_stream(turbo, strength=0.3)(image))
     bf16 = choose_device("cpu", "bfloat16")
     model = build_random_model("tiny").to(bf16)  # the same seed: the same weights as ``turbo``

@@ -87,10 +87,11 @@ class HotPath(torch.nn.Module):
     def encode(self, frame: torch.Tensor, noise: torch.Tensor, sqrt_alpha: torch.Tensor,
                sqrt_one_minus_alpha: torch.Tensor) -> torch.Tensor:
         """uint8 (H, W, 3) on the device -> latents at the first stage's noise level (1, 4, h, w)."""
-        # 1. uint8 HWC -> float NCHW in [-1, 1], at the model's size
-        image = frame.permute(2, 0, 1).unsqueeze(0).to(self.dtype, memory_format=torch.contiguous_format)
+        # 1. uint8 HWC -> float NCHW in [-1, 1], at the model's size (resized in float32: the
+        #    antialiased resize has no bfloat16 kernel on CPUs, and it is a sliver of the frame's work)
+        image = frame.permute(2, 0, 1).unsqueeze(0).to(torch.float32, memory_format=torch.contiguous_format)
         image = image / 127.5 - 1.0
-        image = fit_to(image, self.height, self.width)
+        image = fit_to(image, self.height, self.width).to(self.dtype)
         # 2. VAE encode: the posterior mean (deterministic: the same frame gives the same latents)
         if self.tiny_vae:
             latents = self.vae.encode(image).latents
