@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from engine.catalog import PRESETS_DIR
+from engine.diffusion.options import ACCEL_CHOICES, ACCEL_ENV, DEVICE_ENV, DTYPE_CHOICES, DTYPE_ENV, check_device_spec
 from engine.outputs.recorder import DEFAULT_PATTERN
 
 log = logging.getLogger("dreamdeck")
@@ -50,6 +51,13 @@ def _monitor(text: str) -> int | str:
     if not text:
         raise argparse.ArgumentTypeError("a monitor is an index or part of its name")
     return int(text) if text.isdigit() else text
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -141,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--no-midi", action="store_true", help="no MIDI")
     live.add_argument("--audio", metavar="SPEC",
                       help="audio input: a device name or index, 'default', or file:PATH (a WAV, looped)")
+    torch_group = run.add_argument_group("where the diffusion scenes run (realtime, ddpm, vqgan_clip)")
+    torch_group.add_argument("--device", type=_device, default=None,
+                             help="auto | cuda | cuda:N | mps | cpu (default auto: CUDA, then MPS, then CPU)")
+    torch_group.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                             help="precision (default auto: float16 on a GPU, float32 on a CPU; bfloat16 on request)")
+    torch_group.add_argument("--accel", choices=ACCEL_CHOICES, default=None,
+                             help="realtime scene backend (default auto: compile on CUDA, eager elsewhere)")
     run.add_argument("--hours", help='opening hours, e.g. "Mon-Fri 10:00-18:00, Sat 12:00-20:00": '
                                      "black and paused outside them")
 
@@ -234,6 +249,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SurfaceError as exc:
         print(f"dreamdeck run: {exc}", file=sys.stderr)
         return 1
+    # "auto" for every torch scene in this process (a scene's own device parameter still wins)
+    for env, value in ((DEVICE_ENV, args.device), (DTYPE_ENV, args.dtype), (ACCEL_ENV, args.accel)):
+        if value is not None:
+            os.environ[env] = value
     config = AppConfig(source=source, preset=preset, output_size=output, presets_dir=args.presets_dir)
     app = App(config, surface, RealClock(args.fps))
     app.add_output(Recorder(args.record or DEFAULT_PATTERN, fps=args.record_fps))

@@ -71,6 +71,8 @@ def test_headless_run_writes_a_screenshot_that_moves_with_time(tmp_path: Path) -
     (["run", "--headless", "--output", "8x8"], "must be between 16 and 16384"),
     (["run", "--headless", "--frames", "-3"], "must not be negative"),
     (["run", "--headless", "--fps", "0"], "must be positive"),
+    (["run", "--headless", "--device", "tpu"], "device 'tpu' is not one of auto, cuda, mps, cpu (or cuda:N)"),
+    (["run", "--headless", "--accel", "fast"], "invalid choice: 'fast'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required"),
 ])

@@ -141,6 +141,15 @@ def test_auto_policy():
         choose_accelerator("fast", torch.device("cpu"))
 
 
+def test_auto_is_what_dreamdeck_run_chose(monkeypatch):
+    monkeypatch.setenv("DREAMDECK_ACCEL", "compile")  # dreamdeck run --accel compile
+    assert choose_accelerator("auto", torch.device("cpu")).name == "compile"
+    assert choose_accelerator("eager", torch.device("cpu")).name == "eager"  # a scene's own choice wins
+    monkeypatch.setenv("DREAMDECK_ACCEL", "tensorrt")
+    with pytest.raises(ValueError, match="CUDA"):
+        choose_accelerator("auto", torch.device("cpu"))
+
+
 def test_onnx_export_with_dynamic_batch_runs_like_torch(tmp_path):
     """The LCM variant (with the guidance input) exported once, run at batch 1 and 3 by onnxruntime."""
     pytest.importorskip("onnx")

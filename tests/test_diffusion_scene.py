@@ -8,6 +8,7 @@ it); every wait is a polling loop with a timeout, and no test asserts on speed.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -103,6 +104,25 @@ def test_the_first_diffused_frame_is_timed_from_the_loaded_weights(show, caplog)
     assert 0 < scene.first_frame_s < since_asked  # the load itself is not counted, the first frame is
     lines = [r.getMessage() for r in caplog.records if "first diffused frame" in r.getMessage()]
     assert len(lines) == 1 and f"{scene.first_frame_s:.2f} s after the weights loaded" in lines[0]
+
+
+def test_dreamdeck_run_device_dtype_and_accel_reach_the_scene(model_folders, tmp_path):
+    """``dreamdeck run --device cpu --dtype bfloat16 --accel eager``: a real run, a real log."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "tiny.toml").write_text(
+        f'[preset]\ndescription = "tiny realtime"\n\n[scene]\nactive = "realtime"\n\n'
+        f'[scene.realtime]\nmodel = "{model_folders[0]}"\nvae = ""\nresolution = 32\n', encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "--no-log-file", "run", "--headless", "--fresh", "--no-status", "--no-osc",
+         "--presets-dir", str(presets), "--preset", "tiny", "--frames", "600", "--device", "cpu",
+         "--dtype", "bfloat16", "--accel", "eager"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"realtime: {model_folders[0]} on cpu (bfloat16), 32x32, 1 step(s), accel eager" in done.stderr
+    assert "realtime: first diffused frame" in done.stderr, done.stderr[-3000:]
 
 
 def test_a_missing_model_keeps_the_previous_scene(show):

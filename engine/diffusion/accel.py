@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import torch
 
 from engine.diffusion.hotpath import HotPath
-from engine.diffusion.options import ACCEL_CHOICES
+from engine.diffusion.options import ACCEL_CHOICES, ACCEL_ENV
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,12 @@ class TensorRTAccelerator:
 
 
 def choose_accelerator(name: str, device: torch.device) -> Accelerator:
-    """``auto`` | ``eager`` | ``compile`` | ``tensorrt`` -> a backend (see the module docstring)."""
+    """``auto`` | ``eager`` | ``compile`` | ``tensorrt`` -> a backend (see the module docstring).
+
+    "auto" is first what ``dreamdeck run --accel`` chose ($DREAMDECK_ACCEL), then the policy.
+    """
+    if name == "auto":
+        name = os.environ.get(ACCEL_ENV, "").strip() or "auto"
     if name == "auto":
         name = "compile" if device.type == "cuda" else "eager"
     if name == "eager":

@@ -75,12 +75,11 @@ class DdpmScene(Scene):
     # -- loader thread -----------------------------------------------------------------------
     def load(self) -> None:
         require_diffusion_extra(self.name)
-        import torch
+        from engine.diffusion.device import choose_device
 
-        cuda = torch.cuda.is_available()
-        self._device = torch.device("cuda" if cuda else "cpu")
-        self._dtype = torch.float16 if cuda else torch.float32  # float16 convolutions are slow on CPUs
-        if not cuda:
+        choice = choose_device("auto")  # float16 on GPUs, float32 on a CPU (or what --device/--dtype chose)
+        self._device, self._dtype = choice.device, choice.dtype
+        if choice.device.type == "cpu":
             reserve_render_core()
         self._model_name = self._wanted_model()
         self._model = self._load(self._model_name)
