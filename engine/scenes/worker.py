@@ -29,6 +29,10 @@ from engine.slots import NewestSlot
 
 log = logging.getLogger(__name__)
 
+# load failures whose message says it all (ModelNotFound is a LookupError; require_diffusion_extra
+# raises ModuleNotFoundError; a device or dtype the machine lacks is a ValueError)
+_SAID_IN_ONE_LINE = (LookupError, ValueError, ModuleNotFoundError)
+
 FrameGetter = Callable[[], tuple[np.ndarray | None, object]]
 BUDGET_PARAM = "/scene/memory_budget"
 
@@ -226,7 +230,12 @@ class SceneWorker:
         except Exception as exc:  # a missing model or a bad plugin: the current scene plays on
             what = "could not load" if activate else "could not preload"
             message = f"scene {name} {what}: {type(exc).__name__}: {exc}"
-            log.exception("loading scene %s failed", name)
+            if isinstance(exc, _SAID_IN_ONE_LINE):  # a missing model, a bad setting, a missing extra
+                log.debug("loading scene %s failed", name, exc_info=True)
+                if not activate:  # (a failed activation is logged by the app, which falls back)
+                    log.error("%s", message)
+            else:  # anything else may be a bug: the traceback goes to the log
+                log.exception("loading scene %s failed", name)
             with self._lock:  # together: whoever sees the failure also sees why
                 self.loading, self.last_error = None, message
                 if activate:
