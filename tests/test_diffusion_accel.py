@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
 
 import numpy as np
@@ -68,9 +70,13 @@ def test_compile_builds_in_the_background_then_switches(tiny, backend, tmp_path,
     expected = [reference(f) for f in images]
     compiled = stream_on(tiny, CompileAccelerator(backend=backend, cache_dir=tmp_path / "inductor", fullgraph=True))
     assert compiled.accel == "eager"  # frames start at once, on eager
+    assert compiled.accel_state == "eager, compile from the first frame"
+    compiled(images[0])
+    assert re.fullmatch(r"compile|eager, compile building \d+ s", compiled.accel_state), compiled.accel_state
     run_until_switched(compiled, images)
     assert compiled.wait_for_accel(600), compiled.accel_error
     assert compiled.accel == "compile" and compiled.accel_ready_s is not None
+    assert compiled.accel_state == "compile"
     for frame, want in zip(images, expected):
         got = compiled(frame)
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
@@ -129,7 +135,43 @@ def test_a_failed_build_stays_on_eager_and_says_why(tiny):
     assert not stream.wait_for_accel(60)
     assert stream.accel == "eager"
     assert "compile failed, staying on eager" in stream.accel_error
+    assert stream.accel_state == "eager, compile failed"
     assert stream(frames(1)[0]) is not None
+
+
+class GatedAccelerator:
+    """Eager stages that take as long as the test says: a build it can hold open."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.builds = 0
+
+    def build(self, hot, example):
+        self.builds += 1
+        assert self.gate.wait(60)
+        return EagerAccelerator().build(hot, example)._replace(name=self.name)
+
+
+def test_layers_changed_during_a_build_make_it_stale_and_it_builds_again(tiny):
+    """A LoRA adapter added while a build is under way: that build is for layers that are
+    gone, so it is thrown away and another one starts; the frames stay on eager meanwhile."""
+    accelerator = GatedAccelerator()
+    stream = stream_on(tiny, accelerator)
+    image = frames(1)[0]
+    assert stream(image) is not None  # starts the build, runs eager
+    stream.rebuild_accelerated()  # what a new LoRA adapter does
+    assert stream(image) is not None and stream.accel == "eager"
+    accelerator.gate.set()
+    assert not stream.wait_for_accel(60)  # the first build ended stale: not switched to
+    assert stream.accel == "eager" and stream.accel_error is None
+    assert stream(image) is not None  # the next frame starts the second build
+    assert stream.wait_for_accel(60) and stream.accel == "gated" and accelerator.builds == 2
+    stream.rebuild_accelerated()  # no build under way: back to eager, and the next frame builds
+    assert stream.accel == "eager"
+    stream(image)
+    assert stream.wait_for_accel(60) and accelerator.builds == 3
 
 
 def test_auto_policy():

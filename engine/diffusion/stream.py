@@ -141,10 +141,13 @@ class StreamImg2Img:
             self.prompts.request(prompts)
         self.frames_dropped = 0  # frames that met torch.fx tracing during a background build
         self._accel_thread: threading.Thread | None = None
+        self._accel_started: float | None = None  # when the background build in progress began
         accelerator = accelerator or EagerAccelerator()
         self.accel_requested = accelerator.name
         self._accel_choice = accelerator
         self._layers_version = 0  # bumped when LoRA layers are added: a build of an older version is stale
+        self._building = False  # a background build is under way (it ends by switching, or asking again)
+        self._accel_lock = threading.Lock()  # a build's switch and a LoRA rebuild never interleave
         # built from the first frame's shape (a camera's size is known only then)
         self._accelerator: Accelerator | None = accelerator if accelerator.name != "eager" else None
 
@@ -191,6 +194,18 @@ class StreamImg2Img:
         """The backend the frames run on now (eager until a background build is ready)."""
         return self._stages.name
 
+    @property
+    def accel_state(self) -> str:
+        """For the HUD: "compile", "eager, compile building 12 s" or "eager, compile failed"."""
+        now, wanted = self.accel, self.accel_requested
+        if now == wanted:
+            return now
+        if self.accel_error is not None:
+            return f"{now}, {wanted} failed"
+        if self._accel_started is not None:
+            return f"{now}, {wanted} building {time.monotonic() - self._accel_started:.0f} s"
+        return f"{now}, {wanted} from the first frame"
+
     def wait_for_accel(self, timeout: float | None = None) -> bool:
         """Block until the background build finished (benchmarks, tests); True if it is in use.
 
@@ -211,7 +226,7 @@ class StreamImg2Img:
             return None
         if self._accelerator is not None:
             self._start_accelerated_build(frame.shape)
-        building = self._accel_thread is not None and self._accel_thread.is_alive()
+        building = self._building
         if building and fx_is_tracing():
             self.frames_dropped += 1  # modules cannot run while torch.fx traces (see CompileAccelerator)
             return None
@@ -267,10 +282,11 @@ class StreamImg2Img:
         """
         if self.accel_requested == "eager":
             return
-        self._layers_version += 1
-        self._stages = eager_stages(self.hot)
-        if self._accel_thread is None or not self._accel_thread.is_alive():
-            self._accelerator = self._accel_choice
+        with self._accel_lock:
+            self._layers_version += 1
+            self._stages = eager_stages(self.hot)
+            if not self._building:  # (a build under way sees the new version when it ends, and asks again)
+                self._accelerator = self._accel_choice
 
     def close(self) -> None:
         """Stop the prompt encoder thread (not when the bank is shared with a newer stream)."""
@@ -351,7 +367,11 @@ class StreamImg2Img:
     def _start_accelerated_build(self, frame_shape: tuple[int, ...]) -> None:
         accelerator, self._accelerator = self._accelerator, None
         example = self._example(frame_shape)
-        self._accel_thread = threading.Thread(target=self._build_accelerated, args=(accelerator, example),
+        self._accel_started = time.monotonic()
+        with self._accel_lock:
+            self._building = True
+            version = self._layers_version  # the layers this build is for
+        self._accel_thread = threading.Thread(target=self._build_accelerated, args=(accelerator, example, version),
                                               name=f"{accelerator.name} build", daemon=True)
         self._accel_thread.start()
 
@@ -365,23 +385,25 @@ class StreamImg2Img:
             denoise=(first, self._buffer.clone(), self.prompts.current, self._noise, c, self._timestep_cond),
             decode=(first,))
 
-    def _build_accelerated(self, accelerator: Accelerator, example: StageExample) -> None:
-        """Background thread: build, warm up, then switch with one assignment."""
+    def _build_accelerated(self, accelerator: Accelerator, example: StageExample, version: int) -> None:
+        """Background thread: build and warm up, then switch with one assignment (under the lock,
+        so a LoRA rebuild lands either before the switch, making this build stale, or after it)."""
         started = time.monotonic()
-        version = self._layers_version
+        error: str | None = None
         try:
             stages = accelerator.build(self.hot, example)
         except Exception as exc:  # named fallback policy: the show stays on eager, the error is reported
-            if version != self._layers_version:  # the layers changed under the build: try again
+            stages, error = None, f"{accelerator.name} failed, staying on eager: {type(exc).__name__}: {exc}"
+            log.exception("accelerator %s failed", accelerator.name)
+        with self._accel_lock:
+            self._building = False
+            if version != self._layers_version:  # the layers changed under the build: again, from the next frame
                 self._accelerator = accelerator
                 return
-            self.accel_error = f"{accelerator.name} failed, staying on eager: {type(exc).__name__}: {exc}"
-            log.exception("accelerator %s failed; frames stay on eager", accelerator.name)
-            return
-        if version != self._layers_version:  # built for layers that are gone: build again from the next frame
-            self._accelerator = accelerator
-            return
-        self.accel_ready_s = time.monotonic() - started
-        self._stages = stages
+            if stages is None:
+                self.accel_error = error
+                return
+            self.accel_ready_s = time.monotonic() - started
+            self._stages = stages
         log.info("frames now run on %s (built in %.1f s)", stages.name, self.accel_ready_s)
 
