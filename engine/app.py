@@ -491,7 +491,9 @@ class App:
         latest other error (the two are not ordered in time, so neither may hide the other)."""
         out = [*self.shaders.errors.values(),
                *(e for k, e in self.compositor.errors.items() if e not in self.shaders.errors.values())]
-        for error in (self.worker.last_error, self.last_error, self.actions.last_error):
+        active = self.worker.active
+        warning = active.warning if active is not None else None
+        for error in (self.worker.last_error, warning, self.last_error, self.actions.last_error):
             if error and error not in out:
                 out.append(error)
         return out
@@ -505,6 +507,9 @@ class App:
             scene += f" ({'loading' if loading == self.worker.pending_name else 'preloading'} {loading})"
         if self._showing_scene and not self.catalog.get(self._showing_scene).realtime:
             scene += f" {self.worker.fps:.1f} img/s"
+        active = self.worker.active
+        if active is not None and active.status:
+            scene += f" [{active.status}]"
         last = self.params.last_change
         lines = [
             f"render {s.render_fps:5.1f} fps  scene {self.worker.fps:5.1f} fps  dropped {drops}",

@@ -278,6 +278,28 @@ class BrokenLoad(Scene):
         raise AssertionError("never loaded")
 
 
+class Noted(Scene):
+    """A plugin that plays on through a problem of its own, and says so."""
+
+    name = "noted"
+    description = "Grey frames, with a state and a warning for the HUD"
+
+    def process(self, frame: np.ndarray | None, t: float) -> np.ndarray:
+        self.status = "warming up"
+        self.warning = "noted: the lamp is cold"
+        return np.full((36, 64, 3), 128, np.uint8)
+
+
+def test_a_scene_shows_its_state_and_warning_in_the_hud(make_app) -> None:
+    app = make_app(catalog=SceneCatalog((ReactionDiffusion, Noted)))
+    step_until(app, scene_showing(app, "reaction_diffusion"), "the first scene's image")
+    assert "[" not in app.hud_lines()[1] and not error_lines(app)
+    app.params.set("/scene/active", "noted", origin="osc")
+    step_until(app, scene_showing(app, "noted"), "the noted scene's image")
+    assert app.hud_lines()[1].startswith("scene noted [warming up]"), app.hud_lines()[1]
+    assert "error noted: the lamp is cold" in error_lines(app)
+
+
 def test_scene_that_fails_to_load_reverts_and_reports(make_app) -> None:
     catalog = SceneCatalog((ReactionDiffusion, Passthrough, BrokenLoad))
     app = make_app(catalog=catalog)

@@ -104,6 +104,7 @@ def test_the_first_diffused_frame_is_timed_from_the_loaded_weights(show, caplog)
     assert 0 < scene.first_frame_s < since_asked  # the load itself is not counted, the first frame is
     lines = [r.getMessage() for r in caplog.records if "first diffused frame" in r.getMessage()]
     assert len(lines) == 1 and f"{scene.first_frame_s:.2f} s after the weights loaded" in lines[0]
+    assert scene.status == "cpu (float32) eager" and scene.warning is None  # the HUD's view of it
 
 
 def test_dreamdeck_run_device_dtype_and_accel_reach_the_scene(model_folders, tmp_path):

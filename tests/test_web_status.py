@@ -160,6 +160,7 @@ def test_health_reports_the_running_show(running: RenderThread) -> None:
     status, health = get_json(rt.base + "/health")
     assert status == 200 and health["ok"] is True and health["state"] == "running"
     assert health["preset"] == "default" and health["scene"] == "reaction_diffusion"
+    assert health["scene_status"] == ""  # reaction-diffusion has no state to tell
     assert health["fps"] > 0 and health["frames"] > 0 and health["uptime_s"] >= 0
     assert health["source"].startswith("pattern ok")
     assert set(health["dropped_frames"]) == {"source", "scene"}

@@ -144,8 +144,11 @@ class RealtimeScene(Scene):
             if is_out_of_memory(exc):  # give the memory back before the worker reports it
                 free_accelerator_memory()
             raise
-        if image is not None and self._first_frame_told is not self._stream:
-            self._tell_first_frame(self._stream)
+        stream = self._stream
+        if image is not None and self._first_frame_told is not stream:
+            self._tell_first_frame(stream)
+        self.status = f"{stream.choice.describe()} {stream.accel_state}"
+        self.warning = stream.accel_error or stream.prompts.error
         return image
 
     # -- internals ---------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ def collect_health(app: Any, started: float) -> dict[str, Any]:
         "fps": round(stats.render_fps, 2),
         "frame_ms": round(stats.frame_ms, 2),
         "scene": worker.active_name,
+        "scene_status": worker.active.status if worker.active is not None else "",  # e.g. "cuda (float16) compile"
         "scene_selected": app.params.get("/scene/active"),
         "scene_loading": worker.loading,
         "scene_fps": round(worker.fps, 2),
