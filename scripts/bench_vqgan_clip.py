@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.vqclip.clip import WeightedPrompt
+    from engine.prompt_syntax import WeightedPrompt
     from engine.vqclip.configs import (CLIP_VIT_B32, F16_16384, TINY_CLIP, TINY_VQGAN, build_random_clip,
                                        build_random_vqgan)
     from engine.vqclip.optimise import Cutouts, VqganClip

@@ -126,6 +126,23 @@ def test_dreamdeck_run_device_dtype_and_accel_reach_the_scene(model_folders, tmp
     assert "realtime: first diffused frame" in done.stderr, done.stderr[-3000:]
 
 
+def test_weighted_prompts_blend_and_a_bad_one_is_refused_while_the_last_plays_on(show):
+    worker, params = show
+    worker.request("realtime")
+    plain = newest(worker)
+    set_params(params, {f"{P}/prompt": "a dog on the moon:1 | a cat:0.5"})  # two prompts, slerp-blended
+    assert wait_for(lambda: not np.array_equal(newest(worker).image, plain.image))
+    blended = newest(worker)
+    scene = worker.active
+    set_params(params, {f"{P}/prompt": "a dog on the moon:-1"})  # a push away: vqgan_clip's, not ours
+    assert wait_for(lambda: scene.warning is not None and "negative weight" in scene.warning)
+    later = newest(worker, blended.index)
+    assert np.array_equal(later.image, blended.image)  # the last good prompt plays on
+    assert worker.last_error is None
+    set_params(params, {f"{P}/prompt": "a dog on the moon:1 | a cat:0.5"})
+    assert wait_for(lambda: scene.warning is None)
+
+
 def test_a_missing_model_keeps_the_previous_scene(show):
     worker, params = show
     set_params(params, {f"{P}/model": "dreamdeck-test/missing-model"})

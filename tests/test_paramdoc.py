@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,10 @@ def test_markdown_lists_every_parameter_and_action():
     # enum choices are escaped so the Markdown table keeps its columns
     row = next(line for line in text.splitlines() if line.startswith("| `/layer/scene/blend`"))
     assert row.count(" | ") == 5
+    # so are '|' in defaults and descriptions (the weighted prompt syntax): every row has six cells
+    for line in text.splitlines():
+        if line.startswith("| `/"):
+            assert len(re.findall(r"(?<!\\)\|", line)) == 7, line
 
 
 def test_json_round_trips_ranges_and_defaults():

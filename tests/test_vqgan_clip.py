@@ -24,7 +24,8 @@ from engine.diffusion.errors import ModelNotFound  # noqa: E402
 from engine.params import ParamRegistry  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.vqgan_clip import VqganClipScene  # noqa: E402
-from engine.vqclip.clip import WeightedPrompt, load_clip, parse_prompts  # noqa: E402
+from engine.prompt_syntax import WeightedPrompt, parse_prompts  # noqa: E402
+from engine.vqclip.clip import load_clip  # noqa: E402
 from engine.vqclip.configs import TINY_CLIP, TINY_VQGAN, build_random_clip_model, taming_yaml  # noqa: E402
 from engine.vqclip.optimise import Cutouts, VqganClip, frame_to_tensor  # noqa: E402
 from engine.vqclip.vqgan import load_vqgan  # noqa: E402

@@ -72,8 +72,8 @@ class RealtimeScene(Scene):
                                 "transformers:CLIPTextModel", "peft"))
     PARAMS = (
         string_param(f"{_P}/prompt", "a watercolour painting, vivid colours, soft light",
-                     description="What the image becomes"),
-        string_param(f"{_P}/prompt_b", "", description="A second prompt, blended in by prompt_mix (empty: none)"),
+                     description="What the image becomes; several as 'a forest:1|fog:0.5', blended by slerp"),
+        string_param(f"{_P}/prompt_b", "", description="A second prompt (same syntax), blended in by prompt_mix (empty: none)"),
         float_param(f"{_P}/prompt_mix", 0.0, 0.0, 1.0, smoothing=0.3,
                     description="0 = prompt, 1 = prompt_b; in between a slerp of the two"),
         float_param(f"{_P}/strength", 0.5, 0.05, 1.0,
@@ -112,6 +112,8 @@ class RealtimeScene(Scene):
         self._stream_key: tuple[int, int] | None = None
         self._reload: BackgroundLoad | None = None  # a new (key, model, stream) on its way
         self._refused_strength: float | None = None
+        self._prompt_text: tuple[str, str] | None = None  # (prompt, prompt_b) as last read
+        self._prompt_refusal: str | None = None  # why that text was refused (the last good prompt plays on)
         self._lora_bank: Any = None  # the AdapterBank the files below were requested from
         self._lora_requested: dict[int, str] = {}
         self._lora_refused: tuple[str, ...] = ()  # slot files refused on TensorRT (said once)
@@ -148,7 +150,7 @@ class RealtimeScene(Scene):
         if image is not None and self._first_frame_told is not stream:
             self._tell_first_frame(stream)
         self.status = f"{stream.choice.describe()} {stream.accel_state}"
-        self.warning = stream.accel_error or stream.prompts.error
+        self.warning = stream.accel_error or stream.prompts.error or self._prompt_refusal
         return image
 
     # -- internals ---------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class RealtimeScene(Scene):
                 LiveSettings(strength=self.param("strength"), seed=self.param("seed"),
                              noise_drift=self.param("noise_drift"), guidance_scale=self.param("guidance"),
                              similarity_threshold=self.param("similarity_threshold")),
-                prompts=self._weighted_prompts(), accelerator=choose_accelerator(key.accel, choice.device), bank=bank,
+                prompts=self._weighted_prompts() or [("", 1.0)], accelerator=choose_accelerator(key.accel, choice.device), bank=bank,
                 adapters=adapters)
             stream.prompts.wait()
         except Exception as exc:
@@ -205,11 +207,28 @@ class RealtimeScene(Scene):
                  stream.size[1], stream.size[0], steps, stream.accel_requested)
         return model, stream
 
-    def _weighted_prompts(self) -> list[tuple[str, float]]:
-        prompt, other, mix = self.param("prompt"), self.param("prompt_b"), self.param("prompt_mix")
-        if not other.strip():
-            return [(prompt, 1.0)]
-        return [(prompt, 1.0 - mix), (other, mix)]
+    def _weighted_prompts(self) -> list[tuple[str, float]] | None:
+        """``prompt`` and ``prompt_b``, each in the weighted syntax (``a forest:1|fog:0.5``), mixed
+        by ``prompt_mix``; None when the text cannot be read (said once, and in the HUD)."""
+        from engine.prompt_syntax import parse_prompts
+
+        text = (self.param("prompt"), self.param("prompt_b"))
+        try:
+            first, second = parse_prompts(text[0]), parse_prompts(text[1])
+            negative = next((p for p in (*first, *second) if p.weight < 0), None)
+            if negative is not None:
+                raise ValueError(f"{negative.text!r} has a negative weight: this scene blends prompts and cannot "
+                                 "push away from one (vqgan_clip can)")
+        except ValueError as exc:
+            if text != self._prompt_text:
+                log.warning("realtime: prompt refused, the last one plays on: %s", exc)
+            self._prompt_text, self._prompt_refusal = text, f"realtime: prompt refused: {exc}"
+            return None
+        self._prompt_text, self._prompt_refusal = text, None
+        if not second:
+            return [(p.text, p.weight) for p in first]
+        mix = self.param("prompt_mix")
+        return [(p.text, p.weight * (1.0 - mix)) for p in first] + [(p.text, p.weight * mix) for p in second]
 
     def _apply_params(self) -> None:
         key = self._wanted_load_key()
@@ -221,7 +240,9 @@ class RealtimeScene(Scene):
                                                     adapters=old.adapters)
         stream = self._stream
         self._apply_lora_slots(stream)
-        stream.set_prompts(self._weighted_prompts())
+        prompts = self._weighted_prompts()
+        if prompts is not None:
+            stream.set_prompts(prompts)
         stream.set_seed(self.param("seed"))
         stream.set_noise_drift(self.param("noise_drift"))
         stream.set_guidance_scale(self.param("guidance"))

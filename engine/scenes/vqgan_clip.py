@@ -130,7 +130,7 @@ class VqganClipScene(Scene):
 
     def _update_prompts(self) -> None:
         """Parse the prompt params when they change; a bad one is logged once, the last good ones stay."""
-        from engine.vqclip.clip import parse_prompts
+        from engine.prompt_syntax import parse_prompts
 
         text = (self.param("prompt"), self.param("negative_prompt"))
         if text == self._prompt_text:

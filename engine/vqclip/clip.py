@@ -1,4 +1,4 @@
-"""CLIP through transformers, and weighted prompts: ``"a forest:1|fog:0.5|text:-0.3"``.
+"""CLIP through transformers (the weighted prompt syntax is in ``engine.prompt_syntax``).
 
 ``load_clip`` takes a hub id (``openai/clip-vit-base-patch32``, or open_clip weights published
 in transformers format such as ``laion/CLIP-ViT-B-32-laion2B-s34B-b79K``) or a local folder
@@ -12,7 +12,6 @@ The embeddings are taken through the vision / text towers and their projections 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,39 +25,6 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 # the normalisation every OpenAI and open_clip ViT was trained with
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_PROMPTS = 16
-
-
-@dataclass(frozen=True)
-class WeightedPrompt:
-    text: str
-    weight: float  # negative: push the image away from it
-
-
-def parse_prompts(text: str, negative: bool = False) -> list[WeightedPrompt]:
-    """``"text[:weight]|text2[:weight]"`` -> prompts; ``negative`` makes every weight a push away.
-
-    The weight is what follows the last ':' (default 1). Raises ValueError with the reason
-    (a weight that is not a finite number, too many prompts); empty parts are skipped.
-    """
-    prompts = []
-    for part in text.split("|"):
-        body, weight = part.strip(), 1.0
-        if ":" in body:
-            body, _, number = body.rpartition(":")
-            body = body.strip()
-            try:
-                weight = float(number)
-            except ValueError:
-                raise ValueError(f"prompt weight {number.strip()!r} in {part.strip()!r} is not a number "
-                                 "(write text:weight, e.g. 'a forest:0.5')") from None
-            if not math.isfinite(weight):
-                raise ValueError(f"prompt weight {number.strip()!r} in {part.strip()!r} is not finite")
-        if body and weight != 0.0:
-            prompts.append(WeightedPrompt(body, -abs(weight) if negative else weight))
-    if len(prompts) > MAX_PROMPTS:
-        raise ValueError(f"{len(prompts)} prompts: at most {MAX_PROMPTS}")
-    return prompts
 
 
 @dataclass

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.vqclip.clip import Clip, WeightedPrompt
+from engine.prompt_syntax import WeightedPrompt
+from engine.vqclip.clip import Clip
 from engine.vqclip.vqgan import Vqgan
 
 
