@@ -28,7 +28,8 @@ import numpy as np
 
 from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import BackgroundLoad, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra
+from engine.scenes.base import (BackgroundLoad, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra,
+                                 reserve_render_core)
 from engine.scenes.worker import is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ class RealtimeScene(Scene):
         from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img
 
         choice = choose_device(key.device, key.dtype)
+        if choice.device.type == "cpu":
+            reserve_render_core()  # a CPU UNet would otherwise take the core the render loop needs
         try:
             if model is None:
                 started = time.monotonic()
