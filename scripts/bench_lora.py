@@ -55,7 +55,9 @@ def main() -> None:
     bank = AdapterBank(unet)
     bank.request(1, files[0])
     bank.wait()
-    bank.apply()
+    change = bank.apply()
+    if change.error:
+        raise SystemExit(f"bench_lora: {change.error}")
     first_load_ms = bank.last_swap.swap_ms + bank.last_swap.read_ms
 
     lora_layers = bank.layer_count(1)
@@ -76,9 +78,9 @@ def main() -> None:
         bank.request(1, files[(i + 1) % 2])
         bank.wait()
         sync()
-        bank.apply()
+        change = bank.apply()
         sync()
-        assert bank.last_swap.hotswapped
+        assert change.error is None and bank.last_swap.hotswapped, change.error
         read_ms.append(bank.last_swap.read_ms)
         swap_ms.append(bank.last_swap.swap_ms)
 

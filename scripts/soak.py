@@ -48,6 +48,7 @@ import numpy as np
 from engine.app import App, AppConfig
 from engine.catalog import PRESETS_DIR, SHADERS_DIR
 from engine.clock import ManualClock, RealClock
+from engine.params import Kind, ParamError
 from engine.render.surface import HeadlessSurface
 from engine.scenes import SceneCatalog, builtin_catalog
 from engine.web import StatusConfig, accelerator_memory, install_status_page
@@ -316,6 +317,7 @@ def run_soak(args: argparse.Namespace) -> Report:
         osc = _add_osc(app, report)
         server = install_status_page(app, StatusConfig(port=0))
         app.start()
+        _pin(app, args.set)
         paths = [p.path for p in app.params.params()]
         osc_port = osc.port if osc is not None else _free_udp_port()
         flooder = Flooder(osc_port, paths, args.seed).start()
@@ -342,6 +344,7 @@ def run_soak(args: argparse.Namespace) -> Report:
                 event = EVENTS[(frame // args.every - 1) % len(EVENTS)]
                 if event in args.events:
                     _perturb(event, app, ws, flooder, presets, frame)
+                    _pin(app, args.set)  # a preset or an OSC burst may have moved them
                     report.events[event] = report.events.get(event, 0) + 1
             if frame % 30 == 0:
                 errors_seen.update(app.errors_now())
@@ -447,6 +450,23 @@ def _judge_memory(report: Report, args: argparse.Namespace, fd_baseline: int) ->
 
 # -- the command line ---------------------------------------------------------------------------
 
+def _pin(app: App, assignments: list[tuple[str, str]]) -> None:
+    """Set the --set parameters (again); numbers stay text for text parameters (a prompt "1999")."""
+    for path, text in assignments:
+        try:
+            numeric = app.params.param(path).kind in (Kind.FLOAT, Kind.INT)
+            app.params.set(path, float(text) if numeric else text, origin="soak")
+        except (KeyError, ValueError, ParamError) as exc:
+            raise SystemExit(f"soak: --set {path}={text}: {exc}") from None
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    path, sep, value = text.partition("=")
+    if not sep or not path.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not PATH=VALUE, e.g. /scene/realtime/model=./tiny-turbo")
+    return path, value
+
+
 def _size(text: str) -> tuple[int, int]:
     w, h = (int(v) for v in text.lower().split("x"))
     return w, h
@@ -476,6 +496,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events", default=",".join(dict.fromkeys(EVENTS)),
                         help="which perturbations, comma-separated (default all: %(default)s)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", type=_assignment,
+                        help="set a parameter before the run (repeatable), e.g. --set /scene/realtime/model=DIR "
+                             "to soak the realtime scene on a local model")
     parser.add_argument("--json", type=Path, help="write the report and every sample here")
     parser.add_argument("--self-test-leak-kb", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

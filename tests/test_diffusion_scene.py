@@ -143,6 +143,34 @@ def test_weighted_prompts_blend_and_a_bad_one_is_refused_while_the_last_plays_on
     assert wait_for(lambda: scene.warning is None)
 
 
+def test_any_resolution_a_fader_sends_is_rounded_to_one_the_model_takes(show):
+    worker, params = show
+    worker.request("realtime")
+    newest(worker)
+    for asked, made in ((45, 44), (1, 8)):  # the tiny test model takes multiples of 4, from 8 (SD: of 64, from 128)
+        set_params(params, {f"{P}/resolution": asked})
+        assert wait_for(lambda: newest(worker).image.shape == (made, made, 3)), newest(worker).image.shape
+    assert worker.last_error is None and worker.active.warning is None
+
+
+def test_steps_that_cannot_play_at_this_strength_are_refused_while_the_last_stream_plays_on(show, tmp_path):
+    worker, params = show
+    lcm = tmp_path / "tiny-lcm"
+    build_random_model("tiny", scheduler="lcm", time_cond_proj_dim=32).save_pretrained(lcm)
+    set_params(params, {f"{P}/model": str(lcm), f"{P}/strength": 0.05})
+    worker.request("realtime")
+    playing = newest(worker)
+    scene = worker.active
+    set_params(params, {f"{P}/steps": 4})  # LCM: 50 x 0.05 is fewer than 4 steps
+    assert wait_for(lambda: scene.warning is not None and "steps 4" in scene.warning), scene.warning
+    assert np.array_equal(newest(worker, playing.index).image, playing.image)  # the 1-step stream plays on
+    assert worker.last_error is None
+    set_params(params, {f"{P}/strength": 0.5})  # at a higher strength, 4 steps play
+    assert wait_for(lambda: scene._stream.config.steps == 4 and scene.warning is None), scene.warning
+    set_params(params, {f"{P}/steps": 1})
+    assert wait_for(lambda: scene._stream.config.steps == 1 and scene.warning is None), scene.warning
+
+
 def test_a_missing_model_keeps_the_previous_scene(show):
     worker, params = show
     set_params(params, {f"{P}/model": "dreamdeck-test/missing-model"})

@@ -75,6 +75,8 @@ class SwapTiming:
 class BankChange:
     changed: bool = False  # the output will differ: the stream must not skip the next frame
     restructured: bool = False  # adapter layers were added or removed: compiled graphs are stale
+    files: bool = False  # a file was swapped in or a slot cleared
+    error: str | None = None  # files that cannot play, in one line (their slots keep their old files)
 
 
 def split_source(source: str) -> tuple[str, str | None]:
@@ -211,8 +213,8 @@ class AdapterBank:
 
     @torch.no_grad()
     def apply(self) -> BankChange:
-        """Swap in the files that are read and write changed weights. Raises LoraError (one line)
-        for a file that cannot play, after everything else is applied; its slot keeps its old file."""
+        """Swap in the files that are read and write changed weights. A file that cannot play is
+        named in ``error`` (one line) and its slot keeps its old file; everything else applies."""
         change = BankChange()
         errors: list[str] = []
         # 1. files read in the background, or slots cleared
@@ -223,7 +225,7 @@ class AdapterBank:
             if future is None:
                 if self.sources.pop(slot, None):
                     log.info("LoRA slot %d: cleared", slot)
-                    change.changed = True
+                    change.changed = change.files = True
                     self._written.pop(slot, None)  # rewritten below, as 0
                 continue
             try:
@@ -233,7 +235,7 @@ class AdapterBank:
                 errors.append(f"LoRA slot {slot}: {exc}")
                 continue
             self._written.pop(slot, None)  # a swap resets the scalings to the file's alpha / rank
-            change.changed = True
+            change.changed = change.files = True
         # 2. weights: in place into the scaling tensors
         started = time.perf_counter()
         for slot, layers in self._base.items():
@@ -246,7 +248,7 @@ class AdapterBank:
         if change.changed:
             self.last_weights_ms = (time.perf_counter() - started) * 1000
         if errors:
-            raise LoraError("; ".join(errors) + " (the previous LoRA plays on)")
+            change.error = "; ".join(errors) + " (the previous LoRA plays on)"
         return change
 
     def close(self) -> None:

@@ -106,8 +106,11 @@ class StreamImg2Img:
         scale = vae_scale_factor(model.vae)
         height, width = config.size or (unet_config.sample_size * scale,) * 2
         multiple = scale * 2 ** (len(unet_config.block_out_channels) - 1)  # the UNet halves the latents per level
-        if height % multiple or width % multiple:
-            raise ValueError(f"size {width}x{height} must be a multiple of {multiple} for this model")
+        if height % multiple or width % multiple or min(height, width) < 2 * multiple:  # a fader gives any number
+            asked = (height, width)  # at least 2x2 at the UNet's deepest level (its norms need more than 1x1)
+            height, width = (max(2 * multiple, round(side / multiple) * multiple) for side in asked)
+            log.info("size %dx%d rounded to %dx%d, a multiple of %d for this model", asked[1], asked[0], width, height,
+                     multiple)
         self.size = (height, width)
         self.latent_shape = (unet_config.in_channels, height // scale, width // scale)
         self.hot = HotPath(DiffusersUNet(model.unet), model.vae, prediction_type=model.scheduler.config.prediction_type,
@@ -119,6 +122,7 @@ class StreamImg2Img:
         self.frames_in = 0  # frames that went through the UNet
         self.frames_out = 0
         self.accel_error: str | None = None
+        self.adapter_error: str | None = None  # a LoRA file that could not play (the previous one plays on)
         self.accel_ready_s: float | None = None
         self._stages: Stages = eager_stages(self.hot)
         self._cuda_stream = torch.cuda.Stream(choice.device) if choice.is_cuda else None
@@ -142,6 +146,7 @@ class StreamImg2Img:
         self.frames_dropped = 0  # frames that met torch.fx tracing during a background build
         self._accel_thread: threading.Thread | None = None
         self._accel_started: float | None = None  # when the background build in progress began
+        self.builds_started = 0  # background builds begun (a LoRA adapter's new layers start another)
         accelerator = accelerator or EagerAccelerator()
         self.accel_requested = accelerator.name
         self._accel_choice = accelerator
@@ -218,7 +223,7 @@ class StreamImg2Img:
     # -- the frame (worker thread) -------------------------------------------------------------
     def __call__(self, frame: np.ndarray) -> np.ndarray | None:
         """RGB uint8 (H, W, 3) -> RGB uint8 (h, w, 3), or None (nothing new, or the batch still filling)."""
-        # 0. LoRA slots: files swapped in, weights written, between two frames (raises LoraError)
+        # 0. LoRA slots: files swapped in, weights written, between two frames
         if self.adapters is not None:
             self._apply_adapters()
         # 1. similarity filter: a frame that shows nothing new costs nothing
@@ -313,6 +318,11 @@ class StreamImg2Img:
             self.rebuild_accelerated()
         if change.changed:
             self._changed = True
+        if change.error is not None:
+            self.adapter_error = change.error
+            log.warning("%s", change.error)
+        elif change.files:  # a later file played: the old complaint is over
+            self.adapter_error = None
 
     def _on_frame_stream(self):
         return torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else nullcontext()
@@ -368,6 +378,7 @@ class StreamImg2Img:
         accelerator, self._accelerator = self._accelerator, None
         example = self._example(frame_shape)
         self._accel_started = time.monotonic()
+        self.builds_started += 1
         with self._accel_lock:
             self._building = True
             version = self._layers_version  # the layers this build is for

@@ -79,8 +79,8 @@ class BackgroundLoad(Generic[T]):
     def _run(self, load: Callable[[], T]) -> None:
         try:
             self._result = load()
-        except Exception as exc:  # raised from take() on the worker, which reports it
-            log.exception("loading %s failed", self.what)
+        except Exception as exc:  # raised from take() on the worker, which reports it (once)
+            log.debug("loading %s failed", self.what, exc_info=True)
             self._error = exc
 
     @property

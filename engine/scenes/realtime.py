@@ -88,7 +88,7 @@ class RealtimeScene(Scene):
         float_param(f"{_P}/similarity_threshold", 0.98, 0.0, 1.0,
                     description="Skip frames at least this similar to the last one processed; 0 = off"),
         int_param(f"{_P}/resolution", 0, 0, 1024, unit="px",
-                  description="Square output size (a multiple of 64); 0 = the model's native size"),
+                  description="Square output size, rounded to what the model takes (SD: a multiple of 64, at least 128); 0 = the model's native size"),
         string_param(f"{_P}/model", DEFAULT_MODEL,
                      description="Hub id, local diffusers folder or .safetensors file (SD 1.5 / 2.1 architecture)"),
         string_param(f"{_P}/lora", "", description="LoRA fused into the model, e.g. latent-consistency/lcm-lora-sdv1-5"),
@@ -111,13 +111,14 @@ class RealtimeScene(Scene):
         self._load_key: _LoadKey | None = None  # the last one asked for (loaded, loading or failed)
         self._active_key: _LoadKey | None = None  # the one playing
         self._stream_key: tuple[int, int] | None = None
+        self._stream_refusal: tuple[Any, str] | None = None  # ((steps, resolution), strength) that cannot build; why
         self._reload: BackgroundLoad | None = None  # a new (key, model, stream) on its way
         self._refused_strength: float | None = None
         self._prompt_text: tuple[str, str] | None = None  # (prompt, prompt_b) as last read
         self._prompt_refusal: str | None = None  # why that text was refused (the last good prompt plays on)
         self._lora_bank: Any = None  # the AdapterBank the files below were requested from
         self._lora_requested: dict[int, str] = {}
-        self._lora_refused: tuple[str, ...] = ()  # slot files refused on TensorRT (said once)
+        self._lora_refusal: str | None = None  # slot files on a TensorRT engine, which they cannot reach
         self._first_frame_told: Any = None  # the stream whose first image has been logged
         self.first_frame_s: float | None = None  # the playing stream: weights loaded -> first diffused frame
 
@@ -151,7 +152,8 @@ class RealtimeScene(Scene):
         if image is not None and self._first_frame_told is not stream:
             self._tell_first_frame(stream)
         self.status = f"{stream.choice.describe()} {stream.accel_state}"
-        self.warning = stream.accel_error or stream.prompts.error or self._prompt_refusal
+        self.warning = (stream.accel_error or stream.adapter_error or self._lora_refusal or stream.prompts.error
+                        or self._prompt_refusal or (self._stream_refusal[1] if self._stream_refusal else None))
         return image
 
     # -- internals ---------------------------------------------------------------------------------
@@ -237,10 +239,20 @@ class RealtimeScene(Scene):
         key = self._wanted_load_key()
         if key != self._load_key and self._reload is None:
             self._start_reload(key)
-        if self._wanted_stream_key() != self._stream_key:
+        wanted = self._wanted_stream_key()
+        attempt = (wanted, self.param("strength"))  # a refused stream is tried again when either changes
+        if wanted != self._stream_key and (self._stream_refusal is None or attempt != self._stream_refusal[0]):
             old = self._stream
-            self._model, self._stream = self._build(self._active_key, bank=old.prompts, model=self._model,
-                                                    adapters=old.adapters)
+            try:
+                self._model, self._stream = self._build(self._active_key, bank=old.prompts, model=self._model,
+                                                        adapters=old.adapters)
+                self._stream_refusal = None
+            except ValueError as exc:  # e.g. a strength too low for that many steps: the old stream plays on
+                self._stream_refusal = (attempt, f"realtime: steps {wanted[0]}, resolution {wanted[1]} refused, "
+                                                f"the last ones play on: {exc}")
+                log.warning("%s", self._stream_refusal[1])
+        elif wanted == self._stream_key:
+            self._stream_refusal = None
         stream = self._stream
         self._apply_lora_slots(stream)
         prompts = self._weighted_prompts()
@@ -266,11 +278,13 @@ class RealtimeScene(Scene):
             self._lora_bank, self._lora_requested = stream.adapters, {}
         files = tuple(self.param(f"loras/{slot}/file").strip() for slot in range(1, LORA_SLOTS + 1))
         if stream.accel_requested == "tensorrt":
-            if any(files) and files != self._lora_refused:
-                self._lora_refused = files
-                raise ValueError("LoRA slots do not reach a TensorRT engine (its weights are built in); "
-                                 "use accel compile or eager")
+            refusal = ("realtime: LoRA slots do not reach a TensorRT engine (its weights are built in); "
+                       "use accel compile or eager") if any(files) else None
+            if refusal and refusal != self._lora_refusal:
+                log.warning("%s", refusal)
+            self._lora_refusal = refusal
             return
+        self._lora_refusal = None
         for slot, source in enumerate(files, start=1):
             if source != self._lora_requested.get(slot, ""):
                 self._lora_requested[slot] = source

@@ -188,7 +188,10 @@ class SceneWorker:
                 self._wake.set()
                 return False
             self._report(f"scene {scene.name} failed: {type(exc).__name__}: {exc}")
-            log.exception("scene %s raised in process()", scene.name)
+            if isinstance(exc, _SAID_IN_ONE_LINE):  # e.g. a model reload that found no model
+                log.debug("scene %s raised in process()", scene.name, exc_info=True)
+            else:  # anything else may be a bug: the traceback goes to the log
+                log.exception("scene %s raised in process()", scene.name)
             self._stop.wait(self._error_backoff)
             return False
         if image is None:
