@@ -39,6 +39,17 @@ class OutputUnavailable(RuntimeError):
     """This output cannot run here: the message says what is missing and how to get it."""
 
 
+def _turn_off(output: Any, exc: Exception) -> None:
+    """An output whose driver failed stays off and says why (call it from the ``except``):
+    a missing driver or platform in one line, anything else with its traceback."""
+    if isinstance(exc, OutputUnavailable):
+        output.last_error = str(exc)
+        log.error("%s off: %s (the show goes on)", output.name, exc)
+    else:
+        output.last_error = f"{type(exc).__name__}: {exc}"
+        log.exception("%s off after an error (the show goes on)", output.name)
+
+
 class Pace:
     """Which frames are due at ``fps`` on the show's clock, whatever the render rate.
 
@@ -151,12 +162,8 @@ class FrameShare:
                     self.sent += 1
                 finally:
                     self._readback.give_back(pixels)
-        except OutputUnavailable as exc:
-            self.last_error = str(exc)
-            log.error("%s off: %s (the show goes on)", self.name, exc)
         except Exception as exc:  # a third-party driver may raise anything: off, loudly; the show goes on
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.exception("%s off after an error (the show goes on)", self.name)
+            _turn_off(self, exc)
         finally:
             if self._opened:
                 self._close_sender()
@@ -286,12 +293,8 @@ class TextureShare:
                 log.info("%s: publishing %r", self.name, self.server_name)
             self._publish(texture)
             self.sent += 1
-        except OutputUnavailable as exc:
-            self.last_error = str(exc)
-            log.error("%s off: %s (the show goes on)", self.name, exc)
         except Exception as exc:  # a third-party driver may raise anything: off, loudly; the show goes on
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            log.exception("%s off after an error (the show goes on)", self.name)
+            _turn_off(self, exc)
 
     def _open(self) -> Any:
         raise NotImplementedError
