@@ -100,6 +100,7 @@ class StreamImg2Img:
         self.first_image_s: float | None = None  # seconds from ``started`` to the first image out
         self.model = model
         self.choice = choice
+        self.where = choice.describe()  # "NVIDIA H200 (float16)": asked of the driver once, not per frame
         self.config = config
         self.settings = settings or LiveSettings()
         unet_config = model.unet.config

@@ -114,13 +114,18 @@ class RealtimeScene(Scene):
         self._stream_refusal: tuple[Any, str] | None = None  # ((steps, resolution), strength) that cannot build; why
         self._reload: BackgroundLoad | None = None  # a new (key, model, stream) on its way
         self._refused_strength: float | None = None
-        self._prompt_text: tuple[str, str] | None = None  # (prompt, prompt_b) as last read
+        self._prompt_text: tuple[str, str] | None = None  # (prompt, prompt_b) as last parsed
+        self._parsed: tuple[list, list] = ([], [])  # its weighted prompts (parsed once per text, not per frame)
         self._prompt_refusal: str | None = None  # why that text was refused (the last good prompt plays on)
         self._lora_bank: Any = None  # the AdapterBank the files below were requested from
         self._lora_requested: dict[int, str] = {}
         self._lora_refusal: str | None = None  # slot files on a TensorRT engine, which they cannot reach
         self._first_frame_told: Any = None  # the stream whose first image has been logged
-        self.first_frame_s: float | None = None  # the playing stream: weights loaded -> first diffused frame
+
+    @property
+    def first_frame_s(self) -> float | None:
+        """The playing stream's time from loaded weights to its first diffused frame."""
+        return self._stream.first_image_s if self._stream is not None else None
 
     # -- loader thread -------------------------------------------------------------------------
     def load(self) -> None:
@@ -151,7 +156,7 @@ class RealtimeScene(Scene):
         stream = self._stream
         if image is not None and self._first_frame_told is not stream:
             self._tell_first_frame(stream)
-        self.status = f"{stream.choice.describe()} {stream.accel_state}"
+        self.status = f"{stream.where} {stream.accel_state}"
         self.warning = (stream.accel_error or stream.adapter_error or self._lora_refusal or stream.prompts.error
                         or self._prompt_refusal or (self._stream_refusal[1] if self._stream_refusal else None))
         return image
@@ -160,9 +165,8 @@ class RealtimeScene(Scene):
     def _tell_first_frame(self, stream: Any) -> None:
         """One log line per stream: how long from loaded weights to the first diffused frame."""
         self._first_frame_told = stream
-        self.first_frame_s = stream.first_image_s
         log.info("realtime: first diffused frame %.2f s after the weights loaded (%s, accel %s%s)",
-                 stream.first_image_s, stream.choice.describe(), stream.accel,
+                 stream.first_image_s, stream.where, stream.accel,
                  f", {stream.accel_requested} building in the background" if stream.accel != stream.accel_requested
                  else "")
 
@@ -208,7 +212,7 @@ class RealtimeScene(Scene):
                 free_accelerator_memory()
             raise
         self._stream_key = (steps, resolution)
-        log.info("realtime: %s on %s, %dx%d, %d step(s), accel %s", key.model, choice.describe(),
+        log.info("realtime: %s on %s, %dx%d, %d step(s), accel %s", key.model, stream.where,
                  stream.size[1], stream.size[0], steps, stream.accel_requested)
         return model, stream
 
@@ -218,18 +222,20 @@ class RealtimeScene(Scene):
         from engine.prompt_syntax import parse_prompts
 
         text = (self.param("prompt"), self.param("prompt_b"))
-        try:
-            first, second = parse_prompts(text[0]), parse_prompts(text[1])
-            negative = next((p for p in (*first, *second) if p.weight < 0), None)
-            if negative is not None:
-                raise ValueError(f"{negative.text!r} has a negative weight: this scene blends prompts and cannot "
-                                 "push away from one (vqgan_clip can)")
-        except ValueError as exc:
-            if text != self._prompt_text:
+        if text != self._prompt_text:
+            self._prompt_text, self._prompt_refusal = text, None
+            try:
+                self._parsed = parse_prompts(text[0]), parse_prompts(text[1])
+                negative = next((p for p in (*self._parsed[0], *self._parsed[1]) if p.weight < 0), None)
+                if negative is not None:
+                    raise ValueError(f"{negative.text!r} has a negative weight: this scene blends prompts and "
+                                     "cannot push away from one (vqgan_clip can)")
+            except ValueError as exc:
                 log.warning("realtime: prompt refused, the last one plays on: %s", exc)
-            self._prompt_text, self._prompt_refusal = text, f"realtime: prompt refused: {exc}"
+                self._prompt_refusal = f"realtime: prompt refused: {exc}"
+        if self._prompt_refusal is not None:
             return None
-        self._prompt_text, self._prompt_refusal = text, None
+        first, second = self._parsed
         if not second:
             return [(p.text, p.weight) for p in first]
         mix = self.param("prompt_mix")
