@@ -166,9 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("run_args", nargs=argparse.REMAINDER, metavar="-- RUN FLAGS",
                          help="flags for `dreamdeck run`, e.g. -- --preset gallery --fullscreen --monitor 1")
 
-    params = sub.add_parser("params", help="list every parameter (the OSC / MIDI / preset address space)")
+    params = sub.add_parser("params", help="list every parameter (the OSC / MIDI / preset address space)",
+                            description="Every parameter: path, kind, range and unit, default and "
+                                        "description, as a table that fits 100 columns.")
     form = params.add_mutually_exclusive_group()
-    form.add_argument("--markdown", action="store_true", help="a Markdown table (for the README)")
+    form.add_argument("--markdown", action="store_true", help="a Markdown table (as in the documentation)")
     form.add_argument("--json", action="store_true", help="JSON, one object per parameter")
 
     presets = sub.add_parser("presets", help="list presets and whether each is valid")
