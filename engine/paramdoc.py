@@ -52,6 +52,10 @@ def _default(p: Param) -> str:
     return str(value)
 
 
+def _description(p: Param) -> str:
+    return p.description + ("" if p.in_presets else " (not in presets)")
+
+
 def param_record(p: Param) -> dict[str, Any]:
     return {
         "path": p.path, "osc": OSC_PREFIX + p.path, "kind": p.kind.value, "min": p.min, "max": p.max,
@@ -107,7 +111,7 @@ def params_text(registry: ParamRegistry, width: int = TEXT_WIDTH) -> str:
             lines.append(row("", *cells))
         else:
             lines.append(row(p.path, *cells))
-        for text in [p.description, *below]:
+        for text in [_description(p), *below]:
             lines += textwrap.wrap(text, body_w, initial_indent=_INDENT, subsequent_indent=_INDENT + "  ",
                                    break_on_hyphens=False) if text else []
     return "\n".join(lines)
@@ -126,7 +130,7 @@ PARAM_COLUMNS = ("path", "kind", "range", "default", "unit", "description")
 def _params_table(params: list[Param]) -> list[str]:
     lines = ["| " + " | ".join(PARAM_COLUMNS) + " |", "|" + "---|" * len(PARAM_COLUMNS)]
     for p in params:
-        cells = (f"`{p.path}`", p.kind.value, _range(p), _default(p), p.unit, p.description)
+        cells = (f"`{p.path}`", p.kind.value, _range(p), _default(p), p.unit, _description(p))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
 
