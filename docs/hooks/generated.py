@@ -1,0 +1,335 @@
+"""MkDocs hook: the documentation's generated parts, made at every build.
+
+A page asks for a generated block with a marker on a line of its own:
+
+    <!-- dreamdeck:params -->                      every parameter, one table per group
+    <!-- dreamdeck:actions -->                     every action
+    <!-- dreamdeck:cli -->                         `dreamdeck COMMAND --help` for every command
+    <!-- dreamdeck:effects -->                     the effects chain, from engine.render.effects
+    <!-- dreamdeck:bench-render FILE -->           a benchmark's JSON (docs/data/bench/FILE),
+    <!-- dreamdeck:bench-osc FILE [FILE ...] -->     as the bench script wrote it, as a table
+    ...                                            (see BENCH_TABLES)
+
+Since the blocks are made from the registry, the CLI and the benchmark files at build time,
+no generated page can go stale. What cannot be generated is checked: every parameter path
+the prose names in backticks must exist, so `mkdocs build --strict` fails on a renamed
+parameter as it fails on a broken link. The same functions run without MkDocs:
+
+    python3 docs/hooks/generated.py PAGE.md      # print the page with its blocks filled in
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+DOCS = Path(__file__).resolve().parent.parent
+ROOT = DOCS.parent
+BENCH_DATA = DOCS / "data" / "bench"
+HELP_WIDTH = 100
+
+# Under "mkdocs.": a warning here fails `mkdocs build --strict`.
+log = logging.getLogger("mkdocs.hooks.dreamdeck")
+
+MARKER = re.compile(r"^<!-- dreamdeck:([a-z-]+)((?: [^ >]+)*) -->$", re.MULTILINE)
+
+
+class GenerationError(Exception):
+    """A marker that names no generator, or a data file that is missing or malformed."""
+
+
+# ---- reference: parameters, actions, command line ------------------------------------------
+
+def _reference(markdown: str) -> str:
+    """Inside a div the stylesheet knows (docs/stylesheets/extra.css: paths stay on one line)."""
+    return f'<div class="reference-table" markdown>\n\n{markdown}\n\n</div>'
+
+
+def params_block() -> str:
+    from engine.catalog import build_registry
+    from engine.paramdoc import params_markdown
+
+    return _reference(params_markdown(build_registry(), heading="##"))
+
+
+def actions_block() -> str:
+    from engine.paramdoc import actions_markdown
+
+    return _reference(actions_markdown())
+
+
+def effects_block() -> str:
+    from engine.render.effects import EFFECTS
+
+    rows = [(f"`{fx.name}`", fx.description, f"`shaders/{fx.shader}`",
+             ", ".join(f"`{p.path}`" for p in fx.all_params())) for fx in EFFECTS]
+    return "\n".join(_table(("effect", "what it does", "shader", "parameters"), rows))
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+    found = []
+    for action in parser._actions:  # argparse has no public way to list subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.append((name, sub))
+                found += [(f"{name} {inner}", p) for inner, p in _subcommands(sub)]
+    return found
+
+
+def _help(parser: argparse.ArgumentParser) -> str:
+    # a fixed width, so the page does not depend on the terminal that builds it
+    parser.formatter_class = functools.partial(argparse.HelpFormatter, width=HELP_WIDTH)
+    return parser.format_help().rstrip()
+
+
+def cli_block() -> str:
+    from engine.cli import build_parser
+
+    parser = build_parser()
+    parts = ["## dreamdeck", "", "```text", _help(parser), "```"]
+    for name, sub in _subcommands(parser):
+        parts += ["", f"## dreamdeck {name}", "", "```text", _help(sub), "```"]
+    return "\n".join(parts)
+
+
+# ---- benchmark tables ----------------------------------------------------------------------
+
+def load_bench(name: str) -> dict[str, Any]:
+    path = BENCH_DATA / name
+    if not path.is_file():
+        raise GenerationError(f"no benchmark file docs/data/bench/{name}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise GenerationError(f"docs/data/bench/{name}: not JSON: {exc}") from None
+
+
+def _num(value: float | None, digits: int = 1, thousands: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}" if thousands else f"{value:.{digits}f}"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if len(row) != len(header):
+            raise GenerationError(f"a row of {len(row)} cells under {len(header)} columns: {row}")
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    return lines
+
+
+def _caption(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    lines = [""]
+    for name, report in reports:
+        said = f"Measured on {report['conditions']}" if report.get("conditions") else "Measured"
+        said += f" ({report['date']})" if report.get("date") else ""
+        command = f" Command: `{report['command']}`." if report.get("command") else ""
+        lines.append(f"*{said}.*{command} Data: `docs/data/bench/{name}`.  ")
+    lines[-1] = lines[-1].rstrip()
+    return lines
+
+
+def _field(report: dict[str, Any], key: str, name: str) -> Any:
+    try:
+        return report[key]
+    except (KeyError, TypeError):
+        raise GenerationError(f"docs/data/bench/{name}: no {key!r}") from None
+
+
+def bench_render(*names: str) -> str:
+    """``dreamdeck bench render --json`` reports: one row per output size and case."""
+    reports = [(n, load_bench(n)) for n in names]
+    rows = [(r["size"], r["case"].replace("+", " + "), _num(r["fps"]), _num(r["p50_ms"], 2), _num(r["p99_ms"], 2))
+            for name, report in reports for r in _field(report, "results", name)]
+    return "\n".join(_table(("output", "case", "fps", "p50 ms", "p99 ms"), rows) + _caption(reports))
+
+
+def bench_osc(*names: str) -> str:
+    """``scripts/bench_osc.py --json`` reports: with the render loop, then the OSC server alone."""
+    reports = [(n, load_bench(n)) for n in names]
+    phases = [(report["output_size"], r) for name, report in reports for r in _field(report, "with_render", name)]
+    phases += [("OSC alone", r) for _, report in reports for r in report.get("osc_alone", [])]
+    rows = []
+    for output, r in phases:
+        latency = "–" if r["latency_p50_ms"] is None else f"{_num(r['latency_p50_ms'])} / {_num(r['latency_p99_ms'])}"
+        rows.append((output, f"{r['rate']:,}" if r["rate"] else "0 (baseline)",
+                     _num(r["landed_per_s"], 0, thousands=True) if r["rate"] else "–", f"{r['lost']:,}",
+                     _num(r["fps"]), _num(r["longest_frame_ms"]), str(r["frames_over_25ms"]), latency))
+    header = ("output", "rate/s", "landed/s", "lost", "render fps", "longest frame ms", "frames > 25 ms",
+              "latency p50 / p99 ms")
+    return "\n".join(_table(header, rows) + _caption(reports))
+
+
+def bench_diffusion(*names: str) -> str:
+    """``dreamdeck bench diffusion --json`` results, or a ``scripts/bench_diffusion.py`` summary
+    (``{"cases": [...]}``; its slow-scene and LoRA cases have tables of their own)."""
+    reports = [(n, load_bench(n)) for n in names]
+    rows, commands = [], []
+    for name, report in reports:
+        for r in report.get("cases", [report]):
+            case = r.get("case", name)
+            if "error" in r:
+                rows.append((f"`{case}`", f"failed: {r['error']}", "", "", "", "", ""))
+                continue
+            if "engine" not in r:
+                continue
+            e, b = r["engine"], r["baseline"] or {}
+            where = r["gpu_name"] or r["device"]
+            what = f"{r['arch']} {r['size']}², {r['steps']} step{'s' if r['steps'] > 1 else ''}, {r['dtype']}"
+            stages = " / ".join(_num(e["stages_ms"].get(k), 0) for k in ("encode", "unet", "decode"))
+            base = f"{_num(b.get('fps'), 2)} ({_num(b.get('p50_ms'), 0)})" if b else "–"
+            first = r["startup"]["first_frame_s"]
+            rows.append((f"`{case}`", f"{what}, {r['accel']}, {where}",
+                         f"{_num(e['fps'], 2)} ({_num(e['p50_ms'], 0)})", stages, base,
+                         f"{_num(r['ratio'])}x" if r["ratio"] else "–", f"{_num(first)} s"))
+            if r.get("command"):
+                commands.append(f"- `{case}`: `{r['command']}`")
+    header = ("case", "what, backend, device", "hot path fps (p50 ms)", "encode / unet / decode ms",
+              "diffusers fps (p50 ms)", "ratio", "first frame")
+    return "\n".join(_table(header, rows) + ["", "Commands:", "", *commands] + _caption(reports))
+
+
+def bench_slow_scenes(frames: str, ddpm: str, vqgan_clip: str) -> str:
+    """The render loop while a slow scene computes (tests/test_slow_scene_frames.py), DDPM steps
+    (scripts/bench_ddpm.py) and VQGAN+CLIP steps (scripts/bench_vqgan_clip.py --json)."""
+    loop, steps, vq = load_bench(frames), load_bench(ddpm), load_bench(vqgan_clip)
+    rows = [("render loop from the cut to the DDPM on, while it loads and computes",
+             f"{loop['output_size']}, {loop['clock_hz']} Hz clock, {loop['frames']} frames",
+             f"longest frame {_num(loop['longest_ms'])} ms, p99 {_num(loop['p99_ms'])} ms "
+             f"(limit: 1.5 vsync = {_num(loop['limit_ms'], 0)} ms), {loop['scene_images']} DDPM steps meanwhile")]
+    for name, per_second in _field(steps, "results", ddpm).items():
+        ms = 1000.0 / per_second
+        took = f"{_num(ms)} ms" if ms < 1000 else f"{_num(ms / 1000, 2)} s"
+        threads = f"{steps['threads']} thread" + ("s" if steps["threads"] != 1 else "")
+        rows.append((f"DDPM, {name}", f"{steps['device']}, {threads}",
+                     f"{_num(per_second, 2 if per_second < 1 else 1)} steps/s ({took})"))
+    for r in _field(vq, "results", vqgan_clip):
+        rows.append((f"VQGAN+CLIP, {r['size']}², {r['cutouts']} cutouts", f"{vq['vqgan']} + {vq['clip']}",
+                     f"{r['steps_per_second']:.2g} it/s ({_num(r['seconds_per_step'])} s)"))
+    reports = [(frames, loop), (ddpm, steps), (vqgan_clip, vq)]
+    return "\n".join(_table(("what", "setting", "figure"), rows) + _caption(reports))
+
+
+def bench_lora(name: str) -> str:
+    """``scripts/bench_lora.py --json``: weight change, hot-swap and reload on the SD 1.5 UNet."""
+    r = load_bench(name)
+    call, with_lora = r["unet_call_ms"], r["unet_call_with_lora_ms"]
+    rows = [
+        ("weight change", f"**{r['weight_change_ms']:.2f} ms**", "< 16.7 ms (one frame at 60 Hz)"),
+        ("file hot-swap", f"**{_num(r['hotswap_total_ms'], 0)} ms**: {_num(r['hotswap_read_ms'], 0)} ms file read "
+         f"(background thread) + {_num(r['hotswap_swap_ms'], 0)} ms swap between frames", "< 250 ms"),
+        ("unload + load as a new adapter (for comparison)", f"{_num(r['unload_load_ms'], 0)} ms",
+         "a compiled graph would rebuild"),
+        ("one UNet call, without / with the LoRA", f"{_num(call / 1000, 2)} s / {_num(with_lora / 1000, 2)} s "
+         f"(+{(with_lora / call - 1) * 100:.0f} %)", ""),
+    ]
+    header = (f"LoRA rank {r['rank']}, {r['lora_layers']} layers, {_num(r['lora_file_mb'], 0)} MB file, "
+              f"{r['device']} {r['dtype']}", "figure", "target")
+    return "\n".join(_table(header, rows) + _caption([(name, r)]))
+
+
+GENERATORS: dict[str, Callable[..., str]] = {
+    "params": params_block, "actions": actions_block, "cli": cli_block, "effects": effects_block,
+    "bench-render": bench_render, "bench-osc": bench_osc, "bench-diffusion": bench_diffusion,
+    "bench-slow-scenes": bench_slow_scenes, "bench-lora": bench_lora,
+}
+
+
+def fill(markdown: str, where: str = "page") -> str:
+    """The page with every marker replaced by its block; GenerationError names a bad one."""
+    def replace(match: re.Match) -> str:
+        name, args = match.group(1), match.group(2).split()
+        generator = GENERATORS.get(name)
+        if generator is None:
+            raise GenerationError(f"{where}: unknown marker dreamdeck:{name} (known: {', '.join(GENERATORS)})")
+        try:
+            return generator(*args)
+        except TypeError as exc:
+            raise GenerationError(f"{where}: dreamdeck:{name} {' '.join(args)}: {exc}") from None
+        except GenerationError as exc:
+            raise GenerationError(f"{where}: {exc}") from None
+
+    return MARKER.sub(replace, markdown)
+
+
+# ---- prose check: the parameter paths a page names exist ---------------------------------
+
+_CODE = re.compile(r"`([^`\n]+)`")
+_PATH = re.compile(r"/[\w/<>{},*.-]*")  # up to a space, a query (?VALUE) or a colon
+
+
+def _pattern(path: str) -> re.Pattern:
+    """A path as the prose writes it (``/lfo/<n>/rate``, ``/fx/*/enabled``,
+    ``/output/keystone/{tl,tr}_{x,y}``) as a regex."""
+    out = ""
+    for token in re.split(r"(<[^>]+>|\{[^}]*\}|\*)", path):
+        if token.startswith("<"):
+            out += r"[^/]+(?:/[^/]+)*" if token == "<path>" else r"[^/]+"
+        elif token.startswith("{"):
+            out += "(?:" + "|".join(re.escape(t) for t in token[1:-1].split(",")) + ")"
+        elif token == "*":
+            out += r"[^/]+"
+        else:
+            out += re.escape(token)
+    return re.compile(out + r"\Z")
+
+
+@functools.lru_cache(maxsize=1)
+def _known() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    from engine.catalog import build_registry
+    from engine.paramdoc import action_records
+
+    paths = frozenset(p.path for p in build_registry().params())
+    groups = frozenset(p.split("/")[1] for p in paths)
+    actions = frozenset("/" + r["name"] for r in action_records()) | {"/get"}  # /get: the OSC query
+    return paths, groups, actions
+
+
+def unknown_paths(markdown: str) -> list[str]:
+    """Parameter paths named in backticks (`/fx/kaleido/segments`, `/dreamdeck/norm/...`) that
+    neither the registry nor the actions have."""
+    paths, groups, actions = _known()
+    unknown = []
+    for code in _CODE.findall(markdown):
+        found = _PATH.match(code)
+        if found is None:
+            continue
+        word = found.group(0).rstrip(".,")
+        osc = word.startswith("/dreamdeck")
+        path = word.removeprefix("/dreamdeck").removeprefix("/norm") if osc else word
+        if not path.startswith("/") or path.split("/")[1] not in groups | {a.split("/")[1] for a in actions}:
+            continue
+        if path in ("/norm", "") or path.startswith("/norm<"):
+            continue
+        pattern = _pattern(path)
+        if not any(pattern.match(p) for p in paths | actions):
+            unknown.append(word)
+    return unknown
+
+
+# ---- MkDocs ---------------------------------------------------------------------------------
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    from mkdocs.exceptions import PluginError
+
+    where = page.file.src_uri
+    try:
+        markdown = fill(markdown, where)
+    except GenerationError as exc:
+        raise PluginError(str(exc)) from None
+    for word in unknown_paths(markdown):
+        log.warning("%s: `%s` is not a parameter or an action (renamed?)", where, word)
+    return markdown
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    for page in sys.argv[1:]:
+        print(fill(Path(page).read_text(encoding="utf-8"), page))
