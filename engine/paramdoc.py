@@ -163,8 +163,9 @@ def action_records() -> list[dict[str, Any]]:
     """
     from engine.control.actions import ACTIONS
 
-    return [{"name": name, "osc": f"{OSC_PREFIX}/{name}", "arguments": None, "description": description}
-            for name, description in ACTIONS.items()]
+    return [{"name": name, "osc": f"{OSC_PREFIX}/{name}", "arguments": None,
+             "description": spec if isinstance(spec, str) else spec.description}
+            for name, spec in ACTIONS.items()]
 
 
 ACTION_COLUMNS = ("action", "OSC address", "description")

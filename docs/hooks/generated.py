@@ -148,7 +148,9 @@ def bench_render(*names: str) -> str:
     reports = [(n, load_bench(n)) for n in names]
     rows = [(r["size"], r["case"].replace("+", " + "), _num(r["fps"]), _num(r["p50_ms"], 2), _num(r["p99_ms"], 2))
             for name, report in reports for r in _field(report, "results", name)]
-    return "\n".join(_table(("output", "case", "fps", "p50 ms", "p99 ms"), rows) + _caption(reports))
+    gl = sorted({f"`{report['gl_renderer']}`, OpenGL {report['gl_version']}" for _, report in reports})
+    return "\n".join(_table(("output", "case", "fps", "p50 ms", "p99 ms"), rows)
+                     + ["", f"GL renderer: {'; '.join(gl)}."] + _caption(reports))
 
 
 def bench_osc(*names: str) -> str:
