@@ -80,7 +80,7 @@ class ShowConfig:
 
     @classmethod
     def bare(cls, app: AppConfig = AppConfig(), **overrides: object) -> "ShowConfig":
-        """The app alone, headless: no controls, outputs, saved state or status page (tests)."""
+        """The app alone, headless, on a manual clock: no controls, outputs, saved state or status page (tests)."""
         quiet = dict(controls=ControlConfig(osc_port=None, oscquery_port=None, tempo=False), clock="manual",
                      outputs=OutputConfig(recorder=False, systemd=False), state=None, status=None)
         return cls(app=app, **{**quiet, **overrides})
