@@ -26,6 +26,7 @@ from engine.catalog import NO_CUE, PRESETS_DIR, SHADERS_DIR, build_registry
 from engine.files import write_atomic
 from engine.clock import RealClock
 from engine.control.actions import ActionError, Actions, Control
+from engine.diffusion.options import TorchDefaults
 from engine.params import Change, ParamError
 from engine.presets import PresetError, PresetLibrary, load_preset, recall_values
 from engine.render.compositor import Compositor
@@ -79,6 +80,7 @@ class AppConfig:
     shaders_dir: Path = SHADERS_DIR
     hot_reload: bool = True
     source_max_age: float = 2.0  # seconds without a frame before the fallback pattern shows
+    torch: TorchDefaults = TorchDefaults()  # what "auto" device / dtype / accel means for the torch scenes
 
 
 @dataclass
@@ -116,7 +118,7 @@ class App:
         self.hud = Hud(surface.ctx, self.shaders)
         preview_window = getattr(surface, "preview", None)  # WindowConfig(preview=True)
         self.preview = PreviewView(preview_window, config.shaders_dir) if preview_window is not None else None
-        self.worker = SceneWorker(self.catalog, self.params, self._scene_input)
+        self.worker = SceneWorker(self.catalog, self.params, self._scene_input, torch=config.torch)
         self.overlay: ImageSource | None = None
         self.actions = Actions()
         self.controls: list[Control] = []

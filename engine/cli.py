@@ -11,10 +11,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.catalog import PRESETS_DIR
-from engine.diffusion.options import ACCEL_CHOICES, ACCEL_ENV, DEVICE_ENV, DTYPE_CHOICES, DTYPE_ENV, check_device_spec
+from engine.diffusion.options import ACCEL_CHOICES, DTYPE_CHOICES, check_device_spec
 from engine.outputs.recorder import DEFAULT_PATTERN
+
+if TYPE_CHECKING:
+    from engine.show import ShowConfig
 
 log = logging.getLogger("dreamdeck")
 
@@ -193,47 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import dataclasses
+    from engine.render.surface import SurfaceError
+    from engine.schedule import ScheduleError
+    from engine.show import ShowError, build_show
 
-    from engine.app import App, AppConfig
-    from engine.clock import RealClock
-    from engine.control.osc import check_binding
-    from engine.control.setup import ControlConfig, install_controls
-    from engine.outputs.recorder import RECORD_PARAM, Recorder
-    from engine.outputs.sharing import SpoutOutput, SyphonOutput, ndi, virtual_camera
-    from engine.render.surface import HeadlessSurface, SurfaceError, WindowConfig, WindowSurface
-    from engine.schedule import OpeningHours, ScheduleError, parse_hours
-    from engine.service import Notifier
-    from engine.sources import SourceSpecError, parse_source_spec
-    from engine.state import SessionState, StateStore, StateTracker, load_state
-    from engine.web import DEFAULT_PORT as DEFAULT_STATUS_PORT
-    from engine.web import StatusConfig, install_status_page
-
-    # a flag given now wins, then what was saved before a crash or restart, then the default
-    saved = SessionState() if args.fresh else load_state()
-    preset = args.preset or saved.preset or "default"
-    source = args.source if args.source is not None else saved.source
-    fullscreen = args.fullscreen if args.fullscreen is not None else saved.fullscreen
-    monitor = args.monitor if args.monitor is not None else saved.monitor
-    size = args.size or saved.window_size or (1280, 720)
-    output = args.output or saved.output_size or (1280, 720)
-
-    if source is not None:
-        try:
-            parse_source_spec(source)
-        except SourceSpecError as exc:
-            print(f"dreamdeck run: {exc}", file=sys.stderr)
-            return 2
-    if not args.no_osc:
-        try:  # opening OSC to the network without saying who may send is refused before the show
-            check_binding(args.osc_host, args.osc_allow or None, "--osc-host")
-        except ValueError as exc:
-            print(f"dreamdeck run: {exc}", file=sys.stderr)
-            return 2
     try:
-        hours = parse_hours(args.hours) if args.hours else None
-    except ScheduleError as exc:
-        print(f"dreamdeck run: --hours: {exc}", file=sys.stderr)
+        config = show_config(args)
+    except (ScheduleError, ValueError) as exc:
+        print(f"dreamdeck run: {exc}", file=sys.stderr)
         return 2
     if args.screenshot is not None and not _can_write_image(args.screenshot):
         # said now, not after the show: the screenshot is written when the run ends
@@ -241,60 +212,16 @@ def cmd_run(args: argparse.Namespace) -> int:
               "(use .png or .jpg)", file=sys.stderr)
         return 2
     try:
-        if args.headless:
-            surface = HeadlessSurface()
-        else:
-            surface = WindowSurface(WindowConfig(
-                size=size, fullscreen=bool(fullscreen), monitor=monitor if monitor is not None else 0,
-                vsync=not args.no_vsync, borderless=args.borderless, preview=args.preview,
-                preview_size=args.preview_size, keep_awake=not args.allow_sleep))
+        show = build_show(config)
+    except ShowError as exc:
+        print(f"dreamdeck run: {exc}", file=sys.stderr)
+        return 2
     except SurfaceError as exc:
         print(f"dreamdeck run: {exc}", file=sys.stderr)
         return 1
-    # "auto" for every torch scene in this process (a scene's own device parameter still wins)
-    for env, value in ((DEVICE_ENV, args.device), (DTYPE_ENV, args.dtype), (ACCEL_ENV, args.accel)):
-        if value is not None:
-            os.environ[env] = value
-    config = AppConfig(source=source, preset=preset, output_size=output, presets_dir=args.presets_dir)
-    app = App(config, surface, RealClock(args.fps))
-    app.add_output(Recorder(args.record or DEFAULT_PATTERN, fps=args.record_fps))
-    if args.record:
-        app.params.set(RECORD_PARAM, True, origin="cli")
-    if args.virtualcam is not None:
-        app.add_output(virtual_camera(device=args.virtualcam or None))
-    if args.ndi is not None:
-        app.add_output(ndi(args.ndi))
-    if args.spout is not None:
-        app.add_output(SpoutOutput(args.spout))
-    if args.syphon is not None:
-        app.add_output(SyphonOutput(args.syphon))
-    install_controls(app, ControlConfig(
-        osc_host=args.osc_host, osc_port=None if args.no_osc else args.osc_port, osc_allow=tuple(args.osc_allow),
-        osc_feedback=args.osc_feedback, osc_tcp=args.osc_tcp,
-        oscquery_port=None if args.no_oscquery else args.oscquery_port, advertise=args.advertise,
-        midi=not args.no_midi and bool(args.midi_in or args.midi_out), midi_inputs=tuple(args.midi_in), midi_outputs=tuple(args.midi_out),
-        midi_map=args.midi_map, midi_api=args.midi_api,
-        audio=None if args.audio is None else ("" if args.audio == "default" else args.audio)))
-    store = StateStore(initial=dataclasses.replace(saved, source=source, fullscreen=fullscreen, monitor=monitor,
-                                                   window_size=size, output_size=output))
-    app.add_output(StateTracker(store))
-    app.add_output(Notifier())  # READY and watchdog pings when systemd runs us; nothing otherwise
-    if hours is not None:
-        app.add_control(OpeningHours(app.params, hours, on_pause=app.worker.pause, on_resume=app.worker.resume))
-    if not args.no_status:
-        port = DEFAULT_STATUS_PORT if args.status_port is None else args.status_port
-        try:
-            server = install_status_page(app, StatusConfig(args.status_host, port, args.status_token))
-        except (OSError, ValueError) as exc:
-            if args.status_port is not None or isinstance(exc, ValueError):  # asked for: a usage error
-                app.close()
-                surface.close()
-                print(f"dreamdeck run: status page on {args.status_host}:{port}: {exc}", file=sys.stderr)
-                return 2
-            # the default port is taken (another dreamdeck?): the show matters more than the page
-            log.warning("status page off: %s:%d: %s (choose one with --status-port)", args.status_host, port, exc)
-        else:
-            print(f"status page: {server.url}", flush=True)  # once: it holds the token when open to the network
+    if show.status_page is not None:
+        print(f"status page: {show.status_page.url}", flush=True)  # once: it holds the token when open to the network
+    app = show.app
 
     def stop_show(signum: int, frame: object) -> None:
         # end the loop at the next frame boundary: a KeyboardInterrupt raised inside a lock
@@ -304,8 +231,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, stop_show) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app.start()
-        app.run(frames=args.frames)
+        show.start()
+        show.run(frames=args.frames)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -317,9 +244,60 @@ def cmd_run(args: argparse.Namespace) -> int:
             s = app.stats
             log.info("%d frames, render %.1f fps, longest frame %.1f ms", s.frames, s.render_fps,
                      s.longest_frame_ms)
-            app.close()
-            surface.close()
+            show.close()
     return 0
+
+
+def show_config(args: argparse.Namespace) -> "ShowConfig":
+    """`dreamdeck run` flags -> the show's config. A flag given now wins, then what was saved
+    before a crash or restart, then the default. Raises ShowError / ScheduleError for a bad flag."""
+    import dataclasses
+
+    from engine.app import AppConfig
+    from engine.control.setup import ControlConfig
+    from engine.diffusion.options import TorchDefaults
+    from engine.render.surface import WindowConfig
+    from engine.schedule import ScheduleError, parse_hours
+    from engine.show import OutputConfig, ShowConfig, StateConfig, StatusPageConfig
+    from engine.state import SessionState, load_state
+    from engine.web import DEFAULT_PORT as DEFAULT_STATUS_PORT
+    from engine.web import StatusConfig
+
+    saved = SessionState() if args.fresh else load_state()
+    source = args.source if args.source is not None else saved.source
+    fullscreen = args.fullscreen if args.fullscreen is not None else saved.fullscreen
+    monitor = args.monitor if args.monitor is not None else saved.monitor
+    size = args.size or saved.window_size or (1280, 720)
+    output = args.output or saved.output_size or (1280, 720)
+    try:
+        hours = parse_hours(args.hours) if args.hours else None
+    except ScheduleError as exc:
+        raise ScheduleError(f"--hours: {exc}") from None
+    torch = TorchDefaults(args.device or "auto", args.dtype or "auto", args.accel or "auto")
+    window = None if args.headless else WindowConfig(
+        size=size, fullscreen=bool(fullscreen), monitor=monitor if monitor is not None else 0,
+        vsync=not args.no_vsync, borderless=args.borderless, preview=args.preview,
+        preview_size=args.preview_size, keep_awake=not args.allow_sleep)
+    controls = ControlConfig(
+        osc_host=args.osc_host, osc_port=None if args.no_osc else args.osc_port, osc_allow=tuple(args.osc_allow),
+        osc_feedback=args.osc_feedback, osc_tcp=args.osc_tcp,
+        oscquery_port=None if args.no_oscquery else args.oscquery_port, advertise=args.advertise,
+        midi=not args.no_midi and bool(args.midi_in or args.midi_out), midi_inputs=tuple(args.midi_in),
+        midi_outputs=tuple(args.midi_out), midi_map=args.midi_map, midi_api=args.midi_api,
+        audio=None if args.audio is None else ("" if args.audio == "default" else args.audio), hours=hours)
+    outputs = OutputConfig(record_pattern=args.record or DEFAULT_PATTERN, record_fps=args.record_fps,
+                           record_at_start=bool(args.record), virtualcam=args.virtualcam, ndi=args.ndi,
+                           spout=args.spout, syphon=args.syphon)
+    state = StateConfig(initial=dataclasses.replace(saved, source=source, fullscreen=fullscreen, monitor=monitor,
+                                                    window_size=size, output_size=output))
+    status = None if args.no_status else StatusPageConfig(
+        StatusConfig(args.status_host, DEFAULT_STATUS_PORT if args.status_port is None else args.status_port,
+                     args.status_token),
+        required=args.status_port is not None)  # asked for: a port that cannot be had is a usage error
+    return ShowConfig(
+        app=AppConfig(source=source, preset=args.preset or saved.preset or "default", output_size=output,
+                      presets_dir=args.presets_dir, torch=torch),
+        window=window, fps=args.fps, controls=controls, outputs=outputs, state=state, status=status)
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:

@@ -40,8 +40,6 @@ def private_state(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("xdg")
     monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
-    for name in ("DREAMDECK_DEVICE", "DREAMDECK_DTYPE", "DREAMDECK_ACCEL"):  # "auto" means the machine's best
-        monkeypatch.delenv(name, raising=False)
 
 
 def _wait_until_it_answers(display: str, deadline: float) -> None:

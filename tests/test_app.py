@@ -20,12 +20,11 @@ import pytest
 import tomli_w
 
 from engine.app import App, AppConfig
-from engine.clock import ManualClock
 from engine.presets import is_presettable
-from engine.render.surface import HeadlessSurface
 from engine.scenes import Scene, SceneCatalog
 from engine.scenes.passthrough import Passthrough
 from engine.scenes.reaction_diffusion import ReactionDiffusion
+from engine.show import Show, ShowConfig, build_show
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -120,21 +119,19 @@ def presets_dir(tmp_path: Path, default_doc: dict) -> Path:
 
 @pytest.fixture
 def make_app(presets_dir: Path) -> Iterator[Callable[..., App]]:
-    """Build and start an App on a headless surface; closed at the end even when a test fails."""
-    made: list[tuple[App, HeadlessSurface]] = []
+    """Build (``build_show``, the app alone, headless) and start an App; closed at the end even when a test fails."""
+    made: list[Show] = []
 
     def make(source: str = "pattern", catalog: SceneCatalog | None = None, **config: object) -> App:
-        surface = HeadlessSurface()
         settings = {"source": source, "presets_dir": presets_dir, "output_size": OUTPUT, "hot_reload": False,
                     **config}
-        app = App(AppConfig(**settings), surface, ManualClock(60.0), catalog=catalog)
-        made.append((app, surface))
-        return app.start()
+        show = build_show(ShowConfig.bare(AppConfig(**settings)), catalog=catalog)
+        made.append(show)
+        return show.start().app
 
     yield make
-    for app, surface in made:
-        app.close()
-        surface.close()
+    for show in made:
+        show.close()
 
 
 # -- frames -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from engine.diffusion.accel import CompileAccelerator, EagerAccelerator, choose_
 from engine.diffusion.configs import build_random_model  # noqa: E402
 from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.hotpath import DiffusersUNet  # noqa: E402
+from engine.diffusion.options import TorchDefaults  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
 from engine.diffusion.tensorrt import engine_key, module_fingerprint  # noqa: E402
 from diffusion_fixtures import one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
@@ -183,13 +184,14 @@ def test_auto_policy():
         choose_accelerator("fast", torch.device("cpu"))
 
 
-def test_auto_is_what_dreamdeck_run_chose(monkeypatch):
-    monkeypatch.setenv("DREAMDECK_ACCEL", "compile")  # dreamdeck run --accel compile
-    assert choose_accelerator("auto", torch.device("cpu")).name == "compile"
-    assert choose_accelerator("eager", torch.device("cpu")).name == "eager"  # a scene's own choice wins
-    monkeypatch.setenv("DREAMDECK_ACCEL", "tensorrt")
+def test_auto_is_what_dreamdeck_run_chose():
+    show = TorchDefaults(accel="compile")  # dreamdeck run --accel compile
+    assert choose_accelerator(show.pick().accel, torch.device("cpu")).name == "compile"
+    assert choose_accelerator(show.pick(accel="eager").accel, torch.device("cpu")).name == "eager"  # the scene's wins
     with pytest.raises(ValueError, match="CUDA"):
-        choose_accelerator("auto", torch.device("cpu"))
+        choose_accelerator(TorchDefaults(accel="tensorrt").pick().accel, torch.device("cpu"))
+    with pytest.raises(ValueError, match="not one of"):
+        TorchDefaults(accel="fast")
 
 
 def test_onnx_export_with_dynamic_batch_runs_like_torch(tmp_path):

@@ -27,6 +27,7 @@ from diffusers import (  # noqa: E402
 
 from engine.diffusion.configs import build_random_model  # noqa: E402
 from engine.diffusion.device import choose_device  # noqa: E402
+from engine.diffusion.options import TorchDefaults  # noqa: E402
 from engine.diffusion.hotpath import fit_to  # noqa: E402
 from engine.diffusion.prompts import blend, slerp  # noqa: E402
 from engine.diffusion.schedule import build_schedule  # noqa: E402
@@ -275,15 +276,19 @@ def test_device_choice():
         choose_device("tpu")
 
 
-def test_device_auto_is_what_dreamdeck_run_chose(monkeypatch):
-    monkeypatch.setenv("DREAMDECK_DEVICE", "cpu")  # dreamdeck run --device cpu --dtype bfloat16
-    monkeypatch.setenv("DREAMDECK_DTYPE", "bfloat16")
-    assert choose_device() == choose_device("cpu", "bfloat16")
-    assert choose_device("cpu", "float32").dtype is torch.float32  # a scene's own choice wins
-    monkeypatch.setenv("DREAMDECK_DEVICE", "mps")
+def test_device_auto_is_what_dreamdeck_run_chose():
+    show = TorchDefaults(device="cpu", dtype="bfloat16")  # dreamdeck run --device cpu --dtype bfloat16
+    chosen = show.pick()
+    assert choose_device(chosen.device, chosen.dtype) == choose_device("cpu", "bfloat16")
+    own = show.pick("cpu", "float32")  # a scene's own choice wins
+    assert choose_device(own.device, own.dtype).dtype is torch.float32
+    assert TorchDefaults().pick() == TorchDefaults()  # nothing chosen anywhere: auto, the machine's best
     if not torch.backends.mps.is_available():
+        mps = TorchDefaults(device="mps").pick()
         with pytest.raises(ValueError, match="no MPS"):
-            choose_device()
+            choose_device(mps.device, mps.dtype)
+    with pytest.raises(ValueError, match="not one of"):
+        TorchDefaults(device="tpu")
 
 
 def test_bfloat16_on_the_cpu_is_the_same_diffusion_in_less_precision(turbo):

@@ -26,8 +26,8 @@ class SlowColours(Scene):
     uses_input = False
     max_fps = 8.0
 
-    def __init__(self, params) -> None:
-        super().__init__(params)
+    def __init__(self, params, torch=None) -> None:
+        super().__init__(params, torch)
         self.n = 0
 
     def process(self, frame, t):

@@ -1,12 +1,13 @@
-"""Plug the live controls into an app from command-line settings, in the order they must run.
+"""Plug the live controls into an app from one config, in the order they must run.
 
 Order matters at the frame boundary: the tempo advances before the modulation matrix
-reads its LFOs, and MIDI clock feeds the tempo.
+reads its LFOs, MIDI clock feeds the tempo, and the opening hours come last so that a
+closed gallery stays black whatever the controls did in the same frame.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.control.audio import AudioInput
@@ -16,6 +17,7 @@ from engine.control.modulation import ModulationMatrix, build_sources
 from engine.control.osc import DEFAULT_OSC_PORT, OscServer
 from engine.control.oscquery import DEFAULT_OSCQUERY_PORT, OscQueryServer
 from engine.control.tempo import Tempo
+from engine.schedule import OpeningHours, WeeklyHours
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,10 @@ class ControlConfig:
     midi_outputs: tuple[str, ...] = ()
     midi_map: Path | None = None
     midi_api: str = "auto"
-    midi: bool = True
+    midi: bool = False  # on: MIDI in and out on the ports above (it waits for ports that are not there yet)
     audio: str | None = None  # None: no audio input; "" the default device; "file:PATH"; a device name
-    extra: dict = field(default_factory=dict)
+    tempo: bool = True  # the tempo, Ableton Link and the modulation matrix (their parameters come with them)
+    hours: WeeklyHours | None = None  # opening hours: black and the scenes paused outside them; None: always open
 
 
 def install_controls(app, config: ControlConfig) -> dict[str, object]:
@@ -42,15 +45,18 @@ def install_controls(app, config: ControlConfig) -> dict[str, object]:
     audio = AudioInput(config.audio, app.params) if config.audio is not None else None
     if audio is not None:
         made["audio"] = app.add_control(audio)
-    link = made["link"] = app.add_control(LinkSession(app.params))
-    tempo = Tempo(app.params, audio=audio, link=link)
-    tempo.register_actions(app.actions)
-    made["tempo"] = app.add_control(tempo)
-    made["modulation"] = app.add_control(ModulationMatrix(app.params, build_sources(audio, tempo)))
+    tempo = None
+    if config.tempo:
+        link = made["link"] = app.add_control(LinkSession(app.params))
+        tempo = Tempo(app.params, audio=audio, link=link)
+        tempo.register_actions(app.actions)
+        made["tempo"] = app.add_control(tempo)
+        made["modulation"] = app.add_control(ModulationMatrix(app.params, build_sources(audio, tempo)))
     if config.midi:
         made["midi"] = app.add_control(MidiControl(
             app.params, app.actions, inputs=config.midi_inputs, outputs=config.midi_outputs,
-            mappings_path=config.midi_map, api=config.midi_api, clock_callback=tempo.on_midi_clock))
+            mappings_path=config.midi_map, api=config.midi_api,
+            clock_callback=None if tempo is None else tempo.on_midi_clock))
     if config.osc_port is not None:
         osc = OscServer(app.params, app.actions, host=config.osc_host, port=config.osc_port,
                         allow=list(config.osc_allow) or None, feedback=config.osc_feedback, tcp=config.osc_tcp)
@@ -59,4 +65,7 @@ def install_controls(app, config: ControlConfig) -> dict[str, object]:
             made["oscquery"] = app.add_control(OscQueryServer(
                 app.params, config.osc_port, host=config.osc_host, port=config.oscquery_port,
                 advertise=config.advertise, allow=list(config.osc_allow) or None, actions=app.actions))
+    if config.hours is not None:
+        made["hours"] = app.add_control(OpeningHours(app.params, config.hours, on_pause=app.worker.pause,
+                                                     on_resume=app.worker.resume))
     return made

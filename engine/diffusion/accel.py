@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import torch
 
 from engine.diffusion.hotpath import HotPath
-from engine.diffusion.options import ACCEL_CHOICES, ACCEL_ENV
+from engine.diffusion.options import ACCEL_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,9 @@ class TensorRTAccelerator:
 def choose_accelerator(name: str, device: torch.device) -> Accelerator:
     """``auto`` | ``eager`` | ``compile`` | ``tensorrt`` -> a backend (see the module docstring).
 
-    "auto" is first what ``dreamdeck run --accel`` chose ($DREAMDECK_ACCEL), then the policy.
+    "auto" is the policy; what ``dreamdeck run --accel`` chose is put in place of "auto" before
+    (``TorchDefaults.pick``).
     """
-    if name == "auto":
-        name = os.environ.get(ACCEL_ENV, "").strip() or "auto"
     if name == "auto":
         name = "compile" if device.type == "cuda" else "eager"
     if name == "eager":

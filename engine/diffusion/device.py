@@ -6,12 +6,11 @@ float32, or bfloat16 on request (float16 convolutions are slow or missing on CPU
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from engine.diffusion.options import DEVICE_CHOICES, DEVICE_ENV, DTYPE_ENV
+from engine.diffusion.options import DEVICE_CHOICES
 
 DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -33,13 +32,9 @@ class DeviceChoice:
 def choose_device(device: str = "auto", dtype: str = "auto") -> DeviceChoice:
     """``device``: auto | cuda | cuda:N | mps | cpu; ``dtype``: auto | float16 | bfloat16 | float32.
 
-    "auto" is first what ``dreamdeck run --device`` / ``--dtype`` chose for the whole process
-    ($DREAMDECK_DEVICE, $DREAMDECK_DTYPE), then the best the machine has.
+    "auto" is the best the machine has; what ``dreamdeck run --device`` / ``--dtype`` chose is
+    put in place of "auto" before (``TorchDefaults.pick``).
     """
-    if device == "auto":
-        device = os.environ.get(DEVICE_ENV, "").strip() or "auto"
-    if dtype == "auto":
-        dtype = os.environ.get(DTYPE_ENV, "").strip() or "auto"
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if device == "auto":

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 ACCEL_CHOICES = ("auto", "eager", "compile", "tensorrt")
-# what "auto" means in this process: `dreamdeck run --device/--dtype/--accel` set these, and
-# every torch scene (realtime, ddpm, vqgan_clip) and the benchmark read them when asked for "auto"
-DEVICE_ENV, DTYPE_ENV, ACCEL_ENV = "DREAMDECK_DEVICE", "DREAMDECK_DTYPE", "DREAMDECK_ACCEL"
 _DEVICE_SPEC = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -18,6 +16,31 @@ def check_device_spec(text: str) -> str:
     if not _DEVICE_SPEC.fullmatch(text.strip()):
         raise ValueError(f"device {text!r} is not one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
     return text.strip()
+
+
+@dataclass(frozen=True)
+class TorchDefaults:
+    """What "auto" means for the torch scenes of one show (``dreamdeck run --device/--dtype/--accel``).
+
+    Given to each scene when it is made; a scene's own parameter (``/scene/realtime/device``...)
+    other than "auto" wins. "auto" here too: the machine's best (``choose_device``).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    accel: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_device_spec(self.device)
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        if self.accel not in ACCEL_CHOICES:
+            raise ValueError(f"accel {self.accel!r} is not one of {', '.join(ACCEL_CHOICES)}")
+
+    def pick(self, device: str = "auto", dtype: str = "auto", accel: str = "auto") -> "TorchDefaults":
+        """A scene's own choices, with these defaults where it says "auto"."""
+        return TorchDefaults(self.device if device == "auto" else device, self.dtype if dtype == "auto" else dtype,
+                             self.accel if accel == "auto" else accel)
 
 
 LORA_SLOTS = 4  # live LoRA slots on the realtime scene (engine/diffusion/lora.py)

@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Generic, TypeVar
 
 import numpy as np
 
+from engine.diffusion.options import TorchDefaults
 from engine.params import Param, ParamRegistry
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ class Scene:
     fallback: ClassVar[str | None] = None  # played instead when this scene cannot load and nothing played before
     PARAMS: ClassVar[tuple[Param, ...]] = ()
 
-    def __init__(self, params: ParamRegistry) -> None:
+    def __init__(self, params: ParamRegistry, torch: TorchDefaults | None = None) -> None:
         self.params = params
+        self.torch = torch or TorchDefaults()  # what "auto" device / dtype / accel means in this show
         # Read by the render thread for the HUD: the worker assigns new strings, never mutates.
         self.status = ""  # a short state next to the scene's name, e.g. "cuda (float16) compile"
         self.warning: str | None = None  # a problem the scene plays on through, e.g. a failed compile

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.diffusion.options import TorchDefaults
 from engine.params import enum_param, float_param, int_param, string_param
 from engine.scenes.base import (BackgroundLoad, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra,
                                 reserve_render_core)
@@ -59,8 +60,8 @@ class DdpmScene(Scene):
                    description="x_t: the noisy state itself; x0: the model's current guess of the finished image"),
     )
 
-    def __init__(self, params: Any) -> None:
-        super().__init__(params)
+    def __init__(self, params: Any, torch: TorchDefaults | None = None) -> None:
+        super().__init__(params, torch)
         self.max_fps = float(self.param("step_rate"))  # the worker paces this scene by it
         self._model: Any = None
         self._device: Any = None
@@ -77,7 +78,7 @@ class DdpmScene(Scene):
         require_diffusion_extra(self.name)
         from engine.diffusion.device import choose_device
 
-        choice = choose_device("auto")  # float16 on GPUs, float32 on a CPU (or what --device/--dtype chose)
+        choice = choose_device(self.torch.device, self.torch.dtype)  # --device / --dtype, else the machine's best
         self._device, self._dtype = choice.device, choice.dtype
         if choice.device.type == "cpu":
             reserve_render_core()

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS
+from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS, TorchDefaults
 from engine.params import enum_param, float_param, int_param, string_param
 from engine.scenes.base import (BackgroundLoad, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra,
                                  reserve_render_core)
@@ -104,8 +104,8 @@ class RealtimeScene(Scene):
         *(param for slot in range(1, LORA_SLOTS + 1) for param in _lora_slot_params(slot)),
     )
 
-    def __init__(self, params: Any) -> None:
-        super().__init__(params)
+    def __init__(self, params: Any, torch: TorchDefaults | None = None) -> None:
+        super().__init__(params, torch)
         self._model: Any = None
         self._stream: Any = None
         self._load_key: _LoadKey | None = None  # the last one asked for (loaded, loading or failed)
@@ -188,7 +188,8 @@ class RealtimeScene(Scene):
         from engine.diffusion.lora import AdapterBank
         from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img
 
-        choice = choose_device(key.device, key.dtype)
+        chosen = self.torch.pick(key.device, key.dtype, key.accel)  # the scene's own choice wins over the show's
+        choice = choose_device(chosen.device, chosen.dtype)
         if choice.device.type == "cpu":
             reserve_render_core()  # a CPU UNet would otherwise take the core the render loop needs
         try:
@@ -203,7 +204,7 @@ class RealtimeScene(Scene):
                 LiveSettings(strength=self.param("strength"), seed=self.param("seed"),
                              noise_drift=self.param("noise_drift"), guidance_scale=self.param("guidance"),
                              similarity_threshold=self.param("similarity_threshold")),
-                prompts=self._weighted_prompts() or [("", 1.0)], accelerator=choose_accelerator(key.accel, choice.device), bank=bank,
+                prompts=self._weighted_prompts() or [("", 1.0)], accelerator=choose_accelerator(chosen.accel, choice.device), bank=bank,
                 adapters=adapters)
             stream.prompts.wait()
         except Exception as exc:

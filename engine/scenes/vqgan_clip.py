@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.diffusion.options import TorchDefaults
 from engine.params import enum_param, float_param, int_param, string_param, trigger_param
 from engine.scenes.base import Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra, reserve_render_core
 
@@ -60,8 +61,8 @@ class VqganClipScene(Scene):
                     description="At most this many optimisation steps (frames) a second"),
     )
 
-    def __init__(self, params: Any) -> None:
-        super().__init__(params)
+    def __init__(self, params: Any, torch: TorchDefaults | None = None) -> None:
+        super().__init__(params, torch)
         self._vqgan: Any = None
         self._clip: Any = None
         self._run: Any = None  # engine.vqclip.optimise.VqganClip
@@ -80,7 +81,7 @@ class VqganClipScene(Scene):
 
         import torch
 
-        choice = choose_device("auto")
+        choice = choose_device(self.torch.device, self.torch.dtype)
         vqgan = load_vqgan(self.param("vqgan").strip() or default_vqgan_path())
         clip = load_clip(self.param("clip"))
         if choice.device.type == "cpu":

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from engine.diffusion.options import TorchDefaults
 from engine.params import ParamRegistry
 from engine.scenes.base import Scene, SceneCatalog
 from engine.slots import NewestSlot
@@ -51,9 +52,10 @@ class SceneFrame:
 
 class SceneWorker:
     def __init__(self, catalog: SceneCatalog, params: ParamRegistry, latest_input: FrameGetter,
-                 error_backoff: float = 0.5) -> None:
+                 error_backoff: float = 0.5, torch: TorchDefaults | None = None) -> None:
         self.catalog = catalog
         self.params = params
+        self.torch = torch or TorchDefaults()  # handed to each scene it makes
         self.latest_input = latest_input  # () -> (frame, key); never blocks
         self.output: NewestSlot[SceneFrame] = NewestSlot()
         self.active: Scene | None = None
@@ -228,7 +230,7 @@ class SceneWorker:
     def _load(self, name: str, activate: bool = True) -> None:
         started = time.monotonic()
         try:
-            scene = self.catalog.get(name)(self.params)
+            scene = self.catalog.get(name)(self.params, torch=self.torch)
             scene.load()
         except Exception as exc:  # a missing model or a bad plugin: the current scene plays on
             what = "could not load" if activate else "could not preload"
