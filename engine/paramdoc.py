@@ -70,8 +70,8 @@ def params_markdown(registry: ParamRegistry) -> str:
         default, description = (text.replace("|", "\\|") for text in (_default(p), p.description))
         lines.append(f"| `{p.path}` | {p.kind.value} | {_range(p)} | {default} | {p.unit} | {description} |")
     lines += ["", "| action | OSC address | arguments |", "|---|---|---|"]
-    for name, description in ACTIONS.items():
-        lines.append(f"| {name} | `{OSC_PREFIX}/{name}` | {description} |")
+    for name, spec in ACTIONS.items():
+        lines.append(f"| {name} | `{OSC_PREFIX}/{name}` | {spec.description} |")
     return "\n".join(lines)
 
 

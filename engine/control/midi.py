@@ -374,11 +374,11 @@ class MidiControl:
         return None if learning is None else learning.path
 
     # -- MIDI learn (any thread) ------------------------------------------------------------------
-    def learn(self, path: str, mode: str | None = None) -> None:
+    def learn(self, path: str, mode: str = "") -> None:
         """Arm MIDI learn: the next control moved drives ``path`` (the action "midi/learn").
 
         ``mode`` forces a mode (e.g. "relative-signed", which looks like two's complement
-        when turned up); by default learn guesses from the messages (see guess_mapping).
+        when turned up); empty, learn guesses from the messages (see guess_mapping).
         """
         if not isinstance(path, str) or path not in self.registry:
             raise ActionError(f"unknown parameter {path!r:.60}")
@@ -386,7 +386,7 @@ class MidiControl:
         if kind in (Kind.STRING, Kind.COLOUR):
             raise ActionError(f"{path} is a {kind.value} parameter; MIDI cannot drive it")
         try:
-            forced = None if mode is None else Mode(mode)
+            forced = Mode(mode) if mode else None
         except ValueError:
             raise ActionError(f"unknown MIDI mode {mode!r:.40}; modes: {', '.join(m.value for m in Mode)}") from None
         with self._lock:

@@ -1,10 +1,4 @@
-"""OSC control: every parameter at ``/dreamdeck<path>``, the named actions, feedback.
-
-    /dreamdeck/fx/kaleido/segments 8          a parameter (i, f, d, T, F; text for enums)
-    /dreamdeck/norm/layer/scene/opacity 0.5   the same through its 0..1 form (CHOP channels)
-    /dreamdeck/fx/*/enabled 1                 OSC 1.0 wildcards (* ? [a-z] [!x] {a,b}) fan out
-    /dreamdeck/scene/next                     an action (see engine.control.actions.ACTIONS)
-    /dreamdeck/get /fx/kaleido/segments       reply /dreamdeck/fx/kaleido/segments 8 to the sender
+"""The OSC server: UDP (and TCP) listeners that parse, check and queue; never more.
 
 One thread reads the UDP socket (and, optionally, one per TCP connection) and does no more
 than parse, validate and queue: values land at the next frame boundary through the registry,
@@ -16,380 +10,45 @@ wants a value now, and sleeping until a timetag would stall every later message.
 
 Live input is untrusted: a wrong address, type or range is refused with one log line (at
 most one a second, with a count of what was held back) and counted for the HUD; the server
-never stops answering. Binding anything but loopback needs an allowlist of senders.
+never stops answering. Who may send is ``engine.control.access``'s rule.
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
-import re
 import select
 import socket
-import socketserver
-import struct
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence
 
-from pythonosc import osc_bundle, osc_message
-from pythonosc.osc_message_builder import OscMessageBuilder
-
-from engine.control.actions import ACTIONS, ActionError, Actions
+from engine.control.access import Access
+from engine.control.actions import ActionError, Actions
+from engine.control.osc.address import (MALFORMED, PREFIX, SKIP, action_args, address_collisions, has_pattern,
+                                        compile_pattern, messages_in, normalised_value, param_value,
+                                        encode_message)
+from engine.control.osc.feedback import Feedback
+from engine.control.osc.tcp import OscTcpServer
+from engine.logsetup import RateLimitedLog
 from engine.params import Change, Kind, Param, ParamError, ParamRegistry
 
 log = logging.getLogger(__name__)
 
 # Not the defaults of Resolume (7000), TouchOSC (8000/9000), MadMapper (8010) or QLab (53000).
 DEFAULT_OSC_PORT = 9321
-PREFIX = "/dreamdeck"
 ORIGIN = "osc"
 RECEIVE_BUFFER = 8 * 1024 * 1024  # bytes; holds a 10,000-message burst while Python catches up
 MAX_DATAGRAM = 65535
-MAX_TCP_PACKET = 1 << 20  # a TCP peer announcing more than this is not speaking OSC
 POLL_INTERVAL = 0.05  # seconds a server loop waits before checking whether to stop
 FRAME_BUDGET = 0.004  # seconds of a frame the render thread may spend on packets the thread fell behind on
 LOCK_WAIT = 0.001  # seconds the render thread waits for the receive thread to finish its packet
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
-_PATTERN_CHARS = frozenset("*?[]{}")
-_TRIGGER_ACTIONS = frozenset({"scene/next", "tap"})
-_SLIP_END, _SLIP_ESC = b"\xc0", b"\xdb"
-# What python-osc (and the bytes it decodes) raise for a packet that is not OSC.
-_MALFORMED = (osc_message.ParseError, osc_bundle.ParseError, UnicodeDecodeError, RecursionError,
-              struct.error, IndexError, TypeError)
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Reply = Callable[[bytes], None]
 
-
-# -- who may talk to us ---------------------------------------------------------------------
-
-def is_loopback(host: str) -> bool:
-    """True if ``host`` resolves only to loopback addresses: reachable from this machine only."""
-    if host in ("", "0.0.0.0", "::"):
-        return False
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror as exc:
-        raise ValueError(f"cannot resolve host {host!r}: {exc.strerror}") from None
-    return all(ipaddress.ip_address(info[4][0].split("%", 1)[0]).is_loopback for info in infos)
-
-
-def check_binding(host: str, allow: Iterable[str] | None, what: str) -> tuple[Network, ...] | None:
-    """Parse the allowlist; refuse a network-reachable binding without one (ValueError).
-
-    A show network is shared with lighting desks, phones and guests: an open port that
-    anyone can drive is how a projector ends up showing something it should not.
-    """
-    if allow is None:
-        if not is_loopback(host):
-            raise ValueError(f"{what} on {host!r} is reachable from the network: give an allowlist of "
-                             "sender addresses or networks (e.g. allow=['192.168.1.20', '10.0.0.0/24'])")
-        return None
-    networks: list[Network] = []
-    for entry in allow:
-        try:
-            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"{what}: allowlist entry {entry!r} is not an IP address or network") from None
-    if not networks:
-        raise ValueError(f"{what}: an empty allowlist refuses everyone; pass None to accept local senders")
-    return tuple(networks)
-
-
-class SenderFilter:
-    """Decides, per sender address, whether a packet or connection is let in."""
-
-    MAX_REMEMBERED = 4096  # spoofed source addresses must not grow memory without bound
-
-    def __init__(self, networks: tuple[Network, ...] | None) -> None:
-        self._networks = networks
-        self._seen: dict[str, bool] = {}
-
-    def allows(self, ip: str) -> bool:
-        if self._networks is None:
-            return True
-        known = self._seen.get(ip)
-        if known is None:
-            known = self._match(ip)
-            if len(self._seen) >= self.MAX_REMEMBERED:
-                self._seen.clear()
-            self._seen[ip] = known
-        return known
-
-    def _match(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped  # a dual-stack socket shows IPv4 senders as ::ffff:a.b.c.d
-        return any(addr.version == net.version and addr in net for net in self._networks or ())
-
-
-class RateLimitedLog:
-    """At most one warning per ``interval`` seconds; the next one says how many were held back.
-
-    A sender that floods bad messages must neither flood the log nor slow the server down
-    writing it.
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._log = logger
-        self._interval = interval
-        self._clock = clock
-        self._next = float("-inf")
-        self._held = 0
-        self._lock = threading.Lock()
-
-    def warning(self, message: str) -> bool:
-        """Log ``message`` unless a line went out less than ``interval`` ago; True if logged."""
-        with self._lock:
-            now = self._clock()
-            if now < self._next:
-                self._held += 1
-                return False
-            held, self._held = self._held, 0
-            self._next = now + self._interval
-        self._log.warning("%s%s", message, f" ({held} more since the last line)" if held else "")
-        return True
-
-
-# -- addresses ------------------------------------------------------------------------------
-
-def has_pattern(address: str) -> bool:
-    return not _PATTERN_CHARS.isdisjoint(address)
-
-
-@lru_cache(maxsize=512)
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """An OSC 1.0 address pattern as a regex for ``fullmatch``; ValueError if malformed.
-
-    ``*`` and ``?`` never cross a ``/``; ``[a-c]``, ``[!x]`` and ``{foo,bar}`` as in the spec.
-    python-osc's dispatcher recompiles its regex for every message and tries every handler;
-    here a pattern is compiled once and its matches are cached by the server.
-    """
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "*":
-            out.append("[^/]*")
-        elif char == "?":
-            out.append("[^/]")
-        elif char == "[":
-            end = pattern.find("]", i + 1)
-            if end < 0:
-                raise ValueError("'[' without ']'")
-            out.append(_char_class(pattern[i + 1 : end]))
-            i = end
-        elif char == "{":
-            end = pattern.find("}", i + 1)
-            if end < 0:
-                raise ValueError("'{' without '}'")
-            out.append("(?:" + "|".join(re.escape(alt) for alt in pattern[i + 1 : end].split(",")) + ")")
-            i = end
-        elif char in "]}":
-            raise ValueError(f"{char!r} without its opening bracket")
-        else:
-            out.append(re.escape(char))
-        i += 1
-    return re.compile("".join(out))
-
-
-def _char_class(body: str) -> str:
-    negate = body.startswith("!")
-    if negate:
-        body = body[1:]
-    if not body:
-        raise ValueError("empty '[]'")
-    parts: list[str] = []
-    j = 0
-    while j < len(body):
-        if j + 2 < len(body) and body[j + 1] == "-":  # a range; a '-' first or last is itself
-            low, high = body[j], body[j + 2]
-            if low > high:
-                raise ValueError(f"range {low}-{high} runs backwards")
-            parts.append(f"{re.escape(low)}-{re.escape(high)}")
-            j += 3
-        else:
-            parts.append(re.escape(body[j]))
-            j += 1
-    return f"[^/{''.join(parts)}]" if negate else f"[{''.join(parts)}]"
-
-
-def address_collisions(registry: ParamRegistry) -> list[str]:
-    """Parameter paths that would hide an action or a reserved address (``/get``, ``/norm``).
-
-    Parameters are resolved first, so such a parameter makes the action unreachable by OSC.
-    """
-    reserved = ["get", "norm", *ACTIONS]
-    found = []
-    for param in registry.params():
-        for name in reserved:
-            if param.path == f"/{name}" or param.path.startswith(f"/{name}/"):
-                found.append(f"{param.path} hides {PREFIX}/{name}")
-    return found
-
-
-# -- values ---------------------------------------------------------------------------------
-
-_SKIP = object()  # a trigger's release (0 or F, as a button sends it): accepted, nothing to do
-
-
-def _fires(where: str, args: Sequence[Any]) -> bool:
-    """Trigger semantics: no argument, nil or a non-zero number fires; 0 or F is a release."""
-    if not args:
-        return True
-    if len(args) == 1:
-        value = args[0]
-        if value is None:
-            return True
-        if isinstance(value, (bool, int, float)):
-            return bool(value)
-    raise ParamError(f"{where}: a trigger takes no argument or one number, got {_describe(args)}")
-
-
-def _describe(args: Sequence[Any]) -> str:
-    text = " ".join(repr(a) for a in args)
-    return text if len(text) <= 60 else text[:59] + "…"
-
-
-def _unpack_rgba(packed: int) -> tuple[float, ...]:
-    """An OSC 'r' argument (rgba32, red in the high byte) as four floats in 0..1."""
-    return tuple(((packed >> shift) & 0xFF) / 255.0 for shift in (24, 16, 8, 0))
-
-
-def param_value(param: Param, args: Sequence[Any]) -> Any:
-    """What an OSC message's arguments say for ``param``; ``_SKIP`` for a trigger's release.
-
-    Only the shape is checked here (how many arguments, which OSC types): the registry
-    checks type and range, so OSC refuses exactly what a preset would.
-    """
-    kind = param.kind
-    if kind is Kind.TRIGGER:
-        return True if _fires(param.path, args) else _SKIP
-    if kind is Kind.COLOUR:
-        if len(args) == 1 and isinstance(args[0], int) and not isinstance(args[0], bool):
-            return _unpack_rgba(args[0])
-        if len(args) in (3, 4):
-            return tuple(args)
-        if len(args) == 1:
-            return args[0]  # '#rrggbb' text; the registry says what is wrong with anything else
-        raise ParamError(f"{param.path}: a colour is 3 or 4 floats, one rgba, or '#rrggbb'; "
-                         f"got {len(args)} arguments")
-    if kind is Kind.STRING and len(args) > 1 and all(isinstance(a, str) for a in args):
-        return " ".join(args)  # Max sends `a red cat` as three symbols
-    if len(args) != 1:
-        raise ParamError(f"{param.path}: expected one value, got {len(args)} ({_describe(args)})")
-    value = args[0]
-    if value is None or isinstance(value, (bytes, list, tuple)):
-        raise ParamError(f"{param.path}: {_describe(args)} is not a value for a {kind.value} parameter")
-    return value
-
-
-def normalised_value(param: Param, args: Sequence[Any]) -> Any:
-    """The value for ``param`` that one 0..1 number stands for (clamped, as a fader is)."""
-    if len(args) != 1 or not isinstance(args[0], (bool, int, float)):
-        raise ParamError(f"{param.path}: the 0..1 form takes one number, got {_describe(args)}")
-    return param.denormalise(float(args[0]))
-
-
-def encode_message(address: str, param: Param, value: Any) -> bytes:
-    """``address value`` as an OSC datagram, typed by the parameter, not guessed from Python.
-
-    Bools go out as int 0/1: Pd's [oscparse], Max and TouchDesigner CHOPs all read ints,
-    while T/F carry no data and some receivers drop them.
-    """
-    builder = OscMessageBuilder(address=address)
-    kind = param.kind
-    if kind is Kind.FLOAT:
-        builder.add_arg(float(value), OscMessageBuilder.ARG_TYPE_FLOAT)
-    elif kind in (Kind.INT, Kind.BOOL):
-        builder.add_arg(int(value), OscMessageBuilder.ARG_TYPE_INT)
-    elif kind in (Kind.ENUM, Kind.STRING):
-        builder.add_arg(str(value), OscMessageBuilder.ARG_TYPE_STRING)
-    elif kind is Kind.COLOUR:
-        for channel in value:
-            builder.add_arg(float(channel), OscMessageBuilder.ARG_TYPE_FLOAT)
-    return builder.build().dgram  # a trigger: the bare address, as the message that fires it
-
-
-Parsed = tuple[str, list[Any]]  # (address, arguments)
-_FIXED = {ord("i"): struct.Struct(">i"), ord("f"): struct.Struct(">f"), ord("d"): struct.Struct(">d"),
-          ord("h"): struct.Struct(">q")}
-_CONSTANTS = {ord("T"): True, ord("F"): False, ord("N"): None}
-
-
-def _messages_in(packet: bytes) -> tuple[list[Parsed], bool]:
-    """Every message of a packet, nested bundles flattened; and whether it was a bundle."""
-    if osc_bundle.OscBundle.dgram_is_bundle(packet):
-        out: list[Parsed] = []
-        _flatten(osc_bundle.OscBundle(packet), out)
-        return out, True
-    if osc_message.OscMessage.dgram_is_message(packet):
-        parsed = parse_plain_message(packet)
-        if parsed is None:  # a type or a layout the fast path leaves to python-osc
-            message = osc_message.OscMessage(packet)
-            parsed = (message.address, message.params)
-        return [parsed], False
-    raise osc_message.ParseError("neither an OSC message nor a bundle")
-
-
-def _flatten(bundle: osc_bundle.OscBundle, out: list[Parsed]) -> None:
-    for content in bundle:
-        if isinstance(content, osc_bundle.OscBundle):
-            _flatten(content, out)
-        else:
-            out.append((content.address, content.params))
-
-
-def parse_plain_message(packet: bytes) -> Parsed | None:
-    """A well-formed message with i, f, d, h, s, T, F or N arguments, parsed in one pass.
-
-    python-osc reads strings a byte at a time; this costs a third as much, which is most of
-    the per-message time. Anything else (blobs, arrays, odd padding) returns None and goes
-    to python-osc, so the answers and the errors are python-osc's either way.
-    """
-    end = packet.find(b"\0")
-    if end <= 0:
-        return None
-    address = packet[:end].decode("utf-8")
-    i = (end + 4) & ~3
-    if i >= len(packet):
-        return (address, []) if i == len(packet) else None
-    tags_end = packet.find(b"\0", i)
-    if packet[i] != 0x2C or tags_end < 0:  # the type tag string starts with ','
-        return None
-    tags = packet[i + 1 : tags_end]
-    i = (tags_end + 4) & ~3
-    args: list[Any] = []
-    for tag in tags:
-        fixed = _FIXED.get(tag)
-        if fixed is not None:
-            if i + fixed.size > len(packet):
-                return None
-            args.append(fixed.unpack_from(packet, i)[0])
-            i += fixed.size
-        elif tag == 0x73:  # 's'
-            end = packet.find(b"\0", i)
-            if end < 0:
-                return None
-            args.append(packet[i:end].decode("utf-8"))
-            i = (end + 4) & ~3
-        elif tag in _CONSTANTS:
-            args.append(_CONSTANTS[tag])
-        else:
-            return None
-    return (address, args) if i <= len(packet) else None
-
-
-# -- the server -----------------------------------------------------------------------------
 
 @dataclass
 class OscCounts:
@@ -428,8 +87,6 @@ class OscServer:
                  feedback: tuple[str, int] | None = None, prefix: str = PREFIX, tcp: bool = False) -> None:
         if not prefix.startswith("/") or prefix.endswith("/"):
             raise ValueError(f"OSC prefix {prefix!r} must look like /name")
-        if feedback is not None and not (isinstance(feedback[1], int) and 0 < feedback[1] < 65536):
-            raise ValueError(f"OSC feedback port {feedback[1]!r} is not a port number")
         self.registry = registry
         self.actions = actions
         self.host = host
@@ -440,23 +97,20 @@ class OscServer:
         self.counts = OscCounts()
         self.last_error: str | None = None
         self.receive_buffer = 0  # bytes the kernel granted (Linux reports twice what it holds)
-        self._senders = SenderFilter(check_binding(host, allow, "OSC"))
+        self.access = Access.for_binding(host, allow, "OSC")
         self._refusals = RateLimitedLog(log)
         self._strangers = RateLimitedLog(log)
         self._send_errors = RateLimitedLog(log)
+        self._feedback = None if feedback is None else Feedback(feedback[0], feedback[1], self._send_errors)
         self._count_lock = threading.Lock()
         self._receive_lock = threading.Lock()  # one reader at a time: packets stay in order
         self._stop = threading.Event()
         self._udp: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._tcp_server: _OscTcpServer | None = None
+        self._tcp_server: OscTcpServer | None = None
         self._tcp_thread: threading.Thread | None = None
         self._paths: tuple[str, ...] = ()
         self._expansions: dict[str, tuple[str, ...]] = {}
-        self._feedback_sock: socket.socket | None = None
-        self._feedback_to: tuple[Any, ...] | None = None
-        self._feedback_pending: dict[str, Any] = {}
-        self._feedback_lock = threading.Lock()
         self._listening = False
 
     # -- life cycle ------------------------------------------------------------------------
@@ -480,8 +134,8 @@ class OscServer:
             sock.bind((self.host, self.port))
             sock.setblocking(False)  # the thread waits in select(); the frame drain must never wait
             self.port = sock.getsockname()[1]
-            if self.feedback is not None:
-                self._open_feedback()
+            if self._feedback is not None:
+                self._feedback.open(self.host, self.port)
             if self.tcp:
                 for attempt in range(8):
                     try:
@@ -562,35 +216,14 @@ class OscServer:
         """Frame boundary: new parameters, the packets the thread fell behind on, feedback."""
         self._refresh_paths()
         self._drain_behind()
-        sock, target = self._feedback_sock, self._feedback_to
-        if sock is None or target is None:
-            return
-        with self._feedback_lock:
-            pending, self._feedback_pending = self._feedback_pending, {}
-        items = list(pending.items())
-        sent = 0
-        for i, (path, value) in enumerate(items):
-            try:
-                sock.sendto(encode_message(self.prefix + path, self.registry.param(path), value), target)
-            except BlockingIOError:  # the send buffer is full: keep the rest for the next frame
-                with self._feedback_lock:
-                    for later_path, later_value in items[i:]:
-                        self._feedback_pending.setdefault(later_path, later_value)
-                self._count(send_failed=len(items) - i)
-                break
-            except OSError as exc:
-                self._count(send_failed=1)
-                self._send_errors.warning(f"OSC feedback to {self.feedback[0]}:{self.feedback[1]} failed: {exc}")
-                continue
-            sent += 1
-        self._count(sent=sent)
+        if self._feedback is not None:
+            sent, failed = self._feedback.send(self.prefix, self.registry)
+            self._count(sent=sent, send_failed=failed)
 
     def _on_change(self, change: Change) -> None:
         """Registry listener (render thread, frame boundary): keep the newest value per path."""
-        if self._feedback_sock is None:
-            return
-        with self._feedback_lock:
-            self._feedback_pending[change.path] = change.value
+        if self._feedback is not None:
+            self._feedback.note(change)
 
     # -- receiving (network threads) -------------------------------------------------------
     def _serve_udp(self, sock: socket.socket) -> None:
@@ -642,7 +275,7 @@ class OscServer:
 
     def admits(self, sender_ip: str) -> bool:
         """Whether the allowlist lets ``sender_ip`` in; a refusal is counted and logged (rate-limited)."""
-        if self._senders.allows(sender_ip):
+        if self.access.admits(sender_ip):
             return True
         self._count(dropped=1)
         self._strangers.warning(f"OSC from {sender_ip} dropped: not on the allowlist")
@@ -653,9 +286,9 @@ class OscServer:
         if not self.admits(sender[0]):
             return
         try:
-            messages, bundled = _messages_in(packet)
-        except _MALFORMED as exc:
-            self._refuse(1, f"OSC from {sender[0]}: malformed packet ({exc})")
+            messages, bundled = messages_in(packet)
+        except MALFORMED as exc:
+            self.refuse(1, f"OSC from {sender[0]}: malformed packet ({exc})")
             return
         plan = _Plan()
         address = "(empty bundle)"
@@ -663,12 +296,11 @@ class OscServer:
             for address, args in messages:
                 self._resolve(address, args, plan)
             address = "(bundle)" if bundled else address
-            self._check_actions(plan)
             if plan.values:
                 self.registry.set_many(plan.values, origin=ORIGIN)
         except (ParamError, ActionError) as exc:
             what = f"bundle of {len(messages)} refused, nothing applied" if bundled else "refused"
-            self._refuse(len(messages), f"OSC {what}: {address}: {exc}")
+            self.refuse(len(messages), f"OSC {what}: {address}: {exc}")
             return
         for name, args in plan.actions:
             self.actions.post(name, *args, origin=ORIGIN)
@@ -690,7 +322,7 @@ class OscServer:
         elif rest.startswith("/norm/"):
             for path in self._params_at(rest[len("/norm"):]):
                 plan.values[path] = normalised_value(self.registry.param(path), args)
-        elif rest[1:] in ACTIONS:
+        elif rest[1:] in self.actions.specs:
             action_args = self._action_args(rest[1:], args)
             if action_args is not None:
                 plan.actions.append((rest[1:], action_args))
@@ -702,7 +334,7 @@ class OscServer:
 
     def _plan_value(self, param: Param, args: Sequence[Any], plan: _Plan) -> None:
         value = param_value(param, args)
-        if value is not _SKIP:
+        if value is not SKIP:
             plan.values[param.path] = value
 
     def _params_at(self, path: str) -> tuple[str, ...]:
@@ -750,35 +382,24 @@ class OscServer:
         return paths
 
     def _action_args(self, name: str, args: Sequence[Any]) -> tuple[Any, ...] | None:
-        """The arguments to post for an action; None for a trigger's release (a button's 0)."""
-        where = f"{self.prefix}/{name}"
-        if name in _TRIGGER_ACTIONS:
-            return () if _fires(where, args) else None
-        if name in ("scene/select", "preset/recall"):
-            if len(args) != 1 or isinstance(args[0], bool) or not isinstance(args[0], (str, int, float)):
-                raise ActionError(f"{where} takes one name or number, got {_describe(args)}")
-            ref = args[0]
-            return (int(ref),) if isinstance(ref, float) and ref.is_integer() else (ref,)
-        if name in ("prompt", "preset/save"):
-            text = " ".join(a if isinstance(a, str) else f"{a:g}" if isinstance(a, float) else str(a) for a in args)
-            if not text.strip():
-                raise ActionError(f"{where} needs text")
-            return (text,)
-        if name == "midi/learn":
-            if len(args) != 1 or not isinstance(args[0], str):
-                raise ActionError(f"{where} takes one parameter path, got {_describe(args)}")
-            path = self._strip_prefix(args[0])
-            if path not in self.registry:
-                raise ActionError(f"{where}: unknown parameter {path!r}")
-            return (path,)
-        return tuple(args)
+        """The arguments to post, checked by the action's declaration; None for a button's release.
 
-    def _check_actions(self, plan: _Plan) -> None:
-        if plan.actions:
-            available = set(self.actions.names())
-            for name, _ in plan.actions:
-                if name not in available:
-                    raise ActionError(f"{self.prefix}/{name} is not available in this engine")
+        A path argument may carry the OSC prefix (``/dreamdeck/fx/...``, as TouchDesigner
+        copies an address) and must name a parameter.
+        """
+        spec = self.actions.spec(name)  # ActionError if this engine lacks it
+        bound = action_args(spec, args)
+        if bound is None:
+            return None
+        paths = [i for i, arg in enumerate(spec.args) if arg.type == "path"]
+        if not paths:
+            return bound
+        out = list(bound)
+        for i in paths:
+            out[i] = self._strip_prefix(out[i])
+            if out[i] not in self.registry:
+                raise ActionError(f"{spec.signature}: unknown parameter {out[i]!r:.60}")
+        return tuple(out)
 
     def _reply_value(self, path: str, reply: Reply) -> None:
         """Answer /get with the value as set (before smoothing and modulation, as presets save it)."""
@@ -791,7 +412,8 @@ class OscServer:
             return
         self._count(sent=1)
 
-    def _refuse(self, messages: int, message: str) -> None:
+    def refuse(self, messages: int, message: str) -> None:
+        """Count and log (rate-limited) messages refused; the last one shows in the HUD."""
         self.last_error = message
         self._count(received=messages, rejected=messages)
         self._refusals.warning(message)
@@ -802,29 +424,12 @@ class OscServer:
                 setattr(self.counts, name, getattr(self.counts, name) + n)
 
     # -- sockets ---------------------------------------------------------------------------
-    def _open_feedback(self) -> None:
-        host, port = self.feedback  # type: ignore[misc]
-        try:
-            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-        except socket.gaierror as exc:
-            raise ValueError(f"OSC feedback host {host!r} does not resolve: {exc.strerror}") from None
-        target_ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if port == self.port and (target_ip.is_loopback or self.host in ("", "0.0.0.0", "::")
-                                  or info[4][0] == self.host):
-            raise ValueError(f"OSC feedback to {host}:{port} would come back in: that is this server")
-        sock = socket.socket(info[0], socket.SOCK_DGRAM)
-        sock.setblocking(False)  # the render thread sends: a full buffer is a skipped message, not a wait
-        self._feedback_sock, self._feedback_to = sock, info[4]
-
     def _close_feedback(self) -> None:
-        sock, self._feedback_sock = self._feedback_sock, None
-        if sock is not None:
-            sock.close()
-        with self._feedback_lock:
-            self._feedback_pending = {}
+        if self._feedback is not None:
+            self._feedback.close()
 
     def _start_tcp(self, family: socket.AddressFamily) -> None:
-        server = _OscTcpServer((self.host, self.port), family, self)
+        server = OscTcpServer((self.host, self.port), family, self)
         self._tcp_server = server
         self._tcp_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL},
                                             name="osc tcp", daemon=True)
@@ -860,101 +465,3 @@ def _grow_receive_buffer(sock: socket.socket) -> int:
                  "messages; `sysctl -w net.core.rmem_max=%d` raises the cap", granted // 1024, RECEIVE_BUFFER)
     return granted
 
-
-# -- TCP ------------------------------------------------------------------------------------
-
-class _OscTcpServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, osc: OscServer) -> None:
-        self.address_family = family
-        self.osc = osc
-        self.connections: set[socket.socket] = set()
-        super().__init__(address, _OscTcpHandler)
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        return self.osc.admits(client_address[0])
-
-    def close_connections(self) -> None:
-        """Wake the connection threads blocked in recv so they end with the server."""
-        for conn in list(self.connections):
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:  # the peer closed it already: nothing to wake
-                continue
-
-
-class _OscTcpHandler(socketserver.BaseRequestHandler):
-    """One TCP connection: OSC 1.0 (int32 size before each packet) or 1.1 (SLIP frames).
-
-    The first byte tells them apart: a SLIP stream starts with END (0xC0), while a size
-    prefix below 16 MiB starts with 0.
-    """
-
-    server: _OscTcpServer
-
-    def handle(self) -> None:
-        conn: socket.socket = self.request
-        osc = self.server.osc
-        self.server.connections.add(conn)
-        try:
-            slip = conn.recv(1, socket.MSG_PEEK) == _SLIP_END
-            frames = _slip_frames(conn) if slip else _sized_frames(conn)
-
-            def reply(dgram: bytes) -> None:
-                conn.sendall(_slip_encode(dgram) if slip else struct.pack(">i", len(dgram)) + dgram)
-
-            for packet in frames:
-                osc.handle_packet(packet, self.client_address, reply)
-        except OSError as exc:  # reset by the peer, or woken by stop(): the connection is over
-            log.debug("OSC tcp connection from %s ended: %s", self.client_address[0], exc)
-        except _TooLarge as exc:
-            osc._refuse(1, f"OSC tcp from {self.client_address[0]}: {exc}; connection closed")
-        finally:
-            self.server.connections.discard(conn)
-
-
-class _TooLarge(Exception):
-    """A TCP peer announced or sent more than MAX_TCP_PACKET bytes without a frame end."""
-
-
-def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
-    chunks, left = [], size
-    while left:
-        chunk = conn.recv(min(left, 65536))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _sized_frames(conn: socket.socket) -> Iterator[bytes]:
-    while (header := _recv_exact(conn, 4)) is not None:
-        (size,) = struct.unpack(">i", header)
-        if not 0 <= size <= MAX_TCP_PACKET:
-            raise _TooLarge(f"packet size {size} out of range")
-        packet = _recv_exact(conn, size)
-        if packet is None:
-            return
-        if packet:
-            yield packet
-
-
-def _slip_frames(conn: socket.socket) -> Iterator[bytes]:
-    buffer = bytearray()
-    while chunk := conn.recv(65536):
-        buffer += chunk
-        while (end := buffer.find(_SLIP_END)) >= 0:
-            frame = bytes(buffer[:end])
-            del buffer[: end + 1]
-            if frame:  # OSC 1.1 puts END on both sides of a packet: empty frames between them
-                yield frame.replace(b"\xdb\xdc", b"\xc0").replace(b"\xdb\xdd", b"\xdb")
-        if len(buffer) > MAX_TCP_PACKET:
-            raise _TooLarge("SLIP frame without an end")
-
-
-def _slip_encode(dgram: bytes) -> bytes:
-    return _SLIP_END + dgram.replace(_SLIP_ESC, b"\xdb\xdd").replace(_SLIP_END, b"\xdb\xdc") + _SLIP_END
