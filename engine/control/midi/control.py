@@ -109,7 +109,7 @@ class MidiControl:
         """Load the mappings and start the MIDI thread (it opens the ports: nothing here waits)."""
         if self._thread is not None and self._thread.is_alive():
             return
-        file = load_mappings(self.mappings_path, self.registry)
+        file = load_mappings(self.mappings_path, self.registry, self.actions.specs)
         with self._lock:
             self._file = file
             self._publish_locked()
@@ -247,8 +247,8 @@ class MidiControl:
         outgoing: dict[str, list[mido.Message]] = {}
         done: set[tuple[int, int, MapType, int]] = set()
         for mapping in self._mappings:
-            if mapping.type is MapType.PROGRAM:
-                continue
+            if mapping.type is MapType.PROGRAM or mapping.action is not None:
+                continue  # nothing to show: a program change is momentary, an action has no value
             param = self.registry.param(mapping.param)
             if param.kind is Kind.TRIGGER:
                 continue
@@ -508,7 +508,12 @@ class MidiControl:
         self._set(mapping, value, _raw_value(mapping, param, value))
 
     def _button(self, mapping: Mapping, pressed: bool, velocity: int) -> None:
-        """Notes and CC buttons: trigger, toggle or momentary; velocity is the value of a number."""
+        """Notes and CC buttons: trigger, toggle or momentary; velocity is the value of a number.
+        An action mapping posts its action on the press (ActionError if this engine lacks it)."""
+        if mapping.action is not None:
+            if pressed:
+                self.actions.post(mapping.action, *mapping.args, origin=ORIGIN)
+            return
         param = self.registry.param(mapping.param)
         mode = mapping.mode
         if param.kind is Kind.TRIGGER:
@@ -601,7 +606,7 @@ class MidiControl:
         param = self.registry.param(learning.path)
         guessed = guess_mapping(self._port_pattern(learning.port), learning.events, param, learning.mode)
         try:
-            mapping = parse_mapping(guessed.to_toml(), self.registry)  # the file's rules, exactly
+            mapping = parse_mapping(guessed.to_toml(), self.registry, self.actions.specs)  # the file's rules
         except MappingError as exc:
             self._error(f"MIDI learn for {learning.path}: {exc}")
             return
