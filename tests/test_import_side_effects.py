@@ -53,14 +53,18 @@ def test_importing_the_diffusion_package_installs_no_filter() -> None:
 def test_setup_logging_quiets_library_chatter_until_closed() -> None:
     name, _ = QUIET_LIBRARIES[0]
     chatter = logging.getLogger(name)
-    console = io.StringIO()
-    setup = setup_logging("info", to_file=False, console=console)
+    # caught on the library's own logger: once transformers is imported its loggers stop propagating
+    seen = io.StringIO()
+    catch = logging.StreamHandler(seen)
+    chatter.addHandler(catch)
+    setup = setup_logging("info", to_file=False, console=io.StringIO())
     try:
         chatter.warning("ImageProcessor requires torchvision (not installed); falling back to PIL")
         chatter.warning("something else worth seeing")
     finally:
         setup.close()
-    assert "torchvision" not in console.getvalue() and "something else worth seeing" in console.getvalue()
+        chatter.removeHandler(catch)
+    assert "torchvision" not in seen.getvalue() and "something else worth seeing" in seen.getvalue()
     assert chatter.filters == []
     setup_logging("info", to_file=False, console=io.StringIO(), logger=logging.getLogger("test.own")).close()
     assert chatter.filters == [], "a logger of the caller's own quiets no library"
