@@ -150,10 +150,6 @@ class Access:
             raise ValueError(f"{what}: the token must not be empty")
         return cls(host, check_binding(host, allow, what, token=token), token)
 
-    @property
-    def local_only(self) -> bool:
-        return self.networks is None and self.token is None
-
     def admits(self, ip: str) -> bool:
         """Whether the allowlist lets a sender at ``ip`` in (True without an allowlist)."""
         return self._filter.allows(ip)

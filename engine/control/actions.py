@@ -23,7 +23,7 @@ import logging
 import math
 import queue
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Arg:
             raise ActionError(f"{self.name} takes {_WANTED[kind]}, got {value!r}")
         if kind in ("int", "str|int") and isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)  # OSC clients and JSON often send whole numbers as floats
-        if kind == "float" and isinstance(value, int) and math.isfinite(float(value)):
+        if kind == "float" and isinstance(value, int) and abs(value) < 2**1023:  # beyond that, no float holds it
             value = float(value)
         ok = {"int": isinstance(value, int), "float": isinstance(value, float) and math.isfinite(value),
               "str|int": isinstance(value, (str, int))}.get(kind, isinstance(value, str))
@@ -132,7 +132,7 @@ class ActionSpec:
         return given + tuple(arg.default for arg in self.args[len(args):])
 
     def record(self) -> dict[str, Any]:
-        """The declaration as JSON (the web page's ``/api/actions``, ``dreamdeck params --json``)."""
+        """The declaration as JSON (the web page's ``/api/actions``)."""
         return {"name": self.name, "description": self.description, "signature": self.signature,
                 "args": [{"name": a.name, "type": a.type, "required": a.required,
                           "default": None if a.required else a.default, "description": a.description}
@@ -252,7 +252,3 @@ class Actions:
             except Exception as exc:  # a handler's bug must not end the show: loud, and the next frame comes
                 self.last_error = f"{name} failed: {type(exc).__name__}: {exc}"
                 log.exception("action %s failed", name)
-
-
-def specs_json(specs: Iterable[ActionSpec]) -> list[dict[str, Any]]:
-    return [spec.record() for spec in specs]
