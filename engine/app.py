@@ -344,12 +344,14 @@ class App:
         log.info("MIDI learn armed for %s: move a control", path)
 
     def _register_actions(self) -> None:
-        self.actions.register("scene/next", self.next_scene)
-        self.actions.register("scene/select", self.select_scene)
-        self.actions.register("scene/preload", self.preload_scene)
-        self.actions.register("preset/recall", self.recall_preset)
-        self.actions.register("preset/save", self._save_preset_async)
-        self.actions.register("prompt", self.set_prompt)
+        """The app's handlers for the actions declared in engine.control.actions.ACTIONS (the
+        declaration checks the arguments before a handler sees them; the tempo registers tap,
+        MIDI midi/learn)."""
+        handlers = {"scene/next": self.next_scene, "scene/select": self.select_scene,
+                    "scene/preload": self.preload_scene, "preset/recall": self.recall_preset,
+                    "preset/save": self._save_preset_async, "prompt": self.set_prompt}
+        for name, handler in handlers.items():
+            self.actions.register(name, handler)
 
     def next_scene(self) -> None:
         names = self.catalog.names()
@@ -383,10 +385,10 @@ class App:
         except ParamError as exc:
             raise ActionError(str(exc)) from None
 
-    def _save_preset_async(self, name: str, description: str = "") -> None:
+    def _save_preset_async(self, name: str) -> None:
         def save() -> None:
             try:
-                self.save_preset(str(name), str(description))
+                self.save_preset(str(name))
             except (PresetError, OSError, ValueError) as exc:
                 self._error(f"preset {name} not saved: {exc}")
         threading.Thread(target=save, name="preset saver", daemon=True).start()

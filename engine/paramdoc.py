@@ -158,22 +158,21 @@ def params_markdown(registry: ParamRegistry, heading: str | None = None) -> str:
 def action_records() -> list[dict[str, Any]]:
     """Every action that keys, OSC, MIDI and the web page can post, as plain records.
 
-    The one place that reads ``engine.control.actions``: when actions declare their
-    arguments, fill ``arguments`` here and every view below follows.
+    The one place that reads ``engine.control.actions``: every view below follows it.
     """
     from engine.control.actions import ACTIONS
 
-    return [{"name": name, "osc": f"{OSC_PREFIX}/{name}", "arguments": None,
-             "description": spec if isinstance(spec, str) else spec.description}
+    return [{"name": name, "osc": f"{OSC_PREFIX}/{name}", "arguments": spec.signature,
+             "description": spec.description}
             for name, spec in ACTIONS.items()]
 
 
-ACTION_COLUMNS = ("action", "OSC address", "description")
+ACTION_COLUMNS = ("action", "OSC address", "arguments", "description")
 
 
 def actions_markdown() -> str:
     lines = ["| " + " | ".join(ACTION_COLUMNS) + " |", "|" + "---|" * len(ACTION_COLUMNS)]
     for record in action_records():
-        cells = (f"`{record['name']}`", f"`{record['osc']}`", record["description"])
+        cells = (f"`{record['name']}`", f"`{record['osc']}`", f"`{record['arguments']}`", record["description"])
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)

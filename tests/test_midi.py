@@ -410,6 +410,30 @@ def test_program_change_recalls_presets_unless_mapped(rig) -> None:
     assert "blend" in (r.midi.last_error or ""), "a program with no choice is refused, with a message"
 
 
+def test_buttons_post_actions_checked_by_their_declaration(rig, caplog) -> None:
+    entries = [{"channel": 1, "type": "note", "number": 41, "action": "preset/recall", "args": [3]},
+               {"channel": 1, "type": "cc", "number": 50, "action": "preset/recall", "args": ["late night"]},
+               {"channel": 1, "type": "note", "number": 42, "action": "preset/recall"},  # no ref: refused
+               {"channel": 1, "type": "note", "number": 43, "action": "preset/recall", "args": [True]},
+               {"channel": 1, "type": "note", "number": 44, "action": "tap"}]  # declared, not in this engine
+    with caplog.at_level("WARNING", logger="engine.control.midimap"):
+        r = rig(entries)
+    warnings = [rec.getMessage() for rec in caplog.records if rec.name == "engine.control.midimap"]
+    assert any("map #3: args: preset/recall(ref: str|int): got 0 arguments; skipped" in w for w in warnings), warnings
+    assert any("map #4: args: preset/recall(ref: str|int): ref takes a name or a whole number, got True" in w
+               for w in warnings), warnings
+    assert sorted(m.describe().split(" -> ")[1] for m in r.midi.mappings) == [
+        "action preset/recall 3 [trigger]", "action preset/recall late night [trigger]", "action tap [trigger]"]
+
+    r.play(mido.Message("note_on", note=41, velocity=100), mido.Message("note_off", note=41),
+           cc(50, 127), cc(50, 0), mido.Message("note_on", note=42, velocity=100))
+    r.frame()
+    assert r.recalled == [3, "late night"], "a press posts, a release does not; a refused mapping does nothing"
+    r.play(mido.Message("note_on", note=44, velocity=100))
+    assert r.midi.last_error == "MIDI: tap is not available in this engine"
+    assert r.quiet() == [], "an action mapping sends no feedback"
+
+
 def send_clock(port: Any, bpm: float, pulses: int) -> None:
     """Clock pulses at ``bpm`` on absolute deadlines, so sleep overshoot never accumulates."""
     interval = 60.0 / (bpm * 24)

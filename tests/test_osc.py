@@ -655,8 +655,42 @@ def test_actions_are_posted_for_the_frame_boundary(server: OscServer, client: so
     assert recorder.run() == [
         ("scene/next", ()), ("scene/next", ()), ("scene/select", ("passthrough",)), ("scene/select", (1,)),
         ("preset/recall", (2,)), ("preset/save", ("late night",)), ("prompt", ("a red cat",)),
-        ("tap", ()), ("midi/learn", ("/fx/kaleido/segments",)),
+        ("tap", ()), ("midi/learn", ("/fx/kaleido/segments", "")),
     ]
+
+
+# Each action called wrongly over UDP: refused whole, with the declaration's signature in the line.
+WRONG_ACTION_CALLS = [
+    (message("/dreamdeck/scene/select"), "scene/select(ref: str|int): got 0 arguments"),
+    (message("/dreamdeck/scene/select", "a", "b"), "scene/select(ref: str|int): got 2 arguments"),
+    (message("/dreamdeck/scene/select", 1.5), "scene/select(ref: str|int): ref takes a name or a whole number"),
+    (message("/dreamdeck/preset/recall", True), "preset/recall(ref: str|int): ref takes a name or a whole number"),
+    (message("/dreamdeck/scene/preload", 3), "scene/preload(name: str): name takes a name, got 3"),
+    (message("/dreamdeck/prompt"), "prompt(text: text): got 0 arguments"),
+    (message("/dreamdeck/midi/learn", "/fx/kaleido/segments", "relative-signed", "x"),
+     "midi/learn(path: path, mode: str = ''): got 3 arguments"),
+    (message("/dreamdeck/midi/learn", 5), "midi/learn(path: path, mode: str = ''): path takes a parameter path"),
+    (message("/dreamdeck/tap", "now"), "tap(): a button sends no argument or one number"),
+]
+
+
+@pytest.mark.parametrize("packet,expected", WRONG_ACTION_CALLS, ids=[e for _, e in WRONG_ACTION_CALLS])
+def test_an_action_with_wrong_arguments_is_refused_naming_its_signature(server: OscServer, client: socket.socket,
+                                                                        recorder: Recorder, packet: Any,
+                                                                        expected: str) -> None:
+    send(client, packet)
+    received(server, 1)
+    assert server.counts.rejected == 1 and expected in server.last_error, server.last_error
+    assert "\n" not in server.last_error and recorder.run() == []
+
+
+def test_optional_action_arguments_come_from_the_declaration(server: OscServer, client: socket.socket,
+                                                             recorder: Recorder) -> None:
+    send(client, message("/dreamdeck/midi/learn", "/fx/kaleido/segments", "relative-signed"),
+         message("/dreamdeck/prompt", "take", 5, "steps"))
+    received(server, 2)
+    assert recorder.run() == [("midi/learn", ("/fx/kaleido/segments", "relative-signed")),
+                              ("prompt", ("take 5 steps",))]
 
 
 def test_an_action_the_engine_lacks_is_refused_not_fatal(make_server: Callable[..., OscServer],

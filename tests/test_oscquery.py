@@ -112,10 +112,13 @@ def test_the_whole_tree_has_the_attributes_the_spec_requires(query: OscQueryServ
     assert norm["TYPE"] == "f" and norm["RANGE"] == [{"MIN": 0.0, "MAX": 1.0}] and 0.0 <= norm["VALUE"][0] <= 1.0
     assert "/dreamdeck/norm/layer/overlay/image" not in nodes, "text has no 0..1 form"
 
-    for name in ACTIONS:
+    for name, spec in ACTIONS.items():  # TYPE and DESCRIPTION come from the action's declaration
         action = nodes[f"/dreamdeck/{name}"]
-        assert action["ACCESS"] == 2 and "VALUE" not in action and action["DESCRIPTION"] == ACTIONS[name]
+        assert action["ACCESS"] == 2 and "VALUE" not in action
+        assert action["DESCRIPTION"] == f"{spec.description}: {spec.signature}"
     assert nodes["/dreamdeck/scene/next"]["TYPE"] == "N" and nodes["/dreamdeck/prompt"]["TYPE"] == "s"
+    assert nodes["/dreamdeck/midi/learn"]["DESCRIPTION"].endswith("midi/learn(path: path, mode: str = '')")
+    assert nodes["/dreamdeck/midi/learn"]["TYPE"] == "s", "the required arguments: a client may leave mode out"
     assert nodes["/dreamdeck/scene"]["CONTENTS"].keys() >= {"active", "next", "select"}
 
 
@@ -178,6 +181,19 @@ def test_listing_only_the_engines_actions(make_query: Callable[..., OscQueryServ
     server = make_query(actions=actions)
     assert get(server, "/dreamdeck/scene/next")[0] == 200
     assert get(server, "/dreamdeck/tap")[0] == 404
+
+
+def test_an_action_node_is_built_from_its_declaration(make_query: Callable[..., OscQueryServer]) -> None:
+    from engine.control.actions import ActionSpec, Arg
+
+    spec = ActionSpec("fx/burst", "Flash the kaleidoscope", (Arg("segments", "int"), Arg("speed", "float", 1.0),
+                                                            Arg("label", "str", "")))
+    actions = Actions({**ACTIONS, spec.name: spec})
+    actions.register("fx/burst", lambda segments, speed, label: None)
+    server = make_query(actions=actions)
+    status, node = get(server, "/dreamdeck/fx/burst")
+    assert status == 200 and node["TYPE"] == "i" and node["ACCESS"] == 2
+    assert node["DESCRIPTION"] == "Flash the kaleidoscope: fx/burst(segments: int, speed: float = 1.0, label: str = '')"
 
 
 def test_garbage_requests_do_not_kill_the_server(query: OscQueryServer) -> None:

@@ -33,7 +33,6 @@ from engine.control.actions import ACTIONS
 from engine.render.surface import HeadlessSurface
 from engine.web import StatusConfig, StatusFeed, StatusServer, accelerator_memory, install_status_page
 from engine.web import feed as feed_module
-from engine.web.server import ACTION_ARITY
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = (480, 270)
@@ -340,22 +339,30 @@ def test_post_action_posts_to_the_render_thread(running: RenderThread) -> None:
                 "the refusal in /health")
 
 
-def test_action_arity_matches_the_apps_handlers(running: RenderThread) -> None:
-    handlers = running.app.actions._handlers  # a test may look inside: the table must match the real handlers
-    assert set(ACTION_ARITY) <= set(ACTIONS), "the web page names an action that does not exist"
-    for name, handler in handlers.items():
-        low, high = ACTION_ARITY[name]
-        signature = inspect.signature(handler)
-        for count in range(0, 4):
-            try:
-                signature.bind(*range(count))
-                binds = True
-            except TypeError:
-                binds = False
-            assert binds == (low <= count <= high), (name, count, signature)
-    for args in ([], ["a", "b"]):
+def test_actions_are_listed_and_checked_from_their_declaration(running: RenderThread) -> None:
+    status, listed = get_json(running.base + "/api/actions")
+    assert status == 200
+    assert [a["name"] for a in listed] == running.app.actions.names()
+    by_name = {a["name"]: a for a in listed}
+    for name, record in by_name.items():
+        assert record == ACTIONS[name].record(), "the listing is the declaration, nothing else"
+    assert by_name["scene/select"]["signature"] == "scene/select(ref: str|int)"
+    assert by_name["scene/select"]["args"] == [{"name": "ref", "type": "str|int", "required": True, "default": None,
+                                                "description": ACTIONS["scene/select"].args[0].description}]
+    # every registered handler takes the declared arguments (register() checks; this is the app's)
+    for name, handler in running.app.actions._handlers.items():
+        inspect.signature(handler).bind(*range(len(ACTIONS[name].args)))
+
+    for args, expected in (([], "scene/select(ref: str|int): got 0 arguments"),
+                           (["a", "b"], "scene/select(ref: str|int): got 2 arguments ('a', 'b')"),
+                           ([1.5], "scene/select(ref: str|int): ref takes a name or a whole number, got 1.5"),
+                           ([True], "scene/select(ref: str|int): ref takes a name or a whole number, got True")):
         status, reply = get_json(running.base + "/api/action", body={"name": "scene/select", "args": args})
-        assert status == 400 and "scene/select takes 1 argument" in reply["error"]
+        assert (status, reply["error"]) == (400, expected)
+    status, reply = get_json(running.base + "/api/action", body={"name": "scene/next", "args": [1]})
+    assert (status, reply["error"]) == (400, "scene/next(): got 1 argument (1)")
+    status, reply = get_json(running.base + "/api/action", body={"name": "scene/select", "args": [1.0]})
+    assert status == 202 and reply["args"] == [1], "a whole float is the number, as from OSC"
 
 
 def test_http_errors_are_4xx_with_reasons(running: RenderThread) -> None:
@@ -542,6 +549,19 @@ def test_page_in_chromium_drives_the_show(running: RenderThread, browser: Any) -
     show(browser.find_element(By.CSS_SELECTOR, '#presets button[data-preset="kaleido"]')).click()
     rt.wait_for(lambda: rt.app.preset_name == "kaleido" and params.target("/fx/kaleido/segments") == 7,
                 "the preset button to recall")
+
+    # the action rows come from /api/actions; wrong arguments are refused with the signature
+    listed = browser.execute_script("return [...document.querySelectorAll('#actions .action')]"
+                                    ".map((row) => row.dataset.action)")
+    assert listed == rt.app.actions.names()
+    select = show(browser.find_element(By.CSS_SELECTOR, '#actions .action[data-action="scene/select"]'))
+    select.find_element(By.CSS_SELECTOR, "button").click()
+    message = wait_page(browser, "!document.querySelector('#message').hidden && "
+                                 "document.querySelector('#message').textContent.includes('scene/select(') && "
+                                 "document.querySelector('#message').textContent", "the refusal")
+    assert message == "scene/select(ref: str|int): ref must not be empty"
+    select.find_element(By.CSS_SELECTOR, "input").send_keys("reaction_diffusion", Keys.ENTER)
+    rt.wait_for(lambda: params.get("/scene/active") == "reaction_diffusion", "the action row to switch scenes")
 
     # a bad value typed into a number box: the engine's reason shows on the page
     row = open_group("/fx/kaleido/segments")

@@ -18,6 +18,14 @@ A mapping file is TOML, written by MIDI learn and meant to be read and edited by
     value = "ddpm"                 # trigger only, optional: the value a press sets (a pad per
                                    # scene: param = "/scene/active", value = "ddpm")
 
+    [[map]]                        # a button (note or cc) that posts an action instead:
+    port = "nanoKONTROL"
+    channel = 1
+    type = "note"
+    number = 41
+    action = "preset/recall"       # an action of engine.control.actions.ACTIONS, instead of param
+    args = [3]                     # its arguments, checked against its declaration when the file loads
+
 This module is pure: no ports, no threads. It parses and validates entries (a file is
 untrusted input: each bad entry is skipped with a reason, the rest still load), writes
 the file atomically, decodes relative encoders and guesses a mapping from the messages
@@ -36,8 +44,9 @@ from typing import Any
 
 import tomli_w
 
-from engine.params import Kind, Param, ParamError, ParamRegistry
+from engine.control.actions import ACTIONS, ActionError, ActionSpec
 from engine.files import write_atomic
+from engine.params import Kind, Param, ParamError, ParamRegistry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,7 +59,8 @@ FILE_VERSION = 1
 ANY_PORT = "*"
 FILE_HEADER = ("# dreamdeck MIDI mappings, written by MIDI learn; edit freely while dreamdeck is stopped.\n"
                "# Keys of each [[map]]: port, channel (1-16), type (cc, cc14, note, pitchbend, program),\n"
-               "# number, param, mode, takeover (pickup, jump), step. See engine/control/midimap.py.\n\n")
+               "# number, param (or action and args), mode, takeover (pickup, jump), step.\n"
+               "# See engine/control/midimap.py.\n\n")
 
 
 class MapType(str, Enum):
@@ -92,7 +102,8 @@ _MODES_FOR_TYPE = {
     MapType.NOTE: frozenset({Mode.TRIGGER, Mode.TOGGLE, Mode.MOMENTARY}),
 }
 _NUMBERED = frozenset({MapType.CC, MapType.CC14, MapType.NOTE})
-_KEYS = frozenset({"port", "channel", "type", "number", "param", "mode", "takeover", "step", "value"})
+_KEYS = frozenset({"port", "channel", "type", "number", "param", "mode", "takeover", "step", "value", "action",
+                   "args"})
 MAPPABLE_KINDS = frozenset({Kind.FLOAT, Kind.INT, Kind.BOOL, Kind.ENUM, Kind.TRIGGER})
 
 
@@ -113,6 +124,8 @@ class Mapping:
     takeover: Takeover = Takeover.PICKUP
     step: float | None = None  # relative modes: 0..1 units per tick; None: one step of the parameter
     value: Any = None  # trigger mode: the value a press sets; None: the velocity's value
+    action: str | None = None  # a button that posts this action (``param`` is then "")
+    args: tuple[Any, ...] = ()  # ...with these arguments, as its declaration bound them
 
     @property
     def control(self) -> tuple[str, int, MapType, int]:
@@ -124,12 +137,18 @@ class Mapping:
 
     def describe(self) -> str:
         number = f" {self.number}" if self.type in _NUMBERED else ""
-        return f"{self.type.value}{number} ch{self.channel} ({self.port}) -> {self.param} [{self.mode.value}]"
+        target = self.param if self.action is None else " ".join(["action", self.action, *map(str, self.args)])
+        return f"{self.type.value}{number} ch{self.channel} ({self.port}) -> {target} [{self.mode.value}]"
 
     def to_toml(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"port": self.port, "channel": self.channel, "type": self.type.value}
         if self.type in _NUMBERED:
             entry["number"] = self.number
+        if self.action is not None:
+            entry["action"] = self.action
+            if self.args:
+                entry["args"] = list(self.args)
+            return entry
         entry["param"] = self.param
         entry["mode"] = self.mode.value
         if self.mode is Mode.ABSOLUTE and self.type is not MapType.PROGRAM:
@@ -150,8 +169,9 @@ def default_mode(type_: MapType, param: Param) -> Mode:
     return Mode.ABSOLUTE
 
 
-def parse_mapping(entry: Any, registry: ParamRegistry) -> Mapping:
-    """Validate one ``[[map]]`` table against the schema and the registry; raise MappingError."""
+def parse_mapping(entry: Any, registry: ParamRegistry, actions: dict[str, ActionSpec] | None = None) -> Mapping:
+    """Validate one ``[[map]]`` table against the schema and the registry (or, for an action,
+    against its declaration in ``actions``, by default ACTIONS); raise MappingError."""
     if not isinstance(entry, dict):
         raise MappingError(f"expected a table, got {type(entry).__name__}")
     unknown = sorted(set(entry) - _KEYS)
@@ -176,6 +196,10 @@ def parse_mapping(entry: Any, registry: ParamRegistry) -> Mapping:
     else:
         number = 0
 
+    if "action" in entry:
+        return _action_mapping(entry, port, channel, type_, number, ACTIONS if actions is None else actions)
+    if "args" in entry:
+        raise MappingError("args: only an action mapping takes args")
     path = _require(entry, "param", str)
     if path not in registry:
         raise MappingError(f"param: unknown parameter {path!r}")
@@ -209,6 +233,32 @@ def parse_mapping(entry: Any, registry: ParamRegistry) -> Mapping:
         except (ParamError, TypeError, ValueError) as exc:
             raise MappingError(f"value: {exc}") from None
     return Mapping(port, channel, type_, number, path, mode, takeover, step, value)
+
+
+def _action_mapping(entry: dict[str, Any], port: str, channel: int, type_: MapType, number: int,
+                    actions: dict[str, ActionSpec]) -> Mapping:
+    """A button that posts an action: its arguments are bound by the action's declaration now, so
+    a wrong one is refused with the signature when the file loads, not when the button is hit."""
+    for key in ("param", "takeover", "step", "value"):
+        if key in entry:
+            raise MappingError(f"{key}: an action mapping has no {key}")
+    if type_ not in (MapType.NOTE, MapType.CC):
+        raise MappingError(f"type: an action is fired by a note or a cc button, not {type_.value}")
+    name = _require(entry, "action", str)
+    spec = actions.get(name)
+    if spec is None:
+        raise MappingError(f"action: unknown action {name!r:.60} (actions: {', '.join(sorted(actions))})")
+    mode = _choice(entry, "mode", Mode, Mode.TRIGGER)
+    if mode is not Mode.TRIGGER:
+        raise MappingError("mode: an action mapping fires on a press (trigger)")
+    args = entry.get("args", [])
+    if not isinstance(args, list):
+        raise MappingError(f"args: expected a list of the action's arguments, got {args!r:.40}")
+    try:
+        bound = spec.bind(args)
+    except ActionError as exc:
+        raise MappingError(f"args: {exc}") from None
+    return Mapping(port, channel, type_, number, "", mode, action=name, args=bound)
 
 
 def _require(entry: dict[str, Any], key: str, expected: type) -> Any:
@@ -250,7 +300,7 @@ class MappingFile:
     writable: bool = True
 
 
-def load_mappings(path: Path, registry: ParamRegistry) -> MappingFile:
+def load_mappings(path: Path, registry: ParamRegistry, actions: dict[str, ActionSpec] | None = None) -> MappingFile:
     """Read and validate a mapping file; one warning per entry that is skipped."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -279,7 +329,7 @@ def load_mappings(path: Path, registry: ParamRegistry) -> MappingFile:
     seen: set[Mapping] = set()
     for index, entry in enumerate(entries, start=1):
         try:
-            mapping = parse_mapping(entry, registry)
+            mapping = parse_mapping(entry, registry, actions)
             if mapping in seen:
                 raise MappingError("the same mapping appears twice")
         except MappingError as exc:

@@ -29,8 +29,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable
 from urllib.parse import unquote, urlsplit
 
-from engine.control.actions import ACTIONS, Actions
-from engine.control.osc import POLL_INTERVAL, PREFIX, RateLimitedLog, SenderFilter, check_binding
+from engine.control.access import Access
+from engine.control.actions import ACTIONS, ActionSpec, Actions
+from engine.control.osc import POLL_INTERVAL, PREFIX
+from engine.logsetup import RateLimitedLog
 from engine.params import Kind, Param, ParamRegistry
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,8 @@ ATTRIBUTES = frozenset({"FULL_PATH", "CONTENTS"} | {name for name, on in EXTENSI
 
 _TYPE_TAGS = {Kind.FLOAT: "f", Kind.INT: "i", Kind.BOOL: "T", Kind.ENUM: "s", Kind.STRING: "s",
               Kind.COLOUR: "r", Kind.TRIGGER: "N"}
-# Actions that take no argument are impulses ("N"); the others take a name or text ("s").
-_ACTION_TYPES = {"scene/next": "N", "tap": "N"}
+# An action argument's OSC type; "str|int" is a name or a number, and a name always works.
+_ARG_TAGS = {"str": "s", "text": "s", "path": "s", "int": "i", "float": "f", "str|int": "s"}
 
 
 # -- the tree -------------------------------------------------------------------------------
@@ -86,7 +88,15 @@ def norm_node(full_path: str, param: Param, value: Any) -> dict[str, Any]:
             "CLIPMODE": ["both"]}
 
 
-def build_tree(registry: ParamRegistry, action_names: Iterable[str], prefix: str = PREFIX) -> dict[str, Any]:
+def action_node(full_path: str, spec: ActionSpec) -> dict[str, Any]:
+    """An action as a write-only method: TYPE is its required arguments' tags ("N", an impulse,
+    for none); DESCRIPTION says what it does and its whole signature, optional arguments too."""
+    tags = "".join(_ARG_TAGS[arg.type] for arg in spec.args if arg.required)
+    return {"FULL_PATH": full_path, "DESCRIPTION": f"{spec.description}: {spec.signature}",
+            "TYPE": tags or "N", "ACCESS": 2}
+
+
+def build_tree(registry: ParamRegistry, actions: Iterable[ActionSpec], prefix: str = PREFIX) -> dict[str, Any]:
     """The whole address space as one OSCQuery node (the answer to ``GET /``)."""
     root: dict[str, Any] = {"FULL_PATH": "/", "DESCRIPTION": "dreamdeck", "CONTENTS": {}}
     for param in registry.params():
@@ -95,10 +105,9 @@ def build_tree(registry: ParamRegistry, action_names: Iterable[str], prefix: str
         if param.kind in (Kind.FLOAT, Kind.INT, Kind.ENUM, Kind.BOOL):
             full_path = f"{prefix}/norm{param.path}"
             _insert(root, full_path, norm_node(full_path, param, value))
-    for name in action_names:
-        full_path = f"{prefix}/{name}"
-        _insert(root, full_path, {"FULL_PATH": full_path, "DESCRIPTION": ACTIONS.get(name, name),
-                                  "TYPE": _ACTION_TYPES.get(name, "s"), "ACCESS": 2})
+    for spec in actions:
+        full_path = f"{prefix}/{spec.name}"
+        _insert(root, full_path, action_node(full_path, spec))
     _insert(root, f"{prefix}/get", {
         "FULL_PATH": f"{prefix}/get", "TYPE": "s", "ACCESS": 2,
         "DESCRIPTION": f"Reply {prefix}<path> <value> to the sender for each path or pattern; "
@@ -158,7 +167,7 @@ class OscQueryServer:
         self.prefix = prefix
         self.last_error: str | None = None
         self._actions = actions
-        self._senders = SenderFilter(check_binding(host, allow, "OSCQuery"))
+        self.access = Access.for_binding(host, allow, "OSCQuery")
         self._strangers = RateLimitedLog(log)
         self._http: _QueryHttpServer | None = None
         self._thread: threading.Thread | None = None
@@ -214,7 +223,7 @@ class OscQueryServer:
 
     # -- answering (HTTP threads) ----------------------------------------------------------
     def admits(self, client_ip: str) -> bool:
-        if self._senders.allows(client_ip):
+        if self.access.admits(client_ip):
             return True
         self._strangers.warning(f"OSCQuery request from {client_ip} refused: not on the allowlist")
         return False
@@ -224,8 +233,10 @@ class OscQueryServer:
         return {"NAME": self.service_name, "OSC_IP": osc_ip, "OSC_PORT": self.osc_port,
                 "OSC_TRANSPORT": "UDP", "EXTENSIONS": dict(EXTENSIONS)}
 
-    def action_names(self) -> list[str]:
-        return sorted(ACTIONS) if self._actions is None else self._actions.names()
+    def action_specs(self) -> list[ActionSpec]:
+        if self._actions is None:
+            return [ACTIONS[name] for name in sorted(ACTIONS)]
+        return self._actions.available()
 
     def answer(self, target: str, local_ip: str) -> tuple[int, dict[str, Any] | None]:
         """(HTTP status, JSON body) for a request target such as ``/dreamdeck/fx?VALUE``."""
@@ -234,7 +245,7 @@ class OscQueryServer:
         query = unquote(parts.query)
         if query == "HOST_INFO":
             return 200, self.host_info(local_ip)
-        node = find_node(build_tree(self.registry, self.action_names(), self.prefix), path)
+        node = find_node(build_tree(self.registry, self.action_specs(), self.prefix), path)
         if node is None:
             return 404, {"ERROR": f"no OSC node at {path}"}
         if not query:

@@ -22,20 +22,6 @@ Nothing here imports GL: the benchmark runs on a GPU machine with no display.
     options.py      the choices offered to the scene and the CLI (no torch)
 """
 
-import logging
-
 from engine.diffusion.errors import ModelNotFound
-
-
-class _NoTorchvisionChatter(logging.Filter):
-    """transformers warns, on import, that its image processors fall back to PIL without
-    torchvision. Nothing here uses an image processor (the scenes feed tensors), so the
-    three lines would only scare a performer reading the console before a show."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
-
-
-logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionChatter())
 
 __all__ = ["ModelNotFound"]

@@ -7,9 +7,10 @@ never touch the engine's state directly: parameter changes go through the thread
 registry (``set`` validates at once, so a bad value is a 400 with the reason), actions
 are posted to the render thread's queue, and reads come from ``StatusFeed`` snapshots.
 
-Security: bound to 127.0.0.1 by default. Bound to any other address, a token is
-required (given, or generated and shown once); every request must carry it as
-``?token=`` or ``Authorization: Bearer``, compared in constant time. Without a token
+Security (the rule of engine.control.access): bound to 127.0.0.1 by default. Bound to
+any other address, a token is required (given, or generated and shown once); every
+request must carry it as ``?token=`` or ``Authorization: Bearer``, compared in constant
+time; an allowlist (``StatusConfig.allow``) also refuses other senders. Without a token
 (loopback only) the Host header must name the loopback, which stops DNS-rebinding
 pages. POSTs must be ``application/json`` with a matching Origin when one is sent,
 which no cross-site form can forge.
@@ -21,14 +22,13 @@ Routes::
     GET  /thumbnail.jpg    the output, downscaled, ~2 Hz
     GET  /api/params       JSON: every parameter's record (paramdoc) and current value
     GET  /api/presets      JSON: presets (number, name, ok/error) and the current one
+    GET  /api/actions      JSON: the actions this engine has, as declared (name, args, signature)
     POST /api/param        {"path": "/fx/kaleido/segments", "value": 6}
     POST /api/action       {"name": "scene/select", "args": ["passthrough"]}
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -43,7 +43,9 @@ from importlib import resources
 from typing import Any, Callable, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from engine.control.actions import ACTIONS, ActionError
+from engine.control.access import Access, bearer, is_loopback as binds_loopback, names_loopback
+from engine.control.actions import ActionError
+from engine.logsetup import RateLimitedLog
 from engine.paramdoc import param_record
 from engine.params import Kind, ParamError
 from engine.presets import PresetError
@@ -52,18 +54,9 @@ from engine.web.feed import StatusFeed
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9330
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 MAX_ACTION_ARGS = 8
 MAX_ARG_TEXT = 10_000
 SAFE_INTEGER = 2**53  # numbers beyond this are not exact in JavaScript or as floats
-# How many arguments each action takes from the page: a handler called with the wrong
-# number raises TypeError on the render thread, which only ActionError may do, so the
-# count is checked here, before posting. tests/test_web_status.py keeps it in step with
-# the App's handlers.
-ACTION_ARITY: dict[str, tuple[int, int]] = {
-    "scene/next": (0, 0), "scene/select": (1, 1), "scene/preload": (1, 1), "preset/recall": (1, 1), "preset/save": (1, 2),
-    "prompt": (1, 1), "tap": (0, 0), "midi/learn": (1, 1),
-}
 LINGER_S = 0.5
 LINGER_BYTES = 1024 * 1024
 
@@ -73,6 +66,7 @@ class StatusConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0: any free port (tests)
     token: str | None = None  # required off the loopback: None there generates one
+    allow: tuple[str, ...] | None = None  # sender addresses or networks let in (None: anyone with the token)
     max_body: int = 64 * 1024
     max_connections: int = 32  # more at once are closed unanswered: a phone needs two or three
     request_timeout_s: float = 10.0  # a client that stops sending mid-request is dropped
@@ -97,13 +91,7 @@ class _Reply(Exception):
         self.headers = headers or {}
 
 
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+is_loopback = names_loopback  # engine.web's name for it: a host that names this machine, DNS not asked
 
 
 class StatusServer:
@@ -122,9 +110,11 @@ class StatusServer:
         token = config.token
         if token is not None and not token.strip():
             raise ValueError("the status page token must not be empty")
-        self.open_to_network = not is_loopback(config.host)
+        self.open_to_network = not binds_loopback(config.host)
         self.token_generated = token is None and self.open_to_network
         self.token = secrets.token_urlsafe(18) if self.token_generated else token
+        allow = None if config.allow is None else list(config.allow)
+        self.access = Access.for_binding(config.host, allow, "the status page", token=self.token)
         self.page = (resources.files("engine.web") / "static" / "index.html").read_bytes()
         self._httpd = _HTTPServer(self, (config.host, config.port))
         self._thread: threading.Thread | None = None
@@ -201,33 +191,27 @@ class StatusServer:
             raise _Reply(400, str(exc)) from None
         return {"path": path, "value": coerced}
 
+    def actions_json(self) -> list[dict[str, Any]]:
+        """The actions this engine has, each as declared: the page builds its action controls from it."""
+        return [spec.record() for spec in self.app.actions.available()]
+
     def post_action(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Queue an action; its declaration checks the arguments (a 400 names the signature)."""
         name, args = body.get("name"), body.get("args", [])
         if not isinstance(name, str) or not isinstance(args, list):
             raise _Reply(400, 'expected {"name": "scene/next", "args": [...]}')
         if len(args) > MAX_ACTION_ARGS or not all(_plain_arg(a) for a in args):
             raise _Reply(400, f"action arguments must be at most {MAX_ACTION_ARGS} numbers, "
                               "texts or true/false (finite, and whole numbers below 2**53)")
-        if name in ACTION_ARITY:
-            low, high = ACTION_ARITY[name]
-            if not low <= len(args) <= high:
-                wanted = str(low) if low == high else f"{low} to {high}"
-                raise _Reply(400, f"{name} takes {wanted} argument{'' if high == 1 else 's'}, got {len(args)}")
-        elif name in ACTIONS:
-            raise _Reply(400, f"{name} is not available from the web page")
         try:
-            self.app.actions.post(name, *args, origin="web")
+            bound = self.app.actions.post(name, *args, origin="web")
         except ActionError as exc:
             raise _Reply(400, str(exc)) from None
-        return {"queued": name, "args": args}
+        return {"queued": name, "args": list(bound)}
 
     def authorised(self, query: dict[str, list[str]], authorization: str | None) -> bool:
-        if self.token is None:
-            return True
-        given = (query.get("token") or [""])[0]
-        if not given and authorization and authorization[:7].lower() == "bearer ":
-            given = authorization[7:].strip()
-        return hmac.compare_digest(given.encode("utf-8"), self.token.encode("utf-8"))
+        given = (query.get("token") or [""])[0] or bearer(authorization)
+        return self.access.token_ok(given)
 
 
 def _plain_arg(value: Any) -> bool:
@@ -255,9 +239,15 @@ class _HTTPServer(ThreadingHTTPServer):
         self.owner = owner
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._slots = threading.BoundedSemaphore(owner.config.max_connections)
+        self._strangers = RateLimitedLog(log)
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.owner.access.admits(client_address[0]):
+            self._strangers.warning(f"status page: connection from {client_address[0]} refused: "
+                                    "not on the allowlist")
+            self.close_request(request)  # at once, as below: the accepting thread must not linger on it
+            return
         if not self._slots.acquire(blocking=False):
             log.warning("status page: too many connections; closing one from %s", client_address[0])
             self.close_request(request)  # at once: the accepting thread must not linger on it
@@ -389,7 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
         gets = {"/": self._page, "/index.html": self._page, "/health": lambda: self._json(200, owner.health()),
                 "/thumbnail.jpg": self._thumbnail,
                 "/api/params": lambda: self._json(200, owner.params_json()),
-                "/api/presets": self._presets}
+                "/api/presets": self._presets,
+                "/api/actions": lambda: self._json(200, owner.actions_json())}
         posts = {"/api/param": owner.set_param, "/api/action": owner.post_action}
         if route[0] in ("GET", "HEAD") and route[1] in gets:
             gets[route[1]]()
@@ -409,7 +400,7 @@ class _Handler(BaseHTTPRequestHandler):
             name = urlsplit("//" + host).hostname
         except ValueError:
             return False
-        return name is not None and is_loopback(name)
+        return name is not None and names_loopback(name)
 
     def _read_json(self, owner: StatusServer) -> dict[str, Any]:
         origin = self.headers.get("Origin")

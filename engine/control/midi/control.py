@@ -1,28 +1,8 @@
-"""MIDI control: controllers drive parameters, LEDs and motor faders follow, clock drives tempo.
+"""MidiControl: controllers drive parameters and actions, LEDs and motor faders follow, learn.
 
-    MidiControl(registry, actions, inputs=["nanoKONTROL"], outputs=["nanoKONTROL"])
-
-Ports are opened by name (any part of it, any case; ``*`` is every port) on the ALSA or
-JACK API of python-rtmidi ("auto" tries ALSA first, then JACK); mido parses and builds the
-messages. Threads:
-
-    rtmidi's thread   queues incoming bytes inside rtmidi (C++ only, no Python)
-    "midi" thread     owns the ports: every millisecond drains the inputs and handles each
-                      message in order (registry.set and actions.post only), sends queued
-                      feedback, and every ``poll_interval`` s lists the ports to open new
-                      ones and notice unplugged ones; it also runs MIDI learn
-    render thread     ``frame(now)``: works out which feedback values changed and queues them
-
-Why poll instead of a callback (mido's ports always install one): under JACK the callback
-runs in JACK's process thread and must take the GIL; whenever Python is busy it misses
-the period, JACK reports an xrun for the whole graph (audio too) and MIDI is lost. Measured
-on a JACK dummy server with busy Python threads: 2000 CCs, 266 lost and 1129 xruns with a
-callback, 8 lost and 43 xruns polling. Inputs are opened with ``ignore_types(sysex=True,
-timing=False, active_sense=True)``: rtmidi drops clock by default, and dreamdeck needs it.
-
-Mappings live in a TOML file (see ``engine.control.midimap``) that MIDI learn rewrites
-atomically. A MIDI byte is untrusted input: anything malformed or unmapped is ignored, and
-a port that vanishes is closed, reported once and reopened when it comes back.
+The mapping half of MIDI: messages in -> mappings (engine.control.midimap) -> registry sets
+and posted actions; values out -> feedback messages; MIDI learn. Ports are ports.py's,
+the clock clock.py's. See the package docstring for the threads.
 """
 
 from __future__ import annotations
@@ -30,18 +10,18 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import re
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import mido
-import rtmidi
 
 from engine.control.actions import ActionError, Actions
+from engine.control.midi.clock import CLOCK_TYPES, MidiClock
+from engine.control.midi.ports import (PORT_ERRORS, Port, PortSystem, arrival_times, port_matches, resolve_apis,
+                                       stable_name)
 from engine.control.midimap import (ANY_PORT, LearnEvent, MapType, Mapping, MappingError, MappingFile, Mode,
                                     Takeover, default_mappings_path, default_step, guess_mapping, half_step,
                                     load_mappings, parse_mapping, relative_ticks, save_mappings)
@@ -55,111 +35,9 @@ LEARN_WINDOW = 0.4  # seconds of messages from the first control moved that lear
 LEARN_EVENTS = 4  # ...or this many, whichever comes first
 INPUT_POLL = 0.001  # seconds between input polls when nothing is happening
 OUTPUT_SETTLE = 0.1  # seconds before a new output gets feedback: JACK connects at a later period
-CLIENT_NAME = "dreamdeck"
-# libjack (1.9.21 and the 1.9.22 in python-rtmidi's wheel) can crash in a client's notification
-# thread (JackClient::HandleLatencyCallback) when clients close in quick succession: measured,
-# one crash in ~1000 back-to-back closes, none in 4800 with this pause after each
-JACK_CLOSE_PAUSE = 0.05
 _MISSING = object()
 
-# "*" must not connect dreamdeck to itself, to the ALSA loopback, or to the ports other
-# rtmidi programs make to connect somewhere ("RtMidi input" / "RtMidi output").
-_NEVER_ANY = ("rtmidi input", "rtmidi output", "midi through")
-_API_ALIASES = {"alsa": "LINUX_ALSA", "jack": "UNIX_JACK", "coremidi": "MACOSX_CORE", "windows": "WINDOWS_MM"}
-_ALSA_ADDRESS = re.compile(r"\s+\d+:\d+$")
-_CLOCK_TYPES = frozenset({"clock", "start", "stop", "continue", "songpos"})
-_PORT_ERRORS = (OSError, ValueError, rtmidi.RtMidiError)  # rtmidi.SystemError is an OSError too
-
 ClockCallback = Callable[[float | None, float, bool], None]
-
-
-def resolve_apis(api: str) -> list[str]:
-    """The rtmidi APIs to try, in order: "auto" is every compiled one (ALSA before JACK).
-
-    Accepts "auto", "alsa", "jack", "coremidi", "windows" or an rtmidi name ("UNIX_JACK").
-    Raises ValueError for an API this python-rtmidi was not built with.
-    """
-    names = {getattr(rtmidi, n): n[len("API_"):] for n in dir(rtmidi) if n.startswith("API_")}
-    compiled = [names[a] for a in rtmidi.get_compiled_api() if names[a] not in ("RTMIDI_DUMMY", "UNSPECIFIED")]
-    if api.lower() == "auto":
-        return compiled
-    wanted = _API_ALIASES.get(api.lower(), api.upper())
-    if wanted not in compiled:
-        choices = ", ".join(["auto", *(k for k, v in _API_ALIASES.items() if v in compiled)])
-        raise ValueError(f"MIDI API {api!r} is not available here (use {choices})")
-    return [wanted]
-
-
-def stable_name(name: str) -> str:
-    """A port name without ALSA's client:port numbers, which change when a device is replugged."""
-    return _ALSA_ADDRESS.sub("", name)
-
-
-def port_matches(pattern: str, name: str) -> bool:
-    if pattern == ANY_PORT:
-        folded = name.casefold()
-        return not folded.startswith(CLIENT_NAME) and not any(word in folded for word in _NEVER_ANY)
-    return pattern.casefold() in name.casefold()
-
-
-class _PortSystem:
-    """One rtmidi API: two clients kept to list ports, and a factory for port clients.
-
-    Listing through a kept client costs microseconds; making a JACK client costs ~50 ms
-    with the GIL held (a dropped frame), so clients are only made again after a failure.
-    """
-
-    def __init__(self, api: str) -> None:
-        self.api = api
-        self.close_pause = JACK_CLOSE_PAUSE if api == "UNIX_JACK" else 0.0
-        self._rtapi = getattr(rtmidi, f"API_{api}")
-        self._lister_in = rtmidi.MidiIn(rtapi=self._rtapi, name=CLIENT_NAME)
-        try:
-            self._lister_out = rtmidi.MidiOut(rtapi=self._rtapi, name=CLIENT_NAME)
-        except _PORT_ERRORS:
-            self.release(self._lister_in)
-            raise
-
-    def names(self) -> tuple[list[str], list[str]]:
-        """(ports we can read from, ports we can send to)."""
-        return self._lister_in.get_ports(), self._lister_out.get_ports()
-
-    def open_input(self, name: str) -> rtmidi.MidiIn:
-        port = rtmidi.MidiIn(rtapi=self._rtapi, name=CLIENT_NAME, queue_size_limit=4096)
-        port.ignore_types(sysex=True, timing=False, active_sense=True)  # set before the first pulse can arrive
-        return self._connect(port, name, "in")
-
-    def open_output(self, name: str) -> rtmidi.MidiOut:
-        return self._connect(rtmidi.MidiOut(rtapi=self._rtapi, name=CLIENT_NAME), name, "out")
-
-    def _connect(self, port: Any, name: str, own_name: str) -> Any:
-        try:  # the port's own listing, just before opening: an index from an older one may have moved
-            port.open_port(port.get_ports().index(name), name=own_name)
-        except BaseException:
-            self.release(port)
-            raise
-        return port
-
-    def release(self, port: Any) -> None:
-        """Close a port's client (rtmidi.MidiIn or MidiOut); on JACK, pause after (see JACK_CLOSE_PAUSE)."""
-        try:
-            port.close_port()
-            port.delete()
-        finally:
-            time.sleep(self.close_pause)
-
-    def close(self) -> None:
-        self.release(self._lister_in)
-        self.release(self._lister_out)
-
-
-@dataclass
-class _Port:
-    name: str
-    port: Any  # rtmidi.MidiIn or rtmidi.MidiOut
-    system: _PortSystem
-    serial: int  # distinguishes a reopened port from the old one (feedback resends everything)
-    ready: float = 0.0  # time.monotonic() from which it may be sent to
 
 
 @dataclass
@@ -179,74 +57,6 @@ class _Learn:
     port: str | None = None
     events: list[LearnEvent] = field(default_factory=list)
     deadline: float = math.inf
-
-
-class MidiClock:
-    """MIDI clock in: 24 pulses per quarter note -> tempo, beat position, running.
-
-    The tempo is the median length of the one-beat spans (pulse i to pulse i + 24) in the
-    last bar of pulses. A whole beat hides the jitter of pulses that arrive in bursts (a
-    JACK period, a USB frame); the median ignores the spans that a stall (a busy machine,
-    a late thread) bunched up; and a tempo change shows within a bar. Until a beat has
-    arrived, the average interval stands in. A pause longer than ``GAP`` starts afresh.
-    """
-
-    PPQN = 24
-    WINDOW = 4 * PPQN
-    MIN_PULSES = 12
-    GAP = 0.5  # seconds between pulses: slower than 5 bpm is a stopped clock
-    STALE = 1.0  # seconds without a pulse after which there is no tempo
-
-    def __init__(self) -> None:
-        self._times: deque[float] = deque(maxlen=self.WINDOW)  # the MIDI thread's alone
-        self._last: float | None = None
-        self._bpm: float | None = None
-        self._next = 0  # the position, in pulses, of the next pulse (MIDI: Start means the next one is 0)
-        self.position = 0  # of the latest pulse, in pulses since the start of the song
-        self.running = False
-
-    def pulse(self, t: float) -> None:
-        if self._last is not None and t - self._last > self.GAP:
-            self._times.clear()
-            self._bpm = None
-        self._times.append(t)
-        self._last = t
-        if self.running:
-            self.position, self._next = self._next, self._next + 1
-        times, beat = self._times, self.PPQN
-        if len(times) > beat:
-            spans = sorted(times[i + beat] - times[i] for i in range(len(times) - beat))
-            seconds_per_beat = spans[len(spans) // 2]
-        elif len(times) >= self.MIN_PULSES:
-            seconds_per_beat = (times[-1] - times[0]) / (len(times) - 1) * beat
-        else:
-            return
-        if seconds_per_beat > 0:
-            self._bpm = 60.0 / seconds_per_beat
-
-    def start(self) -> None:
-        self.running, self.position, self._next = True, 0, 0
-
-    def resume(self) -> None:
-        self.running = True
-
-    def stop(self) -> None:
-        self.running = False
-
-    def song_position(self, sixteenths: int) -> None:
-        self.position = self._next = sixteenths * self.PPQN // 4
-
-    def bpm(self, now: float) -> float | None:
-        """The tempo, or None before enough pulses or once they stop (any thread)."""
-        last, bpm = self._last, self._bpm
-        if last is None or now - last > self.STALE:
-            return None
-        return bpm
-
-    @property
-    def beat_position(self) -> float:
-        """Where the latest pulse is, in quarter notes from the start of the song."""
-        return self.position / self.PPQN
 
 
 class MidiControl:
@@ -275,9 +85,9 @@ class MidiControl:
         self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()  # for the MIDI thread
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._system: _PortSystem | None = None
-        self._in_ports: dict[str, _Port] = {}
-        self._out_ports: dict[str, _Port] = {}
+        self._system: PortSystem | None = None
+        self._in_ports: dict[str, Port] = {}
+        self._out_ports: dict[str, Port] = {}
         self._lost: set[str] = set()
         self._serial = 0
         self._problems: dict[str, str] = {}
@@ -299,7 +109,7 @@ class MidiControl:
         """Load the mappings and start the MIDI thread (it opens the ports: nothing here waits)."""
         if self._thread is not None and self._thread.is_alive():
             return
-        file = load_mappings(self.mappings_path, self.registry)
+        file = load_mappings(self.mappings_path, self.registry, self.actions.specs)
         with self._lock:
             self._file = file
             self._publish_locked()
@@ -374,11 +184,11 @@ class MidiControl:
         return None if learning is None else learning.path
 
     # -- MIDI learn (any thread) ------------------------------------------------------------------
-    def learn(self, path: str, mode: str | None = None) -> None:
+    def learn(self, path: str, mode: str = "") -> None:
         """Arm MIDI learn: the next control moved drives ``path`` (the action "midi/learn").
 
         ``mode`` forces a mode (e.g. "relative-signed", which looks like two's complement
-        when turned up); by default learn guesses from the messages (see guess_mapping).
+        when turned up); empty, learn guesses from the messages (see guess_mapping).
         """
         if not isinstance(path, str) or path not in self.registry:
             raise ActionError(f"unknown parameter {path!r:.60}")
@@ -386,7 +196,7 @@ class MidiControl:
         if kind in (Kind.STRING, Kind.COLOUR):
             raise ActionError(f"{path} is a {kind.value} parameter; MIDI cannot drive it")
         try:
-            forced = None if mode is None else Mode(mode)
+            forced = Mode(mode) if mode else None
         except ValueError:
             raise ActionError(f"unknown MIDI mode {mode!r:.40}; modes: {', '.join(m.value for m in Mode)}") from None
         with self._lock:
@@ -437,8 +247,8 @@ class MidiControl:
         outgoing: dict[str, list[mido.Message]] = {}
         done: set[tuple[int, int, MapType, int]] = set()
         for mapping in self._mappings:
-            if mapping.type is MapType.PROGRAM:
-                continue
+            if mapping.type is MapType.PROGRAM or mapping.action is not None:
+                continue  # nothing to show: a program change is momentary, an action has no value
             param = self.registry.param(mapping.param)
             if param.kind is Kind.TRIGGER:
                 continue
@@ -500,10 +310,10 @@ class MidiControl:
             try:
                 while (item := port.port.get_message()) is not None:
                     batch.append(item)
-            except _PORT_ERRORS as exc:
+            except PORT_ERRORS as exc:
                 self._report(f"read {name}", f"MIDI: cannot read {name}: {exc}")
             busy = busy or bool(batch)
-            for (data, _), t in zip(batch, _arrival_times(batch, time.perf_counter())):
+            for (data, _), t in zip(batch, arrival_times(batch, time.perf_counter())):
                 try:
                     message = mido.Message.from_bytes(data)
                 except ValueError:
@@ -527,7 +337,7 @@ class MidiControl:
         try:
             for message in messages:
                 port.port.send_message(message.bytes())
-        except _PORT_ERRORS as exc:
+        except PORT_ERRORS as exc:
             self._report(f"send {name}", f"MIDI: cannot send to {name}: {exc}")
         else:
             self._report(f"send {name}", None)
@@ -541,7 +351,7 @@ class MidiControl:
                 return
         try:
             in_names, out_names = self._system.names()
-        except _PORT_ERRORS as exc:
+        except PORT_ERRORS as exc:
             self._report("list", f"MIDI: cannot list {self._system.api} ports: {exc}")
             self._drop_system()
             return
@@ -551,12 +361,12 @@ class MidiControl:
         if vanished:  # a whole MIDI system may have gone (a JACK server restart): list afresh next time
             self._drop_system()
 
-    def _open_system(self) -> _PortSystem | None:
+    def _open_system(self) -> PortSystem | None:
         reasons = []
         for api in self.apis:
             try:
-                system = _PortSystem(api)
-            except _PORT_ERRORS as exc:
+                system = PortSystem(api)
+            except PORT_ERRORS as exc:
                 reasons.append(f"{api}: {exc}")
                 continue
             self._report("system", None)
@@ -570,7 +380,7 @@ class MidiControl:
             self._system.close()
             self._system = None
 
-    def _sync(self, ports: dict[str, _Port], names: list[str], patterns: tuple[str, ...],
+    def _sync(self, ports: dict[str, Port], names: list[str], patterns: tuple[str, ...],
               opener: Callable[..., Any]) -> bool:
         vanished = False
         for name in [n for n in ports if n not in names]:
@@ -584,29 +394,29 @@ class MidiControl:
                 continue
             try:
                 port = opener(name)
-            except _PORT_ERRORS as exc:
+            except PORT_ERRORS as exc:
                 self._report(f"open {name}", f"MIDI: cannot open {name}: {exc}")
                 continue
             self._report(f"open {name}", None)
             self._serial += 1
             with self._lock:
-                ports[name] = _Port(name, port, self._system, self._serial, time.monotonic() + OUTPUT_SETTLE)
+                ports[name] = Port(name, port, self._system, self._serial, time.monotonic() + OUTPUT_SETTLE)
                 self._lost = {n for n in self._lost if stable_name(n) != stable_name(name)}
             log.info("MIDI: opened %s", name)
         return vanished
 
-    def _close(self, ports: dict[str, _Port], name: str) -> None:
+    def _close(self, ports: dict[str, Port], name: str) -> None:
         with self._lock:
             port = ports.pop(name)
         try:
             port.system.release(port.port)
-        except _PORT_ERRORS as exc:
+        except PORT_ERRORS as exc:
             log.warning("MIDI: closing %s: %s", name, exc)
 
     # -- messages (MIDI thread) ---------------------------------------------------------------------
     def _on_message(self, port: str, message: mido.Message, t: float) -> None:
         kind = message.type
-        if kind in _CLOCK_TYPES:
+        if kind in CLOCK_TYPES:
             self._on_clock(message, t)
             return
         if kind not in ("control_change", "note_on", "note_off", "pitchwheel", "program_change"):
@@ -698,7 +508,12 @@ class MidiControl:
         self._set(mapping, value, _raw_value(mapping, param, value))
 
     def _button(self, mapping: Mapping, pressed: bool, velocity: int) -> None:
-        """Notes and CC buttons: trigger, toggle or momentary; velocity is the value of a number."""
+        """Notes and CC buttons: trigger, toggle or momentary; velocity is the value of a number.
+        An action mapping posts its action on the press (ActionError if this engine lacks it)."""
+        if mapping.action is not None:
+            if pressed:
+                self.actions.post(mapping.action, *mapping.args, origin=ORIGIN)
+            return
         param = self.registry.param(mapping.param)
         mode = mapping.mode
         if param.kind is Kind.TRIGGER:
@@ -791,7 +606,7 @@ class MidiControl:
         param = self.registry.param(learning.path)
         guessed = guess_mapping(self._port_pattern(learning.port), learning.events, param, learning.mode)
         try:
-            mapping = parse_mapping(guessed.to_toml(), self.registry)  # the file's rules, exactly
+            mapping = parse_mapping(guessed.to_toml(), self.registry, self.actions.specs)  # the file's rules
         except MappingError as exc:
             self._error(f"MIDI learn for {learning.path}: {exc}")
             return
@@ -841,16 +656,6 @@ class MidiControl:
         elif self._problems.get(key) != message:
             self._problems[key] = message
             self._error(message)
-
-
-def _arrival_times(batch: list[tuple[list[int], float]], now: float) -> list[float]:
-    """When each message of a batch arrived: rtmidi's deltas (stamped on its own thread, at
-    arrival) space them, and the last is stamped ``now``; a late poll then shifts a batch of
-    clock pulses but does not bunch them up."""
-    times = [now] * len(batch)
-    for k in range(len(batch) - 1, 0, -1):
-        times[k - 1] = times[k] - max(0.0, batch[k][1])
-    return times
 
 
 def _raw_value(mapping: Mapping, param: Param, value: Any) -> int:
