@@ -182,7 +182,7 @@ def run_show(args: argparse.Namespace, surface: Any, work: Path) -> dict[str, An
         app.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--tiny", action="store_true", help="the tiny test architecture (CI, CPU)")
@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=float, default=300.0,
                         help="seconds for the first image and the backend build (default 300)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.size = args.size or (32 if args.tiny else 512)
     args.output = args.output or ((320, 180) if args.tiny else (1280, 720))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

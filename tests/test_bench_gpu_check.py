@@ -30,8 +30,8 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
-def check_script():
-    spec = importlib.util.spec_from_file_location("bench_diffusion_script", SCRIPT)
+def check_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_script", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # (its dataclasses look their module up there)
     spec.loader.exec_module(module)
@@ -125,3 +125,30 @@ def test_scripts_reach_the_package_without_editing_sys_path():
         text = script.read_text()
         assert "sys.path.insert" not in text and "sys.path.append" not in text, script.name
         assert "../shared" not in text, script.name
+
+
+def test_every_gpu_case_is_a_valid_command_line():
+    """The GPU plan cannot be run here: its command lines are at least accepted by their parsers
+    (a typo found on the GPU machine costs a whole lease)."""
+    import argparse
+
+    from engine.diffusion.bench import add_arguments, options_from_args
+
+    script = check_script()
+    inapp_parser = check_script(ROOT / "scripts" / "bench_inapp.py").build_parser()
+    checked = 0
+    for name, case in script.GPU_CASES.items():
+        bench = case.args[:2] == script.BENCH  # -m engine.diffusion.bench ..., else a script's path ...
+        argv = [*(case.args[2:] if bench else case.args[1:]), "--json", "x.json"]
+        if bench:
+            parser = argparse.ArgumentParser()
+            add_arguments(parser)
+            options_from_args(parser.parse_args(argv))
+        elif case.kind == "inapp":
+            inapp_parser.parse_args(argv)
+            assert case.compare in script.GPU_CASES
+            assert list(script.GPU_CASES).index(case.compare) < list(script.GPU_CASES).index(name)
+        else:
+            continue
+        checked += 1
+    assert checked >= 6
