@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.catalog import PRESETS_DIR
-from engine.diffusion.options import ACCEL_CHOICES, DTYPE_CHOICES, check_device_spec
+from engine.diffusion.options import ACCEL_CHOICES, ACCEL_HELP, DTYPE_CHOICES, check_device_spec
 from engine.outputs.recorder import DEFAULT_PATTERN
 
 if TYPE_CHECKING:
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     torch_group.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                              help="precision (default auto: float16 on a GPU, float32 on a CPU; bfloat16 on request)")
     torch_group.add_argument("--accel", choices=ACCEL_CHOICES, default=None,
-                             help="realtime scene backend (default auto: compile on CUDA, eager elsewhere)")
+                             help=f"realtime scene backend: {ACCEL_HELP} (default auto: compile on CUDA, eager "
+                                  "elsewhere)")
     run.add_argument("--hours", help='opening hours, e.g. "Mon-Fri 10:00-18:00, Sat 12:00-20:00": '
                                      "black and paused outside them")
 

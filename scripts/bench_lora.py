@@ -1,8 +1,10 @@
 """LoRA slots on the full-size SD 1.5 UNet (random weights): what a weight change, a file
 hot-swap and a plain unload + load cost, next to one UNet call.
 
-    python scripts/bench_lora.py                      # this machine's CPU
-    python scripts/bench_lora.py --device cuda --json lora.json
+    PYTHONPATH=$PWD python3 scripts/bench_lora.py                      # this machine's CPU
+    PYTHONPATH=$PWD python3 scripts/bench_lora.py --device cuda --json lora.json
+
+(from a checkout's root; with dreamdeck installed, PYTHONPATH is not needed)
 
 The LoRAs are random rank-16 ones made by peft on the usual kohya targets (attention,
 feed-forward, proj_in / proj_out), saved once in diffusers' format and once in kohya's.
@@ -21,10 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.diffusion.configs import ARCHITECTURES  # noqa: E402
-from engine.diffusion.lora import AdapterBank, random_lora, save_lora  # noqa: E402
+from engine.diffusion.configs import ARCHITECTURES
+from engine.diffusion.lora import AdapterBank, random_lora, save_lora
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 

@@ -1,9 +1,20 @@
 """``dreamdeck bench diffusion``: the hot path against diffusers' own pipeline, same weights, same run.
 
-Frames come from host memory and go back to host memory, as a camera loop would. The
-baseline is diffusers ``AutoPipelineForImage2Image`` with PIL in and out at SD-turbo
-settings (``num_inference_steps=2, strength=0.5, guidance_scale=0``: one UNet call, full VAE),
-in the same process, on the same UNet and text encoder. ``ratio`` = engine fps / baseline fps.
+Frames come from host memory and go back to host memory, as a camera loop would. Two
+baselines run in the same process, on the same UNet and text encoder, both diffusers
+``StableDiffusionImg2ImgPipeline`` with PIL in and out (``strength=0.5``, ``guidance_scale=0``,
+``num_inference_steps = 2 x steps``: as many UNet calls per image as the stream batch gives
+each frame):
+
+    own_vae   with the model's own VAE (AutoencoderKL): what a diffusers user runs
+    taesd     with the same TAESD (AutoencoderTiny) the engine decodes with
+
+and ``ratios`` = engine fps / each baseline's fps. The engine's VAE is TAESD unless ``--vae full``,
+so ``taesd`` is the like-for-like ratio and ``own_vae`` the one a user feels.
+
+Also measured: the first diffused frame after the weights loaded, the backend's build time,
+whether the backend asked for is the one that ran (``fell_back``), dynamo recompiles during
+the timed frames, and synchronisations per frame (CUDA: ``torch.cuda.set_sync_debug_mode``).
 
     --tiny                 diffusers' tiny test architecture (CI; seconds on a CPU)
     --random-weights       the full-size --arch with random weights: no download, real cost
@@ -19,16 +30,21 @@ import json
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engine.diffusion.options import ACCEL_CHOICES, DTYPE_CHOICES
+from engine.diffusion.options import ACCEL_CHOICES, ACCEL_HELP, DTYPE_CHOICES
 
 ARCHS = ("sd-turbo", "sd15")
 DEFAULT_MODELS = {"sd-turbo": "stabilityai/sd-turbo", "sd15": "SimianLuo/LCM_Dreamshaper_v7"}
 TAESD_ID = "madebyollin/taesd"
 PROMPT = "a watercolour painting of a city at night, vivid colours"
+STRENGTH = 0.5
+BASELINES = {"own_vae": "diffusers, the model's own VAE", "taesd": "diffusers, the same TAESD"}
+COMPILE_BACKENDS = ("inductor", "eager")
+LCM_GUIDANCE_DIM = {"tiny": 32, "sd15": 256}  # LCM_Dreamshaper's guidance embedding (sd15); the tiny test one
 
 
 @dataclass(frozen=True)
@@ -40,11 +56,13 @@ class BenchOptions:
     steps: int | None = None  # default: the architecture's (1 for sd-turbo, 4 for sd15 LCM)
     frames: int = 100
     warmup: int = 10
-    baseline_frames: int = 30  # 0: no baseline
+    baseline_frames: int = 30  # 0: no baselines
+    sync_frames: int = 5  # frames run under the CUDA sync check (0: none)
     accel: str = "auto"
+    compile_backend: str = "inductor"  # torch.compile's backend for compile (and tensorrt's fallback)
     device: str = "auto"
     dtype: str = "auto"
-    vae: str = "tiny"  # the engine's VAE: tiny (TAESD) or full; the baseline always uses the full VAE
+    vae: str = "tiny"  # the engine's VAE: tiny (TAESD) or full; the baselines run both
     json_path: Path | None = None
 
 
@@ -58,9 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="stream batch steps (default: 1 sd-turbo, 4 sd15)")
     parser.add_argument("--frames", type=int, default=100, help="timed frames (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed frames first (default 10)")
-    parser.add_argument("--baseline-frames", type=int, default=30, help="timed baseline frames; 0 skips it")
+    parser.add_argument("--baseline-frames", type=int, default=30, help="timed frames per baseline; 0 skips them")
+    parser.add_argument("--sync-frames", type=int, default=5,
+                        help="frames run under torch.cuda.set_sync_debug_mode to count syncs (CUDA; default 5)")
     parser.add_argument("--accel", choices=ACCEL_CHOICES, default="auto",
-                        help="auto: compile on CUDA, eager elsewhere")
+                        help=f"{ACCEL_HELP}; auto: compile on CUDA, eager elsewhere. Here tensorrt falls back to "
+                             "compile where TensorRT cannot run, and the result says so (fell_back)")
+    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                        help="torch.compile backend (default inductor; eager: dynamo tracing alone, for CPU checks)")
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | mps | cpu")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--vae", choices=("tiny", "full"), default="tiny", help="engine VAE (default tiny = TAESD)")
@@ -69,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     weights = "tiny" if args.tiny else "random" if args.random_weights else "model"
-    for name in ("frames", "warmup", "baseline_frames"):
+    for name in ("frames", "warmup", "baseline_frames", "sync_frames"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative")
     if args.frames < 1:
@@ -81,8 +104,9 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         raise ValueError("--size must be between 16 and 2048")
     return BenchOptions(arch=args.arch, weights=weights, model=args.model or DEFAULT_MODELS[args.arch], size=size,
                         steps=args.steps, frames=args.frames, warmup=args.warmup,
-                        baseline_frames=args.baseline_frames, accel=args.accel, device=args.device,
-                        dtype=args.dtype, vae=args.vae, json_path=args.json)
+                        baseline_frames=args.baseline_frames, sync_frames=args.sync_frames, accel=args.accel,
+                        compile_backend=args.compile_backend, device=args.device, dtype=args.dtype, vae=args.vae,
+                        json_path=args.json)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
-def _models(options: BenchOptions, choice: Any) -> tuple[Any, Any, str]:
-    """(engine model, baseline model, weights description): same UNet and text encoder in both."""
+def _models(options: BenchOptions, choice: Any) -> tuple[Any, dict[str, Any], str]:
+    """(engine model, {baseline name: model}, weights description): one UNet and text encoder in all."""
     import torch
     from diffusers import AutoencoderTiny
 
@@ -119,22 +143,24 @@ def _models(options: BenchOptions, choice: Any) -> tuple[Any, Any, str]:
     if options.weights == "model":
         base = load_model(ModelSpec(model=options.model), choice)
         described = options.model
-        tiny = load_tiny_vae(ModelSpec(tiny_vae=TAESD_ID), choice.dtype) if options.vae == "tiny" else None
+        tiny = load_tiny_vae(ModelSpec(tiny_vae=TAESD_ID), choice.dtype)
     else:
         arch = "tiny" if options.weights == "tiny" else options.arch
-        scheduler = "lcm" if options.arch == "sd15" else "euler"
-        base = build_random_model(arch, scheduler=scheduler, device=choice.device).to(choice)
+        lcm = options.arch == "sd15"
+        base = build_random_model(arch, scheduler="lcm" if lcm else "euler", device=choice.device,
+                                  time_cond_proj_dim=LCM_GUIDANCE_DIM[arch] if lcm else None).to(choice)
         described = f"random {arch}"
-        tiny = None
-        if options.vae == "tiny":
-            with torch.device(choice.device):
-                tiny = AutoencoderTiny(**(TINY_TAESD if arch == "tiny" else TAESD))
-    if tiny is None:
-        return base, base, described
+        with torch.device(choice.device):
+            torch.manual_seed(0)
+            tiny = AutoencoderTiny(**(TINY_TAESD if arch == "tiny" else TAESD))
     tiny = tiny.eval().requires_grad_(False).to(device=choice.device)
     if tiny.dtype != choice.dtype:  # (diffusers warns about a cast to the dtype a model already has)
         tiny = tiny.to(dtype=choice.dtype)
-    return replace(base, vae=tiny), base, described + " + TAESD"
+    with_taesd = replace(base, vae=tiny)
+    baselines = {"own_vae": base, "taesd": with_taesd}
+    if options.vae == "tiny":
+        return with_taesd, baselines, described + " + TAESD"
+    return base, baselines, described
 
 
 def _frames(size: int, count: int = 8) -> list:
@@ -149,12 +175,82 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
-    import diffusers
+def _accelerator(options: BenchOptions, device: Any) -> Any:
+    """The backend asked for, as the show builds it; ``tensorrt`` with its fallback to compile."""
+    from engine.diffusion.accel import CompileAccelerator, choose_accelerator
+    from engine.diffusion.tensorrt import tensorrt_or_compile
+
+    compiled = CompileAccelerator(backend=options.compile_backend)
+    if options.accel == "tensorrt":
+        return tensorrt_or_compile(device.type, fallback=compiled)
+    if options.accel == "compile":
+        return compiled
+    return choose_accelerator(options.accel, device)
+
+
+def _dynamo_frames() -> int | None:
+    """Frames dynamo has compiled in this process so far (recompiles show as more)."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled: importing it would cost a second
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
+
+
+def count_syncs(stream: Any, frames: list, count: int) -> dict[str, Any]:
+    """Host synchronisations in ``count`` whole frames (upload to download).
+
+    Uses the stream's own check when it has one (``stream.count_syncs(frame) -> int``); else
+    runs the frames under ``torch.cuda.set_sync_debug_mode("warn")`` and counts its warnings.
+    A frame's designed wait for its download is an event wait, which that mode does not flag;
+    anything it does flag (a ``.item()``, a pageable copy, a stream sync) stalls the frame.
+    """
+    import torch
+
+    if count == 0:
+        return {"per_frame": None, "frames": 0, "how": "not measured (--sync-frames 0)"}
+    own = getattr(stream, "count_syncs", None)
+    if callable(own):
+        total = sum(int(own(frames[i % len(frames)])) for i in range(count))
+        return {"per_frame": total / count, "frames": count, "how": "stream.count_syncs"}
+    if not stream.choice.is_cuda:
+        return {"per_frame": None, "frames": 0, "how": f"not measured: {stream.choice.device.type} has no CUDA sync check"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(count):
+                stream(frames[i % len(frames)])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    flagged = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"per_frame": len(flagged) / count, "frames": count, "how": "torch.cuda.set_sync_debug_mode('warn')",
+            "first": flagged[0][:200] if flagged else None}
+
+
+def _baseline(model: Any, pictures: list, frames: int, steps: int) -> dict[str, Any]:
+    """diffusers' StableDiffusionImg2ImgPipeline over ``model``: PIL in, PIL out, ``steps`` UNet calls."""
     import numpy as np
     import torch
 
-    from engine.diffusion.accel import choose_accelerator
+    pipe = model.img2img_pipeline()
+    times = []
+    for i in range(2 + frames):  # two untimed calls first (allocations, cuDNN choices)
+        started = time.perf_counter()
+        out = pipe(PROMPT, image=pictures[i % len(pictures)], num_inference_steps=round(steps / STRENGTH),
+                   strength=STRENGTH, guidance_scale=0.0, generator=torch.Generator().manual_seed(0)).images[0]
+        np.asarray(out)
+        if i >= 2:
+            times.append((time.perf_counter() - started) * 1000.0)
+    return {"pipeline": type(pipe).__name__, "vae": type(model.vae).__name__,
+            "fps": 1000.0 * len(times) / sum(times), "p50_ms": _percentile(times, 50)}
+
+
+def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
+    import diffusers
+    import torch
+    from PIL import Image
+
     from engine.diffusion.configs import ARCHITECTURES
     from engine.diffusion.device import choose_device
     from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img
@@ -162,17 +258,19 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
     choice = choose_device(options.device, options.dtype)
     steps = options.steps or ARCHITECTURES[options.arch].default_steps
     started = time.monotonic()
-    engine_model, baseline_model, weights = _models(options, choice)
+    engine_model, baseline_models, weights = _models(options, choice)
     load_s = time.monotonic() - started
     frames = _frames(options.size)
 
     # 1. the engine: hot path, host frames in and out
+    accelerator = _accelerator(options, choice.device)
+    compiled_before = _dynamo_frames()
     stream = StreamImg2Img(engine_model, choice, StreamConfig(size=(options.size, options.size), steps=steps),
-                           LiveSettings(strength=0.5, similarity_threshold=0.0), prompts=[(PROMPT, 1.0)],
-                           accelerator=choose_accelerator(options.accel, choice.device))
+                           LiveSettings(strength=STRENGTH, similarity_threshold=0.0), prompts=[(PROMPT, 1.0)],
+                           accelerator=accelerator)
     stream.prompts.wait()
-    # the first image, as a show gets it: eager frames while a compiled or TensorRT build starts
-    # in the background (the first frame starts it), timed from the loaded weights
+    # 2. the first image, as a show gets it: eager frames while a compiled or TensorRT build starts
+    #    in the background (the first frame starts it), timed from the loaded weights
     deadline, i = time.monotonic() + 600.0, 0
     while stream.first_image_s is None:
         dropped = stream.frames_dropped
@@ -183,8 +281,11 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise RuntimeError("the stream produced no image in 600 s")
     stream.wait_for_accel()  # a benchmark waits for the build: it measures the switched-to backend
+    compiled_built = _dynamo_frames()
+    # 3. warm-up, then the timed frames
     for i in range(options.warmup):
         stream(frames[i % len(frames)])
+    compiled_warm = _dynamo_frames()
     stream.timer.reset()
     times = []
     for i in range(options.frames):
@@ -193,28 +294,21 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         times.append((time.perf_counter() - started) * 1000.0)
         if image is None:
             raise RuntimeError("the stream produced no image for a new frame")
-    stream.close()
+    compiled_timed = _dynamo_frames()
     engine = {"fps": 1000.0 * len(times) / sum(times), "p50_ms": _percentile(times, 50),
               "p99_ms": _percentile(times, 99), "stages_ms": stream.timer.means()}
+    # 4. synchronisations per frame, after the timed frames (the check itself slows a frame)
+    syncs = count_syncs(stream, frames, options.sync_frames)
+    stream.close()
+    fell_back = stream.accel != stream.accel_requested
+    fallback_reason = getattr(accelerator, "fell_back", None) or stream.accel_error if fell_back else None
 
-    # 2. the baseline: diffusers' pipeline, PIL in and out, SD-turbo settings
-    baseline: dict[str, float] | None = None
+    # 5. the baselines: diffusers' pipeline, PIL in and out, with the model's VAE and with TAESD
+    baselines: dict[str, dict[str, Any]] = {}
     if options.baseline_frames:
-        from diffusers import AutoPipelineForImage2Image
-        from PIL import Image
-
-        pipe = AutoPipelineForImage2Image.from_pipe(baseline_model.img2img_pipeline())
-        pipe.set_progress_bar_config(disable=True)
         pictures = [Image.fromarray(f) for f in frames]
-        base_times = []
-        for i in range(2 + options.baseline_frames):
-            started = time.perf_counter()
-            out = pipe(PROMPT, image=pictures[i % len(pictures)], num_inference_steps=2, strength=0.5,
-                       guidance_scale=0.0, generator=torch.Generator().manual_seed(0)).images[0]
-            np.asarray(out)
-            if i >= 2:
-                base_times.append((time.perf_counter() - started) * 1000.0)
-        baseline = {"fps": 1000.0 * len(base_times) / sum(base_times), "p50_ms": _percentile(base_times, 50)}
+        for name, model in baseline_models.items():
+            baselines[name] = _baseline(model, pictures, options.baseline_frames, steps)
 
     result = {
         "device": choice.device.type,
@@ -227,15 +321,22 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         "steps": steps,
         "dtype": str(choice.dtype).removeprefix("torch."),
         "vae": options.vae,
-        "accel": stream.accel,
+        "accel": stream.accel,  # what ran the timed frames
         "accel_requested": stream.accel_requested,
+        "fell_back": fell_back,
+        "fallback_reason": fallback_reason,
+        "compile_backend": options.compile_backend if stream.accel_requested in ("compile", "tensorrt") else None,
         "accel_ready_s": stream.accel_ready_s,
         "accel_error": stream.accel_error,
         "startup": {"load_s": load_s, "first_frame_s": stream.first_image_s},
         "frames": options.frames,
         "engine": engine,
-        "baseline": baseline,
-        "ratio": engine["fps"] / baseline["fps"] if baseline else None,
+        "recompiles": {"by_build": compiled_built - compiled_before, "in_warmup": compiled_warm - compiled_built,
+                       "in_timed_frames": compiled_timed - compiled_warm,
+                       "per_frame": (compiled_timed - compiled_warm) / options.frames},
+        "syncs": syncs,
+        "baselines": baselines,
+        "ratios": {name: engine["fps"] / b["fps"] for name, b in baselines.items()},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
         "command": "dreamdeck bench diffusion " + " ".join(sys.argv[1:]) if sys.argv else "",
     }
@@ -249,25 +350,30 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     device = result["gpu_name"] or f"{result['device']} ({result['cpu']}, {result['threads']} threads)"
-    engine, baseline = result["engine"], result["baseline"]
+    engine = result["engine"]
     stages = "  ".join(f"{name} {ms:.2f}" for name, ms in engine["stages_ms"].items())
+    accel = result["accel"] + (f" (asked for {result['accel_requested']}: FELL BACK)" if result["fell_back"] else "")
     lines = [
         f"diffusion img2img: {result['arch']} ({result['weights']}) {result['size']}x{result['size']}, "
-        f"{result['steps']} step(s), {result['dtype']}, VAE {result['vae']}, accel {result['accel']}, on {device}",
-        f"{'':24}{'fps':>9}{'p50 ms':>10}{'p99 ms':>10}",
-        f"{'engine (hot path)':24}{engine['fps']:9.1f}{engine['p50_ms']:10.2f}{engine['p99_ms']:10.2f}",
-        f"{'  stages, mean ms':24}{stages}",
+        f"{result['steps']} step(s), {result['dtype']}, VAE {result['vae']}, accel {accel}, on {device}",
+        f"{'':30}{'fps':>9}{'p50 ms':>10}{'p99 ms':>10}{'ratio':>9}",
+        f"{'engine (hot path)':30}{engine['fps']:9.1f}{engine['p50_ms']:10.2f}{engine['p99_ms']:10.2f}",
+        f"{'  stages, mean ms':30}{stages}",
     ]
-    if baseline:
-        lines.append(f"{'baseline (diffusers)':24}{baseline['fps']:9.1f}{baseline['p50_ms']:10.2f}")
-        lines.append(f"{'ratio':24}{result['ratio']:8.1f}x")
+    for name, baseline in result["baselines"].items():
+        lines.append(f"{BASELINES[name]:30}{baseline['fps']:9.1f}{baseline['p50_ms']:10.2f}{'':10}"
+                     f"{result['ratios'][name]:8.1f}x")
     startup = result["startup"]
     lines.append(f"first frame {startup['first_frame_s']:.2f} s after the weights loaded "
                  f"(weights: {startup['load_s']:.1f} s)")
-    if result["accel_error"]:
-        lines.append(f"accel: {result['accel_error']}")
+    if result["fallback_reason"]:
+        lines.append(f"accel: {result['fallback_reason']}")
     elif result["accel_ready_s"] is not None:
         lines.append(f"accel {result['accel']} ready after {result['accel_ready_s']:.1f} s")
+    recompiles, syncs = result["recompiles"], result["syncs"]
+    lines.append(f"recompiles: {recompiles['by_build']} by the build, {recompiles['in_timed_frames']} in the timed "
+                 f"frames; syncs per frame: "
+                 + (f"{syncs['per_frame']:.1f} ({syncs['how']})" if syncs["per_frame"] is not None else syncs["how"]))
     return "\n".join(lines)
 
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 ACCEL_CHOICES = ("auto", "eager", "compile", "tensorrt")
+# backends written but not yet proven by a run on a GPU: every place that offers or shows one
+# says so (drop the entry once a GPU run has proven it)
+EXPERIMENTAL_ACCELS = {"tensorrt": "experimental, never run on a GPU yet"}
+ACCEL_HELP = "eager | compile (torch.compile) | tensorrt (experimental, never run on a GPU yet)"
 _DEVICE_SPEC = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -44,3 +48,12 @@ class TorchDefaults:
 
 
 LORA_SLOTS = 4  # live LoRA slots on the realtime scene (engine/diffusion/lora.py)
+
+
+def accel_label(state: str) -> str:
+    """A backend state for the HUD and status views, experimental backends marked as such:
+    "tensorrt" -> "tensorrt (experimental)", "eager, tensorrt building 12 s" -> "eager, tensorrt
+    (experimental) building 12 s"."""
+    for name in EXPERIMENTAL_ACCELS:
+        state = re.sub(rf"\b{name}\b", f"{name} (experimental)", state)
+    return state

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.diffusion.options import ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS, TorchDefaults
+from engine.diffusion.options import (ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS, TorchDefaults,
+                                      accel_label)
 from engine.params import enum_param, float_param, int_param, string_param
 from engine.scenes.base import (BackgroundLoad, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra,
                                  reserve_render_core)
@@ -99,7 +100,7 @@ class RealtimeScene(Scene):
         enum_param(f"{_P}/dtype", "auto", DTYPE_CHOICES, description="Precision (auto: what --dtype chose, else float16 on GPUs, float32 on CPU)",
                    in_presets=False),
         enum_param(f"{_P}/accel", "auto", ACCEL_CHOICES,
-                   description="eager, compile (torch.compile, built in the background) or tensorrt; auto: what --accel chose, else compile on CUDA",
+                   description="eager, compile (torch.compile, built in the background) or tensorrt (experimental, never run on a GPU yet); auto: what --accel chose, else compile on CUDA",
                    in_presets=False),
         *(param for slot in range(1, LORA_SLOTS + 1) for param in _lora_slot_params(slot)),
     )
@@ -156,7 +157,7 @@ class RealtimeScene(Scene):
         stream = self._stream
         if image is not None and self._first_frame_told is not stream:
             self._tell_first_frame(stream)
-        self.status = f"{stream.where} {stream.accel_state}"
+        self.status = f"{stream.where} {accel_label(stream.accel_state)}"
         self.warning = (stream.accel_error or stream.adapter_error or self._lora_refusal or stream.prompts.error
                         or self._prompt_refusal or (self._stream_refusal[1] if self._stream_refusal else None))
         return image
