@@ -30,11 +30,12 @@ from engine.diffusion.options import TorchDefaults
 from engine.params import Change, ParamError
 from engine.presets import PresetError, PresetLibrary, load_preset, recall_values
 from engine.render.compositor import Compositor
-from engine.render.hud import Hud
+from engine.render.hud import Hud, hud_lines
 from engine.render.output import OutputTransform, PreviewView
 from engine.render.shaders import ShaderLibrary
 from engine.scenes import SceneCatalog, SceneWorker, builtin_catalog
 from engine.sources import ImageSource, LiveInput, open_source
+from engine.status import STATUS_REFRESH, MemoryProbe, PartStatus, RenderedFrame, ShowStatus
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,19 @@ class Clock(Protocol):
 
 
 class Output(Protocol):
-    """Something that takes rendered frames: it must not block (copy, queue, return)."""
+    """Something that takes rendered frames: it must not block (copy, queue, return).
+
+    ``after_render`` gets the frame's texture and the show's status (engine/status.py),
+    never the App: an output reads the frame and changes the show, if at all, through
+    ``frame.params`` like any control. ``status`` is its line for the HUD and /health.
+    """
 
     name: str
     status: str
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
-    def after_render(self, app: "App", now: float) -> None: ...
+    def after_render(self, frame: RenderedFrame) -> None: ...
 
 
 class Surface(Protocol):
@@ -123,6 +129,10 @@ class App:
         self.actions = Actions()
         self.controls: list[Control] = []
         self.outputs: list[Output] = []  # recorder, status thumbnail, virtual camera...
+        self.status = ShowStatus()  # the latest frame's snapshot (render thread writes, anyone reads)
+        self._memory = MemoryProbe()
+        self._sampled: tuple[tuple[PartStatus, ...], tuple[PartStatus, ...], float | None] = ((), (), None)
+        self._sample_next = float("-inf")
         self._register_actions()
 
         self._showing_scene: str | None = None
@@ -233,6 +243,7 @@ class App:
             self.preview.release()
         self.compositor.release()
         self.shaders.release()
+        self._memory.close()
 
     def run(self, frames: int | None = None) -> None:
         """The loop: step until the window closes, Esc, or ``frames`` frames."""
@@ -279,10 +290,14 @@ class App:
             image, overlay_seq = self.overlay.slot.latest()
             self.compositor.set_layer("overlay", image, ("overlay", overlay_seq))
 
-        # 3. composite layers + effects + feedback + transitions into the output framebuffer
+        # 3. composite layers + effects + feedback + transitions into the output framebuffer;
+        #    the frame's status, once, for the outputs and the HUD
         self.compositor.render(now)
+        status = self.status = self._snapshot(now)
+        texture = self.compositor.output_texture
+        rendered = RenderedFrame(self.compositor.ctx, texture, texture.size, status.frame, now, status, self.params)
         for output in self.outputs:
-            output.after_render(self, now)
+            output.after_render(rendered)
 
         # 4. present (vsync) with the room's transforms, HUD (in the preview window if there is one)
         if self.surface.has_window:
@@ -502,45 +517,48 @@ class App:
                 out.append(error)
         return out
 
-    def hud_lines(self, errors: list[str] | None = None) -> list[str]:
-        s = self.stats
-        drops = self.input.primary.slot.drops + self.worker.output.drops
-        scene = self.worker.active_name or "-"
-        loading = self.worker.loading
-        if loading:
-            scene += f" ({'loading' if loading == self.worker.pending_name else 'preloading'} {loading})"
-        if self._showing_scene and not self.catalog.get(self._showing_scene).realtime:
-            scene += f" {self.worker.fps:.1f} img/s"
-        active = self.worker.active
-        if active is not None and active.status:
-            scene += f" [{active.status}]"
-        last = self.params.last_change
-        lines = [
-            f"render {s.render_fps:5.1f} fps  scene {self.worker.fps:5.1f} fps  dropped {drops}",
-            f"scene {scene}   preset {self.preset_name or '-'}",
-            self._loaded_line(),
-            f"source {self.input.status}",
-            f"last control {last.path} = {_short(last.value)} ({last.origin})" if last else "last control -",
-        ]
-        for part in [*self.controls, *self.outputs]:
-            status = part.status
-            if status:
-                lines.append(status if status.startswith(part.name) else f"{part.name} {status}")
-        return lines + [f"error {e}" for e in (self.errors_now() if errors is None else errors)]
+    def hud_lines(self) -> list[str]:
+        """The HUD's text for the latest frame (``engine.render.hud.hud_lines`` of ``self.status``)."""
+        return hud_lines(self.status)
 
-    def _loaded_line(self) -> str:
-        """Which scenes a cut reaches at once, and the memory they declare against the budget."""
-        names = self.worker.loaded_names
-        used = sum(self.catalog.get(n).needs.accelerator_mb for n in names)
-        budget = self.params.get("/scene/memory_budget")
-        return f"loaded {', '.join(reversed(names)) or '-'} ({used} of {budget} MB)"
+    def _snapshot(self, now: float) -> ShowStatus:
+        """This frame's ShowStatus, from values the render thread already has; the parts' lines
+        and the process's memory are asked for every STATUS_REFRESH seconds, not every frame."""
+        if now >= self._sample_next:
+            self._sample_next = now + STATUS_REFRESH
+            self._sampled = (tuple(PartStatus(c.name, str(c.status)) for c in self.controls),
+                             tuple(PartStatus(o.name, str(o.status)) for o in self.outputs),
+                             self._memory.read())
+        controls, outputs, rss_mb = self._sampled
+        s, worker, showing = self.stats, self.worker, self._showing_scene
+        # each read once: the worker thread may change them mid-snapshot, which must agree with itself
+        active, loading, loaded = worker.active, worker.loading, worker.loaded_names
+        with self._lock:
+            preset, recent = self.preset_name, tuple(s.errors)
+        fullscreen = getattr(self.surface, "fullscreen", None)  # a window says; headless has none
+        return ShowStatus(
+            frame=s.frames + 1, time=now, fps=s.render_fps, frame_ms=s.frame_ms,
+            longest_frame_ms=s.longest_frame_ms, dropped_source=self.input.primary.slot.drops,
+            dropped_scene=worker.output.drops, scene_transitions=s.scene_transitions,
+            scene=None if active is None else active.name, scene_selected=self.params.get("/scene/active"),
+            scene_realtime=showing is None or self.catalog.get(showing).realtime, scene_fps=worker.fps,
+            scene_backend="" if active is None else active.backend,
+            scene_status="" if active is None else active.status,
+            scene_warning=None if active is None else active.warning,
+            loading=loading, preloading=loading is not None and loading != worker.pending_name,
+            loaded=tuple(reversed(loaded)), loaded_mb=sum(self.catalog.get(n).needs.accelerator_mb for n in loaded),
+            memory_budget_mb=self.params.get("/scene/memory_budget"),
+            source=self.input.status, source_fallback=bool(self.input.fallback_active),
+            preset=preset, last_change=self.params.last_change, controls=controls, outputs=outputs,
+            errors=tuple(self.errors_now()), recent_errors=recent, rss_mb=rss_mb,
+            fullscreen=fullscreen if isinstance(fullscreen, bool) else None)
 
     def _update_hud(self, now: float) -> None:
+        """Rasterise the HUD's text, every HUD_REFRESH seconds at most (it is drawn on the CPU)."""
         if now < self._hud_next:
             return
         self._hud_next = now + HUD_REFRESH
-        errors = self.errors_now()
-        self.hud.update(self.hud_lines(errors), error_lines=len(errors))
+        self.hud.update(hud_lines(self.status), error_lines=len(self.status.errors))
 
     def _count_frame(self, dt: float, busy: float) -> None:
         s = self.stats
@@ -563,7 +581,3 @@ class App:
         slow_scenes = any(not self.catalog.get(name).realtime for name in self.catalog.names())
         self.compositor.prewarm(states, morph=slow_scenes)
 
-
-def _short(value: object) -> str:
-    text = f"{value:.3g}" if isinstance(value, float) else str(value)
-    return text if len(text) <= 40 else text[:39] + "…"

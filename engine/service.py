@@ -22,9 +22,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from engine.state import write_atomic
+from engine.status import RenderedFrame, ShowStatus
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ UNIT_NAME = "dreamdeck.service"
 WATCHDOG_SEC = 10.0
 RESTART_SEC = 3.0
 STATUS_EVERY_S = 5.0  # `systemctl --user status dreamdeck` shows a line this fresh
+STATUS_CHARS = 200  # a STATUS= line longer than a terminal row is cut by systemctl anyway
 DISPLAY_VARIABLES = ("DISPLAY", "XAUTHORITY", "WAYLAND_DISPLAY")  # what a window needs from the session
 
 
@@ -210,7 +212,8 @@ class Notifier:
 
     Use it as an Output: the first ``after_render`` says READY=1 (the first frame is on
     screen), later ones send WATCHDOG=1 at most every ``watchdog_s / 2`` seconds of the
-    app's clock, and a STATUS= line every few seconds. ``stop()`` sends STOPPING=1.
+    app's clock, and every few seconds a STATUS= line (``status_line`` of the frame's
+    ShowStatus). ``stop()`` sends STOPPING=1.
     The socket is non-blocking: a systemd that is busy never stalls a frame; a lost
     datagram is logged once, and the next ping tries again.
     """
@@ -268,9 +271,10 @@ class Notifier:
         self.sent[key] = self.sent.get(key, 0) + 1
         return True
 
-    def after_render(self, app: Any, now: float) -> None:
+    def after_render(self, frame: RenderedFrame) -> None:
         if self._socket is None:
             return
+        now = frame.time
         if not self.ready:
             self.ready = self.notify("READY=1")
             self._next_ping = now + self.ping_every
@@ -281,7 +285,7 @@ class Notifier:
         self._next_ping = now + self.ping_every
         if now >= self._next_status:  # rides on a ping: one datagram burst per period at most
             self._next_status = now + STATUS_EVERY_S
-            self.notify(f"STATUS={_status_line(app)}")
+            self.notify(f"STATUS={status_line(frame.status)}")
 
 
 def _watchdog_from_env(environ: Mapping[str, str]) -> float:
@@ -298,10 +302,11 @@ def _watchdog_from_env(environ: Mapping[str, str]) -> float:
     return WATCHDOG_SEC
 
 
-def _status_line(app: Any) -> str:
-    stats = getattr(app, "stats", None)
-    fps = f"{stats.render_fps:.1f} fps" if stats is not None else "running"
-    worker = getattr(app, "worker", None)
-    scene = getattr(worker, "active_name", None) or "-"
-    preset = getattr(app, "preset_name", None) or "-"
-    return f"{fps}, scene {scene}, preset {preset}".replace("\n", " ")
+def status_line(status: ShowStatus) -> str:
+    """The line `systemctl --user status dreamdeck` shows: rate, scene, preset, memory, errors."""
+    line = f"{status.fps:.1f} fps, scene {status.scene or '-'}, preset {status.preset or '-'}"
+    if status.rss_mb is not None:
+        line += f", memory {status.rss_mb:.0f} MB"
+    if status.errors:
+        line += f", {len(status.errors)} error{'s' if len(status.errors) > 1 else ''}: {status.errors[-1]}"
+    return " ".join(line.split())[:STATUS_CHARS]  # one line, whatever an error message holds

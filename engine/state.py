@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import tomli_w
 
 from engine.files import write_atomic
+from engine.status import RenderedFrame
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -238,10 +239,10 @@ class StateStore:
 
 
 class StateTracker:
-    """An Output that notices, once per frame and without I/O, what changed in the app.
+    """An Output that notices, once per frame and without I/O, what changed in the show.
 
-    It compares the app's preset name (and the window's fullscreen state, where the
-    surface has one) with what it saw last and hands changes to the store.
+    It compares the frame's preset (and the window's fullscreen state, where there is a
+    window) with what it saw last and hands changes to the store.
     """
 
     name = "state"
@@ -260,11 +261,11 @@ class StateTracker:
     def stop(self) -> None:
         self.store.close()
 
-    def after_render(self, app: Any, now: float) -> None:
-        seen = {"preset": app.preset_name}
-        fullscreen = getattr(app.surface, "fullscreen", None)
-        if isinstance(fullscreen, bool):
-            seen["fullscreen"] = fullscreen
+    def after_render(self, frame: RenderedFrame) -> None:
+        status = frame.status
+        seen: dict[str, Any] = {"preset": status.preset}
+        if status.fullscreen is not None:
+            seen["fullscreen"] = status.fullscreen
         if seen != self._seen:
             changed = {k: v for k, v in seen.items() if self._seen.get(k, object()) != v}
             self._seen = seen

@@ -21,6 +21,7 @@ import tomli_w
 
 from engine.app import App, AppConfig
 from engine.presets import is_presettable
+from engine.render.hud import hud_lines
 from engine.scenes import Scene, SceneCatalog
 from engine.scenes.passthrough import Passthrough
 from engine.scenes.reaction_diffusion import ReactionDiffusion
@@ -82,14 +83,6 @@ def keeps_changing(app: App, changes: int = 4, min_change: float = 1.0) -> None:
 
 def presettable_values(app: App) -> dict:
     return {p.path: app.params.target(p.path) for p in app.params.params() if is_presettable(p)}
-
-
-def source_line(app: App) -> str:
-    return next(line for line in app.hud_lines() if line.startswith("source "))
-
-
-def error_lines(app: App) -> list[str]:
-    return [line for line in app.hud_lines() if line.startswith("error ")]
 
 
 def other(choices: list, current: object) -> object:
@@ -155,15 +148,21 @@ def test_start_does_not_crossfade_from_black(make_app) -> None:
     assert app.preset_name == "default"
 
 
-def test_hud_lines_show_scene_preset_and_source(make_app) -> None:
+def test_each_frame_has_one_status_of_the_scene_preset_and_source(make_app) -> None:
     app = make_app()
-    step_until(app, lambda: app.worker.active_name is not None and app.input.primary.last_frame_time > 0,
+    step_until(app, lambda: app.status.scene is not None and app.status.source.startswith("pattern ok"),
                "scene loaded and the pattern running")
-    lines = app.hud_lines()
-    assert lines[0].startswith("render ") and " fps" in lines[0]
-    assert lines[1].split() == ["scene", "reaction_diffusion", "preset", "default"]
-    assert source_line(app).startswith("source pattern ok")
-    assert not error_lines(app)
+    status = app.status
+    assert status.frame == app.stats.frames and status.time == app.clock.now()
+    assert status.fps > 0 and status.frame_ms > 0
+    assert status.scene == status.scene_selected == "reaction_diffusion" and status.scene_realtime
+    assert status.scene_status == "" and status.scene_warning is None and status.scene_backend == ""
+    assert status.preset == "default" and status.loading is None and status.loaded == ("reaction_diffusion",)
+    assert status.errors == () and not status.source_fallback and status.fullscreen is None
+    assert status.rss_mb is None or status.rss_mb > 10
+    app.step()
+    assert app.status.frame == status.frame + 1 and app.status.time > status.time, "a new snapshot per frame"
+    assert hud_lines(app.status) == app.hud_lines()
 
 
 # -- presets ----------------------------------------------------------------------------------
@@ -181,10 +180,9 @@ def test_preset_recall_lands_with_a_crossfade(make_app, presets_dir: Path) -> No
     assert app.compositor.transition_progress is not None, "a preset recall must crossfade"
     assert app.params.get("/fx/kaleido/segments") == segments
     assert app.params.get("/layer/scene/blend") == blend
-    assert app.preset_name == "variant"
-    assert app.hud_lines()[1].split()[-2:] == ["preset", "variant"]
+    assert app.preset_name == app.status.preset == "variant"
     step_until(app, lambda: app.compositor.transition_progress is None, "the crossfade to end", frames=200)
-    assert not error_lines(app)
+    assert app.status.errors == ()
 
     assert app.recall_preset_now(1) is True  # by number: sorted names, default first
     app.step()
@@ -217,8 +215,9 @@ def test_invalid_preset_is_refused_and_the_show_goes_on(make_app, presets_dir: P
     assert presettable_values(app) == before, "a refused preset changed values"
     assert app.preset_name == "default"
     assert app.compositor.transition_progress is None, "a refused preset must not crossfade"
-    errors = error_lines(app)
+    errors = app.status.errors
     assert len(errors) == 1 and "preset refused" in errors[0] and message in errors[0], errors
+    assert app.status.recent_errors[-1][1] == errors[0]
     keeps_changing(app)
 
 
@@ -228,11 +227,12 @@ def test_refused_preset_error_is_not_hidden_by_an_older_scene_error(make_app) ->
     step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
     app.params.set("/scene/active", "broken_load", origin="osc")
     step_until(app, lambda: app.params.target("/scene/active") == "reaction_diffusion", "the revert")
-    assert any("could not load" in e for e in error_lines(app))
+    assert any("could not load" in e for e in app.status.errors)
 
     assert app.recall_preset_now("no_such_preset") is False
     app.step()
-    assert any("no preset named 'no_such_preset'" in e for e in error_lines(app)), app.hud_lines()
+    assert any("could not load" in e for e in app.status.errors), "the older error is still shown"
+    assert any("no preset named 'no_such_preset'" in e for e in app.status.errors), app.status.errors
 
 
 # -- scenes -----------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_next_scene_crossfades_when_the_new_scene_has_a_frame(make_app) -> None:
         raise AssertionError(f"no switch to passthrough; hud: {app.hud_lines()}")
     assert app.stats.scene_transitions == 1
     assert app.params.get("/scene/active") == "passthrough"
-    assert app.hud_lines()[1].split()[:2] == ["scene", "passthrough"]
+    assert app.status.scene == "passthrough" and app.status.scene_transitions == 1
     keeps_changing(app, changes=2)
 
     app.next_scene()  # wraps around to the first scene
@@ -287,14 +287,15 @@ class Noted(Scene):
         return np.full((36, 64, 3), 128, np.uint8)
 
 
-def test_a_scene_shows_its_state_and_warning_in_the_hud(make_app) -> None:
+def test_a_scene_shows_its_state_and_warning_in_the_status(make_app) -> None:
     app = make_app(catalog=SceneCatalog((ReactionDiffusion, Noted)))
-    step_until(app, scene_showing(app, "reaction_diffusion"), "the first scene's image")
-    assert "[" not in app.hud_lines()[1] and not error_lines(app)
+    step_until(app, lambda: app.status.scene == "reaction_diffusion", "the first scene")
+    assert app.status.scene_status == "" and app.status.errors == ()
     app.params.set("/scene/active", "noted", origin="osc")
-    step_until(app, scene_showing(app, "noted"), "the noted scene's image")
-    assert app.hud_lines()[1].startswith("scene noted [warming up]"), app.hud_lines()[1]
-    assert "error noted: the lamp is cold" in error_lines(app)
+    step_until(app, lambda: app.status.scene == "noted" and app.status.scene_status, "the noted scene's state")
+    assert app.status.scene_status == "warming up" and app.status.scene_warning == "noted: the lamp is cold"
+    assert "noted: the lamp is cold" in app.status.errors, "a warning is shown with the errors"
+    assert app.status.last_change is not None and app.status.last_change.path == "/scene/active"
 
 
 def test_scene_that_fails_to_load_reverts_and_reports(make_app) -> None:
@@ -310,7 +311,7 @@ def test_scene_that_fails_to_load_reverts_and_reports(make_app) -> None:
     step(app, 2)
     assert app.params.get("/scene/active") == "reaction_diffusion"
     assert app.worker.active_name == "reaction_diffusion"
-    errors = error_lines(app)
+    errors = app.status.errors
     assert any("broken_load could not load" in e and "weights.safetensors" in e for e in errors), errors
     assert app.stats.scene_transitions == 0
     keeps_changing(app)
@@ -336,24 +337,24 @@ def write_clip(path: Path, fourcc: str = "MJPG", frames: int = 12) -> Path:
 def test_vanishing_video_file_falls_back_to_the_pattern_and_recovers(make_app, tmp_path: Path) -> None:
     clip = write_clip(tmp_path / "clip.avi")
     app = make_app(source=f"file:{clip}")
-    step_until(app, lambda: source_line(app).startswith("source file:clip.avi ok"), "the file playing")
+    step_until(app, lambda: app.status.source.startswith("file:clip.avi ok"), "the file playing")
     frame, _, fallback = app.input.latest()
     assert not fallback and frame.shape == (90, 160, 3)
     keeps_changing(app, changes=2)
 
     hidden = clip.rename(tmp_path / "moved-away.avi")
-    step_until(app, lambda: " lost " in source_line(app), "the loss to show in the HUD")
-    line = source_line(app)
+    step_until(app, lambda: " lost " in app.status.source, "the loss to show in the status")
+    line = app.status.source
     assert "file:clip.avi lost" in line and "showing pattern" in line, line
     step_until(app, lambda: app.input.latest()[2] and app.input.latest()[0].shape[:2] != (90, 160),
                "pattern frames on the source layer")
     keeps_changing(app)  # the show goes on: the pattern moves, the scene lives
     key = app.input.latest()[1]
     step_until(app, lambda: app.input.latest()[1] >= key + 3 and app.input.latest()[2], "new pattern frames")
-    assert " lost " in source_line(app)
+    assert " lost " in app.status.source
 
     hidden.rename(clip)
-    step_until(app, lambda: not app.input.latest()[2] and source_line(app).startswith("source file:clip.avi ok"),
+    step_until(app, lambda: not app.input.latest()[2] and app.status.source.startswith("file:clip.avi ok"),
                "the file back on the source layer")
     assert app.input.latest()[0].shape == (90, 160, 3)
     keeps_changing(app, changes=2)
@@ -420,5 +421,5 @@ def test_out_of_memory_goes_back_to_the_previous_scene(make_app) -> None:
     step_until(app, scene_showing(app, "greedy"), "the greedy scene's first image")
     step_until(app, lambda: app.worker.active_name == "reaction_diffusion"
                and app.params.get("/scene/active") == "reaction_diffusion", "the way back")
-    assert any("ran out of accelerator memory: back to reaction_diffusion" in line for line in app.hud_lines())
+    assert any("ran out of accelerator memory: back to reaction_diffusion" in e for e in app.status.errors)
     step_until(app, scene_showing(app, "reaction_diffusion"), "the previous scene's images again")

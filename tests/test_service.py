@@ -23,8 +23,9 @@ from engine.app import App, AppConfig
 from engine.clock import ManualClock
 from engine.logsetup import default_log_file, setup_logging
 from engine.render.surface import HeadlessSurface
-from engine.service import (UNIT_NAME, Notifier, install_service, render_unit, run_command, systemd_quote,
-                            user_unit_dir, verify_unit)
+from engine.service import (STATUS_CHARS, UNIT_NAME, Notifier, install_service, render_unit, run_command,
+                            status_line, systemd_quote, user_unit_dir, verify_unit)
+from engine.status import RenderedFrame, ShowStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,6 +165,12 @@ def app(tmp_path: Path) -> Iterator[App]:
     surface.close()
 
 
+def frame_at(t: float, status: ShowStatus | None = None) -> RenderedFrame:
+    """A frame as the notifier sees it: it reads the time and the status, never the pixels."""
+    return RenderedFrame(ctx=None, texture=None, size=(0, 0), number=1, time=t,  # type: ignore[arg-type]
+                         status=status or ShowStatus(time=t), params=None)  # type: ignore[arg-type]
+
+
 def test_ready_then_watchdog_pings_follow_the_frame_loop(app: App, systemd_socket) -> None:
     sock, path = systemd_socket
     notifier = Notifier(path, watchdog_s=1.0)  # ping every 0.5 s of the app's clock: every 32 frames at 64 fps
@@ -178,7 +185,8 @@ def test_ready_then_watchdog_pings_follow_the_frame_loop(app: App, systemd_socke
     assert received(sock) == [], "no ping before half the watchdog period"
     app.step()
     messages = received(sock)
-    assert messages[0] == "WATCHDOG=1" and messages[1].startswith("STATUS=") and "fps" in messages[1]
+    assert messages[0] == "WATCHDOG=1" and messages[1] == f"STATUS={status_line(app.status)}"
+    assert " fps, scene " in messages[1] and ", preset default" in messages[1]
     for _ in range(96):
         app.step()
     assert received(sock) == ["WATCHDOG=1"] * 3, "three more pings in 1.5 s of frames"
@@ -195,6 +203,16 @@ def test_ready_then_watchdog_pings_follow_the_frame_loop(app: App, systemd_socke
     assert received(sock) == ["STOPPING=1"]
 
 
+def test_status_line_is_one_short_line_of_the_show() -> None:
+    quiet = ShowStatus(fps=59.94, scene="ddpm", preset="gallery", rss_mb=812.4)
+    assert status_line(quiet) == "59.9 fps, scene ddpm, preset gallery, memory 812 MB"
+    assert status_line(ShowStatus()) == "0.0 fps, scene -, preset -", "nothing known yet: no memory, no scene"
+    troubled = ShowStatus(fps=30.0, scene="realtime", errors=("scene ddpm could not load", "preset refused:\nline 2"))
+    line = status_line(troubled)
+    assert line.endswith("2 errors: preset refused: line 2") and "\n" not in line, line
+    assert len(status_line(ShowStatus(errors=("x" * 5000,)))) == STATUS_CHARS
+
+
 def test_abstract_namespace_socket() -> None:
     name = f"dreamdeck-test-{os.getpid()}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -205,9 +223,9 @@ def test_abstract_namespace_socket() -> None:
                                      "WATCHDOG_PID": str(os.getpid())})
         assert notifier.enabled and notifier.watchdog_s == 4.0 and notifier.ping_every == 2.0
         notifier.start()
-        notifier.after_render(None, 0.0)
+        notifier.after_render(frame_at(0.0))
         assert sock.recv(4096) == b"READY=1"
-        notifier.after_render(None, 2.0)
+        notifier.after_render(frame_at(2.0))
         assert sock.recv(4096) == b"WATCHDOG=1"
         notifier.stop()
     finally:
@@ -218,8 +236,8 @@ def test_without_systemd_the_notifier_does_nothing() -> None:
     notifier = Notifier(environ={})
     assert not notifier.enabled and notifier.status == ""
     notifier.start()
-    notifier.after_render(None, 0.0)
-    notifier.after_render(None, 100.0)
+    notifier.after_render(frame_at(0.0))
+    notifier.after_render(frame_at(100.0))
     notifier.stop()
     assert notifier.sent == {} and not notifier.ready
     other_pid = Notifier(environ={"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"})
@@ -230,11 +248,11 @@ def test_a_vanished_systemd_costs_one_log_line_not_a_frame(systemd_socket, caplo
     sock, path = systemd_socket
     notifier = Notifier(path, watchdog_s=1.0)
     notifier.start()
-    notifier.after_render(None, 0.0)
+    notifier.after_render(frame_at(0.0))
     os.unlink(path)  # systemd went away
     with caplog.at_level(logging.WARNING, logger="engine.service"):
         for n in range(1, 6):
-            notifier.after_render(None, float(n))
+            notifier.after_render(frame_at(float(n)))
     assert notifier.sent == {"READY": 1}
     assert len([r for r in caplog.records if "sd_notify" in r.getMessage()]) == 1
     notifier.stop()

@@ -25,6 +25,7 @@ from engine.app import App, AppConfig
 from engine.clock import ManualClock
 from engine.render.surface import HeadlessSurface
 from engine.state import SessionState, StateStore, StateTracker, load_state, state_dir, state_path, write_atomic
+from engine.status import RenderedFrame, ShowStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = SessionState(preset="tunnel", fullscreen=True, monitor=1, window_size=(1920, 1080),
@@ -159,6 +160,22 @@ def test_preset_changes_are_saved_and_restored(app: App, tmp_path: Path) -> None
     assert {name for name, _ in writer.writes} == {"state writer"}, "the render thread never writes"
     app.stop()  # stops the store: the last state is on disk
     assert load_state(path) == SessionState(preset="tunnel", source="pattern")
+
+
+def test_the_tracker_follows_the_frames_status_not_the_app(tmp_path: Path) -> None:
+    def frame(**status: object) -> RenderedFrame:  # the tracker reads the status, never the pixels
+        return RenderedFrame(ctx=None, texture=None, size=(0, 0), number=1, time=0.0,  # type: ignore[arg-type]
+                             status=ShowStatus(**status), params=None)  # type: ignore[arg-type]
+
+    path = tmp_path / "state.toml"
+    store = StateStore(path, SessionState(preset="kept", fullscreen=True), debounce_s=0.05)
+    tracker = StateTracker(store)
+    tracker.start()
+    tracker.after_render(frame(preset=None, fullscreen=None))  # no preset yet, no window: nothing to say
+    assert store.state == SessionState(preset="kept", fullscreen=True)
+    tracker.after_render(frame(preset="tunnel", fullscreen=False))
+    tracker.stop()
+    assert load_state(path) == SessionState(preset="tunnel", fullscreen=False)
 
 
 # -- crashes ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 from engine.scenes import Scene, SceneCatalog, SceneNeeds
 from engine.scenes.passthrough import Passthrough
 from engine.scenes.reaction_diffusion import ReactionDiffusion
-from tests.test_app import default_doc, error_lines, make_app, presets_dir, step, step_until  # noqa: F401
+from tests.test_app import default_doc, make_app, presets_dir, step, step_until  # noqa: F401
 
 COLOURS = [(250, 20, 20), (20, 250, 20), (20, 20, 250)]
 
@@ -64,7 +64,7 @@ def test_a_slow_scene_morphs_between_its_images(make_app) -> None:
     step_until(app, lambda: 0.2 < (app.compositor.morph_progress or 0) < 0.8, "the middle of a morph", timeout=20)
     centre = app.compositor.read_output()[135, 240].astype(int)
     assert not any(np.abs(centre - c).max() <= 3 for c in COLOURS), centre
-    assert any(line.startswith("scene slow") and "img/s" in line for line in app.hud_lines())
+    assert app.status.scene == "slow" and not app.status.scene_realtime, "a slow scene's rate is in images/s"
 
 
 def test_a_realtime_scene_never_morphs(make_app) -> None:
@@ -89,7 +89,9 @@ def test_scenes_stay_loaded_within_the_budget_and_the_least_recent_goes_first(ma
     step_until(app, lambda: app.worker.active_name == "c", "scene c")
     assert app.worker.evicted == ["b"] and b.counts["unload"] == 1 and a.counts["unload"] == 0
     assert app.worker.loaded_names == ["a", "c"]
-    assert "loaded c, a (200 of 250 MB)" in app.hud_lines(), "the HUD lists what a cut reaches at once"
+    app.step()
+    status = app.status  # what a cut reaches at once, most recently played first, and what it declares
+    assert (status.loaded, status.loaded_mb, status.memory_budget_mb) == (("c", "a"), 200, 250)
 
 
 def test_a_zero_budget_keeps_only_the_playing_scene(make_app) -> None:
@@ -120,8 +122,8 @@ def test_a_cue_preloads_in_the_background_and_the_cut_is_then_instant(make_app) 
     app = make_app(catalog=SceneCatalog((ReactionDiffusion, SlowToLoad)))
     step_until(app, lambda: app.worker.active_name == "reaction_diffusion", "the first scene")
     app.params.set("/scene/cue", "heavy", origin="osc")
-    step_until(app, lambda: app.worker.loading == "heavy", "the preload to start")
-    assert any("preloading heavy" in line for line in app.hud_lines())
+    step_until(app, lambda: app.status.loading == "heavy", "the preload to start")
+    assert app.status.preloading and app.status.scene == "reaction_diffusion"
     step(app, 5)
     assert app.worker.active_name == "reaction_diffusion", "a preload does not play"
     SlowToLoad.gate.set()
@@ -155,7 +157,7 @@ def test_a_scene_that_cannot_load_at_the_start_falls_back(make_app, presets_dir)
     app = make_app(catalog=SceneCatalog((ReactionDiffusion, Passthrough, MissingModel)), preset="hub")
     step_until(app, lambda: app.worker.active_name == "passthrough", "the fallback scene")
     assert app.params.get("/scene/active") == "passthrough"
-    assert any("needs_hub could not load" in e and "huggingface-cli download" in e for e in error_lines(app))
+    assert any("needs_hub could not load" in e and "huggingface-cli download" in e for e in app.status.errors)
 
 
 def test_f_keys_select_scenes_by_index(make_app) -> None:

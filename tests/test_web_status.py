@@ -165,6 +165,10 @@ def test_health_reports_the_running_show(running: RenderThread) -> None:
     assert set(health["dropped_frames"]) == {"source", "scene"}
     assert health["accelerator"] is None  # torch's CUDA is not initialised in this process
     assert health["errors"] == [] and "web" in health["controls"] and "status feed" in health["outputs"]
+    assert health["scenes_loaded"] == ["reaction_diffusion"] and health["scene_selected"] == "reaction_diffusion"
+    assert health["scene_memory_mb"] == {"loaded": 0, "budget": 12000} and health["scene_backend"] == ""
+    assert health["rss_mb"] is None or health["rss_mb"] > 10
+    assert 0 < health["thumbnail_frame"] <= health["frames"]
 
     frames = health["frames"]
     rt.wait_for(lambda: get_json(rt.base + "/health")[1]["frames"] > frames, "health to follow the frames")
@@ -211,6 +215,70 @@ def test_thumbnail_is_encoded_off_the_render_thread(presets_dir: Path, monkeypat
     with RenderThread(presets_dir) as rt:
         rt.wait_for(lambda: len(threads) >= 3, "three thumbnails")
     assert set(threads) == {"status encoder"}, threads
+
+
+def test_the_thumbnail_is_read_back_a_frame_later_without_a_synchronous_read(
+        presets_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The render thread queues a GPU copy on a due frame and fetches it on the next one;
+    nothing in the frame loop reads pixels synchronously (glReadPixels into host memory)."""
+    moderngl = pytest.importorskip("moderngl")
+    reads: list[tuple[str, str, int]] = []  # (thread, what, frame being rendered)
+    app: App | None = None
+
+    def spy(cls: type, method: str) -> None:
+        original = getattr(cls, method)
+
+        def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            into = args[0] if args else kwargs.get("buffer")
+            if cls is moderngl.Buffer:
+                what = "fetch of a queued copy"  # a GL pixel buffer read into host memory
+            elif method == "read_into" and isinstance(into, moderngl.Buffer):
+                what = "queued copy"  # into a GL pixel buffer: the GPU does it when it gets there
+            else:
+                what = f"synchronous {cls.__name__}.{method}"  # waits for the GPU to finish the frame
+            frame = app.stats.frames + 1 if app is not None else 0
+            reads.append((threading.current_thread().name, what, frame))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, counted)
+
+    for cls in (moderngl.Framebuffer, moderngl.Texture, moderngl.Buffer):
+        spy(cls, "read")
+        spy(cls, "read_into")
+    surface = HeadlessSurface()
+    feed = StatusFeed(interval_s=0.25)
+    try:
+        app = App(AppConfig(source="pattern", presets_dir=presets_dir, output_size=OUTPUT, hot_reload=False),
+                  surface, ManualClock(60.0))
+        app.add_output(feed)
+        app.start()
+        reads.clear()
+        app.step()  # frame 1 is due: a copy is queued on the GPU, nothing is read
+        assert reads == [("MainThread", "queued copy", 1)], reads
+        time.sleep(0.2)  # the encoder has had time to encode, if it had been given anything
+        assert feed.encoded == 0 and feed.latest_jpeg() is None and feed.health()["frames"] == 0
+
+        app.step()  # frame 2: the copy has long finished; its pixels are fetched and handed over
+        assert reads[1:] == [("MainThread", "fetch of a queued copy", 2)], reads
+        deadline = time.monotonic() + TIMEOUT
+        while feed.encoded == 0:
+            assert time.monotonic() < deadline, "no thumbnail"
+            time.sleep(0.01)
+        health = feed.health()
+        assert health["thumbnail_frame"] == health["frames"] == 1 and app.status.frame == 2
+        assert cv2.imdecode(np.frombuffer(feed.latest_jpeg(), np.uint8), cv2.IMREAD_COLOR).shape == (180, 320, 3)
+
+        for _ in range(60):  # a second of frames: four due, each fetched one frame later
+            app.step()
+        queued = [frame for _, what, frame in reads if what == "queued copy"]
+        fetched = [frame for _, what, frame in reads if what == "fetch of a queued copy"]
+        assert len(queued) == 5 and fetched == [frame + 1 for frame in queued], reads
+        assert all(what in ("queued copy", "fetch of a queued copy") for _, what, _ in reads), reads
+        assert {thread for thread, _, _ in reads} == {"MainThread"}
+    finally:
+        if app is not None:
+            app.close()
+        surface.close()
 
 
 def test_thumbnail_before_the_first_frame_is_a_503_with_retry(presets_dir: Path) -> None:

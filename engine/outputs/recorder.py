@@ -30,15 +30,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Protocol
+from typing import BinaryIO, Callable, Protocol
 
 import moderngl
 
 from engine.outputs.readback import Pixels, Readback
 from engine.params import bool_param
-
-if TYPE_CHECKING:
-    from engine.app import App
+from engine.status import RenderedFrame
 
 log = logging.getLogger(__name__)
 
@@ -309,21 +307,20 @@ class Recorder:
     def start(self) -> None:
         """Nothing to do until ``/output/record`` goes on."""
 
-    def after_render(self, app: "App", now: float) -> None:
-        rec, wanted = self.current, bool(app.params.get(RECORD_PARAM))
+    def after_render(self, frame: RenderedFrame) -> None:
+        rec, wanted = self.current, bool(frame.params.get(RECORD_PARAM))
         if rec is not None and (rec.error or not wanted):
             self._end(rec)
             if rec.error:
-                app.params.set(RECORD_PARAM, False, origin=self.name)  # so every view shows it is off
+                frame.params.set(RECORD_PARAM, False, origin=self.name)  # so every view shows it is off
             rec = None
         elif rec is None and wanted:
-            rec = self.current = Recording(recording_path(self.pattern), app.compositor.ctx,
-                                           app.compositor.output_texture.size, self.fps, self.queue_frames,
-                                           self._encoder())
+            rec = self.current = Recording(recording_path(self.pattern), frame.ctx, frame.size, self.fps,
+                                           self.queue_frames, self._encoder())
             self.last_error = None
             log.info("recording to %s", rec.path)
         if rec is not None:
-            rec.offer(app.compositor.output_texture, now)
+            rec.offer(frame.texture, frame.time)
         for take in [t for t in self._finishing if t.finished.is_set()]:
             self._finishing.remove(take)
             self._report(take)  # a take that failed while finishing (disk full, ffmpeg error)

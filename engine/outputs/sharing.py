@@ -20,15 +20,13 @@ import logging
 import sys
 import threading
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import moderngl
 import numpy as np
 
 from engine.outputs.readback import Pixels, Readback
-
-if TYPE_CHECKING:
-    from engine.app import App
+from engine.status import RenderedFrame
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +116,18 @@ class FrameShare:
     def start(self) -> None:
         """The sender opens on its thread once the first frame gives the size."""
 
-    def after_render(self, app: "App", now: float) -> None:
+    def after_render(self, frame: RenderedFrame) -> None:
         if self.last_error or (self._thread is not None and not self._running):
             return  # failed, or stopped
-        texture = app.compositor.output_texture
         if self._thread is None:
-            self._readback = Readback(app.compositor.ctx, texture.size, buffers=3)
+            self._readback = Readback(frame.ctx, frame.size, buffers=3)
             self._running = True
-            self._thread = threading.Thread(target=self._send_loop, args=(texture.size,), name=self.name,
+            self._thread = threading.Thread(target=self._send_loop, args=(frame.size,), name=self.name,
                                              daemon=True)
             self._thread.start()
         assert self._readback is not None
-        if self._pace.due(now):
-            self._offer(self._readback.request(texture, now))
+        if self._pace.due(frame.time):
+            self._offer(self._readback.request(frame.texture, frame.time))
         else:
             self._offer(self._readback.collect())
 
@@ -281,10 +278,10 @@ class TextureShare:
     def start(self) -> None:
         """Opened on the first frame: the server must be made with the show's GL context current."""
 
-    def after_render(self, app: "App", now: float) -> None:
-        if self.last_error or not self._pace.due(now):
+    def after_render(self, frame: RenderedFrame) -> None:
+        if self.last_error or not self._pace.due(frame.time):
             return
-        texture = app.compositor.output_texture
+        texture = frame.texture
         try:
             if self._server is None:
                 if not sys.platform.startswith(self.platform):

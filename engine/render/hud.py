@@ -1,7 +1,8 @@
 """The HUD: a few lines of live state drawn over the window (never into the output).
 
-Text is rasterised with OpenCV's built-in Hershey font into an RGBA image, only when
-the text changes, and drawn with alpha blending in the window's top-left corner.
+``hud_lines`` is the text: a pure function of the frame's ``ShowStatus``. The text is
+rasterised with OpenCV's built-in Hershey font into an RGBA image, only when it
+changes, and drawn with alpha blending in the window's top-left corner.
 """
 
 from __future__ import annotations
@@ -11,12 +12,46 @@ import moderngl
 import numpy as np
 
 from engine.render.shaders import ShaderError, ShaderLibrary, set_uniform
+from engine.status import ShowStatus
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 SCALE = 0.45
 LINE_HEIGHT = 18
 PAD = 6
 MAX_CHARS = 110
+
+
+def hud_lines(status: ShowStatus) -> list[str]:
+    """The HUD's text for one snapshot: figures, scene, memory, source, last control, the
+    parts that have something to say, then the errors (``len(status.errors)`` lines, last)."""
+    s = status
+    figures = f"render {s.fps:5.1f} fps  scene {s.scene_fps:5.1f} fps  dropped {s.dropped_source + s.dropped_scene}"
+    if s.rss_mb is not None:
+        figures += f"  memory {s.rss_mb:.0f} MB"
+    scene = s.scene or "-"
+    if s.loading:
+        scene += f" ({'preloading' if s.preloading else 'loading'} {s.loading})"
+    if not s.scene_realtime:
+        scene += f" {s.scene_fps:.1f} img/s"
+    if s.scene_status:
+        scene += f" [{s.scene_status}]"
+    last = s.last_change
+    lines = [
+        figures,
+        f"scene {scene}   preset {s.preset or '-'}",
+        f"loaded {', '.join(s.loaded) or '-'} ({s.loaded_mb} of {s.memory_budget_mb} MB)",
+        f"source {s.source}",
+        f"last control {last.path} = {_short(last.value)} ({last.origin})" if last else "last control -",
+    ]
+    for part in (*s.controls, *s.outputs):
+        if part.status:
+            lines.append(part.status if part.status.startswith(part.name) else f"{part.name} {part.status}")
+    return lines + [f"error {e}" for e in s.errors]
+
+
+def _short(value: object) -> str:
+    text = f"{value:.3g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def render_text(lines: list[str], error_lines: int = 0) -> np.ndarray:

@@ -49,6 +49,7 @@ class Scene:
         # Read by the render thread for the HUD: the worker assigns new strings, never mutates.
         self.status = ""  # a short state next to the scene's name, e.g. "cuda (float16) compile"
         self.warning: str | None = None  # a problem the scene plays on through, e.g. a failed compile
+        self.backend = ""  # how it computes now, e.g. "eager" or "compile" ("" for a scene with no choice)
 
     def param(self, name: str) -> Any:
         """This scene's own parameter ``/scene/<name>/<param>`` as of the last frame boundary."""

@@ -158,6 +158,7 @@ class RealtimeScene(Scene):
         if image is not None and self._first_frame_told is not stream:
             self._tell_first_frame(stream)
         self.status = f"{stream.where} {accel_label(stream.accel_state)}"
+        self.backend = stream.accel
         self.warning = (stream.accel_error or stream.adapter_error or self._lora_refusal or stream.prompts.error
                         or self._prompt_refusal or (self._stream_refusal[1] if self._stream_refusal else None))
         return image

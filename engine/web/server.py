@@ -18,8 +18,9 @@ which no cross-site form can forge.
 Routes::
 
     GET  /                 the page (engine/web/static/index.html)
-    GET  /health           JSON: fps, scene, preset, uptime, drops, accelerator memory, errors, source
-    GET  /thumbnail.jpg    the output, downscaled, ~2 Hz
+    GET  /health           JSON: the show's status (engine/status.py ShowStatus): fps, frame times,
+                           scene, preset, uptime, drops, memory, source, parts, errors
+    GET  /thumbnail.jpg    the output, downscaled, ~2 Hz (read back without stalling the frame)
     GET  /api/params       JSON: every parameter's record (paramdoc) and current value
     GET  /api/presets      JSON: presets (number, name, ok/error) and the current one
     GET  /api/actions      JSON: the actions this engine has, as declared (name, args, signature)
