@@ -51,7 +51,7 @@ from engine.catalog import PRESETS_DIR, SHADERS_DIR
 from engine.clock import ManualClock, RealClock
 from engine.params import Kind, ParamError
 from engine.render.surface import HeadlessSurface
-from engine.scenes import SceneCatalog, builtin_catalog
+from engine.scenes import SceneCatalog, installed_catalog
 from engine.web import StatusConfig, accelerator_memory, install_status_page
 
 log = logging.getLogger("soak")
@@ -531,7 +531,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def soak_catalog(args: argparse.Namespace) -> SceneCatalog:
     """On a machine without a GPU the diffusion scene can only fail to load; its first attempt
     imports torch (hundreds of MB, once), which would read as a leak. Leave it out unless asked."""
-    full = builtin_catalog()
+    full = installed_catalog()
     if args.scenes:
         return SceneCatalog(tuple(full.get(n) for n in args.scenes))  # KeyError names the known scenes
     if args.gpu_scenes:
