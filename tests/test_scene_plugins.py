@@ -10,6 +10,7 @@ importlib.metadata finds any installed package.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -29,7 +30,8 @@ import pytest
 from engine.catalog import build_registry
 from engine.paramdoc import params_json
 from engine.params import float_param, string_param
-from engine.scenes import ENTRY_POINT_GROUP, LastGood, Scene, SceneCatalog, ScenesNotFound, find_scenes, installed_catalog
+from engine.scenes import (ENTRY_POINT_GROUP, LastGood, Scene, SceneCatalog, ScenesNotFound, find_scenes,
+                           installed_catalog)
 from engine.scenes.passthrough import Passthrough
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +180,8 @@ def test_dreamdeck_params_says_the_fix_in_one_line_when_the_metadata_is_stale(tm
     """A dreamdeck metadata folder first on the path without the entry points (an install older
     than scenes as plugins): the command says what to do, no traceback."""
     install_fake_distribution(tmp_path, "dreamdeck", {}, {})
-    (next(tmp_path.glob("*.dist-info")) / "entry_points.txt").write_text("[console_scripts]\ndreamdeck = engine.cli:main\n")
+    entry_points = next(tmp_path.glob("*.dist-info")) / "entry_points.txt"
+    entry_points.write_text("[console_scripts]\ndreamdeck = engine.cli:main\n")
     done = subprocess.run([sys.executable, "-m", "engine", "--no-log-file", "params"], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
                           capture_output=True, text=True, timeout=120)
@@ -275,6 +278,9 @@ def oscquery_node(tree: dict[str, Any], path: str) -> dict[str, Any] | None:
 @pytest.fixture(scope="module")
 def installed_plugins(tmp_path_factory) -> Path:
     """tests/plugins/* installed by pip into a folder of their own (copies: pip builds in the tree)."""
+    # --no-build-isolation builds with this environment's setuptools (no index needed)
+    assert importlib.util.find_spec("setuptools") is not None, "building the test plugins needs setuptools: " \
+        "pip install 'setuptools>=68'"
     work = tmp_path_factory.mktemp("plugin-build")
     target = tmp_path_factory.mktemp("plugin-site")
     for package in ("dreamdeck-scene-example", "dreamdeck-scene-broken"):
