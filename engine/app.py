@@ -33,7 +33,7 @@ from engine.render.compositor import Compositor
 from engine.render.hud import Hud, hud_lines
 from engine.render.output import OutputTransform, PreviewView
 from engine.render.shaders import ShaderLibrary
-from engine.scenes import SceneCatalog, SceneWorker, builtin_catalog
+from engine.scenes import SceneCatalog, SceneWorker, installed_catalog
 from engine.sources import ImageSource, LiveInput, open_source
 from engine.status import STATUS_REFRESH, MemoryProbe, PartStatus, RenderedFrame, ShowStatus
 
@@ -105,7 +105,7 @@ class App:
         self.config = config
         self.surface = surface
         self.clock = clock or RealClock(60.0)
-        self.catalog = catalog or builtin_catalog()
+        self.catalog = catalog or installed_catalog()
         self.params = build_registry(self.catalog)
         self.presets = PresetLibrary(config.presets_dir, self.params)
         self.preset_name: str | None = None

@@ -17,7 +17,7 @@ from engine.render.compositor import COMPOSITOR_PARAMS
 from engine.outputs.recorder import RECORDER_PARAMS
 from engine.render.output import OUTPUT_PARAMS
 from engine.render.effects import EFFECTS
-from engine.scenes import SceneCatalog, builtin_catalog
+from engine.scenes import SceneCatalog, installed_catalog
 from engine.sources.pattern import PatternSource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ NO_CUE = "none"
 
 
 def build_registry(catalog: SceneCatalog | None = None) -> ParamRegistry:
-    catalog = catalog or builtin_catalog()
+    catalog = catalog or installed_catalog()
     registry = ParamRegistry()
     registry.declare(enum_param("/scene/active", catalog.names()[0], catalog.names(),
                                 description="The scene playing on the scene layer (by name, or its index from MIDI)"))

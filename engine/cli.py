@@ -380,11 +380,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_file, to_file=args.command == "run" and not args.no_log_file)
     commands = {"run": cmd_run, "params": cmd_params, "presets": cmd_presets, "doctor": cmd_doctor, "bench": cmd_bench,
                 "install-service": cmd_install_service}
+    from engine.scenes.plugins import ScenesNotFound
+
     try:
         return commands[args.command](args)
     except BrokenPipeError:  # `dreamdeck params | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except ScenesNotFound as exc:  # an install problem: one line that says the fix
+        print(f"dreamdeck: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Callable, Iterable
 
@@ -70,8 +70,10 @@ class Param:
     in_presets: bool = True  # False for engine-room values (HUD visibility) a preset must not touch
 
     def __post_init__(self) -> None:
-        if not self.path.startswith("/") or self.path.endswith("/") or "//" in self.path:
-            raise ParamError(f"bad parameter path {self.path!r}: must look like /group/name")
+        # a path without the leading "/" is relative to a group it is placed under later
+        # (``under``): a scene declares ``strength``, the registry holds /scene/<name>/strength
+        if not self.path.strip("/") or self.path.endswith("/") or "//" in self.path:
+            raise ParamError(f"bad parameter path {self.path!r}: must look like /group/name (or name, relative)")
         if self.kind in (Kind.FLOAT, Kind.INT) and (self.min is None or self.max is None):
             raise ParamError(f"{self.path}: numeric parameters need min and max")
         if self.kind is Kind.ENUM and not self.choices:
@@ -82,6 +84,16 @@ class Param:
     @property
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def relative(self) -> bool:
+        return not self.path.startswith("/")
+
+    def under(self, group: str) -> "Param":
+        """This relative declaration placed under ``group``: ``strength`` under /scene/x is /scene/x/strength."""
+        if not self.relative:
+            raise ParamError(f"{self.path} is already a full path; only a relative name goes under {group}")
+        return replace(self, path=f"{group.rstrip('/')}/{self.path}")
 
     def coerce(self, value: Any) -> Any:
         """Return ``value`` converted to this parameter's type, or raise ParamError."""
@@ -242,6 +254,8 @@ class ParamRegistry:
     # -- declaration ---------------------------------------------------------------
     def declare(self, param: Param) -> Param:
         """Add a parameter. Declaring the same definition twice is allowed (scenes reload)."""
+        if param.relative:
+            raise ParamError(f"{param.path!r} is a relative name: place it under a group first (Param.under)")
         with self._lock:
             existing = self._slots.get(param.path)
             if existing is not None:

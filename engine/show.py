@@ -26,7 +26,7 @@ from engine.control.setup import ControlConfig, install_controls
 from engine.outputs.recorder import DEFAULT_PATTERN, RECORD_PARAM, Recorder
 from engine.outputs.sharing import SpoutOutput, SyphonOutput, ndi, virtual_camera
 from engine.render.surface import HeadlessSurface, WindowConfig, WindowSurface
-from engine.scenes import SceneCatalog, builtin_catalog
+from engine.scenes import SceneCatalog, installed_catalog
 from engine.service import Notifier
 from engine.sources import SourceSpecError, parse_source_spec
 from engine.state import SessionState, StateStore, StateTracker
@@ -147,7 +147,7 @@ def build_show(config: ShowConfig, *, catalog: SceneCatalog | None = None) -> Sh
     """
     # 1. check what can be checked before anything opens
     config.check()
-    catalog = _pick_scenes(catalog or builtin_catalog(), config.scenes)
+    catalog = _pick_scenes(catalog or installed_catalog(), config.scenes)
 
     # 2. the surface, then the app on it: sources, scenes, compositor
     surface = HeadlessSurface() if config.window is None else WindowSurface(config.window)

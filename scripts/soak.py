@@ -68,7 +68,7 @@ from engine.control.setup import ControlConfig
 from engine.outputs.recorder import RECORD_PARAM
 from engine.params import Kind, ParamError
 from engine.presets import is_presettable
-from engine.scenes import builtin_catalog
+from engine.scenes import installed_catalog
 from engine.schedule import parse_hours
 from engine.show import OutputConfig, Show, ShowConfig, ShowError, StateConfig, StatusPageConfig, build_show
 from engine.web import StatusConfig, accelerator_memory
@@ -857,7 +857,7 @@ def soak_scenes(args: argparse.Namespace) -> tuple[str, ...] | None:
         return tuple(args.scenes)  # build_show names the known scenes when one is not
     if args.gpu_scenes:
         return None
-    full = builtin_catalog()
+    full = installed_catalog()
     return tuple(n for n in full.names() if full.get(n).needs.accelerator_mb == 0)
 
 

@@ -124,8 +124,13 @@ def test_unknown_path_is_refused_by_name():
 
 
 def test_declarations_are_checked():
-    with pytest.raises(ParamError, match="bad parameter path"):
-        float_param("no/slash", 0.0, 0.0, 1.0)
+    for bad in ("/a//b", "/a/", "/", ""):
+        with pytest.raises(ParamError, match="bad parameter path"):
+            float_param(bad, 0.0, 0.0, 1.0)
+    relative = float_param("no/slash", 0.0, 0.0, 1.0)  # a scene's own name for it: placed under a group later
+    assert relative.under("/scene/x").path == "/scene/x/no/slash"
+    with pytest.raises(ParamError, match="relative name"):
+        ParamRegistry().declare(relative)
     with pytest.raises(ParamError, match="/a/b"):
         Param("/a/b", Kind.FLOAT, 0.0)  # no range
     with pytest.raises(ParamError, match="/a/e"):

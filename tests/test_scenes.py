@@ -14,7 +14,7 @@ import pytest
 
 from engine.catalog import build_registry
 from engine.params import ParamRegistry
-from engine.scenes import Scene, SceneCatalog, SceneFrame, SceneWorker, builtin_catalog
+from engine.scenes import Scene, SceneCatalog, SceneFrame, SceneWorker, installed_catalog
 from engine.scenes.passthrough import Passthrough
 from engine.scenes.reaction_diffusion import ReactionDiffusion
 from engine.sources import render_pattern
@@ -95,7 +95,7 @@ def make_worker():
     workers: list[SceneWorker] = []
 
     def make(*extra: type[Scene]) -> SceneWorker:
-        catalog = builtin_catalog()
+        catalog = installed_catalog()
         for scene in extra:
             catalog.add(scene)
         worker = SceneWorker(catalog, build_registry(catalog), PatternFeed(), error_backoff=0.02)

@@ -67,9 +67,9 @@ def test_every_view_of_the_backend_calls_tensorrt_experimental():
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     assert "tensorrt (experimental, never run on a GPU yet)" in " ".join(run.format_help().split())
     from engine.catalog import build_registry
-    from engine.scenes import builtin_catalog
+    from engine.scenes import installed_catalog
 
-    described = build_registry(builtin_catalog()).param("/scene/realtime/accel").description
+    described = build_registry(installed_catalog()).param("/scene/realtime/accel").description
     assert "tensorrt (experimental" in described
 
 

@@ -1,23 +1,16 @@
 """Scenes: declared plugins that turn the newest source frame into an image.
 
-``builtin_catalog()`` lists the scenes that ship with dreamdeck: two that run anywhere
-(reaction-diffusion, passthrough), the real-time diffusion scene, and two slow generative
-ones (DDPM, VQGAN+CLIP). A new scene is one more class added to the catalog.
+Every scene is found through the ``dreamdeck.scenes`` entry points (``engine.scenes.plugins``):
+dreamdeck's own (reaction-diffusion and passthrough, which run anywhere, the real-time
+diffusion scene, and the slow generative DDPM and VQGAN+CLIP) and those of any installed
+package. A new scene is a ``Scene`` subclass and one entry point line; no core change.
 """
 
 from __future__ import annotations
 
-from engine.scenes.base import Scene, SceneCatalog, SceneNeeds
-from engine.scenes.ddpm import DdpmScene
-from engine.scenes.passthrough import Passthrough
-from engine.scenes.reaction_diffusion import ReactionDiffusion
-from engine.scenes.realtime import RealtimeScene
-from engine.scenes.vqgan_clip import VqganClipScene
+from engine.scenes.base import BackgroundLoad, LastGood, Scene, SceneCatalog, SceneNeeds
+from engine.scenes.plugins import ENTRY_POINT_GROUP, ScenesNotFound, find_scenes, installed_catalog
 from engine.scenes.worker import SceneFrame, SceneWorker
 
-__all__ = ["Scene", "SceneCatalog", "SceneNeeds", "SceneFrame", "SceneWorker", "builtin_catalog"]
-
-
-def builtin_catalog() -> SceneCatalog:
-    """In this order: F1-F5 and the 0-based index of ``scene/select`` follow it."""
-    return SceneCatalog((ReactionDiffusion, Passthrough, RealtimeScene, DdpmScene, VqganClipScene))
+__all__ = ["BackgroundLoad", "ENTRY_POINT_GROUP", "LastGood", "Scene", "SceneCatalog", "SceneFrame", "SceneNeeds",
+           "SceneWorker", "ScenesNotFound", "find_scenes", "installed_catalog"]

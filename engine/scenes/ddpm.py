@@ -29,11 +29,10 @@ from engine.scenes.base import (BackgroundLoad, Scene, SceneNeeds, free_accelera
 
 log = logging.getLogger(__name__)
 
-_P = "/scene/ddpm"
-
 
 class DdpmScene(Scene):
     name = "ddpm"
+    order = 40
     description = "An unconditional DDPM denoising live, noise to image, one step per frame (or SDEdit of the camera)"
     realtime = False  # slower than the display: the compositor holds and morphs its last image
     uses_input = False  # it steps every time; the camera frame only matters in sdedit mode
@@ -41,22 +40,22 @@ class DdpmScene(Scene):
     needs = SceneNeeds(accelerator_mb=600,
                        imports=("torch", "diffusers:UNet2DModel", "diffusers:DDPMScheduler", "diffusers:DDIMScheduler"))
     PARAMS = (
-        string_param(f"{_P}/model", "",
+        string_param("model", "",
                      description="Hub id (google/ddpm-church-256) or local diffusers folder (unet/ + scheduler/); "
                                  "empty = the shipped texture model"),
-        enum_param(f"{_P}/scheduler", "ddim", ("ddim", "ddpm"),
+        enum_param("scheduler", "ddim", ("ddim", "ddpm"),
                    description="ddim: deterministic, crisp and colourful; "
                                "ddpm: stochastic (fresh noise every step), softer"),
-        int_param(f"{_P}/steps", 50, 2, 1000, description="Reverse steps per image (noise to image)"),
-        float_param(f"{_P}/step_rate", 12.0, 0.5, 120.0, unit="steps/s",
+        int_param("steps", 50, 2, 1000, description="Reverse steps per image (noise to image)"),
+        float_param("step_rate", 12.0, 0.5, 120.0, unit="steps/s",
                     description="Reverse steps shown per second (at most: a slow machine shows fewer)"),
-        enum_param(f"{_P}/mode", "noise", ("noise", "sdedit"),
+        enum_param("mode", "noise", ("noise", "sdedit"),
                    description="noise: each image from pure noise; sdedit: from the camera frame, noised part way"),
-        float_param(f"{_P}/sdedit_strength", 0.5, 0.02, 1.0,
+        float_param("sdedit_strength", 0.5, 0.02, 1.0,
                     description="sdedit: how far into the noise the camera frame goes (0 = kept, 1 = pure noise)"),
-        int_param(f"{_P}/seed", 0, 0, 2**31 - 1, description="The noise of the first image; image n uses seed + n"),
-        float_param(f"{_P}/hold", 2.0, 0.0, 60.0, unit="s", description="How long a finished image stays"),
-        enum_param(f"{_P}/show", "x_t", ("x_t", "x0"),
+        int_param("seed", 0, 0, 2**31 - 1, description="The noise of the first image; image n uses seed + n"),
+        float_param("hold", 2.0, 0.0, 60.0, unit="s", description="How long a finished image stays"),
+        enum_param("show", "x_t", ("x_t", "x0"),
                    description="x_t: the noisy state itself; x0: the model's current guess of the finished image"),
     )
 

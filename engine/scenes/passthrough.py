@@ -9,6 +9,7 @@ from engine.scenes.base import Scene
 
 class Passthrough(Scene):
     name = "passthrough"
+    order = 20
     description = "Shows the source as it is"
 
     def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:

@@ -13,9 +13,6 @@ import numpy as np
 from engine.params import colour_param, float_param, int_param
 from engine.scenes.base import Scene
 
-_P = "/scene/reaction_diffusion"
-
-
 def laplacian(z: np.ndarray) -> np.ndarray:
     """5-point Laplacian on a torus (the pattern wraps around the edges)."""
     return (np.roll(z, 1, 0) + np.roll(z, -1, 0) + np.roll(z, 1, 1) + np.roll(z, -1, 1)) - 4.0 * z
@@ -31,18 +28,19 @@ def gray_scott_step(u: np.ndarray, v: np.ndarray, feed: float, kill: float,
 
 class ReactionDiffusion(Scene):
     name = "reaction_diffusion"
+    order = 10  # F1, and the first scene of a fresh show
     description = "Gray-Scott reaction-diffusion seeded by the bright parts of the source"
     uses_input = False  # it lives on its own; a source frame only feeds it
     max_fps = 60.0
     size = (256, 256)
     PARAMS = (
-        float_param(f"{_P}/feed", 0.037, 0.01, 0.1, smoothing=0.2, description="Feed rate of U (pattern family)"),
-        float_param(f"{_P}/kill", 0.06, 0.03, 0.075, smoothing=0.2, description="Kill rate of V (pattern family)"),
-        int_param(f"{_P}/speed", 8, 1, 40, description="Simulation steps per frame"),
-        float_param(f"{_P}/source_seed", 0.3, 0.0, 1.0, smoothing=0.1,
+        float_param("feed", 0.037, 0.01, 0.1, smoothing=0.2, description="Feed rate of U (pattern family)"),
+        float_param("kill", 0.06, 0.03, 0.075, smoothing=0.2, description="Kill rate of V (pattern family)"),
+        int_param("speed", 8, 1, 40, description="Simulation steps per frame"),
+        float_param("source_seed", 0.3, 0.0, 1.0, smoothing=0.1,
                     description="How strongly bright source areas seed the pattern"),
-        colour_param(f"{_P}/colour_a", (0.02, 0.02, 0.08), description="Colour where V is absent"),
-        colour_param(f"{_P}/colour_b", (1.0, 0.55, 0.15), description="Colour where V is dense"),
+        colour_param("colour_a", (0.02, 0.02, 0.08), description="Colour where V is absent"),
+        colour_param("colour_b", (1.0, 0.55, 0.15), description="Colour where V is dense"),
     )
 
     def load(self) -> None:

@@ -29,13 +29,12 @@ import numpy as np
 from engine.diffusion.options import (ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS, TorchDefaults,
                                       accel_label)
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import (BackgroundLoad, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra,
-                                 reserve_render_core)
+from engine.scenes.base import (BackgroundLoad, LastGood, Scene, SceneNeeds, free_accelerator_memory,
+                                 require_diffusion_extra, reserve_render_core)
 from engine.scenes.worker import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
-_P = "/scene/realtime"
 DEFAULT_MODEL = "stabilityai/sd-turbo"
 DEFAULT_TINY_VAE = "madebyollin/taesd"
 
@@ -52,18 +51,31 @@ class _LoadKey:
     accel: str
 
 
+def _parse_prompt_pair(text: tuple[str, str]) -> tuple[list, list]:
+    """``prompt`` and ``prompt_b`` as weighted prompts; ValueError for text that cannot be read."""
+    from engine.prompt_syntax import parse_prompts
+
+    parsed = parse_prompts(text[0]), parse_prompts(text[1])
+    negative = next((p for p in (*parsed[0], *parsed[1]) if p.weight < 0), None)
+    if negative is not None:
+        raise ValueError(f"{negative.text!r} has a negative weight: this scene blends prompts and "
+                         "cannot push away from one (vqgan_clip can)")
+    return parsed
+
+
 def _lora_slot_params(slot: int) -> tuple:
     return (
-        string_param(f"{_P}/loras/{slot}/file", "",
+        string_param(f"loras/{slot}/file", "",
                      description=f"LoRA slot {slot}: .safetensors file, folder, hub id or hub id/weights.safetensors "
                                  "(diffusers or kohya); swapped in live, without reloading the model; empty = off"),
-        float_param(f"{_P}/loras/{slot}/weight", 1.0, -1.0, 2.0, smoothing=0.05,
+        float_param(f"loras/{slot}/weight", 1.0, -1.0, 2.0, smoothing=0.05,
                     description=f"LoRA slot {slot}'s strength: 0 = off, 1 = as trained, negative = the opposite"),
     )
 
 
 class RealtimeScene(Scene):
     name = "realtime"
+    order = 30
     description = "Diffusion img2img of the source, every frame (SD-turbo, LCM)"
     realtime = True
     uses_input = True
@@ -73,33 +85,33 @@ class RealtimeScene(Scene):
                                 "diffusers:AutoencoderTiny", "diffusers:StableDiffusionImg2ImgPipeline",
                                 "transformers:CLIPTextModel", "peft"))
     PARAMS = (
-        string_param(f"{_P}/prompt", "a watercolour painting, vivid colours, soft light",
+        string_param("prompt", "a watercolour painting, vivid colours, soft light",
                      description="What the image becomes; several as 'a forest:1|fog:0.5', blended by slerp"),
-        string_param(f"{_P}/prompt_b", "", description="A second prompt (same syntax), blended in by prompt_mix (empty: none)"),
-        float_param(f"{_P}/prompt_mix", 0.0, 0.0, 1.0, smoothing=0.3,
+        string_param("prompt_b", "", description="A second prompt (same syntax), blended in by prompt_mix (empty: none)"),
+        float_param("prompt_mix", 0.0, 0.0, 1.0, smoothing=0.3,
                     description="0 = prompt, 1 = prompt_b; in between a slerp of the two"),
-        float_param(f"{_P}/strength", 0.5, 0.05, 1.0,
+        float_param("strength", 0.5, 0.05, 1.0,
                     description="How far the image departs from the source (the noise level)"),
-        int_param(f"{_P}/steps", 1, 1, 4, description="Denoising steps as one stream batch: 1 for SD-turbo, 2-4 for LCM"),
-        int_param(f"{_P}/seed", 0, 0, 2**31 - 1, description="The fixed noise; a new seed is a new look"),
-        float_param(f"{_P}/noise_drift", 0.0, 0.0, 1.0,
+        int_param("steps", 1, 1, 4, description="Denoising steps as one stream batch: 1 for SD-turbo, 2-4 for LCM"),
+        int_param("seed", 0, 0, 2**31 - 1, description="The fixed noise; a new seed is a new look"),
+        float_param("noise_drift", 0.0, 0.0, 1.0,
                     description="0 = the same noise every frame (stable); 1 = fresh noise every frame"),
-        float_param(f"{_P}/guidance", 8.5, 1.0, 20.0,
+        float_param("guidance", 8.5, 1.0, 20.0,
                     description="Guidance of LCM models with a guidance embedding (LCM_Dreamshaper); others ignore it"),
-        float_param(f"{_P}/similarity_threshold", 0.98, 0.0, 1.0,
+        float_param("similarity_threshold", 0.98, 0.0, 1.0,
                     description="Skip frames at least this similar to the last one processed; 0 = off"),
-        int_param(f"{_P}/resolution", 0, 0, 1024, unit="px",
+        int_param("resolution", 0, 0, 1024, unit="px",
                   description="Square output size, rounded to what the model takes (SD: a multiple of 64, at least 128); 0 = the model's native size"),
-        string_param(f"{_P}/model", DEFAULT_MODEL,
+        string_param("model", DEFAULT_MODEL,
                      description="Hub id, local diffusers folder or .safetensors file (SD 1.5 / 2.1 architecture)"),
-        string_param(f"{_P}/lora", "", description="LoRA fused into the model, e.g. latent-consistency/lcm-lora-sdv1-5"),
-        string_param(f"{_P}/vae", DEFAULT_TINY_VAE,
+        string_param("lora", "", description="LoRA fused into the model, e.g. latent-consistency/lcm-lora-sdv1-5"),
+        string_param("vae", DEFAULT_TINY_VAE,
                      description="TAESD (AutoencoderTiny) id or folder in place of the model's VAE; empty = the model's"),
-        enum_param(f"{_P}/device", "auto", DEVICE_CHOICES, description="Where it runs (auto: what dreamdeck run --device chose, else CUDA, then MPS, then CPU)",
+        enum_param("device", "auto", DEVICE_CHOICES, description="Where it runs (auto: what dreamdeck run --device chose, else CUDA, then MPS, then CPU)",
                    in_presets=False),
-        enum_param(f"{_P}/dtype", "auto", DTYPE_CHOICES, description="Precision (auto: what --dtype chose, else float16 on GPUs, float32 on CPU)",
+        enum_param("dtype", "auto", DTYPE_CHOICES, description="Precision (auto: what --dtype chose, else float16 on GPUs, float32 on CPU)",
                    in_presets=False),
-        enum_param(f"{_P}/accel", "auto", ACCEL_CHOICES,
+        enum_param("accel", "auto", ACCEL_CHOICES,
                    description="eager, compile (torch.compile, built in the background) or tensorrt (experimental, never run on a GPU yet); auto: what --accel chose, else compile on CUDA",
                    in_presets=False),
         *(param for slot in range(1, LORA_SLOTS + 1) for param in _lora_slot_params(slot)),
@@ -112,15 +124,15 @@ class RealtimeScene(Scene):
         self._load_key: _LoadKey | None = None  # the last one asked for (loaded, loading or failed)
         self._active_key: _LoadKey | None = None  # the one playing
         self._stream_key: tuple[int, int] | None = None
-        self._stream_refusal: tuple[Any, str] | None = None  # ((steps, resolution), strength) that cannot build; why
         self._reload: BackgroundLoad | None = None  # a new (key, model, stream) on its way
-        self._refused_strength: float | None = None
-        self._prompt_text: tuple[str, str] | None = None  # (prompt, prompt_b) as last parsed
-        self._parsed: tuple[list, list] = ([], [])  # its weighted prompts (parsed once per text, not per frame)
-        self._prompt_refusal: str | None = None  # why that text was refused (the last good prompt plays on)
-        self._lora_bank: Any = None  # the AdapterBank the files below were requested from
+        # live values that can be refused: each tried once per change, the last good one plays on
+        # (parsed once per text, not per frame)
+        self._prompts = LastGood("realtime: prompt refused, the last one plays on", _parse_prompt_pair)
+        self._stream_shape = LastGood("realtime: stream refused, the last one plays on", self._rebuild_stream)
+        self._strength = LastGood("realtime: strength refused, the last one plays on", self._set_strength)
+        self._lora_files = LastGood("realtime: LoRA slots refused", self._request_lora_files)
+        self._lora_bank: int | None = None  # id of the AdapterBank the files below were asked of
         self._lora_requested: dict[int, str] = {}
-        self._lora_refusal: str | None = None  # slot files on a TensorRT engine, which they cannot reach
         self._first_frame_told: Any = None  # the stream whose first image has been logged
 
     @property
@@ -159,8 +171,8 @@ class RealtimeScene(Scene):
             self._tell_first_frame(stream)
         self.status = f"{stream.where} {accel_label(stream.accel_state)}"
         self.backend = stream.accel
-        self.warning = (stream.accel_error or stream.adapter_error or self._lora_refusal or stream.prompts.error
-                        or self._prompt_refusal or (self._stream_refusal[1] if self._stream_refusal else None))
+        self.warning = (stream.accel_error or stream.adapter_error or self._lora_files.refusal or stream.prompts.error
+                        or self._prompts.refusal or self._stream_shape.refusal or self._strength.refusal)
         return image
 
     # -- internals ---------------------------------------------------------------------------------
@@ -221,24 +233,12 @@ class RealtimeScene(Scene):
 
     def _weighted_prompts(self) -> list[tuple[str, float]] | None:
         """``prompt`` and ``prompt_b``, each in the weighted syntax (``a forest:1|fog:0.5``), mixed
-        by ``prompt_mix``; None when the text cannot be read (said once, and in the HUD)."""
-        from engine.prompt_syntax import parse_prompts
-
-        text = (self.param("prompt"), self.param("prompt_b"))
-        if text != self._prompt_text:
-            self._prompt_text, self._prompt_refusal = text, None
-            try:
-                self._parsed = parse_prompts(text[0]), parse_prompts(text[1])
-                negative = next((p for p in (*self._parsed[0], *self._parsed[1]) if p.weight < 0), None)
-                if negative is not None:
-                    raise ValueError(f"{negative.text!r} has a negative weight: this scene blends prompts and "
-                                     "cannot push away from one (vqgan_clip can)")
-            except ValueError as exc:
-                log.warning("realtime: prompt refused, the last one plays on: %s", exc)
-                self._prompt_refusal = f"realtime: prompt refused: {exc}"
-        if self._prompt_refusal is not None:
+        by ``prompt_mix``; text that cannot be read is refused (said once, and in the HUD) and the
+        last good text plays on; None while no text has been good yet."""
+        parsed = self._prompts.update((self.param("prompt"), self.param("prompt_b")))
+        if parsed is None:
             return None
-        first, second = self._parsed
+        first, second = parsed
         if not second:
             return [(p.text, p.weight) for p in first]
         mix = self.param("prompt_mix")
@@ -248,20 +248,9 @@ class RealtimeScene(Scene):
         key = self._wanted_load_key()
         if key != self._load_key and self._reload is None:
             self._start_reload(key)
-        wanted = self._wanted_stream_key()
-        attempt = (wanted, self.param("strength"))  # a refused stream is tried again when either changes
-        if wanted != self._stream_key and (self._stream_refusal is None or attempt != self._stream_refusal[0]):
-            old = self._stream
-            try:
-                self._model, self._stream = self._build(self._active_key, bank=old.prompts, model=self._model,
-                                                        adapters=old.adapters)
-                self._stream_refusal = None
-            except ValueError as exc:  # e.g. a strength too low for that many steps: the old stream plays on
-                self._stream_refusal = (attempt, f"realtime: steps {wanted[0]}, resolution {wanted[1]} refused, "
-                                                f"the last ones play on: {exc}")
-                log.warning("%s", self._stream_refusal[1])
-        elif wanted == self._stream_key:
-            self._stream_refusal = None
+        # a refused stream is tried again when the steps, the resolution, the strength or the
+        # playing stream change
+        self._stream_shape.update((self._wanted_stream_key(), self.param("strength"), self._stream_key))
         stream = self._stream
         self._apply_lora_slots(stream)
         prompts = self._weighted_prompts()
@@ -271,34 +260,54 @@ class RealtimeScene(Scene):
         stream.set_noise_drift(self.param("noise_drift"))
         stream.set_guidance_scale(self.param("guidance"))
         stream.set_similarity_threshold(self.param("similarity_threshold"))
-        strength = self.param("strength")
-        if strength != self._refused_strength:
-            try:
-                stream.set_strength(strength)
-            except ValueError as exc:  # live input is untrusted: say why once, keep the last strength
-                self._refused_strength = strength
-                log.warning("realtime: strength %.3g refused (%s); keeping %.3g", strength, exc,
-                            stream.settings.strength)
+        # id: a new stream is tried afresh, without holding the old one (and its memory) here
+        self._strength.update((id(stream), self.param("strength")))
+
+    def _rebuild_stream(self, attempt: tuple[tuple[int, int], float, tuple[int, int] | None]) -> None:
+        """A stream of the wanted steps and resolution around the loaded model, unless it plays already;
+        ValueError (e.g. a strength too low for that many steps) leaves the old stream playing."""
+        wanted, _, playing = attempt
+        if wanted == playing:
+            return
+        old = self._stream
+        try:
+            self._model, self._stream = self._build(self._active_key, bank=old.prompts, model=self._model,
+                                                    adapters=old.adapters)
+        except ValueError as exc:
+            raise ValueError(f"steps {wanted[0]}, resolution {wanted[1]}: {exc}") from exc
+
+    def _set_strength(self, attempt: tuple[int, float]) -> None:
+        stream, strength = self._stream, attempt[1]
+        try:
+            stream.set_strength(strength)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; keeping {stream.settings.strength:.3g}") from exc
 
     def _apply_lora_slots(self, stream: Any) -> None:
         """Ask for changed slot files (read in the background) and pass the weights on; the stream
         applies both before its next frame."""
-        if stream.adapters is not self._lora_bank:  # a new model: its slots start empty
-            self._lora_bank, self._lora_requested = stream.adapters, {}
         files = tuple(self.param(f"loras/{slot}/file").strip() for slot in range(1, LORA_SLOTS + 1))
+        # a new model (a new AdapterBank) starts with empty slots: its files are asked for again
+        self._lora_files.update((id(stream.adapters), stream.accel_requested, files))
         if stream.accel_requested == "tensorrt":
-            refusal = ("realtime: LoRA slots do not reach a TensorRT engine (its weights are built in); "
-                       "use accel compile or eager") if any(files) else None
-            if refusal and refusal != self._lora_refusal:
-                log.warning("%s", refusal)
-            self._lora_refusal = refusal
             return
-        self._lora_refusal = None
+        for slot in range(1, LORA_SLOTS + 1):
+            stream.adapters.set_weight(slot, self.param(f"loras/{slot}/weight"))
+
+    def _request_lora_files(self, attempt: tuple[int, str, tuple[str, ...]]) -> None:
+        bank, accel, files = attempt
+        stream = self._stream
+        if bank != self._lora_bank:  # a new model: its slots start empty
+            self._lora_bank, self._lora_requested = bank, {}
+        if accel == "tensorrt":
+            if any(files):
+                raise ValueError("they do not reach a TensorRT engine (its weights are built in); "
+                                 "use accel compile or eager")
+            return
         for slot, source in enumerate(files, start=1):
             if source != self._lora_requested.get(slot, ""):
                 self._lora_requested[slot] = source
                 stream.adapters.request(slot, source)
-            stream.adapters.set_weight(slot, self.param(f"loras/{slot}/weight"))
 
     def _start_reload(self, key: _LoadKey) -> None:
         """A new model on a background thread; the current one plays until it is ready."""

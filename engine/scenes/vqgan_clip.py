@@ -22,16 +22,17 @@ import numpy as np
 
 from engine.diffusion.options import TorchDefaults
 from engine.params import enum_param, float_param, int_param, string_param, trigger_param
-from engine.scenes.base import Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra, reserve_render_core
+from engine.scenes.base import (LastGood, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra,
+                                reserve_render_core)
 
 log = logging.getLogger(__name__)
 
-_P = "/scene/vqgan_clip"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # engine.vqclip.clip.DEFAULT_CLIP (not imported: it needs torch)
 
 
 class VqganClipScene(Scene):
     name = "vqgan_clip"
+    order = 50
     description = "VQGAN+CLIP: a latent optimised toward weighted text prompts, every step a frame"
     realtime = False
     uses_input = False
@@ -40,24 +41,24 @@ class VqganClipScene(Scene):
                        imports=("torch", "diffusers:VQModel", "transformers:CLIPModel",
                                 "transformers:CLIPTokenizer"))
     PARAMS = (
-        string_param(f"{_P}/prompt", "a lighthouse in a storm, oil painting:1|trending on artstation:0.3",
+        string_param("prompt", "a lighthouse in a storm, oil painting:1|trending on artstation:0.3",
                      description="What the image moves toward: text[:weight] parts separated by '|'"),
-        string_param(f"{_P}/negative_prompt", "", description="What it moves away from, same syntax; weights count "
+        string_param("negative_prompt", "", description="What it moves away from, same syntax; weights count "
                                                               "as negative"),
-        string_param(f"{_P}/vqgan", "", description="taming VQGAN: a .ckpt with its .yaml beside it, or a folder with "
+        string_param("vqgan", "", description="taming VQGAN: a .ckpt with its .yaml beside it, or a folder with "
                                                     "model.ckpt + model.yaml (empty: ~/.cache/dreamdeck/"
                                                     "vqgan_imagenet_f16_16384)"),
-        string_param(f"{_P}/clip", DEFAULT_CLIP, description="CLIP in transformers format: hub id or local folder"),
-        int_param(f"{_P}/size", 256, 16, 1024, unit="px",
+        string_param("clip", DEFAULT_CLIP, description="CLIP in transformers format: hub id or local folder"),
+        int_param("size", 256, 16, 1024, unit="px",
                   description="Square image size (a multiple of 16 for f16 VQGANs); a change resizes the latent"),
-        enum_param(f"{_P}/init", "noise", ("noise", "camera"),
+        enum_param("init", "noise", ("noise", "camera"),
                    description="Start from random codes or from the newest source frame (at restart)"),
-        trigger_param(f"{_P}/restart", description="Start over from init"),
-        float_param(f"{_P}/lr", 0.1, 0.001, 1.0, description="Adam step size: how fast the image changes"),
-        int_param(f"{_P}/cutouts", 32, 1, 128,
+        trigger_param("restart", description="Start over from init"),
+        float_param("lr", 0.1, 0.001, 1.0, description="Adam step size: how fast the image changes"),
+        int_param("cutouts", 32, 1, 128,
                   description="Random crops CLIP sees per step: more = steadier, slower (restarts)"),
-        int_param(f"{_P}/seed", 0, 0, 2**31 - 1, description="Noise init and crop randomness (restarts)"),
-        float_param(f"{_P}/step_rate", 30.0, 0.1, 60.0, unit="steps/s",
+        int_param("seed", 0, 0, 2**31 - 1, description="Noise init and crop randomness (restarts)"),
+        float_param("step_rate", 30.0, 0.1, 60.0, unit="steps/s",
                     description="At most this many optimisation steps (frames) a second"),
     )
 
@@ -66,8 +67,9 @@ class VqganClipScene(Scene):
         self._vqgan: Any = None
         self._clip: Any = None
         self._run: Any = None  # engine.vqclip.optimise.VqganClip
-        self._prompt_text: tuple[str, str] | None = None  # the (prompt, negative) last parsed, good or bad
-        self._prompts: list[Any] = []  # the last good ones
+        # (prompt, negative_prompt) parsed once per change; a bad one is said once, the last good ones stay
+        self._prompts = LastGood("vqgan_clip: prompt refused, the last good prompts stay", self._parse_prompts,
+                                 initial=[])
         self._restart_key: tuple[Any, ...] | None = None
         self._autocast: Any = None
         self._restart = threading.Event()  # set by the render thread when the restart trigger fires
@@ -100,7 +102,7 @@ class VqganClipScene(Scene):
 
     def _on_change(self, change: Any) -> None:
         """Registry listener (render thread): the restart trigger sets a flag the worker reads."""
-        if change.path == f"{_P}/restart":
+        if change.path == self.path("restart"):
             self._restart.set()
 
     # -- worker thread ---------------------------------------------------------------------------
@@ -124,24 +126,20 @@ class VqganClipScene(Scene):
         init, cutouts, seed = key
         if init == "camera" and frame is None:
             log.info("vqgan_clip: init camera but no source frame yet; starting from noise")
-        self._run = VqganClip(self._vqgan, self._clip, self._prompts, size=self.param("size"),
+        self._run = VqganClip(self._vqgan, self._clip, self._prompts.value, size=self.param("size"),
                               init=frame if init == "camera" else None, lr=self.param("lr"),
                               cutouts=Cutouts(count=cutouts), seed=seed, autocast=self._autocast)
         self._restart_key = key
 
     def _update_prompts(self) -> None:
         """Parse the prompt params when they change; a bad one is logged once, the last good ones stay."""
+        self._prompts.update((self.param("prompt"), self.param("negative_prompt")))
+        self.warning = self._prompts.refusal
+
+    def _parse_prompts(self, text: tuple[str, str]) -> list[Any]:
         from engine.prompt_syntax import parse_prompts
 
-        text = (self.param("prompt"), self.param("negative_prompt"))
-        if text == self._prompt_text:
-            return
-        self._prompt_text = text
-        try:
-            prompts = parse_prompts(text[0]) + parse_prompts(text[1], negative=True)
-        except ValueError as exc:
-            log.warning("vqgan_clip: %s; keeping the last good prompts", exc)
-            return
-        self._prompts = prompts
+        prompts = parse_prompts(text[0]) + parse_prompts(text[1], negative=True)
         if self._run is not None:
             self._run.set_prompts(prompts)
+        return prompts
