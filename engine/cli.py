@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--status-token", default=os.environ.get("DREAMDECK_STATUS_TOKEN"),
                      help="token for the status page (default: $DREAMDECK_STATUS_TOKEN; generated when off "
                           "the loopback and not given)")
+    run.add_argument("--status-allow", action="append", default=[], metavar="ADDR",
+                     help="only these senders may use the status page (an IP or a network like 192.168.1.0/24; "
+                          "repeat for more); the token is still needed off the loopback")
     run.add_argument("--no-status", action="store_true", help="no status page")
     live = run.add_argument_group("live control (OSC, OSCQuery, MIDI, audio)")
     live.add_argument("--osc-port", type=_port, default=9321, help="OSC UDP port (default 9321)")
@@ -293,7 +296,7 @@ def show_config(args: argparse.Namespace) -> "ShowConfig":
                                                     window_size=size, output_size=output))
     status = None if args.no_status else StatusPageConfig(
         StatusConfig(args.status_host, DEFAULT_STATUS_PORT if args.status_port is None else args.status_port,
-                     args.status_token),
+                     args.status_token, allow=tuple(args.status_allow) or None),
         required=args.status_port is not None)  # asked for: a port that cannot be had is a usage error
     return ShowConfig(
         app=AppConfig(source=source, preset=args.preset or saved.preset or "default", output_size=output,

@@ -168,7 +168,8 @@ def test_dreamdeck_run_flags_become_one_show_config(tmp_path: Path) -> None:
     args = build_parser().parse_args([
         "run", "--headless", "--fresh", "--source", "pattern", "--record", str(tmp_path / "r.mp4"),
         "--midi-in", "nano", "--hours", "always", "--device", "cpu", "--dtype", "bfloat16", "--accel", "eager",
-        "--osc-port", "9400", "--no-oscquery", "--status-port", "9401", "--ndi", "--output", "640x360"])
+        "--osc-port", "9400", "--no-oscquery", "--status-port", "9401", "--ndi", "--output", "640x360",
+        "--status-allow", "192.168.1.0/24", "--status-allow", "10.0.0.7"])
     config = show_config(args)
     assert config.window is None and config.app.source == "pattern" and config.app.output_size == (640, 360)
     assert config.app.torch == TorchDefaults("cpu", "bfloat16", "eager")
@@ -177,8 +178,10 @@ def test_dreamdeck_run_flags_become_one_show_config(tmp_path: Path) -> None:
     assert config.outputs.record_at_start and config.outputs.record_pattern == str(tmp_path / "r.mp4")
     assert config.outputs.ndi == "dreamdeck" and config.outputs.systemd
     assert config.status.server.port == 9401 and config.status.required
+    assert config.status.server.allow == ("192.168.1.0/24", "10.0.0.7")
     defaults = show_config(build_parser().parse_args(["run", "--headless", "--fresh"]))
     assert not defaults.controls.midi and defaults.status.required is False and defaults.app.torch == TorchDefaults()
+    assert defaults.status.server.allow is None
 
 
 def test_the_soak_builds_the_show_dreamdeck_run_builds(tmp_path: Path) -> None:
