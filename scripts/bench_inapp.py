@@ -82,16 +82,17 @@ def make_models(folder: Path, tiny: bool, device: str, dtype: str) -> tuple[Path
     return folder / "model", folder / "taesd"
 
 
-def open_gl() -> tuple[Any, str | None]:
-    """(headless surface, None), or (None, why GL cannot start here)."""
+def gl_missing() -> str | None:
+    """Why GL cannot start here (no moderngl, no EGL driver), or None when it can."""
     try:
         from engine.render.surface import HeadlessSurface, SurfaceError
     except ImportError as exc:  # moderngl (or glcontext) is not installed
-        return None, f"{exc}"
+        return f"{exc}"
     try:
-        return HeadlessSurface(), None
+        HeadlessSurface().close()
     except SurfaceError as exc:
-        return None, str(exc)
+        return str(exc)
+    return None
 
 
 def scene_stream(scene: Any) -> Any:
@@ -99,9 +100,10 @@ def scene_stream(scene: Any) -> Any:
     return getattr(scene, "stream", None) or getattr(scene, "_stream", None)
 
 
-def run_show(args: argparse.Namespace, surface: Any, work: Path) -> dict[str, Any]:
-    from engine.app import App, AppConfig
-    from engine.clock import RealClock
+def run_show(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from engine.app import AppConfig
+    from engine.control.setup import ControlConfig
+    from engine.show import OutputConfig, ShowConfig, build_show
 
     # 1. what a performer would have on disk: a clip and a local model folder
     clip = make_clip(work / "clip.avi", args.size)
@@ -109,12 +111,16 @@ def run_show(args: argparse.Namespace, surface: Any, work: Path) -> dict[str, An
     model, taesd = make_models(work, args.tiny, args.device, args.dtype)
     models_s = time.monotonic() - started
 
-    # 2. the show, as `dreamdeck run --headless --source file:CLIP` builds it
-    # TODO(show): build through engine.show.build_show(config) once it exists, as cmd_run will
+    # 2. the show, built as `dreamdeck run --headless --source file:CLIP` builds it (the recorder
+    #    idle, tempo and modulation running); no listeners, saved state or systemd: a benchmark
+    #    must not take the ports or the state file of a show running beside it
     empty_presets = work / "presets"
     empty_presets.mkdir()
-    app = App(AppConfig(source=f"file:{clip}", preset=None, output_size=tuple(args.output),
-                        presets_dir=empty_presets), surface, RealClock(args.render_fps))
+    show = build_show(ShowConfig(
+        app=AppConfig(source=f"file:{clip}", preset=None, output_size=tuple(args.output), presets_dir=empty_presets),
+        fps=args.render_fps, controls=ControlConfig(osc_port=None, oscquery_port=None),
+        outputs=OutputConfig(systemd=False), state=None, status=None))
+    app = show.app
     prefix = "/scene/realtime"
     app.params.set_many({
         "/scene/active": "realtime", f"{prefix}/model": str(model), f"{prefix}/vae": str(taesd),
@@ -179,7 +185,7 @@ def run_show(args: argparse.Namespace, surface: Any, work: Path) -> dict[str, An
         })
         return result
     finally:
-        app.close()
+        show.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,15 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     args.output = args.output or ((320, 180) if args.tiny else (1280, 720))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    surface, why = open_gl()
-    if surface is None:
+    why = gl_missing()
+    if why is not None:
         result: dict[str, Any] = {"skipped": f"no OpenGL here: {why}"}
     else:
-        try:
-            with tempfile.TemporaryDirectory(prefix="dreamdeck-inapp-") as work:
-                result = run_show(args, surface, Path(work))
-        finally:
-            surface.close()
+        with tempfile.TemporaryDirectory(prefix="dreamdeck-inapp-") as work:
+            result = run_show(args, Path(work))
     result["case"] = "tiny" if args.tiny else "sd-turbo"
     result["accel_asked"] = args.accel
     if args.json is not None:
