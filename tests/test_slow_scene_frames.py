@@ -39,7 +39,7 @@ class Stuck(Scene):
     uses_input = False
     entered = threading.Event()  # the second process() has started
     gate = threading.Event()  # the test lets it finish
-    made: list["Stuck"] = []
+    made: list[Stuck] = []
 
     def __init__(self, params) -> None:
         super().__init__(params)
@@ -85,7 +85,7 @@ def test_the_render_loop_keeps_producing_frames_while_the_scene_is_stuck_in_proc
             app.step()
             assert close_to(centre(app), FIRST), f"frame {n} while the scene is stuck: not its last image"
         assert app.stats.frames - frames == BLOCKED_FRAMES
-        assert app.clock.now() - now == pytest.approx(BLOCKED_FRAMES * app.clock.period), "show time moved frame by frame"
+        assert app.clock.now() - now == pytest.approx(BLOCKED_FRAMES * app.clock.period), "show time: frame by frame"
         assert not Stuck.gate.is_set() and scene.calls == 2 and not scene.gave_up, \
             "the scene was stuck in process() the whole time, and the loop never waited on it"
         assert app.worker.active_name == "stuck" and not app.errors_now()
