@@ -18,7 +18,7 @@ import math
 import threading
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ class Param:
             raise ParamError(f"{self.path} is already a full path; only a relative name goes under {group}")
         return replace(self, path=f"{group.rstrip('/')}/{self.path}")
 
+    def _bounds(self) -> tuple[float, float]:
+        """``(min, max)`` of a number parameter, typed as set: ``__post_init__`` refuses a FLOAT or INT without both."""
+        return cast(float, self.min), cast(float, self.max)
+
     def coerce(self, value: Any) -> Any:
         """Return ``value`` converted to this parameter's type, or raise ParamError."""
         kind = self.kind
@@ -141,8 +145,9 @@ class Param:
     def normalise(self, value: Any) -> float:
         """Map a value of this parameter onto 0..1 (numbers, enums and bools)."""
         if self.kind in (Kind.FLOAT, Kind.INT):
-            span = self.max - self.min
-            return 0.0 if span == 0 else (value - self.min) / span
+            lo, hi = self._bounds
+            span = hi - lo
+            return 0.0 if span == 0 else (value - lo) / span
         if self.kind is Kind.ENUM:
             return self.choices.index(value) / max(1, len(self.choices) - 1)
         if self.kind is Kind.BOOL:
@@ -155,9 +160,11 @@ class Param:
             raise ParamError(f"{self.path}: normalised value must be a number, got {x!r:.40}")
         x = min(1.0, max(0.0, float(x)))
         if self.kind is Kind.FLOAT:
-            return self.min + x * (self.max - self.min)
+            lo, hi = self._bounds
+            return lo + x * (hi - lo)
         if self.kind is Kind.INT:
-            return int(round(self.min + x * (self.max - self.min)))
+            lo, hi = self._bounds
+            return int(round(lo + x * (hi - lo)))
         if self.kind is Kind.ENUM:
             return self.choices[int(round(x * (len(self.choices) - 1)))]
         if self.kind is Kind.BOOL:
@@ -237,7 +244,8 @@ class _Slot:
             return self.fired
         if not self.modulation or p.kind not in (Kind.FLOAT, Kind.INT):
             return self.current
-        value = min(p.max, max(p.min, self.current + self.modulation * (p.max - p.min)))
+        lo, hi = p._bounds
+        value = min(hi, max(lo, self.current + self.modulation * (hi - lo)))
         return int(round(value)) if p.kind is Kind.INT else value
 
 
@@ -379,7 +387,8 @@ class ParamRegistry:
                 if p.kind is Kind.FLOAT and p.smoothing > 0 and slot.current != slot.target:
                     step = 1.0 - math.exp(-max(dt, 0.0) / p.smoothing)
                     slot.current += (slot.target - slot.current) * step
-                    if abs(slot.target - slot.current) <= 1e-4 * (p.max - p.min):
+                    lo, hi = p._bounds
+                    if abs(slot.target - slot.current) <= 1e-4 * (hi - lo):
                         slot.current = slot.target
             listeners = list(self._listeners)
             outside = [c for c in landed if c.origin not in ("engine", "preset")]

@@ -154,7 +154,7 @@ def _walk(path: Path, table: dict[str, Any], parts: list[str], params: dict[str,
         param = params.get(param_path) if param_path else None
         if param is not None:
             if isinstance(value, dict):
-                reason = f"is a value ({param.kind.value}), not a table"
+                reason: str | None = f"is a value ({param.kind.value}), not a table"
             elif not is_presettable(param):
                 reason = f"is a {param.kind.value} parameter; presets do not hold it"
             else:

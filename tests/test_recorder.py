@@ -1,7 +1,8 @@
 """Recording and sharing the output: a headless App (EGL), a real ffmpeg, real files, real threads.
 
-Every wait is bounded; no test asserts on wall-clock speed: the slow-writer test compares
-the render loop's step times with the sink's own delay, both measured in the same run.
+Every wait is bounded; no test asserts on wall-clock speed: the stuck-writer and stuck-receiver
+tests hold the writer on an Event, and a render loop that waited on it would make that wait
+give up (the test checks it never did).
 """
 
 from __future__ import annotations
@@ -199,14 +200,12 @@ def test_a_stuck_writer_drops_recording_frames_and_never_blocks_the_show(make_ap
 
     n = 30
     record(app, True)
-    started = time.perf_counter()
     for _ in range(n):
         app.step()
-    loop_time = time.perf_counter() - started
     assert not sink.gate.is_set() and sink.writes == 0, "the writer was held in its first write all along"
     take = recorder.current
     assert take.due == n and take.dropped >= n - 4, "with the writer stuck, only the pool's frames are kept"
-    assert loop_time < sink.hold / 2 and not sink.held_out, "the render loop waited for the writer"
+    assert not sink.held_out, "the render loop waited for the writer (its write gave up waiting for the test)"
 
     sink.gate.set()  # the disk catches up
     record(app, False)
@@ -348,12 +347,15 @@ class FakeSender:
             self.gate.set()
         self.frames: list[np.ndarray] = []
         self.closed = False
+        self.gave_up = False  # a send gave up waiting: the test never let it go
 
     def open(self, size: tuple[int, int], fps: float) -> None:
         self.size = size
 
     def send(self, rgba: np.ndarray) -> None:
-        assert self.gate.wait(TIMEOUT), "the test never let the sender go"
+        if not self.gate.wait(TIMEOUT):
+            self.gave_up = True
+            raise AssertionError("the test never let the sender go")
         self.frames.append(rgba.copy())
 
     def close(self) -> None:
@@ -386,11 +388,9 @@ def test_a_stuck_receiver_skips_frames_and_never_blocks_the_show(make_app) -> No
     app = make_app()
     warm_up(app)
     app.add_output(share)
-    started = time.perf_counter()
     for _ in range(30):
         app.step()
-    loop_time = time.perf_counter() - started
-    assert not sender.frames and loop_time < TIMEOUT / 2, "the render loop waited for the sender"
+    assert not sender.frames and not sender.gave_up, "the render loop waited for the sender"
     assert share.skipped >= 25, "frames the stuck sender could not take are replaced by newer ones"
     sender.gate.set()
     wait_for(lambda: not share.waiting, "the sender to take the newest frame")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import logging.handlers
 import os
 import shutil
 import socket
@@ -271,10 +272,17 @@ def logger() -> Iterator[logging.Logger]:
 
 
 def test_log_goes_to_the_console_and_a_rotating_file(tmp_path: Path, logger: logging.Logger) -> None:
+    # Asserts on what reaches the console and the file, and on the handlers setup_logging says
+    # it installed: never on len(logger.handlers), which pytest's own capture handlers change.
     console = io.StringIO()
     path = tmp_path / "log" / "dreamdeck.log"
     setup = setup_logging("info", path, max_bytes=2000, backups=3, console=console, logger=logger)
-    assert setup.path == path and len(logger.handlers) == 2
+    assert setup.path == path
+    stream, rotating = setup.handlers
+    assert type(stream) is logging.StreamHandler and stream.stream is console
+    assert isinstance(rotating, logging.handlers.RotatingFileHandler)
+    assert Path(rotating.baseFilename) == path and (rotating.maxBytes, rotating.backupCount) == (2000, 3)
+    assert all(handler in logger.handlers for handler in setup.handlers)
     logger.debug("not shown at info")
     for n in range(200):
         logger.info("line %03d %s", n, "x" * 40)
@@ -287,9 +295,16 @@ def test_log_goes_to_the_console_and_a_rotating_file(tmp_path: Path, logger: log
     assert first[:4].isdigit() and first[4] == "-", "the file keeps dates: it outlives a day"
 
     again = setup_logging("warning", path, console=console, logger=logger)
-    assert len(logger.handlers) == 2, "configuring twice must not log every line twice"
+    assert not any(handler in logger.handlers for handler in setup.handlers), "the first set-up is replaced"
+    logger.warning("said once")
+    logger.info("below warning now")
+    assert console.getvalue().count("said once") == 1, "configuring twice must not log every line twice"
+    assert path.read_text(encoding="utf-8").count("said once") == 1
+    assert "below warning now" not in console.getvalue()
     again.close()
-    assert logger.handlers == []
+    logger.warning("after close")
+    assert "after close" not in console.getvalue() and "after close" not in path.read_text(encoding="utf-8")
+    assert not any(handler in logger.handlers for handler in again.handlers)
 
 
 def test_unwritable_log_folder_falls_back_to_the_console(tmp_path: Path, logger: logging.Logger) -> None:
@@ -297,8 +312,13 @@ def test_unwritable_log_folder_falls_back_to_the_console(tmp_path: Path, logger:
     blocker.write_text("", encoding="utf-8")
     console = io.StringIO()
     setup = setup_logging("info", blocker / "log" / "dreamdeck.log", console=console, logger=logger)
-    assert setup.path is None and len(logger.handlers) == 1
+    assert setup.path is None
+    [stream] = setup.handlers  # the console alone
+    assert type(stream) is logging.StreamHandler and stream.stream is console and stream in logger.handlers
     assert "cannot write the log file" in console.getvalue() and "console only" in console.getvalue()
+    logger.info("the show goes on")
+    assert "the show goes on" in console.getvalue()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"], "no log file anywhere else"
     with pytest.raises(ValueError, match="unknown log level"):
         setup_logging("chatty", logger=logger, to_file=False)
 
