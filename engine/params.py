@@ -95,6 +95,7 @@ class Param:
             raise ParamError(f"{self.path} is already a full path; only a relative name goes under {group}")
         return replace(self, path=f"{group.rstrip('/')}/{self.path}")
 
+    @property
     def _bounds(self) -> tuple[float, float]:
         """``(min, max)`` of a number parameter, typed as set: ``__post_init__`` refuses a FLOAT or INT without both."""
         return cast(float, self.min), cast(float, self.max)
