@@ -23,10 +23,10 @@ import cv2
 import numpy as np
 
 from engine.catalog import NO_CUE, PRESETS_DIR, SHADERS_DIR, build_registry
-from engine.files import write_atomic
 from engine.clock import RealClock
 from engine.control.actions import ActionError, Actions, Control
 from engine.diffusion.options import TorchDefaults
+from engine.files import write_atomic
 from engine.params import Change, ParamError
 from engine.presets import PresetError, PresetLibrary, load_preset, recall_values
 from engine.render.compositor import Compositor
@@ -100,8 +100,9 @@ class Stats:
 
 
 class App:
-    def __init__(self, config: AppConfig, surface: Surface, clock: Clock | None = None,
-                 catalog: SceneCatalog | None = None) -> None:
+    def __init__(
+        self, config: AppConfig, surface: Surface, clock: Clock | None = None, catalog: SceneCatalog | None = None
+    ) -> None:
         self.config = config
         self.surface = surface
         self.clock = clock or RealClock(60.0)
@@ -117,8 +118,9 @@ class App:
         source = open_source(config.source, self.params, size=config.output_size, fps=config.source_fps)
         if source.kind == "pattern":
             source = open_source("pattern", self.params, size=PATTERN_SIZE, fps=config.source_fps)
-        self.input = LiveInput(source, fallback_size=PATTERN_SIZE, fps=config.source_fps,
-                               params=self.params, max_age=config.source_max_age)
+        self.input = LiveInput(
+            source, fallback_size=PATTERN_SIZE, fps=config.source_fps, params=self.params, max_age=config.source_max_age
+        )
         self.shaders = ShaderLibrary(surface.ctx, config.shaders_dir)
         self.compositor = Compositor(surface.ctx, self.shaders, self.params, config.output_size)
         self.hud = Hud(surface.ctx, self.shaders)
@@ -145,7 +147,7 @@ class App:
         self.params.add_listener(self._on_change)
 
     # -- life cycle --------------------------------------------------------------------
-    def start(self) -> "App":
+    def start(self) -> App:
         """Start the threads and put the first preset in place (before the first frame)."""
         if self.config.preset:
             try:
@@ -194,10 +196,11 @@ class App:
             except Exception as exc:  # a broken install must not stop the show: the scene will report it
                 log.warning("importing %s failed: %s", spec, exc)
         if done:
-            log.info("imported %d scene modules in %.1f s (once, before the show)", len(done),
-                     time.perf_counter() - started)
+            log.info(
+                "imported %d scene modules in %.1f s (once, before the show)", len(done), time.perf_counter() - started
+            )
 
-    def add_output(self, output: "Output") -> "Output":
+    def add_output(self, output: Output) -> Output:
         """Plug in an output that reads each rendered frame (started and stopped with the app)."""
         self.outputs.append(output)
         if self.running:
@@ -211,7 +214,7 @@ class App:
             self._start_part(control)
         return control
 
-    def _start_part(self, part: "Control | Output") -> None:
+    def _start_part(self, part: Control | Output) -> None:
         """Start a control or output; one that cannot start (port taken, no device) is reported
         in the HUD and the log, and the show goes on without it."""
         try:
@@ -284,8 +287,9 @@ class App:
         elif scene_frame is not None and seq != self._scene_seq:
             morph = self._morph_time(scene_frame.scene, now)
         self._scene_seq = seq
-        self.compositor.set_layer("scene", None if scene_frame is None else scene_frame.image, ("scene", seq),
-                                  morph=morph, now=now)
+        self.compositor.set_layer(
+            "scene", None if scene_frame is None else scene_frame.image, ("scene", seq), morph=morph, now=now
+        )
         if self.overlay is not None:
             image, overlay_seq = self.overlay.slot.latest()
             self.compositor.set_layer("overlay", image, ("overlay", overlay_seq))
@@ -307,8 +311,12 @@ class App:
             if hud_on:
                 self._update_hud(now)
             if self.preview is not None:
-                self.preview.draw(self.compositor.output_texture, self.hud.lines if hud_on else None,
-                                  self.hud.error_lines, self.params.get("/output/master"))
+                self.preview.draw(
+                    self.compositor.output_texture,
+                    self.hud.lines if hud_on else None,
+                    self.hud.error_lines,
+                    self.params.get("/output/master"),
+                )
             elif hud_on:
                 self.hud.draw(size)
         elif now >= self._hud_next:
@@ -362,9 +370,14 @@ class App:
         """The app's handlers for the actions declared in engine.control.actions.ACTIONS (the
         declaration checks the arguments before a handler sees them; the tempo registers tap,
         MIDI midi/learn)."""
-        handlers = {"scene/next": self.next_scene, "scene/select": self.select_scene,
-                    "scene/preload": self.preload_scene, "preset/recall": self.recall_preset,
-                    "preset/save": self._save_preset_async, "prompt": self.set_prompt}
+        handlers = {
+            "scene/next": self.next_scene,
+            "scene/select": self.select_scene,
+            "scene/preload": self.preload_scene,
+            "preset/recall": self.recall_preset,
+            "preset/save": self._save_preset_async,
+            "prompt": self.set_prompt,
+        }
         for name, handler in handlers.items():
             self.actions.register(name, handler)
 
@@ -406,6 +419,7 @@ class App:
                 self.save_preset(str(name))
             except (PresetError, OSError, ValueError) as exc:
                 self._error(f"preset {name} not saved: {exc}")
+
         threading.Thread(target=save, name="preset saver", daemon=True).start()
 
     def recall_preset(self, ref: str | int) -> None:
@@ -473,8 +487,10 @@ class App:
         if instead is None:
             self._fallen_back.add(failed)
             options = [self.catalog.get(failed).fallback, self.catalog.names()[0]]
-            instead = next((name for name in options if name and name not in self._fallen_back
-                            and name in self.catalog.names()), None)
+            instead = next(
+                (name for name in options if name and name not in self._fallen_back and name in self.catalog.names()),
+                None,
+            )
             if instead is not None:
                 log.info("scene %s could not load: playing %s instead", failed, instead)
         if instead is not None:
@@ -508,8 +524,10 @@ class App:
     def errors_now(self) -> list[str]:
         """Errors to show: shader errors (until fixed), the scene worker's last error and the
         latest other error (the two are not ordered in time, so neither may hide the other)."""
-        out = [*self.shaders.errors.values(),
-               *(e for k, e in self.compositor.errors.items() if e not in self.shaders.errors.values())]
+        out = [
+            *self.shaders.errors.values(),
+            *(e for k, e in self.compositor.errors.items() if e not in self.shaders.errors.values()),
+        ]
         active = self.worker.active
         warning = active.warning if active is not None else None
         for error in (self.worker.last_error, warning, self.last_error, self.actions.last_error):
@@ -526,9 +544,11 @@ class App:
         and the process's memory are asked for every STATUS_REFRESH seconds, not every frame."""
         if now >= self._sample_next:
             self._sample_next = now + STATUS_REFRESH
-            self._sampled = (tuple(PartStatus(c.name, str(c.status)) for c in self.controls),
-                             tuple(PartStatus(o.name, str(o.status)) for o in self.outputs),
-                             self._memory.read())
+            self._sampled = (
+                tuple(PartStatus(c.name, str(c.status)) for c in self.controls),
+                tuple(PartStatus(o.name, str(o.status)) for o in self.outputs),
+                self._memory.read(),
+            )
         controls, outputs, rss_mb = self._sampled
         s, worker, showing = self.stats, self.worker, self._showing_scene
         # each read once: the worker thread may change them mid-snapshot, which must agree with itself
@@ -537,21 +557,37 @@ class App:
             preset, recent = self.preset_name, tuple(s.errors)
         fullscreen = getattr(self.surface, "fullscreen", None)  # a window says; headless has none
         return ShowStatus(
-            frame=s.frames + 1, time=now, fps=s.render_fps, frame_ms=s.frame_ms,
-            longest_frame_ms=s.longest_frame_ms, dropped_source=self.input.primary.slot.drops,
-            dropped_scene=worker.output.drops, scene_transitions=s.scene_transitions,
-            scene=None if active is None else active.name, scene_selected=self.params.get("/scene/active"),
-            scene_realtime=showing is None or self.catalog.get(showing).realtime, scene_fps=worker.fps,
+            frame=s.frames + 1,
+            time=now,
+            fps=s.render_fps,
+            frame_ms=s.frame_ms,
+            longest_frame_ms=s.longest_frame_ms,
+            dropped_source=self.input.primary.slot.drops,
+            dropped_scene=worker.output.drops,
+            scene_transitions=s.scene_transitions,
+            scene=None if active is None else active.name,
+            scene_selected=self.params.get("/scene/active"),
+            scene_realtime=showing is None or self.catalog.get(showing).realtime,
+            scene_fps=worker.fps,
             scene_backend="" if active is None else active.backend,
             scene_status="" if active is None else active.status,
             scene_warning=None if active is None else active.warning,
-            loading=loading, preloading=loading is not None and loading != worker.pending_name,
-            loaded=tuple(reversed(loaded)), loaded_mb=sum(self.catalog.get(n).needs.accelerator_mb for n in loaded),
+            loading=loading,
+            preloading=loading is not None and loading != worker.pending_name,
+            loaded=tuple(reversed(loaded)),
+            loaded_mb=sum(self.catalog.get(n).needs.accelerator_mb for n in loaded),
             memory_budget_mb=self.params.get("/scene/memory_budget"),
-            source=self.input.status, source_fallback=bool(self.input.fallback_active),
-            preset=preset, last_change=self.params.last_change, controls=controls, outputs=outputs,
-            errors=tuple(self.errors_now()), recent_errors=recent, rss_mb=rss_mb,
-            fullscreen=fullscreen if isinstance(fullscreen, bool) else None)
+            source=self.input.status,
+            source_fallback=bool(self.input.fallback_active),
+            preset=preset,
+            last_change=self.params.last_change,
+            controls=controls,
+            outputs=outputs,
+            errors=tuple(self.errors_now()),
+            recent_errors=recent,
+            rss_mb=rss_mb,
+            fullscreen=fullscreen if isinstance(fullscreen, bool) else None,
+        )
 
     def _update_hud(self, now: float) -> None:
         """Rasterise the HUD's text, every HUD_REFRESH seconds at most (it is drawn on the CPU)."""
@@ -580,4 +616,3 @@ class App:
                     continue  # listed as broken by `dreamdeck presets`; recall will say why
         slow_scenes = any(not self.catalog.get(name).realtime for name in self.catalog.names())
         self.compositor.prewarm(states, morph=slow_scenes)
-

@@ -33,8 +33,13 @@ def _frames(size: tuple[int, int], count: int) -> list[np.ndarray]:
     return [render_pattern(i * 0.1, size[0], size[1]) for i in range(count)]
 
 
-def bench_render(sizes: list[tuple[int, int]], frames: int = 200, json_path: Path | None = None,
-                 source_size: tuple[int, int] = (1280, 720), scene_size: tuple[int, int] = (512, 512)) -> dict:
+def bench_render(
+    sizes: list[tuple[int, int]],
+    frames: int = 200,
+    json_path: Path | None = None,
+    source_size: tuple[int, int] = (1280, 720),
+    scene_size: tuple[int, int] = (512, 512),
+) -> dict:
     surface = HeadlessSurface()
     ctx = surface.ctx
     shaders = ShaderLibrary(ctx, SHADERS_DIR)
@@ -63,13 +68,19 @@ def bench_render(sizes: list[tuple[int, int]], frames: int = 200, json_path: Pat
             times.sort()
             p50 = statistics.median(times)
             row = {
-                "size": f"{size[0]}x{size[1]}", "case": case, "frames": frames,
+                "size": f"{size[0]}x{size[1]}",
+                "case": case,
+                "frames": frames,
                 "fps": round(1000.0 / statistics.fmean(times), 1),
-                "p50_ms": round(p50, 2), "p99_ms": round(times[int(0.99 * (len(times) - 1))], 2),
+                "p50_ms": round(p50, 2),
+                "p99_ms": round(times[int(0.99 * (len(times) - 1))], 2),
             }
             results.append(row)
-            print(f"{row['size']:>10}  {case:<28} {row['fps']:7.1f} fps  p50 {row['p50_ms']:6.2f} ms"
-                  f"  p99 {row['p99_ms']:6.2f} ms", flush=True)
+            print(
+                f"{row['size']:>10}  {case:<28} {row['fps']:7.1f} fps  p50 {row['p50_ms']:6.2f} ms"
+                f"  p99 {row['p99_ms']:6.2f} ms",
+                flush=True,
+            )
     report = {
         "benchmark": "render",
         "gl_renderer": ctx.info["GL_RENDERER"],

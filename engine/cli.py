@@ -84,99 +84,181 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamdeck", description="Real-time audiovisual performance engine.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-file", type=Path,
-                        help="rotating log file, 5 MB x 5 (default: ~/.local/state/dreamdeck/log/dreamdeck.log)")
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        help="rotating log file, 5 MB x 5 (default: ~/.local/state/dreamdeck/log/dreamdeck.log)",
+    )
     parser.add_argument("--no-log-file", action="store_true", help="log to the console only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    run = sub.add_parser("run", help="play: source -> scene -> compositor -> window",
-                         description="Play. Keys: space next scene, 1-9 presets, F fullscreen, H HUD, Esc quit.")
+    run = sub.add_parser(
+        "run",
+        help="play: source -> scene -> compositor -> window",
+        description="Play. Keys: space next scene, 1-9 presets, F fullscreen, H HUD, Esc quit.",
+    )
     run.add_argument("--preset", help="preset name or 1-based number (default: the last one played, else default)")
-    run.add_argument("--source", help="camera:N | camera:/dev/videoN | file:PATH | image:PATH | pattern "
-                                      "(default: first camera that opens, else pattern)")
+    run.add_argument(
+        "--source",
+        help="camera:N | camera:/dev/videoN | file:PATH | image:PATH | pattern "
+        "(default: first camera that opens, else pattern)",
+    )
     run.add_argument("--fullscreen", action=argparse.BooleanOptionalAction, help="fullscreen on --monitor")
-    run.add_argument("--monitor", type=_monitor,
-                     help="monitor for fullscreen: index, or part of its name, e.g. HDMI (default 0)")
+    run.add_argument(
+        "--monitor", type=_monitor, help="monitor for fullscreen: index, or part of its name, e.g. HDMI (default 0)"
+    )
     run.add_argument("--borderless", action="store_true", help="no window frame when windowed")
-    run.add_argument("--preview", action="store_true",
-                     help="a second window with the output and the HUD (the main window stays clean)")
+    run.add_argument(
+        "--preview",
+        action="store_true",
+        help="a second window with the output and the HUD (the main window stays clean)",
+    )
     run.add_argument("--preview-size", type=_size, default=(640, 360), help="preview window size (default 640x360)")
     run.add_argument("--allow-sleep", action="store_true", help="let the screensaver / display sleep run")
     outs = run.add_argument_group("recording and sharing")
-    outs.add_argument("--record", nargs="?", const=DEFAULT_PATTERN, metavar="PATTERN",
-                      help="record the output to MP4 from the start (default " + DEFAULT_PATTERN.replace("%", "%%") + ")")
+    outs.add_argument(
+        "--record",
+        nargs="?",
+        const=DEFAULT_PATTERN,
+        metavar="PATTERN",
+        help="record the output to MP4 from the start (default " + DEFAULT_PATTERN.replace("%", "%%") + ")",
+    )
     outs.add_argument("--record-fps", type=_positive_float, default=30.0, help="recording frame rate (default 30)")
-    outs.add_argument("--virtualcam", nargs="?", const="", metavar="DEVICE",
-                      help="share the output as a virtual camera (pyvirtualcam; Linux: v4l2loopback)")
+    outs.add_argument(
+        "--virtualcam",
+        nargs="?",
+        const="",
+        metavar="DEVICE",
+        help="share the output as a virtual camera (pyvirtualcam; Linux: v4l2loopback)",
+    )
     outs.add_argument("--ndi", nargs="?", const="dreamdeck", metavar="NAME", help="share over NDI (cyndilib)")
     outs.add_argument("--spout", nargs="?", const="dreamdeck", metavar="NAME", help="share by Spout (Windows)")
     outs.add_argument("--syphon", nargs="?", const="dreamdeck", metavar="NAME", help="share by Syphon (macOS)")
     run.add_argument("--size", type=_size, help="window size WxH (default 1280x720)")
-    run.add_argument("--output", type=_size,
-                     help="output resolution WxH, letterboxed into the window (default 1280x720)")
-    run.add_argument("--fresh", action="store_true",
-                     help="ignore the saved state (last preset, source, window) and use the defaults")
+    run.add_argument(
+        "--output", type=_size, help="output resolution WxH, letterboxed into the window (default 1280x720)"
+    )
+    run.add_argument(
+        "--fresh", action="store_true", help="ignore the saved state (last preset, source, window) and use the defaults"
+    )
     run.add_argument("--headless", action="store_true", help="no window: offscreen EGL (tests, servers)")
     run.add_argument("--frames", type=_positive_int, help="stop after N frames")
     run.add_argument("--screenshot", type=Path, help="save the last output frame to this image file")
     run.add_argument("--fps", type=_positive_float, default=60.0, help="frame rate cap (default 60)")
     run.add_argument("--presets-dir", type=Path, default=PRESETS_DIR, help="where presets live")
     run.add_argument("--no-vsync", action="store_true", help="do not wait for the display's refresh")
-    run.add_argument("--status-port", type=_port,
-                     help="status page and phone remote (default 9330; if that is taken, the show runs without)")
-    run.add_argument("--status-host", default="127.0.0.1",
-                     help="address to serve it on (default 127.0.0.1; any other needs a token)")
-    run.add_argument("--status-token", default=os.environ.get("DREAMDECK_STATUS_TOKEN"),
-                     help="token for the status page (default: $DREAMDECK_STATUS_TOKEN; generated when off "
-                          "the loopback and not given)")
-    run.add_argument("--status-allow", action="append", default=[], metavar="ADDR",
-                     help="only these senders may use the status page (an IP or a network like 192.168.1.0/24; "
-                          "repeat for more); the token is still needed off the loopback")
+    run.add_argument(
+        "--status-port",
+        type=_port,
+        help="status page and phone remote (default 9330; if that is taken, the show runs without)",
+    )
+    run.add_argument(
+        "--status-host", default="127.0.0.1", help="address to serve it on (default 127.0.0.1; any other needs a token)"
+    )
+    run.add_argument(
+        "--status-token",
+        default=os.environ.get("DREAMDECK_STATUS_TOKEN"),
+        help="token for the status page (default: $DREAMDECK_STATUS_TOKEN; generated when off "
+        "the loopback and not given)",
+    )
+    run.add_argument(
+        "--status-allow",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="only these senders may use the status page (an IP or a network like 192.168.1.0/24; "
+        "repeat for more); the token is still needed off the loopback",
+    )
     run.add_argument("--no-status", action="store_true", help="no status page")
     live = run.add_argument_group("live control (OSC, OSCQuery, MIDI, audio)")
     live.add_argument("--osc-port", type=_port, default=9321, help="OSC UDP port (default 9321)")
-    live.add_argument("--osc-host", default="127.0.0.1",
-                      help="address for OSC and OSCQuery (default 127.0.0.1; any other needs --osc-allow)")
-    live.add_argument("--osc-allow", action="append", default=[], metavar="ADDR",
-                      help="sender address or network allowed when OSC is open to the network (repeatable)")
-    live.add_argument("--osc-feedback", type=_host_port, metavar="HOST:PORT",
-                      help="send every parameter change here (TouchDesigner / TouchOSC panels follow)")
+    live.add_argument(
+        "--osc-host",
+        default="127.0.0.1",
+        help="address for OSC and OSCQuery (default 127.0.0.1; any other needs --osc-allow)",
+    )
+    live.add_argument(
+        "--osc-allow",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="sender address or network allowed when OSC is open to the network (repeatable)",
+    )
+    live.add_argument(
+        "--osc-feedback",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="send every parameter change here (TouchDesigner / TouchOSC panels follow)",
+    )
     live.add_argument("--osc-tcp", action="store_true", help="also take OSC over TCP on the same port")
     live.add_argument("--no-osc", action="store_true", help="no OSC and no OSCQuery")
     live.add_argument("--oscquery-port", type=_port, default=9322, help="OSCQuery HTTP port (default 9322)")
     live.add_argument("--no-oscquery", action="store_true", help="no OSCQuery server")
     live.add_argument("--advertise", action="store_true", help="announce OSCQuery by zeroconf (_oscjson._tcp)")
-    live.add_argument("--midi-in", action="append", default=[], metavar="NAME",
-                      help="MIDI input port name or part of it (repeatable; '*' = all)")
-    live.add_argument("--midi-out", action="append", default=[], metavar="NAME",
-                      help="MIDI output port for LED / motor-fader feedback (repeatable)")
+    live.add_argument(
+        "--midi-in",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="MIDI input port name or part of it (repeatable; '*' = all)",
+    )
+    live.add_argument(
+        "--midi-out",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="MIDI output port for LED / motor-fader feedback (repeatable)",
+    )
     live.add_argument("--midi-map", type=Path, help="MIDI mappings file (default ~/.config/dreamdeck/midi.toml)")
     live.add_argument("--midi-api", default="auto", choices=["auto", "alsa", "jack"], help="MIDI system")
     live.add_argument("--no-midi", action="store_true", help="no MIDI")
-    live.add_argument("--audio", metavar="SPEC",
-                      help="audio input: a device name or index, 'default', or file:PATH (a WAV, looped)")
+    live.add_argument(
+        "--audio", metavar="SPEC", help="audio input: a device name or index, 'default', or file:PATH (a WAV, looped)"
+    )
     torch_group = run.add_argument_group("where the diffusion scenes run (realtime, ddpm, vqgan_clip)")
-    torch_group.add_argument("--device", type=_device, default=None,
-                             help="auto | cuda | cuda:N | mps | cpu (default auto: CUDA, then MPS, then CPU)")
-    torch_group.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                             help="precision (default auto: float16 on a GPU, float32 on a CPU; bfloat16 on request)")
-    torch_group.add_argument("--accel", choices=ACCEL_CHOICES, default=None,
-                             help=f"realtime scene backend: {ACCEL_HELP} (default auto: compile on CUDA, eager "
-                                  "elsewhere)")
-    run.add_argument("--hours", help='opening hours, e.g. "Mon-Fri 10:00-18:00, Sat 12:00-20:00": '
-                                     "black and paused outside them")
+    torch_group.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="auto | cuda | cuda:N | mps | cpu (default auto: CUDA, then MPS, then CPU)",
+    )
+    torch_group.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="precision (default auto: float16 on a GPU, float32 on a CPU; bfloat16 on request)",
+    )
+    torch_group.add_argument(
+        "--accel",
+        choices=ACCEL_CHOICES,
+        default=None,
+        help=f"realtime scene backend: {ACCEL_HELP} (default auto: compile on CUDA, eager elsewhere)",
+    )
+    run.add_argument(
+        "--hours", help='opening hours, e.g. "Mon-Fri 10:00-18:00, Sat 12:00-20:00": black and paused outside them'
+    )
 
-    service = sub.add_parser("install-service", help="run unattended: write a systemd user unit",
-                             description="Write ~/.config/systemd/user/dreamdeck.service: restarts on crash "
-                                         "and on a frozen frame loop (watchdog).")
+    service = sub.add_parser(
+        "install-service",
+        help="run unattended: write a systemd user unit",
+        description="Write ~/.config/systemd/user/dreamdeck.service: restarts on crash "
+        "and on a frozen frame loop (watchdog).",
+    )
     service.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
-    service.add_argument("run_args", nargs=argparse.REMAINDER, metavar="-- RUN FLAGS",
-                         help="flags for `dreamdeck run`, e.g. -- --preset gallery --fullscreen --monitor 1")
+    service.add_argument(
+        "run_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- RUN FLAGS",
+        help="flags for `dreamdeck run`, e.g. -- --preset gallery --fullscreen --monitor 1",
+    )
 
-    params = sub.add_parser("params", help="list every parameter (the OSC / MIDI / preset address space)",
-                            description="Every parameter: path, kind, range and unit, default and "
-                                        "description, as a table that fits 100 columns.")
+    params = sub.add_parser(
+        "params",
+        help="list every parameter (the OSC / MIDI / preset address space)",
+        description="Every parameter: path, kind, range and unit, default and "
+        "description, as a table that fits 100 columns.",
+    )
     form = params.add_mutually_exclusive_group()
     form.add_argument("--markdown", action="store_true", help="a Markdown table (as in the documentation)")
     form.add_argument("--json", action="store_true", help="JSON, one object per parameter")
@@ -195,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--json", type=Path, help="also write the results here")
     from engine.diffusion.bench import add_arguments as add_diffusion_bench_arguments
 
-    add_diffusion_bench_arguments(bench_sub.add_parser(
-        "diffusion", help="diffusion img2img: the hot path against diffusers, same weights, same run"))
+    add_diffusion_bench_arguments(
+        bench_sub.add_parser(
+            "diffusion", help="diffusion img2img: the hot path against diffusers, same weights, same run"
+        )
+    )
     return parser
 
 
@@ -212,8 +297,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.screenshot is not None and not _can_write_image(args.screenshot):
         # said now, not after the show: the screenshot is written when the run ends
-        print(f"dreamdeck run: --screenshot {args.screenshot}: cannot write {args.screenshot.suffix!r} images "
-              "(use .png or .jpg)", file=sys.stderr)
+        print(
+            f"dreamdeck run: --screenshot {args.screenshot}: cannot write {args.screenshot.suffix!r} images "
+            "(use .png or .jpg)",
+            file=sys.stderr,
+        )
         return 2
     try:
         show = build_show(config)
@@ -246,13 +334,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log.info("screenshot written to %s", path)
         finally:
             s = app.stats
-            log.info("%d frames, render %.1f fps, longest frame %.1f ms", s.frames, s.render_fps,
-                     s.longest_frame_ms)
+            log.info("%d frames, render %.1f fps, longest frame %.1f ms", s.frames, s.render_fps, s.longest_frame_ms)
             show.close()
     return 0
 
 
-def show_config(args: argparse.Namespace) -> "ShowConfig":
+def show_config(args: argparse.Namespace) -> ShowConfig:
     """`dreamdeck run` flags -> the show's config. A flag given now wins, then what was saved
     before a crash or restart, then the default. Raises ShowError / ScheduleError for a bad flag."""
     import dataclasses
@@ -278,30 +365,78 @@ def show_config(args: argparse.Namespace) -> "ShowConfig":
     except ScheduleError as exc:
         raise ScheduleError(f"--hours: {exc}") from None
     torch = TorchDefaults(args.device or "auto", args.dtype or "auto", args.accel or "auto")
-    window = None if args.headless else WindowConfig(
-        size=size, fullscreen=bool(fullscreen), monitor=monitor if monitor is not None else 0,
-        vsync=not args.no_vsync, borderless=args.borderless, preview=args.preview,
-        preview_size=args.preview_size, keep_awake=not args.allow_sleep)
+    window = (
+        None
+        if args.headless
+        else WindowConfig(
+            size=size,
+            fullscreen=bool(fullscreen),
+            monitor=monitor if monitor is not None else 0,
+            vsync=not args.no_vsync,
+            borderless=args.borderless,
+            preview=args.preview,
+            preview_size=args.preview_size,
+            keep_awake=not args.allow_sleep,
+        )
+    )
     controls = ControlConfig(
-        osc_host=args.osc_host, osc_port=None if args.no_osc else args.osc_port, osc_allow=tuple(args.osc_allow),
-        osc_feedback=args.osc_feedback, osc_tcp=args.osc_tcp,
-        oscquery_port=None if args.no_oscquery else args.oscquery_port, advertise=args.advertise,
-        midi=not args.no_midi and bool(args.midi_in or args.midi_out), midi_inputs=tuple(args.midi_in),
-        midi_outputs=tuple(args.midi_out), midi_map=args.midi_map, midi_api=args.midi_api,
-        audio=None if args.audio is None else ("" if args.audio == "default" else args.audio), hours=hours)
-    outputs = OutputConfig(record_pattern=args.record or DEFAULT_PATTERN, record_fps=args.record_fps,
-                           record_at_start=bool(args.record), virtualcam=args.virtualcam, ndi=args.ndi,
-                           spout=args.spout, syphon=args.syphon)
-    state = StateConfig(initial=dataclasses.replace(saved, source=source, fullscreen=fullscreen, monitor=monitor,
-                                                    window_size=size, output_size=output))
-    status = None if args.no_status else StatusPageConfig(
-        StatusConfig(args.status_host, DEFAULT_STATUS_PORT if args.status_port is None else args.status_port,
-                     args.status_token, allow=tuple(args.status_allow) or None),
-        required=args.status_port is not None)  # asked for: a port that cannot be had is a usage error
+        osc_host=args.osc_host,
+        osc_port=None if args.no_osc else args.osc_port,
+        osc_allow=tuple(args.osc_allow),
+        osc_feedback=args.osc_feedback,
+        osc_tcp=args.osc_tcp,
+        oscquery_port=None if args.no_oscquery else args.oscquery_port,
+        advertise=args.advertise,
+        midi=not args.no_midi and bool(args.midi_in or args.midi_out),
+        midi_inputs=tuple(args.midi_in),
+        midi_outputs=tuple(args.midi_out),
+        midi_map=args.midi_map,
+        midi_api=args.midi_api,
+        audio=None if args.audio is None else ("" if args.audio == "default" else args.audio),
+        hours=hours,
+    )
+    outputs = OutputConfig(
+        record_pattern=args.record or DEFAULT_PATTERN,
+        record_fps=args.record_fps,
+        record_at_start=bool(args.record),
+        virtualcam=args.virtualcam,
+        ndi=args.ndi,
+        spout=args.spout,
+        syphon=args.syphon,
+    )
+    state = StateConfig(
+        initial=dataclasses.replace(
+            saved, source=source, fullscreen=fullscreen, monitor=monitor, window_size=size, output_size=output
+        )
+    )
+    status = (
+        None
+        if args.no_status
+        else StatusPageConfig(
+            StatusConfig(
+                args.status_host,
+                DEFAULT_STATUS_PORT if args.status_port is None else args.status_port,
+                args.status_token,
+                allow=tuple(args.status_allow) or None,
+            ),
+            required=args.status_port is not None,
+        )
+    )  # asked for: a port that cannot be had is a usage error
     return ShowConfig(
-        app=AppConfig(source=source, preset=args.preset or saved.preset or "default", output_size=output,
-                      presets_dir=args.presets_dir, torch=torch),
-        window=window, fps=args.fps, controls=controls, outputs=outputs, state=state, status=status)
+        app=AppConfig(
+            source=source,
+            preset=args.preset or saved.preset or "default",
+            output_size=output,
+            presets_dir=args.presets_dir,
+            torch=torch,
+        ),
+        window=window,
+        fps=args.fps,
+        controls=controls,
+        outputs=outputs,
+        state=state,
+        status=status,
+    )
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -381,8 +516,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # the file is for the show (and its post-mortem); `dreamdeck params` need not touch the disk
     setup_logging(args.log_level, args.log_file, to_file=args.command == "run" and not args.no_log_file)
-    commands = {"run": cmd_run, "params": cmd_params, "presets": cmd_presets, "doctor": cmd_doctor, "bench": cmd_bench,
-                "install-service": cmd_install_service}
+    commands = {
+        "run": cmd_run,
+        "params": cmd_params,
+        "presets": cmd_presets,
+        "doctor": cmd_doctor,
+        "bench": cmd_bench,
+        "install-service": cmd_install_service,
+    }
     from engine.scenes.plugins import ScenesNotFound
 
     try:

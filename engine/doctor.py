@@ -17,8 +17,8 @@ import platform
 import re
 import sys
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ def _error(exc: BaseException) -> str:
 
 
 # -- packages ---------------------------------------------------------------------------
+
 
 def probe_python() -> Row:
     status = OK if sys.version_info >= (3, 10) else WARN
@@ -86,6 +87,7 @@ def probe_accelerator() -> Row:
 
 # -- display and GL ---------------------------------------------------------------------
 
+
 def probe_gl() -> Row:
     """A headless EGL context: the same GL the compositor's tests and offline renders use."""
     try:
@@ -133,6 +135,7 @@ def _glfw_reason(message: str) -> str:
 
 # -- devices ------------------------------------------------------------------------------
 
+
 def probe_cameras(pattern: str = "/dev/video*") -> Row:
     """Open each V4L2 node once. Many webcams expose a second, metadata-only node that
     never opens, so a node that fails is skipped, not reported."""
@@ -176,6 +179,7 @@ def probe_midi() -> Row:
 
 
 # -- models ---------------------------------------------------------------------------------
+
 
 def model_cache_dir(env: Mapping[str, str] | None = None) -> Path:
     """Where huggingface_hub keeps models, by its own rules, without importing it."""
@@ -230,8 +234,10 @@ def probe_scene_models(env: Mapping[str, str] | None = None) -> Row:
     weights = SHIPPED_DDPM / "unet" / "diffusion_pytorch_model.safetensors"
     ddpm = f"shipped DDPM {_human(weights.stat().st_size)}" if weights.is_file() else "shipped DDPM missing"
     vqgan_dir = Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dreamdeck" / VQGAN_FOLDER
-    found = any((vqgan_dir / name).is_file() for name in ("model.ckpt", "last.ckpt")) and \
-        (vqgan_dir / "model.yaml").is_file()
+    found = (
+        any((vqgan_dir / name).is_file() for name in ("model.ckpt", "last.ckpt"))
+        and (vqgan_dir / "model.yaml").is_file()
+    )
     vqgan = f"VQGAN in {vqgan_dir}" if found else f"no VQGAN checkpoint in {vqgan_dir} (vqgan_clip plays the DDPM)"
     return "scene models", OK if weights.is_file() else MISSING, f"{ddpm}; {vqgan}"
 
@@ -270,8 +276,9 @@ def format_table(rows: list[Row]) -> str:
     """Columns padded to their widest cell; the last column is left ragged."""
     table = [("check", "status", "detail"), *rows]
     widths = [max(len(row[i]) for row in table) for i in range(2)]
-    return "\n".join(f"{check.ljust(widths[0])}  {status.ljust(widths[1])}  {detail}".rstrip()
-                     for check, status, detail in table)
+    return "\n".join(
+        f"{check.ljust(widths[0])}  {status.ljust(widths[1])}  {detail}".rstrip() for check, status, detail in table
+    )
 
 
 def main() -> int:

@@ -14,9 +14,10 @@ import logging.handlers
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from engine.state import state_dir
 
@@ -66,9 +67,16 @@ class LogSetup:
         self.filters.clear()
 
 
-def setup_logging(level: str | int = "info", log_file: Path | None = None, *, to_file: bool = True,
-                  max_bytes: int = MAX_BYTES, backups: int = BACKUPS, console: TextIO | None = None,
-                  logger: logging.Logger | None = None) -> LogSetup:
+def setup_logging(
+    level: str | int = "info",
+    log_file: Path | None = None,
+    *,
+    to_file: bool = True,
+    max_bytes: int = MAX_BYTES,
+    backups: int = BACKUPS,
+    console: TextIO | None = None,
+    logger: logging.Logger | None = None,
+) -> LogSetup:
     """Configure the root logger (or ``logger``): console, and a rotating file unless ``to_file`` is False.
 
     ``log_file`` None means the default place. Handlers this function installed before
@@ -95,8 +103,9 @@ def setup_logging(level: str | int = "info", log_file: Path | None = None, *, to
         path = log_file or default_log_file()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            rotating = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
-                                                            encoding="utf-8")
+            rotating = logging.handlers.RotatingFileHandler(
+                path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
         except OSError as exc:
             file_error = f"cannot write the log file {path} ({exc}): logging to the console only"
         else:
@@ -124,8 +133,9 @@ class RateLimitedLog:
     writing it.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, logger: logging.Logger, interval: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._log = logger
         self._interval = interval
         self._clock = clock

@@ -58,9 +58,16 @@ def _description(p: Param) -> str:
 
 def param_record(p: Param) -> dict[str, Any]:
     return {
-        "path": p.path, "osc": OSC_PREFIX + p.path, "kind": p.kind.value, "min": p.min, "max": p.max,
-        "choices": list(p.choices) or None, "default": None if p.kind is Kind.TRIGGER else p.default,
-        "unit": p.unit or None, "smoothing_s": p.smoothing or None, "in_presets": p.in_presets,
+        "path": p.path,
+        "osc": OSC_PREFIX + p.path,
+        "kind": p.kind.value,
+        "min": p.min,
+        "max": p.max,
+        "choices": list(p.choices) or None,
+        "default": None if p.kind is Kind.TRIGGER else p.default,
+        "unit": p.unit or None,
+        "smoothing_s": p.smoothing or None,
+        "in_presets": p.in_presets,
         "description": p.description,
     }
 
@@ -70,6 +77,7 @@ def params_json(registry: ParamRegistry) -> str:
 
 
 # ---- the terminal table --------------------------------------------------------------------
+
 
 def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -112,12 +120,18 @@ def params_text(registry: ParamRegistry, width: int = TEXT_WIDTH) -> str:
         else:
             lines.append(row(p.path, *cells))
         for text in [_description(p), *below]:
-            lines += textwrap.wrap(text, body_w, initial_indent=_INDENT, subsequent_indent=_INDENT + "  ",
-                                   break_on_hyphens=False) if text else []
+            lines += (
+                textwrap.wrap(
+                    text, body_w, initial_indent=_INDENT, subsequent_indent=_INDENT + "  ", break_on_hyphens=False
+                )
+                if text
+                else []
+            )
     return "\n".join(lines)
 
 
 # ---- Markdown (the documentation site) -----------------------------------------------------
+
 
 def _cell(text: str) -> str:
     """A Markdown table cell: '|' escaped, so the row keeps its columns."""
@@ -162,9 +176,10 @@ def action_records() -> list[dict[str, Any]]:
     """
     from engine.control.actions import ACTIONS
 
-    return [{"name": name, "osc": f"{OSC_PREFIX}/{name}", "arguments": spec.signature,
-             "description": spec.description}
-            for name, spec in ACTIONS.items()]
+    return [
+        {"name": name, "osc": f"{OSC_PREFIX}/{name}", "arguments": spec.signature, "description": spec.description}
+        for name, spec in ACTIONS.items()
+    ]
 
 
 ACTION_COLUMNS = ("action", "OSC address", "arguments", "description")

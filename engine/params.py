@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any, Callable, Iterable, cast
+from typing import Any, cast
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Param:
     def relative(self) -> bool:
         return not self.path.startswith("/")
 
-    def under(self, group: str) -> "Param":
+    def under(self, group: str) -> Param:
         """This relative declaration placed under ``group``: ``strength`` under /scene/x is /scene/x/strength."""
         if not self.relative:
             raise ParamError(f"{self.path} is already a full path; only a relative name goes under {group}")
@@ -181,19 +182,24 @@ def _coerce_colour(path: str, value: Any) -> tuple[float, float, float, float]:
             channels = [int(text[i : i + 2], 16) / 255.0 for i in range(0, len(text), 2)]
             return tuple(channels + [1.0] * (4 - len(channels)))  # type: ignore[return-value]
         raise ParamError(f"{path}: colour text must be #rrggbb or #rrggbbaa, got {value!r:.40}")
-    if isinstance(value, (list, tuple)) and len(value) in (3, 4):
-        if all(_is_number(c) and _is_finite(c) and 0.0 <= c <= 1.0 for c in value):
-            return tuple(float(c) for c in value) + ((1.0,) if len(value) == 3 else ())  # type: ignore[return-value]
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) in (3, 4)
+        and all(_is_number(c) and _is_finite(c) and 0.0 <= c <= 1.0 for c in value)
+    ):
+        return tuple(float(c) for c in value) + ((1.0,) if len(value) == 3 else ())  # type: ignore[return-value]
     raise ParamError(f"{path}: colour must be 3 or 4 numbers in [0, 1] or #rrggbb, got {value!r:.40}")
 
 
-def float_param(path: str, default: float, lo: float, hi: float, *, unit: str = "",
-                smoothing: float = 0.0, description: str = "") -> Param:
+def float_param(
+    path: str, default: float, lo: float, hi: float, *, unit: str = "", smoothing: float = 0.0, description: str = ""
+) -> Param:
     return Param(path, Kind.FLOAT, default, lo, hi, unit=unit, smoothing=smoothing, description=description)
 
 
-def int_param(path: str, default: int, lo: int, hi: int, *, unit: str = "", description: str = "",
-              in_presets: bool = True) -> Param:
+def int_param(
+    path: str, default: int, lo: int, hi: int, *, unit: str = "", description: str = "", in_presets: bool = True
+) -> Param:
     return Param(path, Kind.INT, default, lo, hi, unit=unit, description=description, in_presets=in_presets)
 
 
@@ -201,8 +207,9 @@ def bool_param(path: str, default: bool, *, description: str = "", in_presets: b
     return Param(path, Kind.BOOL, default, description=description, in_presets=in_presets)
 
 
-def enum_param(path: str, default: str, choices: Iterable[str], *, description: str = "",
-               in_presets: bool = True) -> Param:
+def enum_param(
+    path: str, default: str, choices: Iterable[str], *, description: str = "", in_presets: bool = True
+) -> Param:
     return Param(path, Kind.ENUM, default, choices=tuple(choices), description=description, in_presets=in_presets)
 
 
@@ -289,8 +296,9 @@ class ParamRegistry:
             old = slot.param
             choices = tuple(choices)
             default = old.default if old.default in choices else choices[0]
-            slot.param = Param(old.path, old.kind, default, choices=choices, description=old.description,
-                               in_presets=old.in_presets)
+            slot.param = Param(
+                old.path, old.kind, default, choices=choices, description=old.description, in_presets=old.in_presets
+            )
             if slot.target not in choices:
                 slot.target = slot.current = default
 
@@ -319,8 +327,11 @@ class ParamRegistry:
 
     def snapshot(self, prefix: str = "/") -> dict[str, Any]:
         with self._lock:
-            return {p: s.effective() for p, s in sorted(self._slots.items())
-                    if p.startswith(prefix) and s.param.kind is not Kind.TRIGGER}
+            return {
+                p: s.effective()
+                for p, s in sorted(self._slots.items())
+                if p.startswith(prefix) and s.param.kind is not Kind.TRIGGER
+            }
 
     # -- modulation (render thread, frame boundary) ---------------------------------
     def set_modulation(self, offsets: dict[str, float]) -> None:

@@ -26,7 +26,7 @@ import difflib
 import logging
 import os
 import re
-import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,6 @@ import tomli_w
 
 from engine.files import write_atomic
 from engine.params import Kind, Param, ParamError, ParamRegistry
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 has no tomllib; tomli is the same parser
-    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +85,7 @@ def is_presettable(param: Param) -> bool:
 
 
 # -- loading -------------------------------------------------------------------------
+
 
 def load_preset(path: str | os.PathLike[str], registry: ParamRegistry) -> Preset:
     """Read and validate a preset file; raise PresetError listing every problem in it."""
@@ -143,8 +139,15 @@ def _read_meta(path: Path, meta: Any, errors: list[str]) -> str:
     return description if isinstance(description, str) else ""
 
 
-def _walk(path: Path, table: dict[str, Any], parts: list[str], params: dict[str, Param],
-          groups: set[str], values: dict[str, Any], errors: list[str]) -> None:
+def _walk(
+    path: Path,
+    table: dict[str, Any],
+    parts: list[str],
+    params: dict[str, Param],
+    groups: set[str],
+    values: dict[str, Any],
+    errors: list[str],
+) -> None:
     """Match one TOML table against the registry's tree, collecting values and errors."""
     for key, value in table.items():
         keys = [*parts, key]
@@ -203,13 +206,13 @@ def _suggestion(dotted: str, params: dict[str, Param]) -> str:
 
 
 def _toml_type(value: Any) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a float", str: "text",
-             list: "an array", dict: "a table"}
+    names = {bool: "true/false", int: "an integer", float: "a float", str: "text", list: "an array", dict: "a table"}
     name = names.get(type(value), type(value).__name__)
     return name if isinstance(value, dict) else f"{name} {value!r:.40}"
 
 
 # -- recalling -------------------------------------------------------------------------
+
 
 def recall_values(preset: Preset, registry: ParamRegistry) -> dict[str, Any]:
     """Every presettable value to apply: the preset's, and defaults for the rest.
@@ -220,12 +223,14 @@ def recall_values(preset: Preset, registry: ParamRegistry) -> dict[str, Any]:
     params = [p for p in registry.params() if is_presettable(p)]
     stale = sorted(set(preset.values) - {p.path for p in params})
     if stale:
-        raise PresetError([f"{preset.path}: {path[1:].replace('/', '.')}: parameter no longer exists"
-                           for path in stale])
+        raise PresetError(
+            [f"{preset.path}: {path[1:].replace('/', '.')}: parameter no longer exists" for path in stale]
+        )
     return {p.path: preset.values.get(p.path, p.default) for p in params}
 
 
 # -- saving ----------------------------------------------------------------------------
+
 
 def save_preset(path: str | os.PathLike[str], registry: ParamRegistry, description: str = "") -> Path:
     """Write the registry's target values of every presettable parameter, atomically.
@@ -253,6 +258,7 @@ def save_preset(path: str | os.PathLike[str], registry: ParamRegistry, descripti
 
 
 # -- a folder of presets ----------------------------------------------------------------
+
 
 class PresetLibrary:
     """The presets in one folder, by name (the file stem) or by 1-based index.
@@ -288,8 +294,9 @@ class PresetLibrary:
         paths = self.paths()
         if isinstance(name_or_index, int) and not isinstance(name_or_index, bool):
             if not 1 <= name_or_index <= len(paths):
-                raise PresetError(f"{self.directory}: no preset number {name_or_index}: "
-                                  f"there are {len(paths)} (numbered from 1)")
+                raise PresetError(
+                    f"{self.directory}: no preset number {name_or_index}: there are {len(paths)} (numbered from 1)"
+                )
             return load_preset(paths[name_or_index - 1], self.registry)
         name = self._check_name(name_or_index)
         path = self.directory / f"{name}{SUFFIX}"
@@ -306,6 +313,5 @@ class PresetLibrary:
     def _check_name(self, name: Any) -> str:
         # the name becomes a file name: no folders, dots or spaces sneak in from OSC or the web page
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise PresetError(f"{self.directory}: bad preset name {name!r:.40}: "
-                              "use letters, digits, - and _ only")
+            raise PresetError(f"{self.directory}: bad preset name {name!r:.40}: use letters, digits, - and _ only")
         return name

@@ -34,8 +34,10 @@ def parse_prompts(text: str, negative: bool = False) -> list[WeightedPrompt]:
             try:
                 weight = float(number)
             except ValueError:
-                raise ValueError(f"prompt weight {number.strip()!r} in {part.strip()!r} is not a number "
-                                 "(write text:weight, e.g. 'a forest:0.5')") from None
+                raise ValueError(
+                    f"prompt weight {number.strip()!r} in {part.strip()!r} is not a number "
+                    "(write text:weight, e.g. 'a forest:0.5')"
+                ) from None
             if not math.isfinite(weight):
                 raise ValueError(f"prompt weight {number.strip()!r} in {part.strip()!r} is not finite")
         if body and weight != 0.0:

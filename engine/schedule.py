@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any
 
 from engine.params import ParamError, ParamRegistry
 
@@ -36,8 +37,9 @@ DAY_S = 24 * 3600
 WEEK_S = 7 * DAY_S
 DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _DAYS = {name.lower(): i for i, name in enumerate(DAY_NAMES)}
-_DAYS.update({full: i for i, full in enumerate(
-    ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"))})
+_DAYS.update(
+    {full: i for i, full in enumerate(("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"))}
+)
 _DAY_GROUPS = {"daily": range(7), "everyday": range(7), "weekdays": range(5), "weekends": range(5, 7)}
 _TIME_RE = re.compile(r"(\d{1,2})(?::(\d{2}))?$")
 
@@ -115,8 +117,10 @@ def _parse_days(word: str, entry: str) -> list[int]:
         return list(_DAY_GROUPS[lowered])
     first, sep, last = lowered.partition("-")
     if first not in _DAYS or (sep and last not in _DAYS):
-        raise ScheduleError(f"{entry!r}: {word!r} is not a day or day range "
-                            f"(days: {' '.join(DAY_NAMES)}; e.g. Mon-Fri; or daily, weekdays, weekends)")
+        raise ScheduleError(
+            f"{entry!r}: {word!r} is not a day or day range "
+            f"(days: {' '.join(DAY_NAMES)}; e.g. Mon-Fri; or daily, weekdays, weekends)"
+        )
     a = _DAYS[first]
     b = _DAYS[last] if sep else a
     return [(a + i) % 7 for i in range((b - a) % 7 + 1)]  # Fri-Mon wraps over the weekend
@@ -167,6 +171,7 @@ def describe(when: datetime | None) -> str:
 
 # -- the control --------------------------------------------------------------------------
 
+
 class OpeningHours:
     """A Control: fades ``/output/master`` to black outside the opening hours and back.
 
@@ -178,10 +183,17 @@ class OpeningHours:
 
     name = "schedule"
 
-    def __init__(self, params: ParamRegistry, hours: WeeklyHours, *,
-                 wallclock: Callable[[], datetime] = datetime.now, fade_s: float = FADE_S,
-                 on_pause: Callable[[], Any] | None = None, on_resume: Callable[[], Any] | None = None,
-                 master: str = MASTER_PATH) -> None:
+    def __init__(
+        self,
+        params: ParamRegistry,
+        hours: WeeklyHours,
+        *,
+        wallclock: Callable[[], datetime] = datetime.now,
+        fade_s: float = FADE_S,
+        on_pause: Callable[[], Any] | None = None,
+        on_resume: Callable[[], Any] | None = None,
+        master: str = MASTER_PATH,
+    ) -> None:
         if master not in params:
             raise ParamError(f"opening hours need the parameter {master} (float 0..1) to fade the output")
         if fade_s < 0:

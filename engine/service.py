@@ -20,9 +20,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from engine.state import write_atomic
 from engine.status import RenderedFrame, ShowStatus
@@ -38,6 +38,7 @@ DISPLAY_VARIABLES = ("DISPLAY", "XAUTHORITY", "WAYLAND_DISPLAY")  # what a windo
 
 
 # -- the unit file -------------------------------------------------------------------------
+
 
 def user_unit_dir(environ: Mapping[str, str] | None = None) -> Path:
     environ = os.environ if environ is None else environ
@@ -67,8 +68,7 @@ def _env_quote(name: str, value: str) -> str:
     return f'"{text}"'
 
 
-def run_command(preset: str | None = None, output_args: Sequence[str] = (),
-                python: str | None = None) -> list[str]:
+def run_command(preset: str | None = None, output_args: Sequence[str] = (), python: str | None = None) -> list[str]:
     """The command the unit runs: this Python, ``-m engine run``, the preset, the output flags.
 
     ``sys.executable`` rather than a ``dreamdeck`` found on PATH: a user service starts
@@ -81,9 +81,15 @@ def run_command(preset: str | None = None, output_args: Sequence[str] = (),
     return command + list(output_args)
 
 
-def render_unit(command: Sequence[str], *, environment: Mapping[str, str] | None = None,
-                working_directory: str = "~", watchdog_sec: float = WATCHDOG_SEC,
-                restart_sec: float = RESTART_SEC, description: str = "dreamdeck: real-time visuals") -> str:
+def render_unit(
+    command: Sequence[str],
+    *,
+    environment: Mapping[str, str] | None = None,
+    working_directory: str = "~",
+    watchdog_sec: float = WATCHDOG_SEC,
+    restart_sec: float = RESTART_SEC,
+    description: str = "dreamdeck: real-time visuals",
+) -> str:
     """The text of the systemd user unit that runs ``command`` and restarts it on crash or hang."""
     if not command:
         raise ValueError("the unit needs a command to run")
@@ -135,9 +141,16 @@ class InstallResult:
         return True if self.verify.startswith("verified") else None
 
 
-def install_service(preset: str | None, output_args: Sequence[str] = (), *, dry_run: bool = False,
-                    environ: Mapping[str, str] | None = None, unit_dir: Path | None = None,
-                    python: str | None = None, verify: bool = True) -> InstallResult:
+def install_service(
+    preset: str | None,
+    output_args: Sequence[str] = (),
+    *,
+    dry_run: bool = False,
+    environ: Mapping[str, str] | None = None,
+    unit_dir: Path | None = None,
+    python: str | None = None,
+    verify: bool = True,
+) -> InstallResult:
     """Write ``~/.config/systemd/user/dreamdeck.service`` (atomically), or only render it.
 
     The display variables of the installing session (DISPLAY, XAUTHORITY,
@@ -150,14 +163,17 @@ def install_service(preset: str | None, output_args: Sequence[str] = (), *, dry_
     path = (unit_dir or user_unit_dir(environ)) / UNIT_NAME
     notes = []
     if "--headless" not in output_args and not ({"DISPLAY", "WAYLAND_DISPLAY"} & environment.keys()):
-        notes.append("DISPLAY is not set here, so the unit has none and its window will not open: install "
-                     "from the desktop session, or run with DISPLAY=:0")
+        notes.append(
+            "DISPLAY is not set here, so the unit has none and its window will not open: install "
+            "from the desktop session, or run with DISPLAY=:0"
+        )
     if dry_run:
         return InstallResult(path, text, written=False, verify="not verified: dry run", notes=tuple(notes))
     write_atomic(path, text.encode("utf-8"))
     log.info("wrote %s", path)
-    return InstallResult(path, text, written=True, verify=verify_unit(path) if verify else "not verified",
-                         notes=tuple(notes))
+    return InstallResult(
+        path, text, written=True, verify=verify_unit(path) if verify else "not verified", notes=tuple(notes)
+    )
 
 
 def verify_unit(path: Path) -> str:
@@ -191,15 +207,18 @@ def verify_unit(path: Path) -> str:
 
 def enable_hint(path: Path) -> str:
     """The commands a person runs after installing (printed by the CLI; not run for them)."""
-    return "\n".join([
-        "systemctl --user daemon-reload",
-        f"systemctl --user enable --now {shlex.quote(path.name)}",
-        "loginctl enable-linger \"$USER\"   # start at boot, without anyone logging in",
-        f"journalctl --user -u {shlex.quote(path.name)} -f   # follow its log",
-    ])
+    return "\n".join(
+        [
+            "systemctl --user daemon-reload",
+            f"systemctl --user enable --now {shlex.quote(path.name)}",
+            'loginctl enable-linger "$USER"   # start at boot, without anyone logging in',
+            f"journalctl --user -u {shlex.quote(path.name)} -f   # follow its log",
+        ]
+    )
 
 
 # -- sd_notify -----------------------------------------------------------------------------
+
 
 def _socket_address(name: str) -> str | bytes:
     if name.startswith("@"):
@@ -220,8 +239,13 @@ class Notifier:
 
     name = "systemd"
 
-    def __init__(self, socket_name: str | None = None, *, watchdog_s: float | None = None,
-                 environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        socket_name: str | None = None,
+        *,
+        watchdog_s: float | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         environ = os.environ if environ is None else environ
         self.socket_name = socket_name if socket_name is not None else environ.get("NOTIFY_SOCKET") or None
         if watchdog_s is None:

@@ -79,10 +79,15 @@ class ShowConfig:
     status: StatusPageConfig | None = StatusPageConfig()  # None: no status page
 
     @classmethod
-    def bare(cls, app: AppConfig = AppConfig(), **overrides: object) -> "ShowConfig":
+    def bare(cls, app: AppConfig = AppConfig(), **overrides: object) -> ShowConfig:
         """The app alone, headless, on a manual clock: no controls, outputs, saved state or status page (tests)."""
-        quiet = dict(controls=ControlConfig(osc_port=None, oscquery_port=None, tempo=False), clock="manual",
-                     outputs=OutputConfig(recorder=False, systemd=False), state=None, status=None)
+        quiet = dict(
+            controls=ControlConfig(osc_port=None, oscquery_port=None, tempo=False),
+            clock="manual",
+            outputs=OutputConfig(recorder=False, systemd=False),
+            state=None,
+            status=None,
+        )
         return cls(app=app, **{**quiet, **overrides})
 
     def check(self) -> None:
@@ -116,7 +121,7 @@ class Show:
     parts: dict[str, object] = field(default_factory=dict)  # "osc", "midi", "tempo", "recorder", "systemd"...
     status_page: StatusServer | None = None
 
-    def start(self) -> "Show":
+    def start(self) -> Show:
         self.app.start()
         return self
 
@@ -131,7 +136,7 @@ class Show:
         finally:
             self.surface.close()
 
-    def __enter__(self) -> "Show":
+    def __enter__(self) -> Show:
         return self
 
     def __exit__(self, *exc: object) -> None:

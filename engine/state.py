@@ -19,21 +19,17 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sys
 import threading
+import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import tomli_w
 
 from engine.files import write_atomic
 from engine.status import RenderedFrame
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 has no tomllib; tomli is the same parser
-    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +65,15 @@ class SessionState:
 
     def to_toml(self) -> bytes:
         # TOML has no null: a field that is None is left out and reads back as None
-        document = {f.name: list(v) if isinstance(v, tuple) else v
-                    for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+        document = {
+            f.name: list(v) if isinstance(v, tuple) else v
+            for f in dataclasses.fields(self)
+            if (v := getattr(self, f.name)) is not None
+        }
         return tomli_w.dumps({"dreamdeck": document}).encode("utf-8")
 
     @classmethod
-    def from_toml(cls, text: str) -> "SessionState":
+    def from_toml(cls, text: str) -> SessionState:
         """Parse and check a state file; raise ValueError saying what is wrong."""
         document = tomllib.loads(text)
         table = document.get("dreamdeck")
@@ -108,14 +107,18 @@ def _check_field(name: str, value: Any) -> Any:
             return value
         raise ValueError(f"monitor: expected a monitor index 0..63, got {value!r:.40}")
     if name in _SIZE_FIELDS:
-        if (isinstance(value, list) and len(value) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 16384 for v in value)):
+        if (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 16384 for v in value)
+        ):
             return (value[0], value[1])
         raise ValueError(f"{name}: expected [width, height] in 16..16384, got {value!r:.40}")
     raise AssertionError(name)
 
 
 # -- files -------------------------------------------------------------------------------
+
 
 def load_state(path: Path | None = None) -> SessionState:
     """The saved state, or the defaults when there is none or it is unreadable.
@@ -144,8 +147,12 @@ def load_state(path: Path | None = None) -> SessionState:
             kept = f"kept as {bad.name}"
         except OSError as move_error:
             kept = f"could not be moved aside: {move_error}"
-        log.warning("state file %s is corrupt (%s): starting from the defaults; the bad file %s",
-                    path, str(exc).splitlines()[0], kept)
+        log.warning(
+            "state file %s is corrupt (%s): starting from the defaults; the bad file %s",
+            path,
+            str(exc).splitlines()[0],
+            kept,
+        )
         return SessionState()
 
 
@@ -157,8 +164,14 @@ class StateStore:
     each other are written once; a value equal to what is on disk is not written again.
     """
 
-    def __init__(self, path: Path | None = None, initial: SessionState | None = None, *,
-                 debounce_s: float = DEBOUNCE_S, writer: Callable[[Path, bytes], None] = write_atomic) -> None:
+    def __init__(
+        self,
+        path: Path | None = None,
+        initial: SessionState | None = None,
+        *,
+        debounce_s: float = DEBOUNCE_S,
+        writer: Callable[[Path, bytes], None] = write_atomic,
+    ) -> None:
         self.path = path or state_path()
         self.debounce_s = debounce_s
         self.last_error: str | None = None
@@ -176,7 +189,7 @@ class StateStore:
         with self._cond:
             return self._state
 
-    def start(self) -> "StateStore":
+    def start(self) -> StateStore:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="state writer", daemon=True)
             self._thread.start()

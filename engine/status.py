@@ -95,13 +95,13 @@ class RenderedFrame:
     changes (``set`` from any thread; the change lands at the next frame boundary).
     """
 
-    ctx: "moderngl.Context"
-    texture: "moderngl.Texture"
+    ctx: moderngl.Context
+    texture: moderngl.Texture
     size: tuple[int, int]
     number: int  # the frame's number, as ``status.frame``
     time: float  # the show's clock, as ``status.time``
     status: ShowStatus
-    params: "ParamRegistry"
+    params: ParamRegistry
 
 
 class MemoryProbe:

@@ -92,20 +92,26 @@ GPU_CASES = {
     "turbo-eager": Case((*TURBO, "--accel", "eager"), 40),
     "turbo-compile-cold": Case((*TURBO, "--accel", "compile"), 130),
     "turbo-compile-warm": Case((*TURBO, "--accel", "compile"), 70),
-    "turbo-inapp": Case((*INAPP, "--random-weights", "--accel", "compile", "--seconds", "8"), 90, "inapp",
-                        compare="turbo-compile-warm"),
+    "turbo-inapp": Case(
+        (*INAPP, "--random-weights", "--accel", "compile", "--seconds", "8"), 90, "inapp", compare="turbo-compile-warm"
+    ),
     "lcm4-compile": Case((*BENCH, "--arch", "sd15", "--random-weights", "--steps", "4", "--accel", "compile"), 130),
     "turbo-tensorrt": Case((*TURBO, "--accel", "tensorrt"), 90),
-    "vqgan-clip": Case((*VQGAN_CLIP, "--device", "cuda", "--autocast", "bfloat16", "--steps", "20", "--warmup", "3"),
-                       60, "other"),
+    "vqgan-clip": Case(
+        (*VQGAN_CLIP, "--device", "cuda", "--autocast", "bfloat16", "--steps", "20", "--warmup", "3"), 60, "other"
+    ),
     "lora": Case((*LORA, "--device", "cuda"), 60, "other"),
 }
 TINY_BENCH = (*BENCH, "--tiny", "--device", "cpu", "--frames", "3", "--warmup", "1", "--baseline-frames", "2")
 TINY_CASES = {
     "tiny-turbo-eager": Case((*TINY_BENCH, "--accel", "eager"), 5),
     "tiny-turbo-compile": Case((*TINY_BENCH, "--accel", "compile", "--compile-backend", "eager"), 5),
-    "tiny-inapp": Case((*INAPP, "--tiny", "--device", "cpu", "--accel", "eager", "--seconds", "3",
-                        "--warmup-s", "1"), 5, "inapp", compare="tiny-turbo-eager"),
+    "tiny-inapp": Case(
+        (*INAPP, "--tiny", "--device", "cpu", "--accel", "eager", "--seconds", "3", "--warmup-s", "1"),
+        5,
+        "inapp",
+        compare="tiny-turbo-eager",
+    ),
     "tiny-lcm4-eager": Case((*TINY_BENCH, "--arch", "sd15", "--accel", "eager"), 5),
     "tiny-turbo-tensorrt": Case((*TINY_BENCH, "--accel", "tensorrt", "--compile-backend", "eager"), 5),
     "tiny-vqgan-clip": Case((*VQGAN_CLIP, "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"), 5, "other"),
@@ -129,8 +135,12 @@ def run_case(name: str, case: Case, out: Path, env: dict[str, str], timeout: flo
         print(f"   stopped after {timeout:.0f} s", flush=True)
         tail = (exc.stderr or b"")[-2000:]
         print(tail.decode(errors="replace") if isinstance(tail, bytes) else tail, file=sys.stderr, flush=True)
-        return {**head, "status": "failed", "error": f"stopped after {timeout:.0f} s (case timeout or wall-time budget)",
-                "wall_s": round(time.monotonic() - started, 1)}
+        return {
+            **head,
+            "status": "failed",
+            "error": f"stopped after {timeout:.0f} s (case timeout or wall-time budget)",
+            "wall_s": round(time.monotonic() - started, 1),
+        }
     print(done.stdout, end="", flush=True)
     wall = round(time.monotonic() - started, 1)
     if done.returncode != 0 or not json_path.exists():
@@ -184,24 +194,33 @@ def table_row(r: dict) -> str:
     backend = r["accel"] + (" FELL BACK" if r.get("fell_back") else "")
     if r["kind"] == "inapp":
         ratio = f"{r['ratio']:.2f}x {r['compare_to']}" if r.get("ratio") is not None else "-"
-        return (f"{head}{backend:20}{r['scene_fps']:9.1f}{'':18}{'in-app scene fps, cap ' + format(r['cap_fps'], '.0f'):>36}"
-                f"  render {r['render_fps']:.1f} fps; vs bench {ratio}")
+        return (
+            f"{head}{backend:20}{r['scene_fps']:9.1f}{'':18}"
+            f"{'in-app scene fps, cap ' + format(r['cap_fps'], '.0f'):>36}"
+            f"  render {r['render_fps']:.1f} fps; vs bench {ratio}"
+        )
     e, ratios, b = r["engine"], r["ratios"], r["baselines"]
     own, taesd = b.get("own_vae", {}), b.get("taesd", {})
     syncs = r["syncs"]["per_frame"]
-    return (f"{head}{backend:20}{e['fps']:9.1f}{e['p50_ms']:9.2f}{e['p99_ms']:9.2f}"
-            f"{_num(own.get('fps'), 9)}{_num(ratios.get('own_vae'), 7)}{_num(taesd.get('fps'), 9)}"
-            f"{_num(ratios.get('taesd'), 7)}{_num(r['startup']['first_frame_s'], 9, 2)}{_num(r['accel_ready_s'], 8)}"
-            f"{r['recompiles']['in_timed_frames']:6d}{_num(syncs, 7)}  {r['gpu_name'] or r['device']}")
+    return (
+        f"{head}{backend:20}{e['fps']:9.1f}{e['p50_ms']:9.2f}{e['p99_ms']:9.2f}"
+        f"{_num(own.get('fps'), 9)}{_num(ratios.get('own_vae'), 7)}{_num(taesd.get('fps'), 9)}"
+        f"{_num(ratios.get('taesd'), 7)}{_num(r['startup']['first_frame_s'], 9, 2)}{_num(r['accel_ready_s'], 8)}"
+        f"{r['recompiles']['in_timed_frames']:6d}{_num(syncs, 7)}  {r['gpu_name'] or r['device']}"
+    )
 
 
-TABLE_HEAD = (f"{'case':22}{'backend':20}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'KL fps':>9}{'ratio':>7}"
-              f"{'TAESD':>9}{'ratio':>7}{'1st fr s':>9}{'build s':>8}{'recmp':>6}{'syncs':>7}  device")
+TABLE_HEAD = (
+    f"{'case':22}{'backend':20}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'KL fps':>9}{'ratio':>7}"
+    f"{'TAESD':>9}{'ratio':>7}{'1st fr s':>9}{'build s':>8}{'recmp':>6}{'syncs':>7}  device"
+)
 
 
 def write_summary(out: Path, results: list[dict], budget_s: float, started: float, done: bool) -> None:
     summary = {
-        "budget_s": budget_s, "elapsed_s": round(time.monotonic() - started, 1), "complete": done,
+        "budget_s": budget_s,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "complete": done,
         "failed": [r["case"] for r in results if r["status"] == "failed"],
         "skipped": {r["case"]: r.get("skipped") or r.get("error") for r in results if r["status"] == "skipped"},
         "fell_back": [r["case"] for r in results if r.get("fell_back")],
@@ -213,20 +232,31 @@ def write_summary(out: Path, results: list[dict], budget_s: float, started: floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")),
-                        help="folder for the JSON files (default $OUT, else ./bench-out)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT", "bench-out")),
+        help="folder for the JSON files (default $OUT, else ./bench-out)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the script)")
     parser.add_argument("--cases", nargs="+", help="run only these cases (in the plan's order)")
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per case at most (default 420)")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help="wall-time budget of the whole run: no case starts once it is spent, and none "
-                             "without about its usual time left (default 480 = 8 minutes)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="wall-time budget of the whole run: no case starts once it is spent, and none "
+        "without about its usual time left (default 480 = 8 minutes)",
+    )
     args = parser.parse_args(argv)
 
     missing = missing_modules()
     if missing:
-        print(f"bench_diffusion: missing Python modules: {', '.join(missing)} (bring their wheels in .whl/: "
-              "`scripts/bench_diffusion.py --help` says how)", file=sys.stderr)
+        print(
+            f"bench_diffusion: missing Python modules: {', '.join(missing)} (bring their wheels in .whl/: "
+            "`scripts/bench_diffusion.py --help` says how)",
+            file=sys.stderr,
+        )
         return 2
     cases = TINY_CASES if args.tiny else GPU_CASES
     chosen = args.cases or list(cases)
@@ -261,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     if flagged:
         print(f"\nFELL BACK (ran another backend than asked for): {', '.join(flagged)}")
     failed = [r["case"] for r in results if r["status"] == "failed"]
-    print(f"\n{len(results) - len(failed)} of {len(results)} case(s) ran or were skipped, "
-          f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
-          f"{time.monotonic() - started:.0f} s of a {args.budget_s:.0f} s budget; summary in {args.out / 'summary.json'}")
+    print(
+        f"\n{len(results) - len(failed)} of {len(results)} case(s) ran or were skipped, "
+        f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+        f"{time.monotonic() - started:.0f} s of a {args.budget_s:.0f} s budget; summary in {args.out / 'summary.json'}"
+    )
     return 1 if failed else 0
 
 

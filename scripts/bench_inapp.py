@@ -116,21 +116,43 @@ def run_show(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     #    must not take the ports or the state file of a show running beside it
     empty_presets = work / "presets"
     empty_presets.mkdir()
-    show = build_show(ShowConfig(
-        app=AppConfig(source=f"file:{clip}", preset=None, output_size=tuple(args.output), presets_dir=empty_presets),
-        fps=args.render_fps, controls=ControlConfig(osc_port=None, oscquery_port=None),
-        outputs=OutputConfig(systemd=False), state=None, status=None))
+    show = build_show(
+        ShowConfig(
+            app=AppConfig(
+                source=f"file:{clip}", preset=None, output_size=tuple(args.output), presets_dir=empty_presets
+            ),
+            fps=args.render_fps,
+            controls=ControlConfig(osc_port=None, oscquery_port=None),
+            outputs=OutputConfig(systemd=False),
+            state=None,
+            status=None,
+        )
+    )
     app = show.app
     prefix = "/scene/realtime"
-    app.params.set_many({
-        "/scene/active": "realtime", f"{prefix}/model": str(model), f"{prefix}/vae": str(taesd),
-        f"{prefix}/accel": args.accel, f"{prefix}/device": args.device, f"{prefix}/dtype": args.dtype,
-        f"{prefix}/resolution": args.size, f"{prefix}/steps": 1, f"{prefix}/strength": 0.5,
-        f"{prefix}/similarity_threshold": 0.0, f"{prefix}/prompt": PROMPT,
-    }, origin="bench")
+    app.params.set_many(
+        {
+            "/scene/active": "realtime",
+            f"{prefix}/model": str(model),
+            f"{prefix}/vae": str(taesd),
+            f"{prefix}/accel": args.accel,
+            f"{prefix}/device": args.device,
+            f"{prefix}/dtype": args.dtype,
+            f"{prefix}/resolution": args.size,
+            f"{prefix}/steps": 1,
+            f"{prefix}/strength": 0.5,
+            f"{prefix}/similarity_threshold": 0.0,
+            f"{prefix}/prompt": PROMPT,
+        },
+        origin="bench",
+    )
     app.params.apply_pending(10.0)  # land them (smoothing included) before the first frame
-    result: dict[str, Any] = {"models_s": round(models_s, 1), "clip": {"fps": CLIP_FPS, "size": args.size},
-                              "output": list(args.output), "render_fps_target": args.render_fps}
+    result: dict[str, Any] = {
+        "models_s": round(models_s, 1),
+        "clip": {"fps": CLIP_FPS, "size": args.size},
+        "output": list(args.output),
+        "render_fps_target": args.render_fps,
+    }
     try:
         app.start()
         started = time.monotonic()
@@ -150,15 +172,18 @@ def run_show(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 continue
             if first_s is None and app.worker.output.latest()[1] > 0:
                 first_s = time.monotonic() - started
-            settled = (stream.accel_requested == "eager" or stream.accel_ready_s is not None
-                       or stream.accel_error is not None)  # switched (maybe to a fallback), or failed
+            settled = (
+                stream.accel_requested == "eager" or stream.accel_ready_s is not None or stream.accel_error is not None
+            )  # switched (maybe to a fallback), or failed
             if first_s is not None and settled:
                 ready_s = time.monotonic() - started
                 break
         result.update(active_scene=app.worker.active_name, errors=app.errors_now())
         if ready_s is None or stream is None:
-            result["error"] = (f"the realtime scene showed no image in {args.ready_timeout:.0f} s: "
-                               f"{app.worker.last_error or 'no error reported'}")
+            result["error"] = (
+                f"the realtime scene showed no image in {args.ready_timeout:.0f} s: "
+                f"{app.worker.last_error or 'no error reported'}"
+            )
             return result
         # 4. warm up, then count the scene's images and the render loop's frames
         until = time.monotonic() + args.warmup_s
@@ -171,18 +196,29 @@ def run_show(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         _, seq1 = app.worker.output.latest()
         elapsed = time.monotonic() - t0
         scene = app.worker.active
-        result.update({
-            "scene_fps": (seq1 - seq0) / elapsed,
-            "scene_fps_smoothed": app.worker.fps,
-            "render_fps": (app.stats.frames - frames0) / elapsed,
-            "cap_fps": min(float(scene.max_fps), CLIP_FPS),
-            "seconds": round(elapsed, 2),
-            "startup": {"first_image_s": first_s, "ready_s": ready_s, "weights_to_first_image_s": stream.first_image_s},
-            "accel": stream.accel, "accel_requested": stream.accel_requested,
-            "fell_back": stream.accel != stream.accel_requested, "accel_error": stream.accel_error,
-            "scene_status": scene.status, "source": app.input.status, "errors": app.errors_now(),
-            "device": stream.choice.device.type, "size": list(stream.size),
-        })
+        result.update(
+            {
+                "scene_fps": (seq1 - seq0) / elapsed,
+                "scene_fps_smoothed": app.worker.fps,
+                "render_fps": (app.stats.frames - frames0) / elapsed,
+                "cap_fps": min(float(scene.max_fps), CLIP_FPS),
+                "seconds": round(elapsed, 2),
+                "startup": {
+                    "first_image_s": first_s,
+                    "ready_s": ready_s,
+                    "weights_to_first_image_s": stream.first_image_s,
+                },
+                "accel": stream.accel,
+                "accel_requested": stream.accel_requested,
+                "fell_back": stream.accel != stream.accel_requested,
+                "accel_error": stream.accel_error,
+                "scene_status": scene.status,
+                "source": app.input.status,
+                "errors": app.errors_now(),
+                "device": stream.choice.device.type,
+                "size": list(stream.size),
+            }
+        )
         return result
     finally:
         show.close()
@@ -194,16 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--tiny", action="store_true", help="the tiny test architecture (CI, CPU)")
     which.add_argument("--random-weights", action="store_true", help="full-size SD-turbo, random weights")
     parser.add_argument("--size", type=int, help="square clip and scene size (default 512; 32 with --tiny)")
-    parser.add_argument("--output", type=int, nargs=2, metavar=("W", "H"), help="composited output size "
-                        "(default 1280 720; 320 180 with --tiny)")
+    parser.add_argument(
+        "--output",
+        type=int,
+        nargs=2,
+        metavar=("W", "H"),
+        help="composited output size (default 1280 720; 320 180 with --tiny)",
+    )
     parser.add_argument("--accel", default="auto", help="the scene's backend (default auto)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--render-fps", type=float, default=60.0, help="the render clock (default 60)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds (default 10)")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="seconds played before measuring (default 2)")
-    parser.add_argument("--ready-timeout", type=float, default=300.0,
-                        help="seconds for the first image and the backend build (default 300)")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=300.0,
+        help="seconds for the first image and the backend build (default 300)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     return parser
 
@@ -231,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     if "error" in result:
         print(f"in-app: {result['error']}", file=sys.stderr)
         return 1
-    print(f"in-app ({result['case']}, {result['size'][1]}x{result['size'][0]}, accel {result['accel']}"
-          f"{' FELL BACK from ' + result['accel_requested'] if result['fell_back'] else ''}): "
-          f"scene {result['scene_fps']:.1f} fps (cap {result['cap_fps']:.0f}), render {result['render_fps']:.1f} fps; "
-          f"first image {result['startup']['first_image_s']:.1f} s after start; status [{result['scene_status']}]")
+    print(
+        f"in-app ({result['case']}, {result['size'][1]}x{result['size'][0]}, accel {result['accel']}"
+        f"{' FELL BACK from ' + result['accel_requested'] if result['fell_back'] else ''}): "
+        f"scene {result['scene_fps']:.1f} fps (cap {result['cap_fps']:.0f}), render {result['render_fps']:.1f} fps; "
+        f"first image {result['startup']['first_image_s']:.1f} s after start; status [{result['scene_status']}]"
+    )
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,9 +47,12 @@ def main() -> None:
     with torch.device(device):
         unet = UNet2DConditionModel(**ARCHITECTURES["sd15"].unet).to(dtype).eval().requires_grad_(False)
     folder = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    files = [str(save_lora(random_lora(unet, rank=args.rank, seed=1, targets=TARGETS), folder / "a.safetensors")),
-             str(save_lora(random_lora(unet, rank=args.rank, seed=2, targets=TARGETS), folder / "b.safetensors",
-                           kohya=True))]
+    files = [
+        str(save_lora(random_lora(unet, rank=args.rank, seed=1, targets=TARGETS), folder / "a.safetensors")),
+        str(
+            save_lora(random_lora(unet, rank=args.rank, seed=2, targets=TARGETS), folder / "b.safetensors", kohya=True)
+        ),
+    ]
     megabytes = sum(Path(f).stat().st_size for f in files) / 2 / 1e6
     bank = AdapterBank(unet)
     bank.request(1, files[0])
@@ -113,14 +115,18 @@ def main() -> None:
 
     results = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "dtype": str(dtype).removeprefix("torch."), "rank": args.rank, "lora_file_mb": round(megabytes, 1),
+        "dtype": str(dtype).removeprefix("torch."),
+        "rank": args.rank,
+        "lora_file_mb": round(megabytes, 1),
         "lora_layers": lora_layers,
         "first_load_ms": first_load_ms,
         "weight_change_ms": statistics.median(weight_ms),
-        "hotswap_read_ms": statistics.median(read_ms), "hotswap_swap_ms": statistics.median(swap_ms),
+        "hotswap_read_ms": statistics.median(read_ms),
+        "hotswap_swap_ms": statistics.median(swap_ms),
         "hotswap_total_ms": statistics.median(r + s for r, s in zip(read_ms, swap_ms)),
         "unload_load_ms": statistics.median(reload_ms),
-        "unet_call_ms": unet_ms["without LoRA"], "unet_call_with_lora_ms": unet_ms["with LoRA"],
+        "unet_call_ms": unet_ms["without LoRA"],
+        "unet_call_with_lora_ms": unet_ms["with LoRA"],
     }
     rows = [
         ("(a) weight change (apply)", results["weight_change_ms"], "target < 16.7 ms"),
@@ -132,8 +138,10 @@ def main() -> None:
         (f"(d) UNet call {args.size}px", results["unet_call_ms"], ""),
         (f"    with the LoRA (rank {args.rank}, padded to {bank.target_rank})", results["unet_call_with_lora_ms"], ""),
     ]
-    print(f"{results['device']} {results['dtype']}; rank {args.rank}, {results['lora_layers']} LoRA layers, "
-          f"{results['lora_file_mb']} MB per file")
+    print(
+        f"{results['device']} {results['dtype']}; rank {args.rank}, {results['lora_layers']} LoRA layers, "
+        f"{results['lora_file_mb']} MB per file"
+    )
     for name, ms, note in rows:
         print(f"{name:<44} {ms:10.2f} ms  {note}")
     print(f"hot-swap / unload+load: {results['hotswap_total_ms'] / results['unload_load_ms']:.2f}x")

@@ -29,8 +29,9 @@ import statistics
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 SEQ_PATH = "/bench/seq"
 SEQ_MAX = 2**31 - 1
@@ -112,10 +113,15 @@ class Bench:
         inside = [i for i, end in enumerate(ends) if window[0] <= end <= window[1] and i > 0]
         intervals = [(ends[i] - ends[i - 1]) * 1000.0 for i in inside]
         return {
-            "rate": rate, "seconds": round(window[1] - window[0], 2), "sent": total, "landed": len(seqs),
-            "lost": total - len(seqs), "landed_per_s": round(len(seqs) / (window[1] - window[0]), 1),
+            "rate": rate,
+            "seconds": round(window[1] - window[0], 2),
+            "sent": total,
+            "landed": len(seqs),
+            "lost": total - len(seqs),
+            "landed_per_s": round(len(seqs) / (window[1] - window[0]), 1),
             "fps": round(len(intervals) / (sum(intervals) / 1000.0), 1),
-            "longest_frame_ms": round(max(intervals), 2), "frames_over_25ms": sum(f > LATE_MS for f in intervals),
+            "longest_frame_ms": round(max(intervals), 2),
+            "frames_over_25ms": sum(f > LATE_MS for f in intervals),
             "busy_p50_ms": round(statistics.median(busy[i] for i in inside), 2),
             "latency_p50_ms": round(percentile(latencies, 0.5), 2) if latencies else None,
             "latency_p99_ms": round(percentile(latencies, 0.99), 2) if latencies else None,
@@ -124,19 +130,24 @@ class Bench:
 
 
 def print_table(title: str, rows: list[dict]) -> None:
-    header = (f"{'rate/s':>7} {'landed/s':>9} {'lost':>6} {'fps':>6} {'longest ms':>10} {'>25ms':>6} "
-              f"{'busy p50':>8} {'lat p50':>8} {'lat p99':>8} {'lat max':>8}")
+    header = (
+        f"{'rate/s':>7} {'landed/s':>9} {'lost':>6} {'fps':>6} {'longest ms':>10} {'>25ms':>6} "
+        f"{'busy p50':>8} {'lat p50':>8} {'lat p99':>8} {'lat max':>8}"
+    )
     print(f"\n{title}\n{header}\n{'-' * len(header)}")
     for row in rows:
-        lat = " ".join(f"{row[k]:8.2f}" if row[k] is not None else f"{'-':>8}"
-                       for k in ("latency_p50_ms", "latency_p99_ms", "latency_max_ms"))
-        print(f"{row['rate']:>7} {row['landed_per_s']:>9.0f} {row['lost']:>6} {row['fps']:>6.1f} "
-              f"{row['longest_frame_ms']:>10.2f} {row['frames_over_25ms']:>6} {row['busy_p50_ms']:>8.2f} {lat}",
-              flush=True)
+        lat = " ".join(
+            f"{row[k]:8.2f}" if row[k] is not None else f"{'-':>8}"
+            for k in ("latency_p50_ms", "latency_p99_ms", "latency_max_ms")
+        )
+        print(
+            f"{row['rate']:>7} {row['landed_per_s']:>9.0f} {row['lost']:>6} {row['fps']:>6.1f} "
+            f"{row['longest_frame_ms']:>10.2f} {row['frames_over_25ms']:>6} {row['busy_p50_ms']:>8.2f} {lat}",
+            flush=True,
+        )
 
 
-def run(rates: list[int], bare_rates: list[int], seconds: float, size: tuple[int, int],
-        json_path: Path | None) -> dict:
+def run(rates: list[int], bare_rates: list[int], seconds: float, size: tuple[int, int], json_path: Path | None) -> dict:
     # imported here, not at the top: the spawned sender imports this file and needs none of it
     from engine.app import App, AppConfig
     from engine.catalog import build_registry
@@ -151,8 +162,9 @@ def run(rates: list[int], bare_rates: list[int], seconds: float, size: tuple[int
 
     # 1. the app: render loop at 60 fps, default preset, OSC as one of its controls
     surface = HeadlessSurface()
-    app = App(AppConfig(source="pattern", preset="default", output_size=size, hot_reload=False), surface,
-              RealClock(60.0))
+    app = App(
+        AppConfig(source="pattern", preset="default", output_size=size, hot_reload=False), surface, RealClock(60.0)
+    )
     app.params.declare(seq)
     osc = app.add_control(OscServer(app.params, app.actions, port=0))
     app.start()
@@ -163,8 +175,11 @@ def run(rates: list[int], bare_rates: list[int], seconds: float, size: tuple[int
 
     bench = Bench(app.params, osc, app_step)
     renderer = surface.ctx.info["GL_RENDERER"]
-    print(f"GL {renderer}, output {size[0]}x{size[1]}, {os.cpu_count()} CPUs, "
-          f"load average {load_before[0]:.2f}, OSC receive buffer {osc.receive_buffer // 1024} KiB", flush=True)
+    print(
+        f"GL {renderer}, output {size[0]}x{size[1]}, {os.cpu_count()} CPUs, "
+        f"load average {load_before[0]:.2f}, OSC receive buffer {osc.receive_buffer // 1024} KiB",
+        flush=True,
+    )
     settle_until = time.perf_counter() + 2.0  # shaders compiled, the scene's first image, caches warm
     while time.perf_counter() < settle_until:
         app.step()
@@ -213,10 +228,14 @@ def run(rates: list[int], bare_rates: list[int], seconds: float, size: tuple[int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", default="0,1000,5000,10000,20000",
-                        help="messages per second with the render loop, comma-separated (0 = baseline)")
-    parser.add_argument("--bare-rates", default="10000,50000",
-                        help="messages per second against the OSC server alone (empty: skip)")
+    parser.add_argument(
+        "--rates",
+        default="0,1000,5000,10000,20000",
+        help="messages per second with the render loop, comma-separated (0 = baseline)",
+    )
+    parser.add_argument(
+        "--bare-rates", default="10000,50000", help="messages per second against the OSC server alone (empty: skip)"
+    )
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds of sending per rate")
     parser.add_argument("--size", default="1280x720", help="output size WxH")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")

@@ -56,24 +56,32 @@ def summary(intervals_s: list[float]) -> dict[str, float | int]:
     ms = np.array(intervals_s) * 1000.0
     if ms.size == 0:
         return {"frames": 0}
-    return {"frames": int(ms.size), "longest_ms": round(float(ms.max()), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2)}
+    return {
+        "frames": int(ms.size),
+        "longest_ms": round(float(ms.max()), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "mean_ms": round(float(ms.mean()), 2),
+    }
 
 
 def run(frames: int, size: tuple[int, int], load_timeout: float) -> dict[str, Any]:
     clock = RecordingClock(FPS)
     surface = HeadlessSurface()
     with tempfile.TemporaryDirectory(prefix="dd-bench-slow-") as presets:
-        app = App(AppConfig(source="pattern", preset=None, output_size=size, hot_reload=False,
-                            presets_dir=Path(presets)),
-                  surface, clock, catalog=SceneCatalog((ReactionDiffusion, DdpmScene)))
+        app = App(
+            AppConfig(source="pattern", preset=None, output_size=size, hot_reload=False, presets_dir=Path(presets)),
+            surface,
+            clock,
+            catalog=SceneCatalog((ReactionDiffusion, DdpmScene)),
+        )
         try:
             app.start()
             for _ in range(WARMUP_FRAMES):
                 app.step()
             clock.intervals.clear()
-            app.params.set_many({"/scene/active": "ddpm", "/scene/ddpm/step_rate": 120.0,
-                                 "/scene/ddpm/hold": 0.0}, origin="bench")
+            app.params.set_many(
+                {"/scene/active": "ddpm", "/scene/ddpm/step_rate": 120.0, "/scene/ddpm/hold": 0.0}, origin="bench"
+            )
             deadline = time.monotonic() + load_timeout
             while app.worker.active_name != "ddpm" or app.worker.output.latest()[0] is None:
                 if time.monotonic() > deadline:
@@ -89,9 +97,16 @@ def run(frames: int, size: tuple[int, int], load_timeout: float) -> dict[str, An
         finally:
             app.close()
             surface.close()
-    return {"fps": FPS, "vsync_ms": round(1000.0 / FPS, 2), "size": list(size), "cpus": os.cpu_count(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-            "load": summary(loading), "computing": summary(computing), "scene_images": int(images)}
+    return {
+        "fps": FPS,
+        "vsync_ms": round(1000.0 / FPS, 2),
+        "size": list(size),
+        "cpus": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "load": summary(loading),
+        "computing": summary(computing),
+        "scene_images": int(images),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     for phase in ("load", "computing"):
         s = result[phase]
         if s["frames"]:
-            print(f"{phase:>9}: {s['frames']} frames, longest {s['longest_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, "
-                  f"mean {s['mean_ms']:.1f} ms")
-    print(f"{result['scene_images']} scene images while computing; vsync {result['vsync_ms']} ms; "
-          f"{result['cpus']} CPUs, load average {result['loadavg']}")
+            print(
+                f"{phase:>9}: {s['frames']} frames, longest {s['longest_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, "
+                f"mean {s['mean_ms']:.1f} ms"
+            )
+    print(
+        f"{result['scene_images']} scene images while computing; vsync {result['vsync_ms']} ms; "
+        f"{result['cpus']} CPUs, load average {result['loadavg']}"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cutouts", type=int, default=32, help="cutouts per step (the classic default)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per size")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per size first")
-    parser.add_argument("--autocast", choices=AUTOCAST, default="none",
-                        help="half-precision forward passes on a GPU (z and Adam stay float32)")
+    parser.add_argument(
+        "--autocast",
+        choices=AUTOCAST,
+        default="none",
+        help="half-precision forward passes on a GPU (z and Adam stay float32)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (a quick check of this script)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -45,8 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.prompt_syntax import WeightedPrompt
-    from engine.vqclip.configs import (CLIP_VIT_B32, F16_16384, TINY_CLIP, TINY_VQGAN, build_random_clip,
-                                       build_random_vqgan)
+    from engine.vqclip.configs import (
+        CLIP_VIT_B32,
+        F16_16384,
+        TINY_CLIP,
+        TINY_VQGAN,
+        build_random_clip,
+        build_random_vqgan,
+    )
     from engine.vqclip.optimise import Cutouts, VqganClip
 
     if args.threads:
@@ -73,23 +83,35 @@ def main(argv: list[str] | None = None) -> int:
             image = run.step()
         sync()
         seconds = (time.perf_counter() - started) / max(args.steps, 1)
-        rows.append({"size": size, "image": list(image.shape[:2]), "cutouts": args.cutouts, "steps": args.steps,
-                     "seconds_per_step": seconds, "steps_per_second": 1.0 / seconds})
+        rows.append(
+            {
+                "size": size,
+                "image": list(image.shape[:2]),
+                "cutouts": args.cutouts,
+                "steps": args.steps,
+                "seconds_per_step": seconds,
+                "steps_per_second": 1.0 / seconds,
+            }
+        )
         print(f"  {size}: {1.0 / seconds:.3f} it/s", file=sys.stderr, flush=True)
 
     result = {
         "vqgan": "tiny" if args.tiny else "vqgan_imagenet_f16_16384 (random weights)",
         "clip": "tiny" if args.tiny else "ViT-B/32 (random weights)",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} "
-                  f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "autocast": args.autocast, "torch": torch.__version__, "results": rows,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "autocast": args.autocast,
+        "torch": torch.__version__,
+        "results": rows,
     }
-    print(f"VQGAN+CLIP steps, {result['vqgan']} + {result['clip']}, on {result['device']}, autocast "
-          f"{args.autocast}")
+    print(f"VQGAN+CLIP steps, {result['vqgan']} + {result['clip']}, on {result['device']}, autocast {args.autocast}")
     print(f"{'size':>6} {'cutouts':>8} {'steps':>6} {'s/step':>9} {'it/s':>8}")
     for row in rows:
-        print(f"{row['size']:>6} {row['cutouts']:>8} {row['steps']:>6} {row['seconds_per_step']:>9.3f} "
-              f"{row['steps_per_second']:>8.3f}")
+        print(
+            f"{row['size']:>6} {row['cutouts']:>8} {row['steps']:>6} {row['seconds_per_step']:>9.3f} "
+            f"{row['steps_per_second']:>8.3f}"
+        )
     if len(rows) > 1:
         ratio = rows[0]["steps_per_second"] / rows[-1]["steps_per_second"]
         print(f"{rows[-1]['size']} vs {rows[0]['size']}: {ratio:.2f}x slower per step")

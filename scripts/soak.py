@@ -51,12 +51,14 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import traceback
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -73,11 +75,6 @@ from engine.schedule import parse_hours
 from engine.show import OutputConfig, Show, ShowConfig, ShowError, StateConfig, StatusPageConfig, build_show
 from engine.web import StatusConfig, accelerator_memory
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 has no tomllib; tomli is the same parser
-    import tomli as tomllib
-
 log = logging.getLogger("soak")
 
 BROKEN_PRESETS = {
@@ -86,13 +83,25 @@ BROKEN_PRESETS = {
     "broken_key": "[fx.kaleido]\nsegmnets = 5\n",
 }
 BROKEN_SHADER = "fx/grade.glsl"  # on in the default preset, so breaking it shows at once
-EVENTS = ("scene", "preset", "osc", "record", "clip_away", "shader_break", "midi", "preset", "clip_back", "record",
-          "shader_fix")
+EVENTS = (
+    "scene",
+    "preset",
+    "osc",
+    "record",
+    "clip_away",
+    "shader_break",
+    "midi",
+    "preset",
+    "clip_back",
+    "record",
+    "shader_fix",
+)
 MIDI_MAPPED = ("/fx/grade/hue", "/fx/kaleido/segments", "/layer/scene/opacity")  # CC 1, 2, 3 on channel 1
 WATCHDOG_S = 1.0  # the watchdog period the soak's pretend systemd asks for: a ping every 0.5 s of show time
 
 
 # -- measuring ------------------------------------------------------------------------------
+
 
 def release_free_memory() -> None:
     """Give freed heap pages back to the system before a sample: resident memory then tracks
@@ -100,10 +109,8 @@ def release_free_memory() -> None:
 
     Without it one video reopen or burst of OSC can leave a few MB of free-but-kept heap late
     in a short run, which reads as growth; a real leak stays alive and still shows."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def rss_mb() -> float:
@@ -139,12 +146,20 @@ class Sample:
 def sample(app: App, frame: int, started: float) -> Sample:
     accel = accelerator_memory()
     release_free_memory()
-    return Sample(frame, round(time.monotonic() - started, 2), round(rss_mb(), 1),
-                  None if not accel or "allocated_mb" not in accel else accel["allocated_mb"],
-                  open_files(), threading.active_count(), len(app.shaders.compile_ms), round(app.stats.render_fps, 1))
+    return Sample(
+        frame,
+        round(time.monotonic() - started, 2),
+        round(rss_mb(), 1),
+        None if not accel or "allocated_mb" not in accel else accel["allocated_mb"],
+        open_files(),
+        threading.active_count(),
+        len(app.shaders.compile_ms),
+        round(app.stats.render_fps, 1),
+    )
 
 
 # -- the workspace: private copies the soak may break ---------------------------------------------
+
 
 @dataclass
 class Workspace:
@@ -170,7 +185,7 @@ def make_clip(path: Path, frames: int = 24, size: tuple[int, int] = (160, 90)) -
     for i in range(frames):
         frame = np.full((h, w, 3), 30, np.uint8)
         x = i * w // frames
-        frame[:, x: x + w // 6] = (40, 200, 250)
+        frame[:, x : x + w // 6] = (40, 200, 250)
         writer.write(frame)
     writer.release()
     return path
@@ -187,9 +202,19 @@ def make_workspace(root: Path) -> Workspace:
     shader_file = shaders / BROKEN_SHADER
     takes = root / "takes"
     takes.mkdir()
-    return Workspace(root, presets, shaders, clip, root / "camera-unplugged.avi", shader_file,
-                     shader_file.read_text(encoding="utf-8"), takes, root / "midi.toml", root / "state.toml",
-                     root / "notify.sock")
+    return Workspace(
+        root,
+        presets,
+        shaders,
+        clip,
+        root / "camera-unplugged.avi",
+        shader_file,
+        shader_file.read_text(encoding="utf-8"),
+        takes,
+        root / "midi.toml",
+        root / "state.toml",
+        root / "notify.sock",
+    )
 
 
 def write_pins_into_presets(ws: Workspace, pins: dict[str, Any]) -> None:
@@ -209,12 +234,15 @@ def write_pins_into_presets(ws: Workspace, pins: dict[str, Any]) -> None:
 
 
 def write_midi_map(ws: Workspace, port: str, params: list[str]) -> None:
-    maps = [{"port": port, "channel": 1, "type": "cc", "number": n, "param": path, "mode": "absolute",
-             "takeover": "jump"} for n, path in enumerate(params, 1)]
+    maps = [
+        {"port": port, "channel": 1, "type": "cc", "number": n, "param": path, "mode": "absolute", "takeover": "jump"}
+        for n, path in enumerate(params, 1)
+    ]
     ws.midi_map.write_text(tomli_w.dumps({"version": 1, "map": maps}), encoding="utf-8")
 
 
 # -- the troublemakers ------------------------------------------------------------------------------
+
 
 class Flooder:
     """Sends bursts of OSC (valid and malformed) on its own thread, never waiting on the app."""
@@ -231,7 +259,7 @@ class Flooder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak osc flood", daemon=True)
 
-    def start(self) -> "Flooder":
+    def start(self) -> Flooder:
         self._thread.start()
         return self
 
@@ -266,14 +294,16 @@ class Flooder:
         address = "/dreamdeck/scene/next" if next_scene else f"/dreamdeck{r.choice(self.paths)}"
         if choice < 0.7:  # a float in 0..1: valid for many parameters, out of range for some
             return _osc(address, b",f", struct.pack(">f", r.random()))
-        return _osc(address, b"," + bytes(r.choice(b"ifsTFN[]") for _ in range(r.randint(0, 4))),
-                    r.randbytes(r.randint(0, 16)))  # type tags that lie about their arguments
+        return _osc(
+            address, b"," + bytes(r.choice(b"ifsTFN[]") for _ in range(r.randint(0, 4))), r.randbytes(r.randint(0, 16))
+        )  # type tags that lie about their arguments
 
 
 def _osc(address: str, tags: bytes, args: bytes) -> bytes:
     def pad(b: bytes) -> bytes:
         b += b"\0"
         return b + b"\0" * (-len(b) % 4)
+
     return pad(address.encode()) + pad(tags) + args
 
 
@@ -288,7 +318,7 @@ class WebPoller:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak web poller", daemon=True)
 
-    def start(self) -> "WebPoller":
+    def start(self) -> WebPoller:
         self._thread.start()
         return self
 
@@ -308,8 +338,9 @@ class WebPoller:
 
     def _get(self, path: str, data: bytes | None = None, ok: tuple[int, ...] = (200,)) -> None:
         self.requests += 1
-        request = urllib.request.Request(self.base + path, data=data,
-                                         headers={"Content-Type": "application/json"} if data else {})
+        request = urllib.request.Request(
+            self.base + path, data=data, headers={"Content-Type": "application/json"} if data else {}
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 response.read()
@@ -338,7 +369,7 @@ class JackController:
         self.sent = 0
 
     @classmethod
-    def start(cls, root: Path) -> tuple["JackController | None", str]:
+    def start(cls, root: Path) -> tuple[JackController | None, str]:
         jackd = shutil.which("jackd")
         if jackd is None:
             return None, "off: jackd is not installed (apt-get install jackd2)"
@@ -351,8 +382,11 @@ class JackController:
         log_path = root / "jackd.log"
         with open(log_path, "wb") as log_file:
             # --sync: a busy machine delays MIDI but never drops it
-            server = subprocess.Popen([jackd, "--no-realtime", "--sync", "-n", name, "-d", "dummy",
-                                       "-r", "48000", "-p", "256"], stdout=log_file, stderr=subprocess.STDOUT)
+            server = subprocess.Popen(
+                [jackd, "--no-realtime", "--sync", "-n", name, "-d", "dummy", "-r", "48000", "-p", "256"],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 10.0
         while True:
             try:
@@ -417,7 +451,7 @@ class NotifyListener:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak systemd", daemon=True)
 
-    def start(self) -> "NotifyListener":
+    def start(self) -> NotifyListener:
         self._thread.start()
         return self
 
@@ -442,8 +476,11 @@ class NotifyListener:
 @contextlib.contextmanager
 def systemd_environment(ws: Workspace) -> Iterator[None]:
     """NOTIFY_SOCKET and WATCHDOG_USEC as systemd sets them, while the show's notifier reads them."""
-    wanted = {"NOTIFY_SOCKET": str(ws.notify_socket), "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6)),
-              "WATCHDOG_PID": str(os.getpid())}
+    wanted = {
+        "NOTIFY_SOCKET": str(ws.notify_socket),
+        "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6)),
+        "WATCHDOG_PID": str(os.getpid()),
+    }
     before = {key: os.environ.get(key) for key in wanted}
     os.environ.update(wanted)
     try:
@@ -457,6 +494,7 @@ def systemd_environment(ws: Workspace) -> Iterator[None]:
 
 
 # -- pins -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class SceneTally:
@@ -481,7 +519,7 @@ class Pins:
     _seq: int = -1
 
     @classmethod
-    def parse(cls, app: App, assignments: list[tuple[str, str]]) -> "Pins":
+    def parse(cls, app: App, assignments: list[tuple[str, str]]) -> Pins:
         """Numbers stay text for text parameters (a prompt "1999")."""
         values: dict[str, Any] = {}
         for path, text in assignments:
@@ -504,8 +542,9 @@ class Pins:
             now = app.params.target(path)
             if now != value and path not in self.broken:
                 last = app.params.last_change
-                self.broken[path] = (f"--set {path}={value!r} did not hold: {now!r} at frame {frame}"
-                                     + (f" (last outside change {last.path} from {last.origin})" if last else ""))
+                self.broken[path] = f"--set {path}={value!r} did not hold: {now!r} at frame {frame}" + (
+                    f" (last outside change {last.path} from {last.origin})" if last else ""
+                )
         latest, seq = app.worker.output.latest()
         worker = app.worker
         for name, tally in self.scenes.items():
@@ -522,21 +561,26 @@ class Pins:
                 tally.missing += 1
         self._seq = seq
 
-    def judge(self, report: "Report", app: App, min_share: float) -> None:
+    def judge(self, report: Report, app: App, min_share: float) -> None:
         for why in self.broken.values():
             report.fail(why)
         for name, tally in self.scenes.items():
             report.pinned_scenes[name] = asdict(tally)
             error = f"; last scene error: {app.worker.last_error}" if app.worker.last_error else ""
             if tally.images == 0:
-                report.fail(f"pinned scene {name} produced no image ({tally.asked} frames asked for it, "
-                            f"{tally.loading} of them loading){error}")
+                report.fail(
+                    f"pinned scene {name} produced no image ({tally.asked} frames asked for it, "
+                    f"{tally.loading} of them loading){error}"
+                )
             elif tally.share < min_share:
-                report.fail(f"pinned scene {name} played only {tally.share:.0%} of the {tally.playing + tally.missing} "
-                            f"frames it was asked for (loads not counted; at least {min_share:.0%} needed){error}")
+                report.fail(
+                    f"pinned scene {name} played only {tally.share:.0%} of the {tally.playing + tally.missing} "
+                    f"frames it was asked for (loads not counted; at least {min_share:.0%} needed){error}"
+                )
 
 
 # -- the run --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Report:
@@ -577,15 +621,29 @@ class Report:
 def soak_config(args: argparse.Namespace, ws: Workspace, midi_port: str | None) -> ShowConfig:
     """The show ``dreamdeck run`` plays, on the soak's private copies and free ports."""
     return ShowConfig(
-        app=AppConfig(source=f"file:{ws.clip}", presets_dir=ws.presets, shaders_dir=ws.shaders,
-                      output_size=args.size, hot_reload=True),
-        fps=args.fps, clock=args.clock, scenes=soak_scenes(args),
-        controls=ControlConfig(osc_port=0, oscquery_port=0, midi=midi_port is not None,
-                               midi_inputs=(midi_port,) if midi_port else (), midi_map=ws.midi_map, midi_api="jack",
-                               hours=parse_hours("always")),
+        app=AppConfig(
+            source=f"file:{ws.clip}",
+            presets_dir=ws.presets,
+            shaders_dir=ws.shaders,
+            output_size=args.size,
+            hot_reload=True,
+        ),
+        fps=args.fps,
+        clock=args.clock,
+        scenes=soak_scenes(args),
+        controls=ControlConfig(
+            osc_port=0,
+            oscquery_port=0,
+            midi=midi_port is not None,
+            midi_inputs=(midi_port,) if midi_port else (),
+            midi_map=ws.midi_map,
+            midi_api="jack",
+            hours=parse_hours("always"),
+        ),
         outputs=OutputConfig(record_pattern=str(ws.takes / "take-%Y%m%d-%H%M%S.mp4")),
         state=StateConfig(path=ws.state),
-        status=StatusPageConfig(StatusConfig(port=0), required=True))
+        status=StatusPageConfig(StatusConfig(port=0), required=True),
+    )
 
 
 @dataclass
@@ -634,8 +692,9 @@ def run_soak(args: argparse.Namespace) -> Report:
         osc = show.parts["osc"]
         paths = [p.path for p in app.params.params() if p.path not in pins.values]
         flooder = Flooder(osc.port, paths, args.seed, next_scene="/scene/active" not in pins.values).start()
-        poller = WebPoller(show.status_page.port,
-                           None if "/layer/source/opacity" in pins.values else "/layer/source/opacity").start()
+        poller = WebPoller(
+            show.status_page.port, None if "/layer/source/opacity" in pins.values else "/layer/source/opacity"
+        ).start()
         rig = Rig(ws, flooder, midi, [e.name for e in app.presets.entries()], pins, random.Random(args.seed))
         leak: list[bytes] = []  # --self-test-leak-kb: proves the detector catches a leak
         errors_seen: set[str] = set()
@@ -763,15 +822,16 @@ def _recover(app: App, ws: Workspace, timeout_s: float, report: Report) -> None:
         time.sleep(0.002)
         if not app.input.fallback_active and not app.shaders.errors:
             return
-    report.fail(f"not recovered {timeout_s:g} s after the clip and the shader were restored: "
-                f"source {app.input.status!r}, shader errors {list(app.shaders.errors.values())}")
+    report.fail(
+        f"not recovered {timeout_s:g} s after the clip and the shader were restored: "
+        f"source {app.input.status!r}, shader errors {list(app.shaders.errors.values())}"
+    )
 
 
 def _judge_memory(report: Report, args: argparse.Namespace, fd_baseline: int) -> None:
     after = [s for s in report.samples if s.frame > report.warmup_frames]
     if len(after) < 2:
-        report.fail("too few samples after the warm-up to judge memory: use more --frames or a smaller "
-                    "--sample-every")
+        report.fail("too few samples after the warm-up to judge memory: use more --frames or a smaller --sample-every")
         return
     window = max(1, min(3, len(after) // 4))  # medians of a few samples: one GC pause is not a leak
     report.rss_baseline_mb = statistics.median(s.rss_mb for s in after[:window])
@@ -779,11 +839,15 @@ def _judge_memory(report: Report, args: argparse.Namespace, fd_baseline: int) ->
     report.rss_growth = round(report.rss_final_mb / report.rss_baseline_mb - 1.0, 4)
     report.new_shader_programs = after[-1].shader_programs - after[0].shader_programs
     if report.rss_growth > args.max_rss_growth:
-        why = (f"resident memory grew {report.rss_growth:.1%} after the warm-up "
-               f"({report.rss_baseline_mb:.0f} -> {report.rss_final_mb:.0f} MB; limit {args.max_rss_growth:.0%})")
+        why = (
+            f"resident memory grew {report.rss_growth:.1%} after the warm-up "
+            f"({report.rss_baseline_mb:.0f} -> {report.rss_final_mb:.0f} MB; limit {args.max_rss_growth:.0%})"
+        )
         if report.new_shader_programs > 0:  # kept by design, one per combination of effects: say so
-            why += (f"; {report.new_shader_programs} new shader variants were compiled meanwhile (each is kept): "
-                    "a longer warm-up lets every combination compile first")
+            why += (
+                f"; {report.new_shader_programs} new shader variants were compiled meanwhile (each is kept): "
+                "a longer warm-up lets every combination compile first"
+            )
         report.fail(why)
     if fd_baseline >= 0 and after[-1].open_files >= 0:
         report.open_files_growth = after[-1].open_files - fd_baseline
@@ -792,6 +856,7 @@ def _judge_memory(report: Report, args: argparse.Namespace, fd_baseline: int) ->
 
 
 # -- the command line ---------------------------------------------------------------------------
+
 
 def _assignment(text: str) -> tuple[str, str]:
     path, sep, value = text.partition("=")
@@ -807,34 +872,61 @@ def _size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu-scenes", action="store_true",
-                        help="also switch to scenes that need an accelerator (the real-time diffusion scene): "
-                             "for the installation's GPU machine, with its models in the cache")
-    parser.add_argument("--scenes", type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
-                        help="exactly these scenes, comma-separated (e.g. reaction_diffusion,passthrough,ddpm: the "
-                             "shipped DDPM runs on a CPU with no download)")
+    parser.add_argument(
+        "--gpu-scenes",
+        action="store_true",
+        help="also switch to scenes that need an accelerator (the real-time diffusion scene): "
+        "for the installation's GPU machine, with its models in the cache",
+    )
+    parser.add_argument(
+        "--scenes",
+        type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+        help="exactly these scenes, comma-separated (e.g. reaction_diffusion,passthrough,ddpm: the "
+        "shipped DDPM runs on a CPU with no download)",
+    )
     parser.add_argument("--frames", type=int, help="frames to run (default 3600, or --seconds x --fps)")
     parser.add_argument("--seconds", type=float, help="stop after this long instead (a 24-hour run: 86400)")
-    parser.add_argument("--clock", choices=["manual", "real"], default="manual",
-                        help="manual: as fast as it goes, fixed time per frame; real: paced at --fps")
+    parser.add_argument(
+        "--clock",
+        choices=["manual", "real"],
+        default="manual",
+        help="manual: as fast as it goes, fixed time per frame; real: paced at --fps",
+    )
     parser.add_argument("--fps", type=float, default=60.0)
     parser.add_argument("--size", type=_size, default=(480, 270), help="output WxH (default 480x270)")
     parser.add_argument("--every", type=int, default=30, help="frames between perturbations (default 30)")
     parser.add_argument("--sample-every", type=int, default=0, help="frames between samples (default frames/50)")
-    parser.add_argument("--warmup", type=float, default=0.2,
-                        help="fraction of frames before memory is judged (at least two rounds of --every events)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.2,
+        help="fraction of frames before memory is judged (at least two rounds of --every events)",
+    )
     parser.add_argument("--max-rss-growth", type=float, default=0.05, help="fraction (default 0.05 = 5%%)")
     parser.add_argument("--max-fd-growth", type=int, default=20)
     parser.add_argument("--recover-s", type=float, default=30.0, help="seconds allowed to recover at the end")
-    parser.add_argument("--events", default=",".join(dict.fromkeys(EVENTS)),
-                        help="which perturbations, comma-separated (default all: %(default)s)")
+    parser.add_argument(
+        "--events",
+        default=",".join(dict.fromkeys(EVENTS)),
+        help="which perturbations, comma-separated (default all: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", type=_assignment,
-                        help="set a parameter before the run (repeatable), e.g. --set /scene/realtime/model=DIR "
-                             "to soak the realtime scene on a local model")
-    parser.add_argument("--min-pinned-share", type=float, default=0.9,
-                        help="a pinned scene must play at least this fraction of the frames it is asked for, "
-                             "loads not counted (default 0.9)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        type=_assignment,
+        help="set a parameter before the run (repeatable), e.g. --set /scene/realtime/model=DIR "
+        "to soak the realtime scene on a local model",
+    )
+    parser.add_argument(
+        "--min-pinned-share",
+        type=float,
+        default=0.9,
+        help="a pinned scene must play at least this fraction of the frames it is asked for, "
+        "loads not counted (default 0.9)",
+    )
     parser.add_argument("--json", type=Path, help="write the report and every sample here")
     parser.add_argument("--self-test-leak-kb", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -869,11 +961,12 @@ def main(argv: list[str] | None = None) -> int:
     except ShowError as exc:  # e.g. --scenes names a scene there is not
         print(f"soak: {exc}", file=sys.stderr)
         return 2
-    print(f"soak: {report.frames} frames in {report.seconds:.1f} s ({report.clock} clock); "
-          f"events {report.events}")
-    print(f"  resident memory {report.rss_baseline_mb:.0f} -> {report.rss_final_mb:.0f} MB after warm-up "
-          f"({report.rss_growth:+.1%}); open files {report.open_files_growth:+d}; threads {report.threads_final}; "
-          f"shader variants compiled after warm-up {report.new_shader_programs}")
+    print(f"soak: {report.frames} frames in {report.seconds:.1f} s ({report.clock} clock); events {report.events}")
+    print(
+        f"  resident memory {report.rss_baseline_mb:.0f} -> {report.rss_final_mb:.0f} MB after warm-up "
+        f"({report.rss_growth:+.1%}); open files {report.open_files_growth:+d}; threads {report.threads_final}; "
+        f"shader variants compiled after warm-up {report.new_shader_programs}"
+    )
     accel = [s.accelerator_mb for s in report.samples if s.accelerator_mb is not None]
     print(f"  accelerator memory: {f'{accel[0]:.0f} -> {accel[-1]:.0f} MB' if accel else 'none in use'}")
     print(f"  show parts: {', '.join(report.parts)}")
@@ -881,8 +974,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  MIDI {report.midi}; {report.midi_messages_sent} messages sent, {report.midi_received} handled")
     print(f"  recorder: {report.recordings} takes finished; systemd heard {report.systemd}")
     for name, tally in report.pinned_scenes.items():
-        print(f"  pinned scene {name}: {tally['images']} images, played {tally['playing']} of the "
-              f"{tally['playing'] + tally['missing']} frames it was asked for (+{tally['loading']} loading)")
+        print(
+            f"  pinned scene {name}: {tally['images']} images, played {tally['playing']} of the "
+            f"{tally['playing'] + tally['missing']} frames it was asked for (+{tally['loading']} loading)"
+        )
     print(f"  status page: {report.http_requests} requests, {len(report.http_failures)} failed")
     print(f"  distinct errors shown (expected: broken presets, shader, lost source): {len(report.errors_seen)}")
     print(f"  final source: {report.final_source}")

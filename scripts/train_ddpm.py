@@ -28,15 +28,20 @@ def main() -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for field in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=type(getattr(defaults, field.name)),
+            default=getattr(defaults, field.name),
+        )
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL, help="model folder to write")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the two PNGs go")
     args = parser.parse_args()
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     report = run(config, args.out, args.docs)
-    print(f"trained in {report['train_minutes']:.1f} min; mean loss of the last 200 steps "
-          f"{report['final_loss_mean_last_200']:.4f}; model in {args.out}")
+    print(
+        f"trained in {report['train_minutes']:.1f} min; mean loss of the last 200 steps "
+        f"{report['final_loss_mean_last_200']:.4f}; model in {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import select
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -48,8 +48,9 @@ def _wait_until_it_answers(display: str, deadline: float) -> None:
     if shutil.which("xdpyinfo") is None:
         return
     while time.monotonic() < deadline:
-        done = subprocess.run(["xdpyinfo", "-display", display], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=10)
+        done = subprocess.run(
+            ["xdpyinfo", "-display", display], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10
+        )
         if done.returncode == 0:
             return
         time.sleep(0.1)
@@ -68,9 +69,21 @@ def xvfb(screen: tuple[int, int], *extra: str, timeout: float = 30.0) -> Iterato
         pytest.fail("ImageMagick's `import` is needed to read the screen (apt-get install imagemagick)")
     read_end, write_end = os.pipe()
     server = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(write_end), "-screen", "0", f"{screen[0]}x{screen[1]}x24", *extra,
-         "-nolisten", "tcp"],
-        pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            "Xvfb",
+            "-displayfd",
+            str(write_end),
+            "-screen",
+            "0",
+            f"{screen[0]}x{screen[1]}x24",
+            *extra,
+            "-nolisten",
+            "tcp",
+        ],
+        pass_fds=(write_end,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     os.close(write_end)
     try:
         number = b""

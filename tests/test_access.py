@@ -16,8 +16,16 @@ import pytest
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 from engine.catalog import build_registry
-from engine.control.access import (Access, address_in, bearer, check_binding, is_loopback, names_loopback,
-                                   parse_allowlist, token_matches)
+from engine.control.access import (
+    Access,
+    address_in,
+    bearer,
+    check_binding,
+    is_loopback,
+    names_loopback,
+    parse_allowlist,
+    token_matches,
+)
 from engine.control.actions import Actions
 from engine.control.osc import OscServer
 from engine.control.oscquery import OscQueryServer
@@ -47,6 +55,7 @@ def wait_for(condition, what: str) -> None:
 
 
 # -- the rule --------------------------------------------------------------------------------
+
 
 def test_loopback_is_the_default_and_needs_nothing() -> None:
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
@@ -94,6 +103,7 @@ def test_tokens_and_host_names() -> None:
 
 
 # -- through the listeners -----------------------------------------------------------------------
+
 
 def _osc(address: str, *args) -> bytes:
     builder = OscMessageBuilder(address=address)

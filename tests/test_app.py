@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
+import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -27,11 +27,6 @@ from engine.scenes.passthrough import Passthrough
 from engine.scenes.reaction_diffusion import ReactionDiffusion
 from engine.show import Show, ShowConfig, build_show
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = (480, 270)  # small output: llvmpipe renders it quickly; the code path is the same
 TIMEOUT = 10.0
@@ -40,8 +35,10 @@ MAX_FRAMES = 3000
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def step_until(app: App, condition: Callable[[], bool], what: str, frames: int = MAX_FRAMES,
-               timeout: float = TIMEOUT) -> int:
+
+def step_until(
+    app: App, condition: Callable[[], bool], what: str, frames: int = MAX_FRAMES, timeout: float = TIMEOUT
+) -> int:
     """Step the app until ``condition`` holds; return the number of frames it took."""
     deadline = time.monotonic() + timeout
     for n in range(1, frames + 1):
@@ -64,6 +61,7 @@ def scene_showing(app: App, name: str) -> Callable[[], bool]:
     def check() -> bool:
         frame = app.worker.output.latest()[0]
         return frame is not None and frame.scene == name
+
     return check
 
 
@@ -75,8 +73,10 @@ def keeps_changing(app: App, changes: int = 4, min_change: float = 1.0) -> None:
     """
     last = app.compositor.read_output()
     for n in range(changes):
-        def moved() -> bool:
+
+        def moved(last: np.ndarray = last) -> bool:
             return np.abs(app.compositor.read_output().astype(int) - last).mean() > min_change
+
         step_until(app, moved, f"output change {n + 1} of {changes}", frames=600, timeout=5.0)
         last = app.compositor.read_output()
 
@@ -116,8 +116,7 @@ def make_app(presets_dir: Path) -> Iterator[Callable[..., App]]:
     made: list[Show] = []
 
     def make(source: str = "pattern", catalog: SceneCatalog | None = None, **config: object) -> App:
-        settings = {"source": source, "presets_dir": presets_dir, "output_size": OUTPUT, "hot_reload": False,
-                    **config}
+        settings = {"source": source, "presets_dir": presets_dir, "output_size": OUTPUT, "hot_reload": False, **config}
         show = build_show(ShowConfig.bare(AppConfig(**settings)), catalog=catalog)
         made.append(show)
         return show.start().app
@@ -128,6 +127,7 @@ def make_app(presets_dir: Path) -> Iterator[Callable[..., App]]:
 
 
 # -- frames -----------------------------------------------------------------------------------
+
 
 def test_frames_render_are_not_blank_and_change(make_app) -> None:
     app = make_app()
@@ -150,8 +150,11 @@ def test_start_does_not_crossfade_from_black(make_app) -> None:
 
 def test_each_frame_has_one_status_of_the_scene_preset_and_source(make_app) -> None:
     app = make_app()
-    step_until(app, lambda: app.status.scene is not None and app.status.source.startswith("pattern ok"),
-               "scene loaded and the pattern running")
+    step_until(
+        app,
+        lambda: app.status.scene is not None and app.status.source.startswith("pattern ok"),
+        "scene loaded and the pattern running",
+    )
     app.step()  # the snapshot is made before the frame is counted: the first one has no rate yet
     status = app.status
     assert status.frame == app.stats.frames and status.time == app.clock.now()
@@ -167,6 +170,7 @@ def test_each_frame_has_one_status_of_the_scene_preset_and_source(make_app) -> N
 
 
 # -- presets ----------------------------------------------------------------------------------
+
 
 def test_preset_recall_lands_with_a_crossfade(make_app, presets_dir: Path) -> None:
     app = make_app()
@@ -238,20 +242,19 @@ def test_refused_preset_error_is_not_hidden_by_an_older_scene_error(make_app) ->
 
 # -- scenes -----------------------------------------------------------------------------------
 
+
 def test_next_scene_crossfades_when_the_new_scene_has_a_frame(make_app) -> None:
     app = make_app(catalog=SceneCatalog((ReactionDiffusion, Passthrough)))
     step_until(app, scene_showing(app, "reaction_diffusion"), "the scene's first image")
     step_until(app, lambda: app.compositor.transition_progress is None, "no transition running")
 
     app.next_scene()
-    frames_before = 0
     for _ in range(MAX_FRAMES):
         app.step()
         if scene_showing(app, "passthrough")() and app.compositor.transition_progress is not None:
             break
         # until the new scene's first image, the old one shows and nothing fades
         assert app.compositor.transition_progress is None, "crossfade began before the new scene had a frame"
-        frames_before += 1
         time.sleep(0.001)
     else:
         raise AssertionError(f"no switch to passthrough; hud: {app.hud_lines()}")
@@ -307,8 +310,11 @@ def test_scene_that_fails_to_load_reverts_and_reports(make_app) -> None:
     app.params.set("/scene/active", "broken_load", origin="osc")
     app.step()
     assert app.params.get("/scene/active") == "broken_load"
-    step_until(app, lambda: app.params.target("/scene/active") == "reaction_diffusion",
-               "/scene/active to revert to the playing scene")
+    step_until(
+        app,
+        lambda: app.params.target("/scene/active") == "reaction_diffusion",
+        "/scene/active to revert to the playing scene",
+    )
     step(app, 2)
     assert app.params.get("/scene/active") == "reaction_diffusion"
     assert app.worker.active_name == "reaction_diffusion"
@@ -323,13 +329,14 @@ def test_scene_that_fails_to_load_reverts_and_reports(make_app) -> None:
 
 # -- a video file that vanishes ----------------------------------------------------------------
 
+
 def write_clip(path: Path, fourcc: str = "MJPG", frames: int = 12) -> Path:
     """A short 160x90 clip of a bar sweeping across: it loops (re-opens) three times a second."""
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 30, (160, 90))
     assert writer.isOpened(), f"cannot write {fourcc} video here"
     for i in range(frames):
         frame = np.full((90, 160, 3), 40, np.uint8)
-        frame[:, i * 12: i * 12 + 24] = (40, 200, 250)  # BGR
+        frame[:, i * 12 : i * 12 + 24] = (40, 200, 250)  # BGR
         writer.write(frame)
     writer.release()
     return path
@@ -347,21 +354,28 @@ def test_vanishing_video_file_falls_back_to_the_pattern_and_recovers(make_app, t
     step_until(app, lambda: " lost " in app.status.source, "the loss to show in the status")
     line = app.status.source
     assert "file:clip.avi lost" in line and "showing pattern" in line, line
-    step_until(app, lambda: app.input.latest()[2] and app.input.latest()[0].shape[:2] != (90, 160),
-               "pattern frames on the source layer")
+    step_until(
+        app,
+        lambda: app.input.latest()[2] and app.input.latest()[0].shape[:2] != (90, 160),
+        "pattern frames on the source layer",
+    )
     keeps_changing(app)  # the show goes on: the pattern moves, the scene lives
     key = app.input.latest()[1]
     step_until(app, lambda: app.input.latest()[1] >= key + 3 and app.input.latest()[2], "new pattern frames")
     assert " lost " in app.status.source
 
     hidden.rename(clip)
-    step_until(app, lambda: not app.input.latest()[2] and app.status.source.startswith("file:clip.avi ok"),
-               "the file back on the source layer")
+    step_until(
+        app,
+        lambda: not app.input.latest()[2] and app.status.source.startswith("file:clip.avi ok"),
+        "the file back on the source layer",
+    )
     assert app.input.latest()[0].shape == (90, 160, 3)
     keeps_changing(app, changes=2)
 
 
 # -- screenshots ------------------------------------------------------------------------------
+
 
 def test_screenshot_writes_a_png_atomically(make_app, tmp_path: Path) -> None:
     app = make_app()
@@ -420,7 +434,12 @@ def test_out_of_memory_goes_back_to_the_previous_scene(make_app) -> None:
     step_until(app, scene_showing(app, "reaction_diffusion"), "the first scene")
     app.select_scene("greedy")
     step_until(app, scene_showing(app, "greedy"), "the greedy scene's first image")
-    step_until(app, lambda: app.worker.active_name == "reaction_diffusion"
-               and app.params.get("/scene/active") == "reaction_diffusion", "the way back")
+    step_until(
+        app,
+        lambda: (
+            app.worker.active_name == "reaction_diffusion" and app.params.get("/scene/active") == "reaction_diffusion"
+        ),
+        "the way back",
+    )
     assert any("ran out of accelerator memory: back to reaction_diffusion" in e for e in app.status.errors)
     step_until(app, scene_showing(app, "reaction_diffusion"), "the previous scene's images again")

@@ -15,8 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.control.audio import (BANDS, HOP, SILENCE, AnalysisSettings, Analyser, AudioInput, WavError,
-                                  analyse_wav, read_wav)
+from engine.control.audio import (
+    BANDS,
+    HOP,
+    SILENCE,
+    Analyser,
+    AnalysisSettings,
+    AudioInput,
+    WavError,
+    analyse_wav,
+    read_wav,
+)
 from engine.params import ParamRegistry
 
 RATE = 44100
@@ -24,6 +33,7 @@ TOLERANCE_S = 0.030
 
 
 # -- synthesis ----------------------------------------------------------------------------------
+
 
 def kick(rate: int = RATE) -> np.ndarray:
     t = np.arange(int(rate * 0.25)) / rate
@@ -44,7 +54,7 @@ def snare(rng: np.random.Generator, rate: int = RATE) -> np.ndarray:
 def place(out: np.ndarray, sound: np.ndarray, at: float, gain: float, rate: int = RATE) -> None:
     i = int(round(at * rate))
     n = min(sound.size, out.size - i)
-    out[i:i + n] += gain * sound[:n]
+    out[i : i + n] += gain * sound[:n]
 
 
 def drum_track(bpm: float, seconds: float = 16.0, seed: int = 0, rate: int = RATE) -> tuple[np.ndarray, list[float]]:
@@ -103,12 +113,13 @@ def run(analyser: Analyser, samples: np.ndarray, block: int = HOP) -> list:
     """Feed ``samples`` block by block; return the features after each block and all events."""
     trace = []
     for start in range(0, samples.size - block + 1, block):
-        events = analyser.process(samples[start:start + block])
+        events = analyser.process(samples[start : start + block])
         trace.append((analyser.time, analyser.features, events))
     return trace
 
 
 # -- tempo and onsets -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bpm", [100, 120, 128])
 def test_bpm_and_onsets_of_drum_tracks(tmp_path: Path, bpm: int) -> None:
@@ -189,6 +200,7 @@ def test_silence_reads_zero_and_beats_stop() -> None:
 
 # -- levels and bands ----------------------------------------------------------------------------
 
+
 def test_bands_follow_a_low_and_a_high_sine() -> None:
     analyser = Analyser(RATE)
     low = run(analyser, sine(60, 1.0))[-1][1]
@@ -237,6 +249,7 @@ def test_rms_envelope_attack_and_release() -> None:
 
 # -- WAV files -------------------------------------------------------------------------------------
 
+
 def write_raw_wav(path: Path, data: bytes, tag: int, channels: int, bits: int, rate: int = RATE) -> Path:
     block = channels * bits // 8
     fmt = struct.pack("<HHIIHH", tag, channels, rate, rate * block, block, bits)
@@ -249,7 +262,7 @@ def test_wav_reader_formats(tmp_path: Path) -> None:
     stereo = np.stack([np.linspace(-0.5, 0.5, 100), np.full(100, 0.25)], axis=1)
     expected = stereo.mean(axis=1)
     as_float = write_raw_wav(tmp_path / "f32.wav", stereo.astype("<f4").tobytes(), 3, 2, 32)
-    ints = np.round(stereo * (2 ** 23 - 1)).astype("<i4")
+    ints = np.round(stereo * (2**23 - 1)).astype("<i4")
     packed = b"".join(int(v).to_bytes(3, "little", signed=True) for v in ints.reshape(-1))
     as_24 = write_raw_wav(tmp_path / "i24.wav", packed, 1, 2, 24, rate=48000)
     for path, rate in ((as_float, RATE), (as_24, 48000)):
@@ -267,6 +280,7 @@ def test_wav_reader_formats(tmp_path: Path) -> None:
 
 
 # -- the control -------------------------------------------------------------------------------------
+
 
 def wait_for(condition, what: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout

@@ -40,13 +40,23 @@ def check_script(path: Path = SCRIPT):
 
 def gl_works(extra: dict[str, str] | None = None) -> bool:
     probe = "from engine.render.surface import HeadlessSurface; HeadlessSurface().close()"
-    return subprocess.run([sys.executable, "-c", probe], env=env(**(extra or {})), capture_output=True,
-                          timeout=60).returncode == 0
+    return (
+        subprocess.run(
+            [sys.executable, "-c", probe], env=env(**(extra or {})), capture_output=True, timeout=60
+        ).returncode
+        == 0
+    )
 
 
 def run_check(out: Path, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out), *args], cwd=ROOT,
-                          env=env(**(extra or {})), capture_output=True, text=True, timeout=1200)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out), *args],
+        cwd=ROOT,
+        env=env(**(extra or {})),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
 
 
 @pytest.mark.timeout(1200)  # about 100 CPU-seconds, in six processes; a shared build machine stretches that

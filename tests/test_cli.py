@@ -24,14 +24,26 @@ def dreamdeck_command() -> list[str]:
 
 def dreamdeck(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    return subprocess.run([*dreamdeck_command(), *map(str, args)], capture_output=True, text=True,
-                          timeout=TIMEOUT, cwd=cwd or ROOT, env=env)
+    return subprocess.run(
+        [*dreamdeck_command(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=cwd or ROOT,
+        env=env,
+    )
 
 
 def start(*args: str | Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    return subprocess.Popen([*dreamdeck_command(), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    return subprocess.Popen(
+        [*dreamdeck_command(), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 @pytest.fixture
@@ -44,10 +56,13 @@ def presets_dir(tmp_path: Path) -> Path:
 
 # -- run ----------------------------------------------------------------------------------------
 
+
 def test_headless_run_writes_a_screenshot_that_moves_with_time(tmp_path: Path) -> None:
     shots = {frames: tmp_path / f"out{frames}.png" for frames in (30, 120)}
-    runs = {frames: start("run", "--headless", "--source", "pattern", "--frames", frames, "--screenshot", path)
-            for frames, path in shots.items()}  # both at once: two cores, half the wait
+    runs = {
+        frames: start("run", "--headless", "--source", "pattern", "--frames", frames, "--screenshot", path)
+        for frames, path in shots.items()
+    }  # both at once: two cores, half the wait
     images = {}
     for frames, proc in runs.items():
         try:
@@ -66,16 +81,19 @@ def test_headless_run_writes_a_screenshot_that_moves_with_time(tmp_path: Path) -
     assert change > 2, f"30 and 120 frames gave nearly the same image (mean change {change:.2f})"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--headless", "--size", "12"], "argument --size: '12' is not a size like 1280x720"),
-    (["run", "--headless", "--output", "8x8"], "must be between 16 and 16384"),
-    (["run", "--headless", "--frames", "-3"], "must not be negative"),
-    (["run", "--headless", "--fps", "0"], "must be positive"),
-    (["run", "--headless", "--device", "tpu"], "device 'tpu' is not one of auto, cuda, mps, cpu (or cuda:N)"),
-    (["run", "--headless", "--accel", "fast"], "invalid choice: 'fast'"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-    ([], "required"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--headless", "--size", "12"], "argument --size: '12' is not a size like 1280x720"),
+        (["run", "--headless", "--output", "8x8"], "must be between 16 and 16384"),
+        (["run", "--headless", "--frames", "-3"], "must not be negative"),
+        (["run", "--headless", "--fps", "0"], "must be positive"),
+        (["run", "--headless", "--device", "tpu"], "device 'tpu' is not one of auto, cuda, mps, cpu (or cuda:N)"),
+        (["run", "--headless", "--accel", "fast"], "invalid choice: 'fast'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "required"),
+    ],
+)
 def test_argument_errors_exit_2_with_one_error_line(args: list[str], message: str) -> None:
     result = dreamdeck(*args)
     assert result.returncode == 2, result.stderr
@@ -86,15 +104,17 @@ def test_argument_errors_exit_2_with_one_error_line(args: list[str], message: st
     assert lines[-1].startswith("dreamdeck") and message in lines[-1], lines[-1]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--source", "webcam:0"], "unknown source kind 'webcam'"),
-    (["--source", "camera:front"], "camera must be an index"),
-    (["--source", "file:/no/such/clip.mp4"], "/no/such/clip.mp4 does not exist"),
-    (["--source", "image:/no/such/still.png"], "/no/such/still.png does not exist"),
-    (["--screenshot", "out.xyz"], "cannot write '.xyz' images"),
-])
-def test_run_usage_errors_are_one_line_before_anything_starts(args: list[str], message: str,
-                                                               tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "webcam:0"], "unknown source kind 'webcam'"),
+        (["--source", "camera:front"], "camera must be an index"),
+        (["--source", "file:/no/such/clip.mp4"], "/no/such/clip.mp4 does not exist"),
+        (["--source", "image:/no/such/still.png"], "/no/such/still.png does not exist"),
+        (["--screenshot", "out.xyz"], "cannot write '.xyz' images"),
+    ],
+)
+def test_run_usage_errors_are_one_line_before_anything_starts(args: list[str], message: str, tmp_path: Path) -> None:
     result = dreamdeck("run", "--headless", "--frames", "5", *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -104,6 +124,7 @@ def test_run_usage_errors_are_one_line_before_anything_starts(args: list[str], m
 
 
 # -- presets, doctor, help -----------------------------------------------------------------------
+
 
 def test_presets_lists_default_as_ok(presets_dir: Path) -> None:
     result = dreamdeck("presets", "--presets-dir", presets_dir)
@@ -148,7 +169,9 @@ def test_doctor_prints_a_table_with_a_gl_row() -> None:
     assert len(gl.split()) > 2, f"the gl row says nothing: {gl!r}"
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["presets"], ["params"], ["doctor"], ["bench"], ["bench", "render"], ["install-service"]])
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["presets"], ["params"], ["doctor"], ["bench"], ["bench", "render"], ["install-service"]]
+)
 def test_help_works_on_every_command(command: list[str]) -> None:
     result = dreamdeck(*command, "--help")
     assert result.returncode == 0, result.stderr

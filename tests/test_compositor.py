@@ -68,6 +68,7 @@ def blend_reference(base: np.ndarray, top: np.ndarray, mode: str) -> np.ndarray:
 
 # -- layers and blend modes ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("opacity", [1.0, 0.5])
 @pytest.mark.parametrize("mode", BLEND_MODES)
 def test_blend_modes_match_their_formula(comp, mode, opacity):
@@ -111,6 +112,7 @@ def test_set_layer_uploads_only_a_new_key(comp):
 
 # -- transitions ---------------------------------------------------------------------------
 
+
 def test_crossfade_runs_from_the_frozen_frame_to_the_live_picture(comp):
     comp.set_layer("source", solid(A), "a")
     assert_close(render(comp, 0.0), np.array(A), lsb=0)
@@ -142,7 +144,7 @@ def test_transition_time_comes_from_the_registry_and_zero_is_a_cut(comp):
 
 def halves(left: tuple[int, int, int], right: tuple[int, int, int]) -> np.ndarray:
     image = solid(left)
-    image[:, W // 2:] = right
+    image[:, W // 2 :] = right
     return image
 
 
@@ -157,8 +159,8 @@ def test_luma_wipe_shows_the_bright_parts_of_the_new_picture_first(comp):
     out = render(comp, 0.05)  # the edge is above every luminance: all old
     assert_close(out, np.array(A), lsb=0)
     out = render(comp, 0.5)  # edge at 0.5: the bright half is new, the dark half still old
-    assert_close(out[:, W // 2:], np.array(bright), lsb=0)
-    assert_close(out[:, :W // 2], np.array(A), lsb=0)
+    assert_close(out[:, W // 2 :], np.array(bright), lsb=0)
+    assert_close(out[:, : W // 2], np.array(A), lsb=0)
     out = render(comp, 0.95)  # edge at 0.05: both halves new
     assert_close(out, halves(dark, bright), lsb=0)
     render(comp, 1.0)
@@ -234,8 +236,12 @@ def test_a_new_image_size_cuts_instead_of_morphing(comp):
 # -- effects -------------------------------------------------------------------------------
 
 NEUTRAL = {
-    "grade": {"/fx/grade/hue": 0.0, "/fx/grade/saturation": 1.0, "/fx/grade/contrast": 1.0,
-              "/fx/grade/brightness": 0.0},
+    "grade": {
+        "/fx/grade/hue": 0.0,
+        "/fx/grade/saturation": 1.0,
+        "/fx/grade/contrast": 1.0,
+        "/fx/grade/brightness": 0.0,
+    },
     "kaleido": {"/fx/kaleido/segments": 1, "/fx/kaleido/rotate": 0.0},
     "rgbshift": {"/fx/rgbshift/amount": 0.0, "/fx/rgbshift/angle": 30.0},
     "pixelate": {"/fx/pixelate/size": 1.0},
@@ -325,10 +331,10 @@ def test_pixelate_makes_square_cells(comp):
     assert np.mean(np.abs(out - src)) > 20
     for y in range(0, H, cell):
         for x in range(0, W, cell):
-            block = out[y:y + cell, x:x + cell]
+            block = out[y : y + cell, x : x + cell]
             assert (block == block[0, 0]).all(), (x, y)
             # the cell's centre lies between four texels: their bilinear mean
-            centre = src[y + cell // 2 - 1:y + cell // 2 + 1, x + cell // 2 - 1:x + cell // 2 + 1]
+            centre = src[y + cell // 2 - 1 : y + cell // 2 + 1, x + cell // 2 - 1 : x + cell // 2 + 1]
             if centre.shape[:2] == (2, 2):
                 assert_close(block[0, 0], centre.reshape(-1, 3).mean(axis=0), lsb=1.5)
 
@@ -340,11 +346,14 @@ def test_vignette_darkens_the_corners_only(comp):
     out = render(comp)
     for y, x in ((0, 0), (0, W - 1), (H - 1, 0), (H - 1, W - 1)):
         assert_close(out[y, x], np.zeros(3), lsb=0)
-    assert_close(out[H // 2 - 4:H // 2 + 4, W // 2 - 4:W // 2 + 4], src[H // 2 - 4:H // 2 + 4, W // 2 - 4:W // 2 + 4])
+    assert_close(
+        out[H // 2 - 4 : H // 2 + 4, W // 2 - 4 : W // 2 + 4], src[H // 2 - 4 : H // 2 + 4, W // 2 - 4 : W // 2 + 4]
+    )
     assert (out <= src.astype(int) + 1).all()
 
 
 # -- feedback ------------------------------------------------------------------------------
+
 
 def test_feedback_mixes_in_the_previous_output(comp):
     a, b = np.array(A), np.array(B)
@@ -375,6 +384,7 @@ def test_feedback_zoom_moves_the_trails(comp):
 
 
 # -- geometry ------------------------------------------------------------------------------
+
 
 def test_cover_fit_and_letterbox_are_pure_geometry():
     assert cover_fit((1920, 1080), (1280, 720)) == (1.0, 1.0)
@@ -428,9 +438,9 @@ def test_a_layer_of_another_aspect_covers_the_output(comp, layer_size):
 def test_row_zero_is_the_top(comp):
     img = np.zeros((H, W, 3), np.uint8)
     img[: H // 2, : W // 2] = (255, 0, 0)  # top left red
-    img[: H // 2, W // 2:] = (0, 255, 0)  # top right green
-    img[H // 2:, : W // 2] = (0, 0, 255)  # bottom left blue
-    img[H // 2:, W // 2:] = (255, 255, 255)
+    img[: H // 2, W // 2 :] = (0, 255, 0)  # top right green
+    img[H // 2 :, : W // 2] = (0, 0, 255)  # bottom left blue
+    img[H // 2 :, W // 2 :] = (255, 255, 255)
     comp.set_layer("source", img, "quadrants")
     out = render(comp)
     assert_close(out, img, lsb=0)
@@ -443,6 +453,7 @@ def test_row_zero_is_the_top(comp):
 
 
 # -- variants ------------------------------------------------------------------------------
+
 
 def test_prewarm_compiles_the_variants_a_state_needs(comp):
     assert not comp.shaders.has(comp.FRAME_SHADER, ("KALEIDO", "VIGNETTE"))

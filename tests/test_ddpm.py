@@ -18,22 +18,26 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
+from diffusion_fixtures import offline, one_torch_thread, set_params, wait_for  # noqa: E402,F401  (fixtures)
 from engine.ddpm.model import SHIPPED_MODEL, TEXTURE_SCHEDULE, build_unet, load_ddpm  # noqa: E402
-from engine.ddpm.reverse import (ReverseConfig, ReverseProcess, image_to_tensor, sample,  # noqa: E402
-                                 tensor_to_images)
+from engine.ddpm.reverse import ReverseConfig, ReverseProcess, image_to_tensor, sample, tensor_to_images  # noqa: E402
 from engine.ddpm.textures import KINDS, texture, texture_set  # noqa: E402
 from engine.diffusion.errors import ModelNotFound  # noqa: E402
 from engine.params import ParamRegistry  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.ddpm import DdpmScene  # noqa: E402
 from engine.scenes.passthrough import Passthrough  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread, set_params, wait_for  # noqa: E402,F401  (fixtures)
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 P = "/scene/ddpm"
 TINY_UNET = {  # diffusers' own DDPM test architecture
-    "sample_size": 16, "in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": (32, 64),
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "sample_size": 16,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
 }
 
 
@@ -113,7 +117,8 @@ def test_the_shipped_model_is_small_float16_and_loads(shipped):
     from safetensors import safe_open
 
     with safe_open(str(weights), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a safetensors handle is not iterable)
+        assert dtypes == {"F16"}
     assert shipped.size == 32 and shipped.dtype == torch.float32  # float32 on the CPU
 
 
@@ -127,8 +132,9 @@ def test_each_reverse_step_is_a_frame(tiny, scheduler):
     assert all(f.shape == (16, 16, 3) and f.dtype == np.uint8 for f in frames)
     assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))  # every step moves
     assert not torch.equal(start, process.x)
-    again = [tensor_to_images(s.x_t)[0] for s in ReverseProcess(tiny, ReverseConfig(scheduler=scheduler, steps=8,
-                                                                                     seed=1))]
+    again = [
+        tensor_to_images(s.x_t)[0] for s in ReverseProcess(tiny, ReverseConfig(scheduler=scheduler, steps=8, seed=1))
+    ]
     assert np.array_equal(frames[-1], again[-1])  # the seed fixes the image
 
 
@@ -179,8 +185,10 @@ def log_spectrum(images: np.ndarray, bins: int = 8) -> np.ndarray:
 
 
 def statistic_distances(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    return (abs(np.log(gradient_energy(images) / gradient_energy(reference))),
-            float(np.abs(log_spectrum(images) - log_spectrum(reference)).mean()))
+    return (
+        abs(np.log(gradient_energy(images) / gradient_energy(reference))),
+        float(np.abs(log_spectrum(images) - log_spectrum(reference)).mean()),
+    )
 
 
 def looks_like_textures(images: np.ndarray) -> bool:
@@ -247,8 +255,13 @@ def test_importing_the_scene_needs_no_torch():
     import sys
 
     code = "import sys, engine.scenes.ddpm; print('torch' in sys.modules, 'diffusers' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout.strip() == "False False", done.stderr
 
 

@@ -39,11 +39,18 @@ def _pages() -> list[Path]:
 
 # ---- the README --------------------------------------------------------------------------
 
+
 def test_readme_fits_on_a_screen_and_says_how_to_install_run_and_test():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(readme.splitlines()) < 200
-    for needed in ('pip install -e ".[dev]"', "dreamdeck run", 'pip install -e ".[diffusion]"',
-                   "python3 -m pytest -q", "sudo bash scripts/setup-dev.sh", "docs/screenshot.png"):
+    for needed in (
+        'pip install -e ".[dev]"',
+        "dreamdeck run",
+        'pip install -e ".[diffusion]"',
+        "python3 -m pytest -q",
+        "sudo bash scripts/setup-dev.sh",
+        "docs/screenshot.png",
+    ):
         assert needed in readme, needed
 
 
@@ -63,6 +70,7 @@ def test_nothing_points_outside_the_repository():
 
 
 # ---- generated blocks -------------------------------------------------------------------
+
 
 def test_every_marker_fills_and_every_generated_table_keeps_its_columns():
     used = set()
@@ -108,10 +116,23 @@ def test_a_new_benchmark_run_is_a_new_table(tmp_path, monkeypatch):
     """A GPU check's summary.json, as scripts/bench_diffusion.py writes it, makes a table as it is:
     its VQGAN+CLIP and LoRA cases are left to their own tables, a failed case says why."""
     case = json.loads((BENCH / "diffusion-cpu.json").read_text())["cases"][0]
-    gpu = dict(case, case="turbo-compile-warm", device="cuda", gpu_name="NVIDIA H200", accel="compile",
-               dtype="float16", engine=dict(case["engine"], fps=150.2, p50_ms=6.61), ratio=11.3)
-    summary = {"cases": [gpu, {"case": "lora", "device": "NVIDIA H200", "weight_change_ms": 0.1},
-                         {"case": "lcm4-compile", "error": "timed out after 420 s"}]}
+    gpu = dict(
+        case,
+        case="turbo-compile-warm",
+        device="cuda",
+        gpu_name="NVIDIA H200",
+        accel="compile",
+        dtype="float16",
+        engine=dict(case["engine"], fps=150.2, p50_ms=6.61),
+        ratio=11.3,
+    )
+    summary = {
+        "cases": [
+            gpu,
+            {"case": "lora", "device": "NVIDIA H200", "weight_change_ms": 0.1},
+            {"case": "lcm4-compile", "error": "timed out after 420 s"},
+        ]
+    }
     (tmp_path / "gpu.json").write_text(json.dumps(summary))
     monkeypatch.setattr(hook, "BENCH_DATA", tmp_path)
     rows = [line for line in hook.bench_diffusion("gpu.json").splitlines() if line.startswith("| `")]
@@ -122,12 +143,16 @@ def test_a_new_benchmark_run_is_a_new_table(tmp_path, monkeypatch):
 
 # ---- benchmark data: the shape the benchmarks write --------------------------------------
 
+
 def _literal_key_sets(script: Path) -> list[frozenset[str]]:
     """The key sets of every dict literal in a benchmark's source (its JSON records)."""
     sets = []
     for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Dict) and node.keys and all(
-                isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys):
+        if (
+            isinstance(node, ast.Dict)
+            and node.keys
+            and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys)
+        ):
             sets.append(frozenset(k.value for k in node.keys))
     return sets
 
@@ -163,10 +188,13 @@ def test_diffusion_data_has_the_keys_the_diffusion_bench_writes():
 
 # ---- prose check ----------------------------------------------------------------------
 
+
 def test_prose_paths_are_checked_against_the_registry():
-    ok = ("`/fx/kaleido/segments`, `/lfo/<n>/rate`, `/output/keystone/{tl,tr,br,bl}_{x,y}`, `/fx/*/enabled`,"
-          " `/dreamdeck/norm/fx/kaleido/rotate`, `/dreamdeck/norm/<path>`, `/dreamdeck/get`, `/scene/cue NAME`,"
-          " `/dreamdeck/fx/kaleido/segments?VALUE`, `/dev/video2`, `/api/params`")
+    ok = (
+        "`/fx/kaleido/segments`, `/lfo/<n>/rate`, `/output/keystone/{tl,tr,br,bl}_{x,y}`, `/fx/*/enabled`,"
+        " `/dreamdeck/norm/fx/kaleido/rotate`, `/dreamdeck/norm/<path>`, `/dreamdeck/get`, `/scene/cue NAME`,"
+        " `/dreamdeck/fx/kaleido/segments?VALUE`, `/dev/video2`, `/api/params`"
+    )
     assert hook.unknown_paths(ok) == []
     stale = "set `/scene/realtime/config` or `/dreamdeck/fx/kaleido/wedges 6` or `/mod/<n>/depth`"
     assert hook.unknown_paths(stale) == ["/scene/realtime/config", "/dreamdeck/fx/kaleido/wedges", "/mod/<n>/depth"]
@@ -174,15 +202,21 @@ def test_prose_paths_are_checked_against_the_registry():
 
 # ---- the site ---------------------------------------------------------------------------
 
+
 def test_site_builds_strict(tmp_path):
     """What CI runs: a broken link or anchor, a bad marker or a stale parameter path fails it."""
     pytest.importorskip("mkdocs", reason='the docs extra: pip install -e ".[docs]"')
     pytest.importorskip("material", reason='the docs extra: pip install -e ".[docs]"')
     mkdocs = shutil.which("mkdocs")
     command = [mkdocs] if mkdocs else [sys.executable, "-m", "mkdocs"]
-    done = subprocess.run([*command, "build", "--strict", "-d", str(tmp_path / "site")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    done = subprocess.run(
+        [*command, "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     parameters = (tmp_path / "site" / "reference" / "parameters" / "index.html").read_text(encoding="utf-8")
     assert "/fx/kaleido/segments" in parameters and "<table>" in parameters

@@ -15,8 +15,18 @@ from engine import doctor
 def test_collect_gives_one_one_line_row_per_check():
     rows = doctor.collect()
     assert [row[0] for row in rows] == list(doctor.CHECKS)
-    assert set(doctor.CHECKS) >= {"python", "numpy", "opencv", "torch", "accelerator", "gl", "display",
-                                  "cameras", "midi", "model cache"}
+    assert set(doctor.CHECKS) >= {
+        "python",
+        "numpy",
+        "opencv",
+        "torch",
+        "accelerator",
+        "gl",
+        "display",
+        "cameras",
+        "midi",
+        "model cache",
+    }
     for check, status, detail in rows:
         assert status in ("ok", "warn", "missing"), (check, status)
         assert detail and "\n" not in detail, (check, detail)
@@ -82,12 +92,16 @@ def test_midi_rows(monkeypatch):
     def no_backend():
         raise ModuleNotFoundError("No module named 'rtmidi'")
 
-    monkeypatch.setitem(sys.modules, "mido", types.SimpleNamespace(get_input_names=no_backend,
-                                                                   get_output_names=lambda: []))
+    monkeypatch.setitem(
+        sys.modules, "mido", types.SimpleNamespace(get_input_names=no_backend, get_output_names=lambda: [])
+    )
     assert doctor.probe_midi() == ("midi", "warn", "cannot list ports: ModuleNotFoundError: No module named 'rtmidi'")
 
-    monkeypatch.setitem(sys.modules, "mido", types.SimpleNamespace(get_input_names=lambda: ["nanoKONTROL2"],
-                                                                   get_output_names=lambda: []))
+    monkeypatch.setitem(
+        sys.modules,
+        "mido",
+        types.SimpleNamespace(get_input_names=lambda: ["nanoKONTROL2"], get_output_names=lambda: []),
+    )
     assert doctor.probe_midi() == ("midi", "ok", "in: nanoKONTROL2; out: none")
 
 
@@ -111,8 +125,11 @@ def test_cameras_none_found_and_nodes_that_do_not_open(tmp_path):
 def test_model_cache_lists_models_with_sizes(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    assert doctor.probe_model_cache() == ("model cache", "warn",
-                                          f"{cache} does not exist (models download on first use)")
+    assert doctor.probe_model_cache() == (
+        "model cache",
+        "warn",
+        f"{cache} does not exist (models download on first use)",
+    )
     cache.mkdir()
     (cache / "version.txt").write_text("1")
     assert doctor.probe_model_cache()[1:] == ("warn", f"{cache} is empty (models download on first use)")

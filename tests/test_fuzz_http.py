@@ -20,8 +20,9 @@ import re
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,18 +35,32 @@ from engine.web import StatusConfig, StatusServer
 from test_web_status import RenderThread  # the same render-thread harness as the status page tests
 
 ROOT = Path(__file__).resolve().parents[1]
-FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-KNOWN_PATHS = ["/", "/index.html", "/health", "/thumbnail.jpg", "/api/params", "/api/presets", "/api/param",
-               "/api/action"]
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+KNOWN_PATHS = [
+    "/",
+    "/index.html",
+    "/health",
+    "/thumbnail.jpg",
+    "/api/params",
+    "/api/presets",
+    "/api/param",
+    "/api/action",
+]
 TOKEN = "fuzz-token-0123456789"
 
 
 @pytest.fixture(scope="module")
 def show(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RenderThread]:
     presets = tmp_path_factory.mktemp("presets")
-    (presets / "default.toml").write_text((ROOT / "presets" / "default.toml").read_text(encoding="utf-8"),
-                                          encoding="utf-8")
+    (presets / "default.toml").write_text(
+        (ROOT / "presets" / "default.toml").read_text(encoding="utf-8"), encoding="utf-8"
+    )
     (presets / "broken.toml").write_text("[fx.kaleido\n", encoding="utf-8")
     with RenderThread(presets, setup=_add_osc) as rt:
         rt.wait_for(lambda: rt.server.feed.latest_jpeg() is not None, "the first thumbnail")
@@ -67,6 +82,7 @@ def params(show: RenderThread) -> list[Param]:
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
+
 
 def exchange(port: int, data: bytes) -> bytes:
     """Send raw bytes, close our side, read the whole answer (the server closes after one)."""
@@ -91,7 +107,8 @@ def final_status(response: bytes) -> int:
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 header_text = st.text(st.characters(min_codepoint=32, max_codepoint=255, blacklist_characters="\x7f"), max_size=60)
 
 
@@ -136,36 +153,63 @@ def api_requests(draw: st.DrawFn, params: list[Param]) -> bytes:
     post = target in ("/api/param", "/api/action")
     body = b"" if not post else draw(param_bodies(params) if target == "/api/param" else action_bodies())
     method = draw(st.sampled_from(["POST"] * 4 + ["GET"])) if post else draw(st.sampled_from(["GET", "HEAD"]))
-    head = (f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
 @st.composite
 def wild_requests(draw: st.DrawFn, params: list[Param]) -> bytes:
     """Anything that fits on the wire: odd methods, paths, versions, headers, lengths and bodies."""
-    method = draw(st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"])
-                  | st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12))
-    target = draw(st.sampled_from(KNOWN_PATHS)
-                  | st.builds(lambda p, q: p + "?" + q, st.sampled_from(KNOWN_PATHS), header_text)
-                  | st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), max_size=80))
+    method = draw(
+        st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"])
+        | st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12)
+    )
+    target = draw(
+        st.sampled_from(KNOWN_PATHS)
+        | st.builds(lambda p, q: p + "?" + q, st.sampled_from(KNOWN_PATHS), header_text)
+        | st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), max_size=80)
+    )
     version = draw(st.sampled_from(["HTTP/1.0", "HTTP/1.1", "HTTP/1.1", "HTTP/2.0", "HTTP/x", ""]))
-    body = draw(st.sampled_from([b""]) | st.binary(max_size=300)
-                | json_values.map(lambda v: json.dumps(v).encode()) | api_bodies(params))
+    body = draw(
+        st.sampled_from([b""])
+        | st.binary(max_size=300)
+        | json_values.map(lambda v: json.dumps(v).encode())
+        | api_bodies(params)
+    )
     headers: list[tuple[str, str]] = []
     if draw(st.booleans()):
-        headers.append(("Content-Type", draw(st.sampled_from(["application/json", "text/plain",
-                                                              "application/json; charset=utf-8"]) | header_text)))
+        headers.append(
+            (
+                "Content-Type",
+                draw(
+                    st.sampled_from(["application/json", "text/plain", "application/json; charset=utf-8"]) | header_text
+                ),
+            )
+        )
     length = draw(st.sampled_from(["right", "none", "other"]))
     if length == "right":
         headers.append(("Content-Length", str(len(body))))
     elif length == "other":
         headers.append(("Content-Length", draw(st.integers(-5, 70_000).map(str) | header_text)))
-    headers += draw(st.lists(st.tuples(st.sampled_from(["Host", "Origin", "Authorization", "Expect",
-                                                        "Transfer-Encoding", "Cookie", "X-Anything"])
-                                       | st.text(st.characters(min_codepoint=33, max_codepoint=126,
-                                                               blacklist_characters=":"), min_size=1, max_size=20),
-                                       header_text), max_size=5))
+    headers += draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    ["Host", "Origin", "Authorization", "Expect", "Transfer-Encoding", "Cookie", "X-Anything"]
+                )
+                | st.text(
+                    st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=":"),
+                    min_size=1,
+                    max_size=20,
+                ),
+                header_text,
+            ),
+            max_size=5,
+        )
+    )
     head = f"{method} {target} {version}".rstrip() + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
     return head.encode("utf-8", "surrogateescape") + body
 
@@ -211,6 +255,7 @@ def request_health(port: int, extra: str = "") -> int:
 
 # -- OSC -----------------------------------------------------------------------------------------
 
+
 def osc_string(text: bytes) -> bytes:
     text += b"\0"
     return text + b"\0" * (-len(text) % 4)
@@ -222,16 +267,20 @@ def osc_packets(draw: st.DrawFn, paths: list[str]) -> bytes:
     if kind == "garbage":
         return draw(st.binary(max_size=600))
     actions = [f"/dreamdeck/{name}" for name in ACTIONS]
-    address = draw(st.sampled_from([f"/dreamdeck{p}" for p in paths] + actions
-                                   + ["/dreamdeck/get", "/dreamdeck/norm/fx/kaleido/segments", "/dreamdeck/fx/*/enabled"])
-                   | st.text(max_size=40).map(lambda t: "/" + t))
+    address = draw(
+        st.sampled_from(
+            [f"/dreamdeck{p}" for p in paths]
+            + actions
+            + ["/dreamdeck/get", "/dreamdeck/norm/fx/kaleido/segments", "/dreamdeck/fx/*/enabled"]
+        )
+        | st.text(max_size=40).map(lambda t: "/" + t)
+    )
     tags = draw(st.text(st.sampled_from("ifsbTFNIhdtcrm[]"), max_size=6))
     args = draw(st.binary(max_size=64))
     message = osc_string(address.encode("utf-8", "surrogatepass")) + osc_string(b"," + tags.encode()) + args
     if kind == "message":
         return message
-    elements = draw(st.lists(st.sampled_from([message, b"#bundle\0" + bytes(8)]) | st.binary(max_size=40),
-                             max_size=4))
+    elements = draw(st.lists(st.sampled_from([message, b"#bundle\0" + bytes(8)]) | st.binary(max_size=40), max_size=4))
     body = b"".join(struct.pack(">i", len(e) + draw(st.sampled_from([0, 0, 0, 4, -4, 1000]))) + e for e in elements)
     return b"#bundle\0" + draw(st.binary(min_size=8, max_size=8)) + body
 

@@ -42,9 +42,11 @@ def test_no_engine_module_changes_logging_or_warnings_at_import() -> None:
 
 
 def test_importing_the_diffusion_package_installs_no_filter() -> None:
-    code = ("import logging, engine.diffusion, engine.control, engine.web; "
-            "print(sum(len(l.filters) for l in logging.Logger.manager.loggerDict.values() "
-            "if isinstance(l, logging.Logger)))")
+    code = (
+        "import logging, engine.diffusion, engine.control, engine.web; "
+        "print(sum(len(l.filters) for l in logging.Logger.manager.loggerDict.values() "
+        "if isinstance(l, logging.Logger)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"

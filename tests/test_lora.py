@@ -14,12 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft", reason="the diffusion extra is not installed")
 
+from diffusion_fixtures import offline, one_torch_thread, set_params, tiny, wait_for  # noqa: E402,F401  (fixtures)  # noqa: E402
 from engine.diffusion.accel import CompileAccelerator  # noqa: E402
 from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.lora import AdapterBank, random_lora, save_lora  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
-from diffusion_fixtures import set_params, wait_for  # noqa: E402
 from test_diffusion_scene import P, model_folders, newest, show  # noqa: E402,F401
 
 TARGET_RANK = 8
@@ -35,14 +34,21 @@ def loras(tiny, tmp_path_factory) -> dict[str, str]:
     a = random_lora(tiny.unet, rank=4, seed=1)
     b = random_lora(tiny.unet, rank=8, seed=2, alpha=4)
     wide = random_lora(tiny.unet, rank=4, seed=3, targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"))
-    text_encoder = inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
-                                           copy.deepcopy(tiny.text_encoder), adapter_name="te")
+    text_encoder = inject_adapter_in_model(
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), copy.deepcopy(tiny.text_encoder), adapter_name="te"
+    )
     (root / "bad.safetensors").write_bytes(b"not a safetensors file")
     return {
         "a": str(save_lora(a, root / "a.safetensors")),
         "a_kohya": str(save_lora(a, root / "a_kohya.safetensors", kohya=True)),
-        "b_kohya": str(save_lora(b, root / "b_kohya.safetensors", kohya=True,
-                                 text_encoder=get_peft_model_state_dict(text_encoder, adapter_name="te"))),
+        "b_kohya": str(
+            save_lora(
+                b,
+                root / "b_kohya.safetensors",
+                kohya=True,
+                text_encoder=get_peft_model_state_dict(text_encoder, adapter_name="te"),
+            )
+        ),
         "wide": str(save_lora(wide, root / "wide.safetensors")),
         "bad": str(root / "bad.safetensors"),
     }
@@ -192,9 +198,14 @@ def test_weight_changes_and_file_swaps_do_not_recompile(tiny, loras):
     backend (see test_diffusion_accel.py for why not aot_eager / inductor on this CPU)."""
     model = copy.deepcopy(tiny)
     bank = AdapterBank(model.unet, target_rank=TARGET_RANK)
-    stream = StreamImg2Img(model, choose_device("cpu", "float32"), StreamConfig(size=(32, 32)),
-                           LiveSettings(similarity_threshold=0.0), accelerator=CompileAccelerator(backend="eager"),
-                           adapters=bank)
+    stream = StreamImg2Img(
+        model,
+        choose_device("cpu", "float32"),
+        StreamConfig(size=(32, 32)),
+        LiveSettings(similarity_threshold=0.0),
+        accelerator=CompileAccelerator(backend="eager"),
+        adapters=bank,
+    )
     stream.prompts.wait()
     frame = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     play(bank, 1, loras["a"])  # a first file: new layers, before the first build

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
+import tomllib
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import mido
 import pytest
@@ -26,15 +27,17 @@ import tomli_w
 
 from engine.control.actions import ActionError, Actions
 from engine.control.midi import JACK_CLOSE_PAUSE, MidiClock, MidiControl, port_matches, resolve_apis
-from engine.control.midimap import (LearnEvent, MapType, Mapping, Mode, guess_mapping, parse_mapping,
-                                    relative_ticks)
-from engine.params import (Change, ParamRegistry, bool_param, enum_param, float_param, int_param,
-                           string_param, trigger_param)
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from engine.control.midimap import LearnEvent, Mapping, MapType, Mode, guess_mapping, parse_mapping, relative_ticks
+from engine.params import (
+    Change,
+    ParamRegistry,
+    bool_param,
+    enum_param,
+    float_param,
+    int_param,
+    string_param,
+    trigger_param,
+)
 
 TIMEOUT = 5.0
 HANDLED = {"control_change", "note_on", "note_off", "pitchwheel", "program_change"}  # what midi.received counts
@@ -42,6 +45,7 @@ JACK = mido.Backend("mido.backends.rtmidi/UNIX_JACK")
 
 
 # -- the JACK server --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def jack_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -55,9 +59,11 @@ def jack_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log_path, "wb") as log_file:
         # --sync: each period waits for every client, so a busy machine delays MIDI but never drops
         # it (asynchronous mode drops what a late client had); -p 256 at 48 kHz: 5 ms of jitter
-        server = subprocess.Popen([jackd, "--no-realtime", "--sync", "-n", name,
-                                   "-d", "dummy", "-r", "48000", "-p", "256"],
-                                  stdout=log_file, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [jackd, "--no-realtime", "--sync", "-n", name, "-d", "dummy", "-r", "48000", "-p", "256"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 10.0
         while True:
@@ -86,6 +92,7 @@ def jack_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 # -- a controller -----------------------------------------------------------------------------
+
 
 class Controller:
     """A pretend MIDI controller: sends from a virtual output, receives feedback on a virtual input.
@@ -134,16 +141,18 @@ def cc(number: int, value: int, channel: int = 1) -> mido.Message:
 
 def make_registry() -> ParamRegistry:
     registry = ParamRegistry()
-    registry.declare_all([
-        float_param("/fx/amount", 0.5, 0.0, 1.0),
-        float_param("/fx/fine", 0.5, 0.0, 1.0),
-        int_param("/fx/steps", 50, 0, 100),
-        bool_param("/fx/enabled", False),
-        bool_param("/fx/hold", False),
-        enum_param("/fx/blend", "normal", ["normal", "add", "screen"]),
-        trigger_param("/fx/flash"),
-        string_param("/scene/prompt", "a forest"),
-    ])
+    registry.declare_all(
+        [
+            float_param("/fx/amount", 0.5, 0.0, 1.0),
+            float_param("/fx/fine", 0.5, 0.0, 1.0),
+            int_param("/fx/steps", 50, 0, 100),
+            bool_param("/fx/enabled", False),
+            bool_param("/fx/hold", False),
+            enum_param("/fx/blend", "normal", ["normal", "add", "screen"]),
+            trigger_param("/fx/flash"),
+            string_param("/scene/prompt", "a forest"),
+        ]
+    )
     return registry
 
 
@@ -165,8 +174,14 @@ class Rig:
     def restart(self, **options: Any) -> MidiControl:
         if self.midi is not None:
             self.midi.stop()
-        settings = {"inputs": [self.controller.name], "outputs": [self.controller.name],
-                    "mappings_path": self.path, "api": "jack", "poll_interval": 0.1, **options}
+        settings = {
+            "inputs": [self.controller.name],
+            "outputs": [self.controller.name],
+            "mappings_path": self.path,
+            "api": "jack",
+            "poll_interval": 0.1,
+            **options,
+        }
         self.actions = Actions()
         self.actions.register("preset/recall", self.recalled.append)
         self.midi = MidiControl(self.registry, self.actions, **settings)
@@ -235,10 +250,15 @@ def rig(jack_server: str, tmp_path: Path) -> Iterator[Callable[..., Rig]]:
 
 # -- values in ----------------------------------------------------------------------------------
 
+
 def test_cc_7bit_absolute_sets_normalised_values(rig) -> None:
-    r = rig([{"channel": 1, "type": "cc", "number": 7, "param": "/fx/amount", "takeover": "jump"},
-             {"channel": 2, "type": "cc", "number": 7, "param": "/fx/steps", "takeover": "jump"},
-             {"channel": 1, "type": "cc", "number": 8, "param": "/fx/blend", "takeover": "jump"}])
+    r = rig(
+        [
+            {"channel": 1, "type": "cc", "number": 7, "param": "/fx/amount", "takeover": "jump"},
+            {"channel": 2, "type": "cc", "number": 7, "param": "/fx/steps", "takeover": "jump"},
+            {"channel": 1, "type": "cc", "number": 8, "param": "/fx/blend", "takeover": "jump"},
+        ]
+    )
     r.play(cc(7, 64))
     assert r.registry.get("/fx/amount") == pytest.approx(64 / 127)
     assert r.registry.last_change == Change("/fx/amount", pytest.approx(64 / 127), "midi")
@@ -251,8 +271,12 @@ def test_cc_7bit_absolute_sets_normalised_values(rig) -> None:
 
 
 def test_cc14_pairs_and_pitchbend_give_14_bit_values(rig) -> None:
-    r = rig([{"channel": 1, "type": "cc14", "number": 1, "param": "/fx/fine", "takeover": "jump"},
-             {"channel": 1, "type": "pitchbend", "param": "/fx/amount", "takeover": "jump"}])
+    r = rig(
+        [
+            {"channel": 1, "type": "cc14", "number": 1, "param": "/fx/fine", "takeover": "jump"},
+            {"channel": 1, "type": "pitchbend", "param": "/fx/amount", "takeover": "jump"},
+        ]
+    )
     value = 10_000
     r.play(cc(1, value >> 7), cc(33, value & 127))  # MSB, then LSB
     assert r.registry.get("/fx/fine") == pytest.approx(value / 16383, abs=1e-12)
@@ -274,8 +298,12 @@ ENCODINGS = {  # +1, -1 and +5 (an encoder turned fast) in each encoding
 @pytest.mark.parametrize("mode", sorted(ENCODINGS))
 def test_relative_encoders_step_the_value(rig, mode: str) -> None:
     up, down, fast = ENCODINGS[mode]
-    r = rig([{"channel": 1, "type": "cc", "number": 20, "param": "/fx/steps", "mode": mode},
-             {"channel": 1, "type": "cc", "number": 21, "param": "/fx/amount", "mode": mode, "step": 0.25}])
+    r = rig(
+        [
+            {"channel": 1, "type": "cc", "number": 20, "param": "/fx/steps", "mode": mode},
+            {"channel": 1, "type": "cc", "number": 21, "param": "/fx/amount", "mode": mode, "step": 0.25},
+        ]
+    )
     # sent in one burst, so later ticks arrive before earlier ones land: each must count
     r.play(cc(20, up), cc(20, up), cc(20, up), cc(20, down), cc(20, down), cc(20, fast))
     assert r.registry.get("/fx/steps") == 50 + 3 - 2 + 5, "an int steps one value per tick"
@@ -286,12 +314,16 @@ def test_relative_encoders_step_the_value(rig, mode: str) -> None:
 
 
 def test_notes_trigger_toggle_and_momentary(rig) -> None:
-    r = rig([{"channel": 1, "type": "note", "number": 36, "param": "/fx/flash", "mode": "trigger"},
-             {"channel": 1, "type": "note", "number": 37, "param": "/fx/enabled", "mode": "toggle"},
-             {"channel": 1, "type": "note", "number": 38, "param": "/fx/amount", "mode": "momentary"},
-             {"channel": 1, "type": "note", "number": 39, "param": "/fx/hold", "mode": "momentary"},
-             {"channel": 1, "type": "note", "number": 40, "param": "/fx/steps", "mode": "trigger"},
-             {"channel": 1, "type": "cc", "number": 64, "param": "/fx/flash", "mode": "trigger"}])
+    r = rig(
+        [
+            {"channel": 1, "type": "note", "number": 36, "param": "/fx/flash", "mode": "trigger"},
+            {"channel": 1, "type": "note", "number": 37, "param": "/fx/enabled", "mode": "toggle"},
+            {"channel": 1, "type": "note", "number": 38, "param": "/fx/amount", "mode": "momentary"},
+            {"channel": 1, "type": "note", "number": 39, "param": "/fx/hold", "mode": "momentary"},
+            {"channel": 1, "type": "note", "number": 40, "param": "/fx/steps", "mode": "trigger"},
+            {"channel": 1, "type": "cc", "number": 64, "param": "/fx/flash", "mode": "trigger"},
+        ]
+    )
     flashes: list[Change] = []
     r.registry.add_listener(lambda c: flashes.append(c) if c.path == "/fx/flash" else None)
 
@@ -325,10 +357,14 @@ def test_notes_trigger_toggle_and_momentary(rig) -> None:
 
 
 def test_a_pad_per_choice_sets_its_value(rig) -> None:
-    r = rig([{"channel": 1, "type": "note", "number": 36, "param": "/fx/blend", "mode": "trigger", "value": "screen"},
-             {"channel": 1, "type": "note", "number": 37, "param": "/fx/blend", "mode": "trigger", "value": "add"},
-             {"channel": 1, "type": "note", "number": 38, "param": "/fx/blend", "mode": "trigger", "value": "nope"},
-             {"channel": 1, "type": "note", "number": 39, "param": "/fx/blend", "mode": "toggle", "value": "add"}])
+    r = rig(
+        [
+            {"channel": 1, "type": "note", "number": 36, "param": "/fx/blend", "mode": "trigger", "value": "screen"},
+            {"channel": 1, "type": "note", "number": 37, "param": "/fx/blend", "mode": "trigger", "value": "add"},
+            {"channel": 1, "type": "note", "number": 38, "param": "/fx/blend", "mode": "trigger", "value": "nope"},
+            {"channel": 1, "type": "note", "number": 39, "param": "/fx/blend", "mode": "toggle", "value": "add"},
+        ]
+    )
     assert len(r.midi.mappings) == 2, "an unknown choice, or a value on a toggle, is refused with a reason"
     r.play(mido.Message("note_on", note=36, velocity=5))
     assert r.registry.get("/fx/blend") == "screen", "the pad's value, whatever the velocity"
@@ -337,8 +373,12 @@ def test_a_pad_per_choice_sets_its_value(rig) -> None:
 
 
 def test_soft_takeover_waits_for_the_fader_to_reach_the_value(rig) -> None:
-    r = rig([{"channel": 1, "type": "cc", "number": 7, "param": "/fx/amount"},  # pickup is the default
-             {"channel": 1, "type": "cc", "number": 8, "param": "/fx/fine", "takeover": "jump"}])
+    r = rig(
+        [
+            {"channel": 1, "type": "cc", "number": 7, "param": "/fx/amount"},  # pickup is the default
+            {"channel": 1, "type": "cc", "number": 8, "param": "/fx/fine", "takeover": "jump"},
+        ]
+    )
     r.play(cc(7, 10))
     assert r.registry.get("/fx/amount") == 0.5, "a fader far from the value does not make it jump"
     r.play(cc(7, 64))  # 0.504: close enough to pick up
@@ -369,15 +409,25 @@ def test_soft_takeover_waits_for_the_fader_to_reach_the_value(rig) -> None:
 
 # -- feedback -------------------------------------------------------------------------------------
 
+
 def test_feedback_is_sent_once_per_change_and_never_echoed(rig) -> None:
-    r = rig([{"channel": 1, "type": "cc", "number": 7, "param": "/fx/amount", "takeover": "jump"},
-             {"channel": 2, "type": "cc14", "number": 3, "param": "/fx/fine", "takeover": "jump"},
-             {"channel": 1, "type": "note", "number": 37, "param": "/fx/enabled", "mode": "toggle"},
-             {"channel": 1, "type": "note", "number": 36, "param": "/fx/flash"}])
+    r = rig(
+        [
+            {"channel": 1, "type": "cc", "number": 7, "param": "/fx/amount", "takeover": "jump"},
+            {"channel": 2, "type": "cc14", "number": 3, "param": "/fx/fine", "takeover": "jump"},
+            {"channel": 1, "type": "note", "number": 37, "param": "/fx/enabled", "mode": "toggle"},
+            {"channel": 1, "type": "note", "number": 36, "param": "/fx/flash"},
+        ]
+    )
     synced = r.feedback(4, "the current values when the port opened")  # a trigger has no state to show
-    assert sorted(m.bytes() for m in synced) == sorted([
-        cc(7, 64).bytes(), cc(3, 8192 >> 7, 2).bytes(), cc(35, 8192 & 127, 2).bytes(),
-        mido.Message("note_on", note=37, velocity=0).bytes()])
+    assert sorted(m.bytes() for m in synced) == sorted(
+        [
+            cc(7, 64).bytes(),
+            cc(3, 8192 >> 7, 2).bytes(),
+            cc(35, 8192 & 127, 2).bytes(),
+            mido.Message("note_on", note=37, velocity=0).bytes(),
+        ]
+    )
     assert r.quiet() == [], "nothing changed, nothing more is sent"
 
     r.registry.set("/fx/amount", 0.25, origin="osc")
@@ -399,6 +449,7 @@ def test_feedback_is_sent_once_per_change_and_never_echoed(rig) -> None:
 
 # -- actions and clock ------------------------------------------------------------------------------
 
+
 def test_program_change_recalls_presets_unless_mapped(rig) -> None:
     r = rig([{"channel": 2, "type": "program", "param": "/fx/blend"}])
     r.play(mido.Message("program_change", program=4))
@@ -411,22 +462,33 @@ def test_program_change_recalls_presets_unless_mapped(rig) -> None:
 
 
 def test_buttons_post_actions_checked_by_their_declaration(rig, caplog) -> None:
-    entries = [{"channel": 1, "type": "note", "number": 41, "action": "preset/recall", "args": [3]},
-               {"channel": 1, "type": "cc", "number": 50, "action": "preset/recall", "args": ["late night"]},
-               {"channel": 1, "type": "note", "number": 42, "action": "preset/recall"},  # no ref: refused
-               {"channel": 1, "type": "note", "number": 43, "action": "preset/recall", "args": [True]},
-               {"channel": 1, "type": "note", "number": 44, "action": "tap"}]  # declared, not in this engine
+    entries = [
+        {"channel": 1, "type": "note", "number": 41, "action": "preset/recall", "args": [3]},
+        {"channel": 1, "type": "cc", "number": 50, "action": "preset/recall", "args": ["late night"]},
+        {"channel": 1, "type": "note", "number": 42, "action": "preset/recall"},  # no ref: refused
+        {"channel": 1, "type": "note", "number": 43, "action": "preset/recall", "args": [True]},
+        {"channel": 1, "type": "note", "number": 44, "action": "tap"},
+    ]  # declared, not in this engine
     with caplog.at_level("WARNING", logger="engine.control.midimap"):
         r = rig(entries)
     warnings = [rec.getMessage() for rec in caplog.records if rec.name == "engine.control.midimap"]
     assert any("map #3: args: preset/recall(ref: str|int): got 0 arguments; skipped" in w for w in warnings), warnings
-    assert any("map #4: args: preset/recall(ref: str|int): ref takes a name or a whole number, got True" in w
-               for w in warnings), warnings
+    assert any(
+        "map #4: args: preset/recall(ref: str|int): ref takes a name or a whole number, got True" in w for w in warnings
+    ), warnings
     assert sorted(m.describe().split(" -> ")[1] for m in r.midi.mappings) == [
-        "action preset/recall 3 [trigger]", "action preset/recall late night [trigger]", "action tap [trigger]"]
+        "action preset/recall 3 [trigger]",
+        "action preset/recall late night [trigger]",
+        "action tap [trigger]",
+    ]
 
-    r.play(mido.Message("note_on", note=41, velocity=100), mido.Message("note_off", note=41),
-           cc(50, 127), cc(50, 0), mido.Message("note_on", note=42, velocity=100))
+    r.play(
+        mido.Message("note_on", note=41, velocity=100),
+        mido.Message("note_off", note=41),
+        cc(50, 127),
+        cc(50, 0),
+        mido.Message("note_on", note=42, velocity=100),
+    )
     r.frame()
     assert r.recalled == [3, "late night"], "a press posts, a release does not; a refused mapping does nothing"
     r.play(mido.Message("note_on", note=44, velocity=100))
@@ -456,7 +518,7 @@ def test_midi_clock_gives_tempo_position_and_transport(rig) -> None:
         sender.start()
         sender.join()
         sent += pulses
-        r.until(lambda: len(calls) >= 1 + sent, f"the {bpm:g} bpm pulses")
+        r.until(lambda sent=sent: len(calls) >= 1 + sent, f"the {bpm:g} bpm pulses")
         assert r.midi.clock_bpm == pytest.approx(bpm, abs=3.0)
         assert f"clock {r.midi.clock_bpm:.1f} bpm" in r.midi.status
     assert calls[-1][0] == pytest.approx(150.0, abs=3.0)
@@ -503,18 +565,23 @@ def test_clock_position_follows_start_song_position_and_stop() -> None:
 
 # -- ports ----------------------------------------------------------------------------------------
 
+
 def test_unplugged_controller_is_reopened_and_still_mapped(rig) -> None:
     r = rig([{"channel": 1, "type": "cc", "number": 7, "param": "/fx/amount", "takeover": "jump"}])
     r.play(cc(7, 10))
     assert r.feedback(1, "the first sync") and r.registry.get("/fx/amount") == pytest.approx(10 / 127)
     r.controller.unplug()
-    r.until(lambda: not r.midi.open_inputs and not r.midi.open_outputs and "disconnected" in r.midi.status,
-            "the unplug to be noticed")
+    r.until(
+        lambda: not r.midi.open_inputs and not r.midi.open_outputs and "disconnected" in r.midi.status,
+        "the unplug to be noticed",
+    )
     r.frame()  # no ports, no feedback: nothing breaks
 
     r.controller.plug()
-    r.until(lambda: r.midi.open_inputs and r.midi.open_outputs and "disconnected" not in r.midi.status,
-            "the controller to be reopened")
+    r.until(
+        lambda: r.midi.open_inputs and r.midi.open_outputs and "disconnected" not in r.midi.status,
+        "the controller to be reopened",
+    )
     assert r.feedback(1, "the values sent again to the replugged controller") == [cc(7, 10)]
     r.play(cc(7, 90))
     assert r.registry.get("/fx/amount") == pytest.approx(90 / 127)
@@ -529,9 +596,14 @@ def test_garbage_sysex_and_unmapped_messages_are_ignored(rig) -> None:
         r.until(lambda: len(r.midi.open_inputs) == 2, "the second controller to open")
         for data in ([0xF4], [0xB0, 0x80, 0x90], [0x90], [0x01, 0x02], [0xFE], [0xF7], [0xF0, *range(100), 0xF7]):
             junk.send_message(data)
-        r.play(mido.Message("sysex", data=[0x7E, 0x7F, 0x06, 0x01]), mido.Message("aftertouch", value=3),
-               cc(9, 100), mido.Message("note_on", note=60, velocity=99), mido.Message("pitchwheel", pitch=5),
-               mido.Message("polytouch", note=3, value=4))
+        r.play(
+            mido.Message("sysex", data=[0x7E, 0x7F, 0x06, 0x01]),
+            mido.Message("aftertouch", value=3),
+            cc(9, 100),
+            mido.Message("note_on", note=60, velocity=99),
+            mido.Message("pitchwheel", pitch=5),
+            mido.Message("polytouch", note=3, value=4),
+        )
         junk.send_message(cc(7, 100).bytes())
         r.until(lambda: r.registry.get("/fx/amount") == pytest.approx(100 / 127), "the junk port's valid CC")
         r.play(cc(7, 27))
@@ -555,6 +627,7 @@ def test_api_names_and_port_patterns() -> None:
 
 # -- learn ------------------------------------------------------------------------------------
 
+
 def test_learn_maps_the_next_control_and_saves_it_atomically(rig) -> None:
     r = rig()
     assert not r.path.exists()
@@ -565,9 +638,20 @@ def test_learn_maps_the_next_control_and_saves_it_atomically(rig) -> None:
     r.until(lambda: r.midi.learning is None and r.path.exists(), "the mapping to be learned")
     assert r.registry.get("/fx/amount") == 0.5, "the control moved for learn does not change the value"
     document = tomllib.loads(r.path.read_text(encoding="utf-8"))
-    assert document == {"version": 1, "map": [{
-        "port": r.controller.name, "channel": 1, "type": "cc", "number": 12, "param": "/fx/amount",
-        "mode": "absolute", "takeover": "pickup"}]}
+    assert document == {
+        "version": 1,
+        "map": [
+            {
+                "port": r.controller.name,
+                "channel": 1,
+                "type": "cc",
+                "number": 12,
+                "param": "/fx/amount",
+                "mode": "absolute",
+                "takeover": "pickup",
+            }
+        ],
+    }
     assert [p.name for p in r.path.parent.iterdir()] == ["midi.toml"], "no temporary file is left behind"
     assert "learned cc 12 ch1" in r.midi.status
 
@@ -578,8 +662,13 @@ def test_learn_maps_the_next_control_and_saves_it_atomically(rig) -> None:
     assert r.registry.get("/fx/amount") == 1.0
 
     assert r.midi.unlearn("/fx/amount") == 1
-    r.until(lambda: "map" not in tomllib.loads(r.path.read_text(encoding="utf-8"))
-            or not tomllib.loads(r.path.read_text(encoding="utf-8"))["map"], "unlearn to be saved")
+    r.until(
+        lambda: (
+            "map" not in tomllib.loads(r.path.read_text(encoding="utf-8"))
+            or not tomllib.loads(r.path.read_text(encoding="utf-8"))["map"]
+        ),
+        "unlearn to be saved",
+    )
     r.play(cc(12, 0))
     assert r.registry.get("/fx/amount") == 1.0
 
@@ -591,8 +680,12 @@ LEARN_CASES = [  # (what the performer does, parameter, mode named or None) -> (
     ([cc(22, 1)], "/fx/steps", "relative-signed", (MapType.CC, 22, Mode.RELATIVE_SIGNED)),
     ([cc(23, 127)], "/fx/enabled", None, (MapType.CC, 23, Mode.TOGGLE)),
     ([mido.Message("note_on", note=40, velocity=90)], "/fx/enabled", None, (MapType.NOTE, 40, Mode.TOGGLE)),
-    ([mido.Message("note_on", channel=4, note=41, velocity=90)], "/fx/amount", None,
-     (MapType.NOTE, 41, Mode.MOMENTARY)),
+    (
+        [mido.Message("note_on", channel=4, note=41, velocity=90)],
+        "/fx/amount",
+        None,
+        (MapType.NOTE, 41, Mode.MOMENTARY),
+    ),
     ([mido.Message("pitchwheel", pitch=100)], "/fx/fine", None, (MapType.PITCHBEND, 0, Mode.ABSOLUTE)),
 ]
 
@@ -629,8 +722,11 @@ def test_learn_last_touched_skips_changes_from_midi(rig) -> None:
 def test_learn_refuses_what_midi_cannot_drive(jack_server: str, tmp_path: Path) -> None:
     actions = Actions()
     midi = MidiControl(make_registry(), actions, mappings_path=tmp_path / "midi.toml", api="jack")
-    for args, message in ((("/scene/prompt",), "string parameter"), (("/nope",), "unknown parameter"),
-                          (("/fx/amount", "sideways"), "unknown MIDI mode")):
+    for args, message in (
+        (("/scene/prompt",), "string parameter"),
+        (("/nope",), "unknown parameter"),
+        (("/fx/amount", "sideways"), "unknown MIDI mode"),
+    ):
         with pytest.raises(ActionError, match=message):
             midi.learn(*args)
     actions.post("midi/learn", "/nope")
@@ -655,9 +751,18 @@ def test_bad_entries_are_skipped_with_a_reason_and_kept_in_the_file(rig, tmp_pat
         r = rig()
     warnings = [rec.getMessage() for rec in caplog.records if rec.name == "engine.control.midimap"]
     assert len(warnings) == len(bad), warnings
-    for text, reason in zip(warnings, ["channel: 17 is out of range", "unknown parameter", "mode: absolute does not",
-                                       "unknown key 'colour'", "type: 'sysex' is not one of", "string parameter",
-                                       "number: 40 is out of range 0..31"]):
+    for text, reason in zip(
+        warnings,
+        [
+            "channel: 17 is out of range",
+            "unknown parameter",
+            "mode: absolute does not",
+            "unknown key 'colour'",
+            "type: 'sysex' is not one of",
+            "string parameter",
+            "number: 40 is out of range 0..31",
+        ],
+    ):
         assert reason in text and "skipped" in text, (text, reason)
     r.play(cc(7, 127))
     assert r.registry.get("/fx/amount") == 1.0, "the good entry works"
@@ -672,8 +777,9 @@ def test_bad_entries_are_skipped_with_a_reason_and_kept_in_the_file(rig, tmp_pat
     assert entries[2:] == bad, "a learn keeps what the performer wrote, even what this build cannot use"
 
 
-def test_unreadable_file_and_failed_save_never_lose_the_old_mappings(rig, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_file_and_failed_save_never_lose_the_old_mappings(
+    rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     broken = "[[map]\nport = 'x'\n"
     path = tmp_path / "midi.toml"
     path.write_text(broken, encoding="utf-8")
@@ -691,6 +797,7 @@ def test_unreadable_file_and_failed_save_never_lose_the_old_mappings(rig, tmp_pa
 
     def replace_fails(src: Any, dst: Any) -> None:
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(os, "replace", replace_fails)
     r.midi.last_error = None
     r.midi.learn("/fx/hold")
@@ -701,6 +808,7 @@ def test_unreadable_file_and_failed_save_never_lose_the_old_mappings(rig, tmp_pa
 
 
 # -- the mapping module alone ------------------------------------------------------------------
+
 
 def test_relative_decoding_and_guessing_without_ports() -> None:
     assert [relative_ticks(v, Mode.RELATIVE_SIGNED) for v in (1, 63, 65, 127, 0, 64)] == [1, 63, -1, -63, 0, 0]
@@ -715,6 +823,7 @@ def test_relative_decoding_and_guessing_without_ports() -> None:
 
 # -- the app ------------------------------------------------------------------------------------
 
+
 def test_app_steps_midi_values_in_and_learn_through_its_actions(jack_server: str, tmp_path: Path) -> None:
     pytest.importorskip("moderngl")
     from engine.app import App, AppConfig
@@ -725,16 +834,38 @@ def test_app_steps_midi_values_in_and_learn_through_its_actions(jack_server: str
     presets.mkdir()
     shutil.copy(Path(__file__).resolve().parents[1] / "presets" / "default.toml", presets / "default.toml")
     controller = Controller(f"Test Controller {uuid.uuid4().hex[:6]}")
-    write_mappings(tmp_path / "midi.toml", [{"port": controller.name, "channel": 1, "type": "cc", "number": 7,
-                                             "param": "/fx/kaleido/segments", "takeover": "jump"}])
+    write_mappings(
+        tmp_path / "midi.toml",
+        [
+            {
+                "port": controller.name,
+                "channel": 1,
+                "type": "cc",
+                "number": 7,
+                "param": "/fx/kaleido/segments",
+                "takeover": "jump",
+            }
+        ],
+    )
     surface = HeadlessSurface()
-    app = App(AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
-              surface, ManualClock(60.0))
-    midi = MidiControl(app.params, app.actions, inputs=[controller.name], outputs=[controller.name],
-                       mappings_path=tmp_path / "midi.toml", api="jack", poll_interval=0.1)
+    app = App(
+        AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
+        surface,
+        ManualClock(60.0),
+    )
+    midi = MidiControl(
+        app.params,
+        app.actions,
+        inputs=[controller.name],
+        outputs=[controller.name],
+        mappings_path=tmp_path / "midi.toml",
+        api="jack",
+        poll_interval=0.1,
+    )
     app.add_control(midi)
     app.start()
     try:
+
         def step_until(condition: Callable[[], Any], what: str) -> None:
             deadline = time.monotonic() + TIMEOUT
             while not condition():

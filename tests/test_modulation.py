@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import time
+import tomllib
 import wave
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -21,11 +21,6 @@ from engine.control.modulation import MOD_SLOTS, MOD_SOURCES, ModulationMatrix, 
 from engine.control.tempo import Tempo
 from engine.params import ParamRegistry
 from engine.presets import load_preset, recall_values, save_preset
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,8 +72,15 @@ def test_an_lfo_moves_the_effective_value_not_the_set_one(rig) -> None:
 
 def test_routes_to_one_target_add_up_and_ints_round(rig) -> None:
     params, tempo, matrix = rig
-    params.set_many({"/lfo/1/shape": "square", "/lfo/2/shape": "square", "/lfo/2/phase": 0.5,
-                     "/layer/scene/opacity": 0.2, "/fx/kaleido/segments": 1})
+    params.set_many(
+        {
+            "/lfo/1/shape": "square",
+            "/lfo/2/shape": "square",
+            "/lfo/2/phase": 0.5,
+            "/layer/scene/opacity": 0.2,
+            "/fx/kaleido/segments": 1,
+        }
+    )
     route(params, 1, "lfo/1", "/layer/scene/opacity", 0.3)  # square: 1 in the first half-cycle
     route(params, 2, "lfo/2", "/layer/scene/opacity", 0.5)  # half a cycle later: 0 then
     route(params, 3, "lfo/1", "/layer/scene/opacity", 0.1)
@@ -130,9 +132,11 @@ def test_a_bad_target_is_reported_once_and_skipped(rig, caplog) -> None:
         "modulation route 1 skipped: /fx/grade/hew is not a parameter (did you mean /fx/grade/hue?)",
         "modulation route 2 skipped: /scene/active is not numeric (enum); only numbers can be modulated",
     ]
-    assert matrix.status == ("modulation: 1 route; route 1 skipped: /fx/grade/hew is not a parameter "
-                             "(did you mean /fx/grade/hue?); route 2 skipped: /scene/active is not numeric "
-                             "(enum); only numbers can be modulated")
+    assert matrix.status == (
+        "modulation: 1 route; route 1 skipped: /fx/grade/hew is not a parameter "
+        "(did you mean /fx/grade/hue?); route 2 skipped: /scene/active is not numeric "
+        "(enum); only numbers can be modulated"
+    )
     assert params.get("/layer/scene/opacity") == pytest.approx(0.5), "the good route plays on"
 
     params.set("/mod/1/target", " /fx/grade/hue ")  # fixed (spaces around a path are forgiven)
@@ -196,8 +200,11 @@ def make_app(tmp_path: Path) -> Iterator[Callable[..., object]]:
 
     def make() -> App:
         surface = HeadlessSurface()
-        app = App(AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
-                  surface, ManualClock(60.0))
+        app = App(
+            AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
+            surface,
+            ManualClock(60.0),
+        )
         made.append((app, surface))
         return app
 
@@ -228,9 +235,11 @@ def test_audio_bass_drives_a_layer_in_a_headless_show(make_app, tmp_path: Path) 
 
     # a preset holds the route: audio/bass -> /layer/scene/opacity
     preset = tmp_path / "presets" / "pulse.toml"
-    preset.write_text('[layer.scene]\nopacity = 0.1\n\n'
-                      '[mod.1]\nsource = "audio/bass"\ntarget = "/layer/scene/opacity"\namount = 0.9\n',
-                      encoding="utf-8")
+    preset.write_text(
+        "[layer.scene]\nopacity = 0.1\n\n"
+        '[mod.1]\nsource = "audio/bass"\ntarget = "/layer/scene/opacity"\namount = 0.9\n',
+        encoding="utf-8",
+    )
     assert app.recall_preset_now("pulse")
     app.step()
     assert matrix.routes == 1 and app.params.target("/layer/scene/opacity") == 0.1

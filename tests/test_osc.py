@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import random
+import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from pythonosc import osc_bundle_builder, osc_message
@@ -25,8 +26,15 @@ from pythonosc.udp_client import SimpleUDPClient
 from engine.catalog import build_registry
 from engine.control.actions import ACTIONS, Actions
 from engine.control.osc import (
-    DEFAULT_OSC_PORT, RECEIVE_BUFFER, OscServer, RateLimitedLog, SenderFilter, address_collisions, check_binding,
-    compile_pattern, parse_plain_message,
+    DEFAULT_OSC_PORT,
+    RECEIVE_BUFFER,
+    OscServer,
+    RateLimitedLog,
+    SenderFilter,
+    address_collisions,
+    check_binding,
+    compile_pattern,
+    parse_plain_message,
 )
 from engine.params import ParamRegistry, float_param
 
@@ -35,6 +43,7 @@ TIMEOUT = 10.0
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
 
 def wait_for(condition: Callable[[], bool], what: str | Callable[[], str], timeout: float = TIMEOUT) -> None:
     """Poll ``condition`` until it holds; ``what`` (text, or a callable for the state at the end) says why not."""
@@ -156,6 +165,7 @@ def nothing_more(sock: socket.socket, wait: float = 0.2) -> bool:
 
 # -- receiving values -------------------------------------------------------------------------
 
+
 def test_python_osc_client_sets_a_parameter_at_the_next_frame(server: OscServer, registry: ParamRegistry) -> None:
     assert registry.target("/fx/kaleido/segments") != 8
     with python_osc(server.port) as osc:
@@ -190,8 +200,9 @@ VALUES = [
 
 
 @pytest.mark.parametrize("case", VALUES, ids=[v[0] for v in VALUES])
-def test_osc_types_map_onto_parameter_kinds(server: OscServer, client: socket.socket, registry: ParamRegistry,
-                                            case: tuple) -> None:
+def test_osc_types_map_onto_parameter_kinds(
+    server: OscServer, client: socket.socket, registry: ParamRegistry, case: tuple
+) -> None:
     _, path, args, types, expected = case
     send(client, message("/dreamdeck" + path, *args, types=types))
     received(server, 1)
@@ -200,13 +211,17 @@ def test_osc_types_map_onto_parameter_kinds(server: OscServer, client: socket.so
     assert registry.target(path) == pytest.approx(expected)
 
 
-def test_normalised_addresses_map_0_1_onto_the_range(server: OscServer, client: socket.socket,
-                                                     registry: ParamRegistry) -> None:
-    send(client, message("/dreamdeck/norm/fx/kaleido/segments", 1.0),
-         message("/dreamdeck/norm/fx/kaleido/rotate", 0.75),
-         message("/dreamdeck/norm/layer/scene/blend", 1.0),
-         message("/dreamdeck/norm/fx/feedback/zoom", 7.0),  # clamped, as a fader end is
-         message("/dreamdeck/norm/fx/grade/enabled", 0.6))
+def test_normalised_addresses_map_0_1_onto_the_range(
+    server: OscServer, client: socket.socket, registry: ParamRegistry
+) -> None:
+    send(
+        client,
+        message("/dreamdeck/norm/fx/kaleido/segments", 1.0),
+        message("/dreamdeck/norm/fx/kaleido/rotate", 0.75),
+        message("/dreamdeck/norm/layer/scene/blend", 1.0),
+        message("/dreamdeck/norm/fx/feedback/zoom", 7.0),  # clamped, as a fader end is
+        message("/dreamdeck/norm/fx/grade/enabled", 0.6),
+    )
     received(server, 5)
     assert server.counts.applied == 5, server.last_error
     registry.apply_pending(0.0)
@@ -217,8 +232,9 @@ def test_normalised_addresses_map_0_1_onto_the_range(server: OscServer, client: 
     assert registry.target("/fx/grade/enabled") is True
 
 
-def test_liblo_oscsend_is_understood_over_udp_and_tcp(make_server: Callable[..., OscServer],
-                                                      registry: ParamRegistry) -> None:
+def test_liblo_oscsend_is_understood_over_udp_and_tcp(
+    make_server: Callable[..., OscServer], registry: ParamRegistry
+) -> None:
     oscsend = shutil.which("oscsend")
     if oscsend is None:
         pytest.skip("liblo-tools (oscsend) is not installed")
@@ -239,8 +255,9 @@ def test_liblo_oscsend_is_understood_over_udp_and_tcp(make_server: Callable[...,
 
 
 @pytest.mark.parametrize("mode", ["1.0", "1.1"])
-def test_tcp_streams_size_prefixed_and_slip(make_server: Callable[..., OscServer], registry: ParamRegistry,
-                                            mode: str) -> None:
+def test_tcp_streams_size_prefixed_and_slip(
+    make_server: Callable[..., OscServer], registry: ParamRegistry, mode: str
+) -> None:
     server = make_server(tcp=True)
     with SimpleTCPClient("127.0.0.1", server.port, mode=mode, timeout=TIMEOUT) as tcp:
         tcp.send_message("/dreamdeck/fx/kaleido/segments", 12)
@@ -257,14 +274,23 @@ def test_tcp_streams_size_prefixed_and_slip(make_server: Callable[..., OscServer
 
 # -- Pure Data and Max examples -----------------------------------------------------------------
 
-def test_the_pure_data_example_patch_drives_real_addresses(server: OscServer, registry: ParamRegistry,
-                                                           recorder: Recorder) -> None:
+
+def test_the_pure_data_example_patch_drives_real_addresses(
+    server: OscServer, registry: ParamRegistry, recorder: Recorder
+) -> None:
     pd = shutil.which("pd")
     if pd is None:
         pytest.skip("Pure Data (pd) is not installed")
     patch = ROOT / "examples" / "puredata" / "dreamdeck.pd"
-    sends = [f"dreamdeck-port {server.port}", "dreamdeck-crossfade 0.25", "dreamdeck-segments 8",
-             "dreamdeck-kaleido 1", "dreamdeck-next bang", "dreamdeck-preset 2", "pd quit"]
+    sends = [
+        f"dreamdeck-port {server.port}",
+        "dreamdeck-crossfade 0.25",
+        "dreamdeck-segments 8",
+        "dreamdeck-kaleido 1",
+        "dreamdeck-next bang",
+        "dreamdeck-preset 2",
+        "pd quit",
+    ]
     command = [pd, "-nogui", "-batch", "-stderr", "-open", str(patch)]
     for text in sends:
         command += ["-send", text]
@@ -280,8 +306,7 @@ def test_the_pure_data_example_patch_drives_real_addresses(server: OscServer, re
     assert recorder.run() == [("scene/next", ()), ("preset/recall", (2,))]
 
 
-def test_the_max_example_is_a_valid_patcher_that_sends_real_addresses(server: OscServer,
-                                                                      client: socket.socket) -> None:
+def test_the_max_example_is_a_valid_patcher_that_sends_real_addresses(server: OscServer, client: socket.socket) -> None:
     patcher = json.loads((ROOT / "examples" / "max" / "dreamdeck.maxpat").read_text(encoding="utf-8"))["patcher"]
     boxes = {b["box"]["id"]: b["box"] for b in patcher["boxes"]}
     for line in patcher["lines"]:
@@ -292,8 +317,12 @@ def test_the_max_example_is_a_valid_patcher_that_sends_real_addresses(server: Os
     addresses = [t.split(" ", 1)[1] for t in texts if t.startswith("prepend ")]
     addresses += [t for t in texts if t.startswith("/")]
     assert len(addresses) >= 6
-    sample = {"/dreamdeck/prompt": "a neon jellyfish", "/dreamdeck/preset/recall": 1,
-              "/dreamdeck/fx/kaleido/segments": 8, "/dreamdeck/fx/kaleido/enabled": 1}
+    sample = {
+        "/dreamdeck/prompt": "a neon jellyfish",
+        "/dreamdeck/preset/recall": 1,
+        "/dreamdeck/fx/kaleido/segments": 8,
+        "/dreamdeck/fx/kaleido/enabled": 1,
+    }
     for address in addresses:  # each address, with a value a Max object would send, is accepted
         args = [] if address == "/dreamdeck/scene/next" else [sample.get(address, 0.5)]
         send(client, message(address, *args))
@@ -303,11 +332,16 @@ def test_the_max_example_is_a_valid_patcher_that_sends_real_addresses(server: Os
 
 # -- bundles, wildcards, errors -----------------------------------------------------------------
 
-def test_a_bundle_lands_whole_in_one_frame_or_not_at_all(server: OscServer, client: socket.socket,
-                                                         registry: ParamRegistry, caplog) -> None:
+
+def test_a_bundle_lands_whole_in_one_frame_or_not_at_all(
+    server: OscServer, client: socket.socket, registry: ParamRegistry, caplog
+) -> None:
     before = registry.snapshot()
-    bad = bundle(message("/dreamdeck/fx/kaleido/segments", 9), message("/dreamdeck/layer/scene/opacity", 0.5),
-                 bundle(message("/dreamdeck/fx/feedback/rotate", 999.0)))  # out of range, nested
+    bad = bundle(
+        message("/dreamdeck/fx/kaleido/segments", 9),
+        message("/dreamdeck/layer/scene/opacity", 0.5),
+        bundle(message("/dreamdeck/fx/feedback/rotate", 999.0)),
+    )  # out of range, nested
     with caplog.at_level(logging.WARNING, logger="engine.control.osc"):
         send(client, bad)
         received(server, 3)
@@ -317,9 +351,11 @@ def test_a_bundle_lands_whole_in_one_frame_or_not_at_all(server: OscServer, clie
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "bundle of 3 refused" in lines[0] and "999" in lines[0], lines
 
-    good = bundle(message("/dreamdeck/fx/kaleido/segments", 9),
-                  bundle(message("/dreamdeck/layer/scene/opacity", 0.5), message("/dreamdeck/scene/next")),
-                  timestamp=time.time() + 3600)  # a timetag an hour ahead: applied now, never slept on
+    good = bundle(
+        message("/dreamdeck/fx/kaleido/segments", 9),
+        bundle(message("/dreamdeck/layer/scene/opacity", 0.5), message("/dreamdeck/scene/next")),
+        timestamp=time.time() + 3600,
+    )  # a timetag an hour ahead: applied now, never slept on
     send(client, good)
     received(server, 6)
     landed = registry.apply_pending(0.0)
@@ -328,15 +364,17 @@ def test_a_bundle_lands_whole_in_one_frame_or_not_at_all(server: OscServer, clie
     assert server.counts.applied == 3
 
 
-def test_an_action_in_a_refused_bundle_does_not_run(server: OscServer, client: socket.socket,
-                                                    recorder: Recorder) -> None:
+def test_an_action_in_a_refused_bundle_does_not_run(
+    server: OscServer, client: socket.socket, recorder: Recorder
+) -> None:
     send(client, bundle(message("/dreamdeck/scene/next"), message("/dreamdeck/fx/kaleido/segments", "eight")))
     received(server, 2)
     assert server.counts.rejected == 2 and recorder.run() == []
 
 
-def test_wildcards_fan_out_over_parameter_paths(server: OscServer, client: socket.socket,
-                                                registry: ParamRegistry) -> None:
+def test_wildcards_fan_out_over_parameter_paths(
+    server: OscServer, client: socket.socket, registry: ParamRegistry
+) -> None:
     enabled = [p.path for p in registry.params("/fx/") if p.path.endswith("/enabled")]
     assert len(enabled) >= 4
     send(client, message("/dreamdeck/fx/*/enabled", 1))
@@ -344,9 +382,12 @@ def test_wildcards_fan_out_over_parameter_paths(server: OscServer, client: socke
     registry.apply_pending(0.0)
     assert all(registry.target(path) is True for path in enabled)
 
-    send(client, message("/dreamdeck/fx/{grade,kaleido}/enabled", False),
-         message("/dreamdeck/layer/[!o]*/opacity", 0.2),  # source and scene, not overlay
-         message("/dreamdeck/norm/fx/*/amount", 0.0))
+    send(
+        client,
+        message("/dreamdeck/fx/{grade,kaleido}/enabled", False),
+        message("/dreamdeck/layer/[!o]*/opacity", 0.2),  # source and scene, not overlay
+        message("/dreamdeck/norm/fx/*/amount", 0.0),
+    )
     received(server, 4)
     assert server.counts.applied == 4, server.last_error
     registry.apply_pending(0.0)
@@ -407,9 +448,9 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("packet", [r[1] for r in REFUSED], ids=[r[0] for r in REFUSED])
-def test_bad_input_is_refused_counted_and_the_server_goes_on(server: OscServer, client: socket.socket,
-                                                             registry: ParamRegistry, recorder: Recorder,
-                                                             packet: Any) -> None:
+def test_bad_input_is_refused_counted_and_the_server_goes_on(
+    server: OscServer, client: socket.socket, registry: ParamRegistry, recorder: Recorder, packet: Any
+) -> None:
     before = registry.snapshot()
     send(client, packet)
     received(server, 1)
@@ -425,9 +466,11 @@ def test_bad_input_is_refused_counted_and_the_server_goes_on(server: OscServer, 
     assert registry.target("/fx/kaleido/segments") == 3
 
 
-def test_garbage_and_deep_nesting_never_stop_the_server(server: OscServer, client: socket.socket,
-                                                        registry: ParamRegistry, caplog) -> None:
+def test_garbage_and_deep_nesting_never_stop_the_server(
+    server: OscServer, client: socket.socket, registry: ParamRegistry, caplog
+) -> None:
     import random
+
     rng = random.Random(0)
     seed = bundle(message("/dreamdeck/fx/kaleido/segments", 8), message("/dreamdeck/prompt", "x")).dgram
     packets = []
@@ -444,18 +487,29 @@ def test_garbage_and_deep_nesting_never_stop_the_server(server: OscServer, clien
         for packet in packets:
             client.send(packet)
         client.send(message("/dreamdeck/fx/kaleido/segments", 5).dgram)
-        wait_for(lambda: server.counts.applied and registry.apply_pending(0.0) is not None
-                 and registry.target("/fx/kaleido/segments") == 5, "the server to answer after garbage")
+        wait_for(
+            lambda: (
+                server.counts.applied
+                and registry.apply_pending(0.0) is not None
+                and registry.target("/fx/kaleido/segments") == 5
+            ),
+            "the server to answer after garbage",
+        )
     assert server.running and server.counts.rejected > 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "garbage reached an error path"
 
 
 def test_the_fast_message_parser_agrees_with_python_osc() -> None:
     import random
+
     rng = random.Random(1)
-    seeds = [message("/dreamdeck/a", 1, 2.5, "text", True, False, None, types="ifsTFN").dgram,
-             message("/dreamdeck/b", 0.25, -7, types="di").dgram, message("/dreamdeck/c").dgram,
-             message("/dreamdeck/d", 2**40, types="h").dgram, message("/dreamdeck/e", b"blob").dgram]
+    seeds = [
+        message("/dreamdeck/a", 1, 2.5, "text", True, False, None, types="ifsTFN").dgram,
+        message("/dreamdeck/b", 0.25, -7, types="di").dgram,
+        message("/dreamdeck/c").dgram,
+        message("/dreamdeck/d", 2**40, types="h").dgram,
+        message("/dreamdeck/e", b"blob").dgram,
+    ]
     parsed = 0
     for _ in range(3000):
         data = bytearray(rng.choice(seeds))
@@ -488,27 +542,31 @@ def test_refusals_are_logged_at_most_once_a_second_with_a_count(caplog) -> None:
     assert [r.getMessage() for r in caplog.records] == ["first", "second (3 more since the last line)"]
 
 
-def test_a_burst_of_ten_thousand_messages_loses_none(server: OscServer, client: socket.socket,
-                                                     registry: ParamRegistry) -> None:
+def test_a_burst_of_ten_thousand_messages_loses_none(
+    server: OscServer, client: socket.socket, registry: ParamRegistry
+) -> None:
     if server.receive_buffer < RECEIVE_BUFFER:
-        pytest.skip(f"the kernel granted a {server.receive_buffer // 1024} KiB receive buffer (net.core.rmem_max); "
-                    "a 10,000-message burst needs 8 MiB: run as root or raise rmem_max")
+        pytest.skip(
+            f"the kernel granted a {server.receive_buffer // 1024} KiB receive buffer (net.core.rmem_max); "
+            "a 10,000-message burst needs 8 MiB: run as root or raise rmem_max"
+        )
     param = registry.param("/fx/feedback/rotate")
     values = [param.min + (param.max - param.min) * i / 10_000 for i in range(1, 10_001)]
     packets = [message("/dreamdeck/fx/feedback/rotate", v).dgram for v in values]  # built first: a real burst
     for packet in packets:
         client.send(packet)
-    wait_for(lambda: server.counts.received >= 10_000,
-             lambda: f"10,000 messages (receive buffer {server.receive_buffer} bytes); counts {server.counts}",
-             timeout=30)
+    wait_for(
+        lambda: server.counts.received >= 10_000,
+        lambda: f"10,000 messages (receive buffer {server.receive_buffer} bytes); counts {server.counts}",
+        timeout=30,
+    )
     assert (server.counts.received, server.counts.applied, server.counts.rejected) == (10_000, 10_000, 0)
     landed = registry.apply_pending(0.0)
     assert len(landed) == 10_000, "every value lands, in order, at one frame boundary"
     assert registry.target("/fx/feedback/rotate") == pytest.approx(values[-1], abs=1e-5)
 
 
-def test_the_render_thread_takes_what_the_receive_thread_has_not(registry: ParamRegistry,
-                                                                  recorder: Recorder) -> None:
+def test_the_render_thread_takes_what_the_receive_thread_has_not(registry: ParamRegistry, recorder: Recorder) -> None:
     """moderngl holds the GIL through GL calls; a starved receive thread must not mean lost messages."""
     server = OscServer(registry, recorder.actions, port=0)
     server._serve_udp = lambda sock: server._stop.wait()  # a receive thread that never gets to run
@@ -533,19 +591,23 @@ def test_the_render_thread_takes_what_the_receive_thread_has_not(registry: Param
 
 # -- replies and feedback -----------------------------------------------------------------------
 
+
 def test_get_replies_to_the_sender(server: OscServer, client: socket.socket, registry: ParamRegistry) -> None:
     registry.set("/fx/kaleido/segments", 11)
     registry.set("/fx/grade/enabled", True)
     registry.apply_pending(0.0)
     send(client, message("/dreamdeck/get", "/fx/kaleido/segments", "/dreamdeck/fx/grade/enabled"))
     replies = read_messages(client, 2)
-    assert [(m.address, m.params) for m in replies] == [("/dreamdeck/fx/kaleido/segments", [11]),
-                                                        ("/dreamdeck/fx/grade/enabled", [1])]
+    assert [(m.address, m.params) for m in replies] == [
+        ("/dreamdeck/fx/kaleido/segments", [11]),
+        ("/dreamdeck/fx/grade/enabled", [1]),
+    ]
 
     send(client, message("/dreamdeck/get", "/scene/reaction_diffusion/colour_*"))
     colours = read_messages(client, 2)
-    assert all(m.address.startswith("/dreamdeck/scene/reaction_diffusion/colour_") and len(m.params) == 4
-               for m in colours)
+    assert all(
+        m.address.startswith("/dreamdeck/scene/reaction_diffusion/colour_") and len(m.params) == 4 for m in colours
+    )
 
     send(client, message("/dreamdeck/get"))
     everything = read_messages(client, len(registry.snapshot()))
@@ -563,9 +625,9 @@ def listener() -> Iterator[socket.socket]:
     sock.close()
 
 
-def test_feedback_sends_every_change_once_per_frame_newest_value(make_server: Callable[..., OscServer],
-                                                                 listener: socket.socket,
-                                                                 registry: ParamRegistry) -> None:
+def test_feedback_sends_every_change_once_per_frame_newest_value(
+    make_server: Callable[..., OscServer], listener: socket.socket, registry: ParamRegistry
+) -> None:
     server = make_server(feedback=("127.0.0.1", listener.getsockname()[1]))
     with python_osc(server.port) as osc:
         for n in (5, 6, 7):  # three changes before one frame: one message, the newest value
@@ -595,6 +657,7 @@ def test_feedback_to_this_server_itself_is_refused(registry: ParamRegistry, reco
 
 # -- who may send -------------------------------------------------------------------------------
 
+
 def test_binding_beyond_loopback_needs_an_allowlist(registry: ParamRegistry, recorder: Recorder) -> None:
     for host in ("0.0.0.0", ""):
         with pytest.raises(ValueError, match="allowlist"):
@@ -606,8 +669,9 @@ def test_binding_beyond_loopback_needs_an_allowlist(registry: ParamRegistry, rec
     assert check_binding("127.0.0.1", None, "x") is None and check_binding("localhost", None, "x") is None
 
 
-def test_senders_off_the_allowlist_are_dropped(make_server: Callable[..., OscServer], registry: ParamRegistry,
-                                               caplog) -> None:
+def test_senders_off_the_allowlist_are_dropped(
+    make_server: Callable[..., OscServer], registry: ParamRegistry, caplog
+) -> None:
     server = make_server(host="0.0.0.0", allow=["127.0.0.1"])
     stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     stranger.bind(("127.0.0.2", 0))  # the whole 127/8 is loopback on Linux: a second "machine"
@@ -617,8 +681,9 @@ def test_senders_off_the_allowlist_are_dropped(make_server: Callable[..., OscSer
         with caplog.at_level(logging.WARNING, logger="engine.control.osc"):
             stranger.sendto(message("/dreamdeck/fx/kaleido/segments", 2).dgram, ("127.0.0.1", server.port))
             friend.sendto(message("/dreamdeck/fx/kaleido/rotate", 30.0).dgram, ("127.0.0.1", server.port))
-            wait_for(lambda: server.counts.dropped == 1 and server.counts.applied == 1,
-                     lambda: f"counts {server.counts}")
+            wait_for(
+                lambda: server.counts.dropped == 1 and server.counts.applied == 1, lambda: f"counts {server.counts}"
+            )
     finally:
         stranger.close()
         friend.close()
@@ -637,25 +702,35 @@ def test_sender_filter_takes_networks_and_mapped_ipv6() -> None:
 
 # -- actions ------------------------------------------------------------------------------------
 
-def test_actions_are_posted_for_the_frame_boundary(server: OscServer, client: socket.socket,
-                                                   recorder: Recorder) -> None:
-    send(client,
-         message("/dreamdeck/scene/next"),
-         message("/dreamdeck/scene/next", 0),  # a button's release: nothing
-         message("/dreamdeck/scene/next", 1.0),  # a button's press from a CHOP
-         message("/dreamdeck/scene/select", "passthrough"),
-         message("/dreamdeck/scene/select", 1.0),
-         message("/dreamdeck/preset/recall", 2.0),
-         message("/dreamdeck/preset/save", "late", "night"),
-         message("/dreamdeck/prompt", "a", "red", "cat"),
-         message("/dreamdeck/tap"),
-         message("/dreamdeck/midi/learn", "/dreamdeck/fx/kaleido/segments"))
+
+def test_actions_are_posted_for_the_frame_boundary(
+    server: OscServer, client: socket.socket, recorder: Recorder
+) -> None:
+    send(
+        client,
+        message("/dreamdeck/scene/next"),
+        message("/dreamdeck/scene/next", 0),  # a button's release: nothing
+        message("/dreamdeck/scene/next", 1.0),  # a button's press from a CHOP
+        message("/dreamdeck/scene/select", "passthrough"),
+        message("/dreamdeck/scene/select", 1.0),
+        message("/dreamdeck/preset/recall", 2.0),
+        message("/dreamdeck/preset/save", "late", "night"),
+        message("/dreamdeck/prompt", "a", "red", "cat"),
+        message("/dreamdeck/tap"),
+        message("/dreamdeck/midi/learn", "/dreamdeck/fx/kaleido/segments"),
+    )
     received(server, 10)
     assert server.counts.applied == 10, server.last_error
     assert recorder.run() == [
-        ("scene/next", ()), ("scene/next", ()), ("scene/select", ("passthrough",)), ("scene/select", (1,)),
-        ("preset/recall", (2,)), ("preset/save", ("late night",)), ("prompt", ("a red cat",)),
-        ("tap", ()), ("midi/learn", ("/fx/kaleido/segments", "")),
+        ("scene/next", ()),
+        ("scene/next", ()),
+        ("scene/select", ("passthrough",)),
+        ("scene/select", (1,)),
+        ("preset/recall", (2,)),
+        ("preset/save", ("late night",)),
+        ("prompt", ("a red cat",)),
+        ("tap", ()),
+        ("midi/learn", ("/fx/kaleido/segments", "")),
     ]
 
 
@@ -667,34 +742,43 @@ WRONG_ACTION_CALLS = [
     (message("/dreamdeck/preset/recall", True), "preset/recall(ref: str|int): ref takes a name or a whole number"),
     (message("/dreamdeck/scene/preload", 3), "scene/preload(name: str): name takes a name, got 3"),
     (message("/dreamdeck/prompt"), "prompt(text: text): got 0 arguments"),
-    (message("/dreamdeck/midi/learn", "/fx/kaleido/segments", "relative-signed", "x"),
-     "midi/learn(path: path, mode: str = ''): got 3 arguments"),
+    (
+        message("/dreamdeck/midi/learn", "/fx/kaleido/segments", "relative-signed", "x"),
+        "midi/learn(path: path, mode: str = ''): got 3 arguments",
+    ),
     (message("/dreamdeck/midi/learn", 5), "midi/learn(path: path, mode: str = ''): path takes a parameter path"),
     (message("/dreamdeck/tap", "now"), "tap(): a button sends no argument or one number"),
 ]
 
 
 @pytest.mark.parametrize("packet,expected", WRONG_ACTION_CALLS, ids=[e for _, e in WRONG_ACTION_CALLS])
-def test_an_action_with_wrong_arguments_is_refused_naming_its_signature(server: OscServer, client: socket.socket,
-                                                                        recorder: Recorder, packet: Any,
-                                                                        expected: str) -> None:
+def test_an_action_with_wrong_arguments_is_refused_naming_its_signature(
+    server: OscServer, client: socket.socket, recorder: Recorder, packet: Any, expected: str
+) -> None:
     send(client, packet)
     received(server, 1)
     assert server.counts.rejected == 1 and expected in server.last_error, server.last_error
     assert "\n" not in server.last_error and recorder.run() == []
 
 
-def test_optional_action_arguments_come_from_the_declaration(server: OscServer, client: socket.socket,
-                                                             recorder: Recorder) -> None:
-    send(client, message("/dreamdeck/midi/learn", "/fx/kaleido/segments", "relative-signed"),
-         message("/dreamdeck/prompt", "take", 5, "steps"))
+def test_optional_action_arguments_come_from_the_declaration(
+    server: OscServer, client: socket.socket, recorder: Recorder
+) -> None:
+    send(
+        client,
+        message("/dreamdeck/midi/learn", "/fx/kaleido/segments", "relative-signed"),
+        message("/dreamdeck/prompt", "take", 5, "steps"),
+    )
     received(server, 2)
-    assert recorder.run() == [("midi/learn", ("/fx/kaleido/segments", "relative-signed")),
-                              ("prompt", ("take 5 steps",))]
+    assert recorder.run() == [
+        ("midi/learn", ("/fx/kaleido/segments", "relative-signed")),
+        ("prompt", ("take 5 steps",)),
+    ]
 
 
-def test_an_action_the_engine_lacks_is_refused_not_fatal(make_server: Callable[..., OscServer],
-                                                         registry: ParamRegistry) -> None:
+def test_an_action_the_engine_lacks_is_refused_not_fatal(
+    make_server: Callable[..., OscServer], registry: ParamRegistry
+) -> None:
     partial = Recorder(names=["scene/next"])
     server = make_server(actions=partial.actions)
     with python_osc(server.port) as osc:
@@ -711,8 +795,9 @@ def test_no_parameter_hides_an_action_or_a_reserved_address(registry: ParamRegis
     assert address_collisions(registry) == ["/scene/next/speed hides /dreamdeck/scene/next"]
 
 
-def test_new_parameters_are_reached_by_wildcards_after_a_frame(server: OscServer, client: socket.socket,
-                                                               registry: ParamRegistry) -> None:
+def test_new_parameters_are_reached_by_wildcards_after_a_frame(
+    server: OscServer, client: socket.socket, registry: ParamRegistry
+) -> None:
     registry.declare(float_param("/fx/late/amount", 0.0, 0.0, 1.0))
     server.frame(0.0)
     send(client, message("/dreamdeck/fx/l*/amount", 0.5))
@@ -726,8 +811,10 @@ def fixed_free_port() -> int:
     connection elsewhere on the machine can take it between two binds of this test."""
     for port in random.Random().sample(range(20000, 32000), 200):
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
-                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
+            ):
                 u.bind(("127.0.0.1", port))
                 t.bind(("127.0.0.1", port))
             return port
@@ -754,6 +841,7 @@ def test_a_taken_port_says_so(server: OscServer, registry: ParamRegistry, record
 
 
 # -- the app ------------------------------------------------------------------------------------
+
 
 def test_osc_reaches_the_running_app(listener: socket.socket) -> None:
     from engine.app import App, AppConfig

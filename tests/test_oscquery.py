@@ -7,7 +7,8 @@ import http.client
 import json
 import socket
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -17,8 +18,15 @@ from engine.control.osc import OscServer
 from engine.control.oscquery import ATTRIBUTES, OscQueryServer
 from engine.params import Kind, ParamRegistry, trigger_param
 
-TYPE_OF_KIND = {Kind.FLOAT: "f", Kind.INT: "i", Kind.BOOL: "T", Kind.ENUM: "s", Kind.STRING: "s",
-                Kind.COLOUR: "r", Kind.TRIGGER: "N"}
+TYPE_OF_KIND = {
+    Kind.FLOAT: "f",
+    Kind.INT: "i",
+    Kind.BOOL: "T",
+    Kind.ENUM: "s",
+    Kind.STRING: "s",
+    Kind.COLOUR: "r",
+    Kind.TRIGGER: "N",
+}
 
 
 @pytest.fixture
@@ -186,8 +194,11 @@ def test_listing_only_the_engines_actions(make_query: Callable[..., OscQueryServ
 def test_an_action_node_is_built_from_its_declaration(make_query: Callable[..., OscQueryServer]) -> None:
     from engine.control.actions import ActionSpec, Arg
 
-    spec = ActionSpec("fx/burst", "Flash the kaleidoscope", (Arg("segments", "int"), Arg("speed", "float", 1.0),
-                                                            Arg("label", "str", "")))
+    spec = ActionSpec(
+        "fx/burst",
+        "Flash the kaleidoscope",
+        (Arg("segments", "int"), Arg("speed", "float", 1.0), Arg("label", "str", "")),
+    )
     actions = Actions({**ACTIONS, spec.name: spec})
     actions.register("fx/burst", lambda segments, speed, label: None)
     server = make_query(actions=actions)
@@ -197,9 +208,15 @@ def test_an_action_node_is_built_from_its_declaration(make_query: Callable[..., 
 
 
 def test_garbage_requests_do_not_kill_the_server(query: OscQueryServer) -> None:
-    junk = [b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"\x00\xff\xfe" * 100 + b"\r\n\r\n",
-            b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
-            b"GET /%ff%fe?%zz HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /dreamdeck?VALUE&VALUE HTTP/1.1\r\n\r\n"]
+    junk = [
+        b"GARBAGE\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"\x00\xff\xfe" * 100 + b"\r\n\r\n",
+        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /%ff%fe?%zz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /dreamdeck?VALUE&VALUE HTTP/1.1\r\n\r\n",
+    ]
     for payload in junk:
         with socket.create_connection(("127.0.0.1", query.port), timeout=10) as sock:
             sock.sendall(payload)
@@ -211,8 +228,9 @@ def test_garbage_requests_do_not_kill_the_server(query: OscQueryServer) -> None:
     assert get(query, "/dreamdeck/fx/kaleido/segments?TYPE") == (200, {"TYPE": "i"})
 
 
-def test_binding_beyond_loopback_needs_an_allowlist(registry: ParamRegistry,
-                                                    make_query: Callable[..., OscQueryServer]) -> None:
+def test_binding_beyond_loopback_needs_an_allowlist(
+    registry: ParamRegistry, make_query: Callable[..., OscQueryServer]
+) -> None:
     with pytest.raises(ValueError, match="allowlist"):
         OscQueryServer(registry, 9321, host="0.0.0.0", port=0)
     server = make_query(host="0.0.0.0", allow=["127.0.0.2"])

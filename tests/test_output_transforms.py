@@ -14,8 +14,16 @@ import pytest
 from engine.catalog import SHADERS_DIR, build_registry
 from engine.params import ParamRegistry
 from engine.render.compositor import Compositor, letterbox
-from engine.render.output import (CORNERS, OUTPUT_PARAMS, UNIT_SQUARE, KeystoneError, OutputTransform, Presenter,
-                                  homography, keystone_quad)
+from engine.render.output import (
+    CORNERS,
+    OUTPUT_PARAMS,
+    UNIT_SQUARE,
+    KeystoneError,
+    OutputTransform,
+    Presenter,
+    homography,
+    keystone_quad,
+)
 from engine.render.shaders import ShaderLibrary
 
 RED, GREEN, BLUE, YELLOW = (230, 30, 30), (30, 210, 40), (40, 50, 220), (240, 220, 20)
@@ -40,9 +48,9 @@ def quadrants(size: tuple[int, int]) -> np.ndarray:
     w, h = size
     image = np.zeros((h, w, 3), np.uint8)
     image[: h // 2, : w // 2] = RED
-    image[: h // 2, w // 2:] = GREEN
-    image[h // 2:, w // 2:] = BLUE
-    image[h // 2:, : w // 2] = YELLOW
+    image[: h // 2, w // 2 :] = GREEN
+    image[h // 2 :, w // 2 :] = BLUE
+    image[h // 2 :, : w // 2] = YELLOW
     return image
 
 
@@ -57,8 +65,9 @@ def corner_blocks(size: tuple[int, int], block: int = 8) -> np.ndarray:
     return image
 
 
-def show(gl_ctx, presenter: Presenter, image: np.ndarray, window: tuple[int, int],
-         transform: OutputTransform | None = None) -> np.ndarray:
+def show(
+    gl_ctx, presenter: Presenter, image: np.ndarray, window: tuple[int, int], transform: OutputTransform | None = None
+) -> np.ndarray:
     """Present ``image`` into a ``window``-sized framebuffer; the result as RGB, row 0 at the top."""
     texture = gl_ctx.texture((image.shape[1], image.shape[0]), 3, np.ascontiguousarray(image).tobytes(), alignment=1)
     target = gl_ctx.framebuffer(color_attachments=[gl_ctx.texture(window, 4)])
@@ -76,8 +85,12 @@ def show(gl_ctx, presenter: Presenter, image: np.ndarray, window: tuple[int, int
 def quadrant_centres(window: tuple[int, int]) -> dict[str, tuple[int, int]]:
     """(row, column) of the middle of each window quadrant."""
     w, h = window
-    return {"tl": (h // 4, w // 4), "tr": (h // 4, 3 * w // 4), "br": (3 * h // 4, 3 * w // 4),
-            "bl": (3 * h // 4, w // 4)}
+    return {
+        "tl": (h // 4, w // 4),
+        "tr": (h // 4, 3 * w // 4),
+        "br": (3 * h // 4, 3 * w // 4),
+        "bl": (3 * h // 4, w // 4),
+    }
 
 
 def assert_colour(image: np.ndarray, row: int, col: int, colour: tuple[int, int, int], what: str) -> None:
@@ -86,6 +99,7 @@ def assert_colour(image: np.ndarray, row: int, col: int, colour: tuple[int, int,
 
 
 # -- plain present -------------------------------------------------------------------------------
+
 
 def test_identity_at_the_same_size_is_the_image_pixel_for_pixel(gl_ctx, presenter):
     image = np.random.default_rng(1).integers(0, 256, (36, 64, 3), dtype=np.uint8)
@@ -99,9 +113,13 @@ def test_letterbox_keeps_the_aspect_with_black_bars(gl_ctx, presenter):
     x, y, w, h = letterbox((64, 36), window)  # the viewport the old present used, y from the bottom
     top = window[1] - y - h
     assert (x, w) == (0, 64) and h == 36
-    assert out[:top].max() == 0 and out[top + h:].max() == 0, "the bars are not black"
-    for name, (row, col) in {"tl": (top + 5, 5), "tr": (top + 5, 58), "br": (top + h - 6, 58),
-                             "bl": (top + h - 6, 5)}.items():
+    assert out[:top].max() == 0 and out[top + h :].max() == 0, "the bars are not black"
+    for name, (row, col) in {
+        "tl": (top + 5, 5),
+        "tr": (top + 5, 58),
+        "br": (top + h - 6, 58),
+        "bl": (top + h - 6, 5),
+    }.items():
         assert_colour(out, row, col, QUADRANT_COLOURS[name], f"letterboxed {name}")
 
 
@@ -152,12 +170,13 @@ def test_a_quarter_turn_letterboxes_the_turned_picture(gl_ctx, presenter):
     out = show(gl_ctx, presenter, quadrants((64, 36)), window, OutputTransform(rotate=90))
     width = 36 * 36 / 64  # 20.25 px wide, centred
     left, right = int(np.floor((64 - width) / 2)), int(np.ceil((64 + width) / 2))
-    assert out[:, : left].max() == 0 and out[:, right:].max() == 0
+    assert out[:, :left].max() == 0 and out[:, right:].max() == 0
     assert_colour(out, 4, 30, YELLOW, "turned picture, top left (the image's bottom-left)")
     assert_colour(out, 31, 33, GREEN, "turned picture, bottom right (the image's top-right)")
 
 
 # -- keystone -------------------------------------------------------------------------------------
+
 
 def test_homography_maps_the_unit_square_onto_the_quad():
     quad = keystone_quad(((0.1, 0.05), (-0.2, 0.1), (-0.05, -0.15), (0.15, -0.1)))
@@ -179,8 +198,7 @@ def test_keystone_identity_is_the_plain_present(gl_ctx, presenter):
 def test_keystone_puts_the_image_corners_on_the_moved_corners_and_black_outside(gl_ctx, presenter):
     window = (160, 120)
     offsets = ((0.1, 0.05), (-0.2, 0.1), (-0.05, -0.15), (0.15, -0.1))
-    out = show(gl_ctx, presenter, corner_blocks((64, 64)), window,
-               OutputTransform(fit="stretch", keystone=offsets))
+    out = show(gl_ctx, presenter, corner_blocks((64, 64)), window, OutputTransform(fit="stretch", keystone=offsets))
     quad = np.array(keystone_quad(offsets)) * window  # corner positions in window pixels (x, y)
     centre = quad.mean(axis=0)
     for corner, (x, y) in zip(CORNERS, quad, strict=True):
@@ -191,8 +209,14 @@ def test_keystone_puts_the_image_corners_on_the_moved_corners_and_black_outside(
         if 0 <= ox < window[0] and 0 <= oy < window[1]:
             assert tuple(out[int(oy), int(ox)]) == BLACK, f"outside the quad at {corner} is not black"
     assert_colour(out, int(centre[1]), int(centre[0]), GREY, "the middle of the picture")
-    for row, col in [(0, 0), (0, window[0] - 1), (window[1] - 1, window[0] - 1), (window[1] - 1, 0),
-                     (2, window[0] // 2), (window[1] // 2, window[0] - 3)]:
+    for row, col in [
+        (0, 0),
+        (0, window[0] - 1),
+        (window[1] - 1, window[0] - 1),
+        (window[1] - 1, 0),
+        (2, window[0] // 2),
+        (window[1] // 2, window[0] - 3),
+    ]:
         assert tuple(out[row, col]) == BLACK, f"window pixel ({row}, {col}) is outside the quad but not black"
 
 
@@ -214,6 +238,7 @@ def test_a_folded_keystone_is_refused_and_the_last_good_one_stays(gl_ctx, presen
 
 # -- master and parameters ----------------------------------------------------------------------
 
+
 def test_master_fades_to_black(gl_ctx, presenter):
     image = quadrants((32, 32))
     half = show(gl_ctx, presenter, image, (32, 32), OutputTransform(master=0.5))
@@ -225,8 +250,16 @@ def test_parameters_declare_and_feed_the_transform():
     registry = build_registry()
     registry.declare_all(OUTPUT_PARAMS)  # the lead adds this line to engine/catalog.py
     assert OutputTransform.from_params(registry.get) == OutputTransform()
-    registry.set_many({"/output/flip_x": True, "/output/rotate": "270", "/output/fit": "stretch",
-                       "/output/keystone/br_y": -0.25, "/output/master": 0.0}, origin="test")
+    registry.set_many(
+        {
+            "/output/flip_x": True,
+            "/output/rotate": "270",
+            "/output/fit": "stretch",
+            "/output/keystone/br_y": -0.25,
+            "/output/master": 0.0,
+        },
+        origin="test",
+    )
     registry.apply_pending(10.0)
     t = OutputTransform.from_params(registry.get)
     assert (t.flip_x, t.flip_y, t.rotate, t.fit, t.master) == (True, False, 270, "stretch", 0.0)

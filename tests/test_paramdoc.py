@@ -9,8 +9,16 @@ import sys
 
 from engine.catalog import build_registry
 from engine.control.actions import ACTIONS
-from engine.paramdoc import (ACTION_COLUMNS, PARAM_COLUMNS, TEXT_WIDTH, action_records, actions_markdown,
-                             params_json, params_markdown, params_text)
+from engine.paramdoc import (
+    ACTION_COLUMNS,
+    PARAM_COLUMNS,
+    TEXT_WIDTH,
+    action_records,
+    actions_markdown,
+    params_json,
+    params_markdown,
+    params_text,
+)
 from engine.params import ParamRegistry, enum_param, float_param, string_param
 
 UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")

@@ -10,22 +10,37 @@ import threading
 
 import pytest
 
-from engine.params import (Change, Kind, Param, ParamError, ParamRegistry, bool_param, colour_param, enum_param,
-                           float_param, int_param, string_param, trigger_param, MAX_STRING)
+from engine.params import (
+    MAX_STRING,
+    Change,
+    Kind,
+    Param,
+    ParamError,
+    ParamRegistry,
+    bool_param,
+    colour_param,
+    enum_param,
+    float_param,
+    int_param,
+    string_param,
+    trigger_param,
+)
 
 
 def make_registry() -> ParamRegistry:
     registry = ParamRegistry()
-    registry.declare_all([
-        float_param("/t/level", 0.5, 0.0, 1.0, description="a plain float"),
-        float_param("/t/smooth", 0.0, 0.0, 10.0, smoothing=0.5, description="a smoothed float"),
-        int_param("/t/count", 6, 1, 32, description="an int"),
-        bool_param("/t/on", False, description="a bool"),
-        enum_param("/t/mode", "normal", ("normal", "add", "multiply"), description="an enum"),
-        string_param("/t/prompt", "a cat", description="text"),
-        trigger_param("/t/go", description="a trigger"),
-        colour_param("/t/tint", "#ffffff", description="a colour"),
-    ])
+    registry.declare_all(
+        [
+            float_param("/t/level", 0.5, 0.0, 1.0, description="a plain float"),
+            float_param("/t/smooth", 0.0, 0.0, 10.0, smoothing=0.5, description="a smoothed float"),
+            int_param("/t/count", 6, 1, 32, description="an int"),
+            bool_param("/t/on", False, description="a bool"),
+            enum_param("/t/mode", "normal", ("normal", "add", "multiply"), description="an enum"),
+            string_param("/t/prompt", "a cat", description="text"),
+            trigger_param("/t/go", description="a trigger"),
+            colour_param("/t/tint", "#ffffff", description="a colour"),
+        ]
+    )
     return registry
 
 
@@ -99,7 +114,7 @@ BAD = [
     ("/t/tint", (math.nan, 0.0, 0.0), "3 or 4 numbers"),
     ("/t/tint", (10**400, 0.0, 0.0), "3 or 4 numbers"),
     ("/t/tint", (True, 0.0, 0.0), "3 or 4 numbers"),
-    ("/t/tint", 0xff0000, "3 or 4 numbers"),
+    ("/t/tint", 0xFF0000, "3 or 4 numbers"),
 ]
 
 
@@ -117,8 +132,12 @@ def test_bad_values_are_refused_naming_the_path(path, value, why):
 
 def test_unknown_path_is_refused_by_name():
     registry = make_registry()
-    for call in (lambda: registry.set("/t/nope", 1), lambda: registry.get("/t/nope"),
-                 lambda: registry.param("/t/nope"), lambda: registry.set_normalised("/t/nope", 0.5)):
+    for call in (
+        lambda: registry.set("/t/nope", 1),
+        lambda: registry.get("/t/nope"),
+        lambda: registry.param("/t/nope"),
+        lambda: registry.set_normalised("/t/nope", 0.5),
+    ):
         with pytest.raises(ParamError, match="/t/nope"):
             call()
 
@@ -149,6 +168,7 @@ def test_declarations_are_checked():
 
 
 # -- the frame boundary ----------------------------------------------------------------
+
 
 def test_values_land_only_at_apply_pending():
     registry = make_registry()
@@ -296,13 +316,17 @@ def test_a_broken_listener_does_not_stop_the_others():
 
 # -- 0..1 form -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path, values", [
-    ("/t/level", [0.0, 0.25, 0.5, 1.0]),
-    ("/t/smooth", [0.0, 3.3, 10.0]),
-    ("/t/count", [1, 2, 16, 31, 32]),
-    ("/t/mode", ["normal", "add", "multiply"]),
-    ("/t/on", [False, True]),
-])
+
+@pytest.mark.parametrize(
+    "path, values",
+    [
+        ("/t/level", [0.0, 0.25, 0.5, 1.0]),
+        ("/t/smooth", [0.0, 3.3, 10.0]),
+        ("/t/count", [1, 2, 16, 31, 32]),
+        ("/t/mode", ["normal", "add", "multiply"]),
+        ("/t/on", [False, True]),
+    ],
+)
 def test_normalise_round_trip(path, values):
     param = make_registry().param(path)
     for value in values:
@@ -331,6 +355,7 @@ def test_normalise_ends_and_clamping():
 
 
 # -- threads ---------------------------------------------------------------------------
+
 
 def test_concurrent_sets_land_in_order_per_thread():
     threads_n, sets_n = 8, 1000
@@ -378,6 +403,7 @@ def test_concurrent_sets_land_in_order_per_thread():
 
 # -- the engine's own declarations -----------------------------------------------------
 
+
 def test_build_registry_paths_are_unique_and_described(monkeypatch):
     import engine.catalog
 
@@ -405,6 +431,12 @@ def test_build_registry_paths_are_unique_and_described(monkeypatch):
         if p.kind is not Kind.TRIGGER:
             assert p.coerce(p.default) == p.default, p.path
             assert registry.get(p.path) == p.default, p.path
-    for must in ("/scene/active", "/mix/transition", "/fx/feedback/amount", "/fx/kaleido/segments",
-                 "/layer/source/opacity", "/layer/scene/blend"):
+    for must in (
+        "/scene/active",
+        "/mix/transition",
+        "/fx/feedback/amount",
+        "/fx/kaleido/segments",
+        "/layer/source/opacity",
+        "/layer/scene/blend",
+    ):
         assert must in registry

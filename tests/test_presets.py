@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from engine import presets
-from engine.params import (ParamRegistry, bool_param, colour_param, enum_param, float_param, int_param,
-                           string_param, trigger_param)
+from engine.params import (
+    ParamRegistry,
+    bool_param,
+    colour_param,
+    enum_param,
+    float_param,
+    int_param,
+    string_param,
+    trigger_param,
+)
 from engine.presets import PresetError, PresetLibrary, load_preset, recall_values, save_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,16 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_registry() -> ParamRegistry:
     registry = ParamRegistry()
-    registry.declare_all([
-        float_param("/mix/crossfade", 0.0, 0.0, 1.0, smoothing=0.5),
-        colour_param("/mix/tint", "#ff8000"),
-        int_param("/fx/kaleido/segments", 4, 1, 32),
-        bool_param("/fx/kaleido/enabled", False),
-        enum_param("/fx/blend", "add", ["add", "screen", "multiply"]),
-        string_param("/scene/prompt", "a forest"),
-        trigger_param("/scene/reseed"),
-        bool_param("/hud/visible", True, in_presets=False),
-    ])
+    registry.declare_all(
+        [
+            float_param("/mix/crossfade", 0.0, 0.0, 1.0, smoothing=0.5),
+            colour_param("/mix/tint", "#ff8000"),
+            int_param("/fx/kaleido/segments", 4, 1, 32),
+            bool_param("/fx/kaleido/enabled", False),
+            enum_param("/fx/blend", "add", ["add", "screen", "multiply"]),
+            string_param("/scene/prompt", "a forest"),
+            trigger_param("/scene/reseed"),
+            bool_param("/hud/visible", True, in_presets=False),
+        ]
+    )
     return registry
 
 
@@ -61,6 +71,7 @@ def write(tmp_path: Path, text: str, name: str = "look") -> Path:
 
 
 # -- round trip ------------------------------------------------------------------------
+
 
 def test_save_load_recall_round_trip(tmp_path):
     registry = make_registry()
@@ -103,12 +114,15 @@ def test_save_writes_the_target_of_a_gliding_fader(tmp_path):
 def test_recall_resets_unmentioned_values_to_defaults(tmp_path):
     registry = make_registry()
     apply(registry, {"/scene/prompt": "the sea", "/fx/blend": "multiply", "/hud/visible": False})
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         [fx.kaleido]
         segments = 12
         [mix]
         tint = "#00ff00"
-    """)
+    """,
+    )
     values = recall_values(load_preset(path, registry), registry)
     assert values["/fx/kaleido/segments"] == 12
     assert values["/mix/tint"] == (0.0, 1.0, 0.0, 1.0)
@@ -123,22 +137,22 @@ def test_recall_resets_unmentioned_values_to_defaults(tmp_path):
 
 MISTAKES = [
     ("[fx.kaleido]\nsegmnets = 6\n", "fx.kaleido.segmnets", "unknown parameter (did you mean fx.kaleido.segments?)"),
-    ("[fx.kaleido]\nsegments = \"six\"\n", "fx.kaleido.segments", "expected a number, got text 'six'"),
+    ('[fx.kaleido]\nsegments = "six"\n', "fx.kaleido.segments", "expected a number, got text 'six'"),
     ("[fx.kaleido]\nsegments = true\n", "fx.kaleido.segments", "expected a number, got true/false"),
     ("[fx.kaleido]\nsegments = 6.5\n", "fx.kaleido.segments", "expected a whole number, got 6.5"),
     ("[fx.kaleido]\nsegments = 99\n", "fx.kaleido.segments", "99 is out of range [1, 32]"),
-    ("[fx.kaleido]\nenabled = \"maybe\"\n", "fx.kaleido.enabled", "expected true or false"),
-    ("[fx]\nblend = \"overlay\"\n", "fx.blend", "'overlay' is not one of add, screen, multiply"),
+    ('[fx.kaleido]\nenabled = "maybe"\n', "fx.kaleido.enabled", "expected true or false"),
+    ('[fx]\nblend = "overlay"\n', "fx.blend", "'overlay' is not one of add, screen, multiply"),
     ("[fx]\nblend = 1\n", "fx.blend", "(as text)"),
     ("[mix]\ntint = [2.0, 0.0, 0.0]\n", "mix.tint", "colour must be 3 or 4 numbers in [0, 1]"),
-    ("[mix]\ntint = \"#zz0000\"\n", "mix.tint", "colour text must be #rrggbb"),
+    ('[mix]\ntint = "#zz0000"\n', "mix.tint", "colour text must be #rrggbb"),
     ("fx = 3\n", "fx", "is a group of parameters"),
     ("[fx.kaleido.segments]\nx = 1\n", "fx.kaleido.segments", "is a value (int), not a table"),
     ("[scene]\nreseed = true\n", "scene.reseed", "presets do not hold it"),
     ("[hud]\nvisible = false\n", "hud.visible", "presets do not hold it"),
-    ("[preset]\nauthor = \"me\"\n", "preset.author", "unknown [preset] field"),
+    ('[preset]\nauthor = "me"\n', "preset.author", "unknown [preset] field"),
     ("[preset]\ndescription = 3\n", "preset.description", "expected text"),
-    ("\"fx/blend\" = \"add\"\n", "fx/blend", "unknown parameter"),
+    ('"fx/blend" = "add"\n', "fx/blend", "unknown parameter"),
 ]
 
 
@@ -166,7 +180,9 @@ def test_missing_file_is_a_preset_error(tmp_path):
 
 
 def test_all_mistakes_of_a_file_are_reported(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         [preset]
         author = "me"
         [fx.kaleido]
@@ -176,7 +192,8 @@ def test_all_mistakes_of_a_file_are_reported(tmp_path):
         blend = "overlay"
         [mix]
         crossfade = 0.5
-    """)
+    """,
+    )
     with pytest.raises(PresetError) as info:
         load_preset(path, make_registry())
     assert [e.split(": ")[1] for e in info.value.errors] == ["preset.author", "fx.kaleido.segments", "fx.blend"]
@@ -187,12 +204,15 @@ def test_a_refused_preset_leaves_the_registry_untouched(tmp_path):
     registry = make_registry()
     apply(registry, LOOK)
     before = targets(registry)
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         [mix]
         crossfade = 1.0
         [fx.kaleido]
         segments = 0
-    """)
+    """,
+    )
     with pytest.raises(PresetError):
         apply(registry, recall_values(load_preset(path, registry), registry))
     registry.apply_pending(0.0)
@@ -253,8 +273,9 @@ def test_a_save_killed_mid_write_leaves_the_old_preset_intact(tmp_path, crash_at
     path = save_preset(tmp_path / "show.toml", registry, description="old")
     old_bytes = path.read_bytes()
 
-    result = subprocess.run([sys.executable, "-c", CRASHING_SAVE, str(path), crash_at],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", CRASHING_SAVE, str(path), crash_at], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr
 
     leftovers = [p.name for p in tmp_path.iterdir() if p != path]
@@ -288,6 +309,7 @@ def test_save_keeps_a_new_preset_readable(tmp_path):
 
 
 # -- library -----------------------------------------------------------------------------------
+
 
 def test_library_lists_sorted_entries_and_indexes_from_one(tmp_path):
     registry = make_registry()

@@ -17,15 +17,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
 import pytest
 
 from conftest import xvfb
-
 from engine.render.surface import pick_monitor
 
 pytestmark = pytest.mark.window
@@ -39,7 +38,7 @@ TIMEOUT = 30.0
 RED, GREEN, BLUE, YELLOW = (230, 30, 30), (30, 210, 40), (40, 50, 220), (240, 220, 20)
 HUD_LINES = ["dreamdeck", "preview"]
 
-SHOW = """
+SHOW = f"""
 import json, logging, os, sys, time
 import numpy as np
 from engine.catalog import SHADERS_DIR
@@ -60,7 +59,7 @@ for key in ("size", "preview_size"):
         config[key] = tuple(config[key])
 surface = WindowSurface(WindowConfig(**config))
 image = np.zeros((36, 64, 3), np.uint8)
-image[:18, :32], image[:18, 32:], image[18:, 32:], image[18:, :32] = {colours}
+image[:18, :32], image[:18, 32:], image[18:, 32:], image[18:, :32] = {(RED, GREEN, BLUE, YELLOW)}
 texture = surface.ctx.texture((64, 36), 3, image.tobytes())
 texture.repeat_x = texture.repeat_y = False  # as the compositor's output: no colour wraps in at the edges
 shaders = ShaderLibrary(surface.ctx, SHADERS_DIR)
@@ -71,7 +70,7 @@ while not os.path.exists(stop) and frames < 20000:
     surface.poll()
     presenter.present(texture, surface.size, OutputTransform(**transform))
     if preview is not None:
-        preview.draw(texture, {hud})
+        preview.draw(texture, {HUD_LINES})
     surface.swap()
     frames += 1
     if frames == 5:
@@ -88,10 +87,11 @@ if preview is not None:
 shaders.release()
 surface.close()
 print("closed", flush=True)
-""".format(colours=(RED, GREEN, BLUE, YELLOW), hud=HUD_LINES)
+"""
 
 
 # -- the display ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def display() -> Iterator[str]:
@@ -103,16 +103,29 @@ def display() -> Iterator[str]:
 class Show:
     """The SHOW script on the display; ``facts`` is what it printed once its windows were up."""
 
-    def __init__(self, display: str, tmp_path: Path, config: dict, transform: dict | None = None,
-                 hidden_tools: tuple[str, ...] = (), path: str | None = None) -> None:
+    def __init__(
+        self,
+        display: str,
+        tmp_path: Path,
+        config: dict,
+        transform: dict | None = None,
+        hidden_tools: tuple[str, ...] = (),
+        path: str | None = None,
+    ) -> None:
         self.stop_file = tmp_path / "stop"
         env = {k: v for k, v in os.environ.items() if k != "WAYLAND_DISPLAY"}
         env["DISPLAY"] = display
         if path is not None:
             env["PATH"] = path
         args = [json.dumps(config), json.dumps(transform or {}), str(self.stop_file), json.dumps(hidden_tools)]
-        self.proc = subprocess.Popen([sys.executable, "-c", SHOW, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SHOW, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.facts = json.loads(self._line("the show's windows"))
 
     def _line(self, what: str) -> str:
@@ -121,8 +134,9 @@ class Show:
             raise AssertionError(f"no output from the show within {TIMEOUT:.0f} s waiting for {what}")
         line = self.proc.stdout.readline()
         if not line:
-            raise AssertionError(f"the show ended (rc {self.proc.wait()}) before {what}:\n"
-                                 f"{self.proc.stderr.read()[-3000:]}")
+            raise AssertionError(
+                f"the show ended (rc {self.proc.wait()}) before {what}:\n{self.proc.stderr.read()[-3000:]}"
+            )
         return line
 
     def finish(self) -> str:
@@ -140,8 +154,9 @@ class Show:
 
 def screen(display: str) -> np.ndarray:
     """The whole X screen now, as RGB ints."""
-    result = subprocess.run(["import", "-display", display, "-window", "root", "png:-"], capture_output=True,
-                            timeout=TIMEOUT)
+    result = subprocess.run(
+        ["import", "-display", display, "-window", "root", "png:-"], capture_output=True, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     image = cv2.imdecode(np.frombuffer(result.stdout, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None and image.shape == (SCREEN[1], SCREEN[0], 3)
@@ -174,15 +189,24 @@ def hud_text_pixels(region: np.ndarray) -> int:
 def quadrant_points(x0: int, y0: int, size: tuple[int, int]) -> dict[str, tuple[int, int]]:
     """(row, column) on screen of the middle of each quadrant of a window at (x0, y0)."""
     w, h = size
-    return {"tl": (y0 + h // 4, x0 + w // 4), "tr": (y0 + h // 4, x0 + 3 * w // 4),
-            "br": (y0 + 3 * h // 4, x0 + 3 * w // 4), "bl": (y0 + 3 * h // 4, x0 + w // 4)}
+    return {
+        "tl": (y0 + h // 4, x0 + w // 4),
+        "tr": (y0 + h // 4, x0 + 3 * w // 4),
+        "br": (y0 + 3 * h // 4, x0 + 3 * w // 4),
+        "bl": (y0 + 3 * h // 4, x0 + w // 4),
+    }
 
 
 # -- tests -----------------------------------------------------------------------------------------
 
+
 def test_preview_window_shows_the_output_with_the_hud_beside_the_clean_projector_window(display, tmp_path):
-    show = Show(display, tmp_path, {"size": MAIN, "preview": True, "preview_size": PREVIEW, "vsync": False},
-                transform={"rotate": 180})  # the projector hangs upside down; the preview stays upright
+    show = Show(
+        display,
+        tmp_path,
+        {"size": MAIN, "preview": True, "preview_size": PREVIEW, "vsync": False},
+        transform={"rotate": 180},
+    )  # the projector hangs upside down; the preview stays upright
     try:
         facts = show.facts
         assert facts["size"] == list(MAIN) and facts["preview_size"] == list(PREVIEW)
@@ -190,21 +214,29 @@ def test_preview_window_shows_the_output_with_the_hud_beside_the_clean_projector
         px, py = facts["preview_pos"]
         assert (px, py) == (MAIN[0] + GAP, 0), "the preview should sit just right of the projector window"
         main, preview = quadrant_points(0, 0, MAIN), quadrant_points(px, py, PREVIEW)
-        image = shot_when(display, show, {
-            "main tl (turned: the image's br)": (main["tl"], BLUE), "main br": (main["br"], RED),
-            "main tr": (main["tr"], YELLOW), "main bl": (main["bl"], GREEN),
-            "preview tr (upright)": (preview["tr"], GREEN), "preview br": (preview["br"], BLUE),
-            "preview bl": (preview["bl"], YELLOW), "preview tl, beside the HUD": ((py + 60, px + 120), RED),
-        })
+        image = shot_when(
+            display,
+            show,
+            {
+                "main tl (turned: the image's br)": (main["tl"], BLUE),
+                "main br": (main["br"], RED),
+                "main tr": (main["tr"], YELLOW),
+                "main bl": (main["bl"], GREEN),
+                "preview tr (upright)": (preview["tr"], GREEN),
+                "preview br": (preview["br"], BLUE),
+                "preview bl": (preview["bl"], YELLOW),
+                "preview tl, beside the HUD": ((py + 60, px + 120), RED),
+            },
+        )
         if os.environ.get("DREAMDECK_SHOTS"):  # to look at it: DREAMDECK_SHOTS=folder pytest ...
             cv2.imwrite(str(Path(os.environ["DREAMDECK_SHOTS"]) / "preview.png"), image[:, :, ::-1].astype(np.uint8))
         hud_box = (slice(0, 50), slice(0, 110))  # two short lines of HUD text
-        preview_corner = image[py:py + PREVIEW[1], px:px + PREVIEW[0]][hud_box]
-        main_corner = image[:MAIN[1], :MAIN[0]][hud_box]
+        preview_corner = image[py : py + PREVIEW[1], px : px + PREVIEW[0]][hud_box]
+        main_corner = image[: MAIN[1], : MAIN[0]][hud_box]
         assert hud_text_pixels(preview_corner) > 40, "the preview has no HUD text"
         assert hud_text_pixels(main_corner) == 0, "the projector window shows HUD text"
         assert np.median(preview_corner[..., 0]) < 0.7 * RED[0], "the HUD panel does not darken the picture under it"
-        gap = image[:PREVIEW[1], MAIN[0] + 2:MAIN[0] + GAP - 2]
+        gap = image[: PREVIEW[1], MAIN[0] + 2 : MAIN[0] + GAP - 2]
         assert gap.max() == 0, "something drew between the two windows"
     finally:
         show.finish()
@@ -217,8 +249,16 @@ def test_fullscreen_on_a_monitor_chosen_by_name_covers_the_screen(display, tmp_p
         facts = show.facts
         assert facts["fullscreen"] and facts["size"] == list(SCREEN), facts
         points = quadrant_points(0, 0, SCREEN)
-        image = shot_when(display, show, {"tl": (points["tl"], RED), "tr": (points["tr"], GREEN),
-                                          "br": (points["br"], BLUE), "bl": (points["bl"], YELLOW)})
+        image = shot_when(
+            display,
+            show,
+            {
+                "tl": (points["tl"], RED),
+                "tr": (points["tr"], GREEN),
+                "br": (points["br"], BLUE),
+                "bl": (points["bl"], YELLOW),
+            },
+        )
         assert image[[2, 2, -3, -3], [2, -3, 2, -3]].min() > 0, "the picture does not reach the screen's corners"
     finally:
         err = show.finish()
@@ -240,8 +280,9 @@ def recorder(bin_dir: Path, name: str, log: Path, then: str | None = None) -> No
 
 def xset_saver(display: str, xset: str) -> str:
     """The X screensaver's ``timeout cycle`` as the real ``xset q`` reports them."""
-    text = subprocess.run([xset, "-display", display, "q"], check=True, timeout=TIMEOUT, capture_output=True,
-                          text=True).stdout
+    text = subprocess.run(
+        [xset, "-display", display, "q"], check=True, timeout=TIMEOUT, capture_output=True, text=True
+    ).stdout
     m = re.search(r"timeout:\s*(\d+)\s+cycle:\s*(\d+)", text)
     assert m, text
     return f"{m[1]} {m[2]}"
@@ -266,8 +307,13 @@ def test_the_screensaver_is_held_off_while_the_window_is_open_and_given_back_aft
         recorder(bin_dir, "xset", log, then=real_xset)  # dreamdeck reads the real `xset q` to give it back
     hidden = {"xdg-screensaver": (), "xset": ("xdg-screensaver",), "none": ("xdg-screensaver", "xset")}[method]
 
-    show = Show(display, tmp_path, {"size": (160, 90), "vsync": False}, hidden_tools=hidden,
-                path=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    show = Show(
+        display,
+        tmp_path,
+        {"size": (160, 90), "vsync": False},
+        hidden_tools=hidden,
+        path=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    )
     try:
         assert show.facts["keep_awake"] == method
         during = log.read_text().splitlines() if log.exists() else []

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -25,8 +25,7 @@ import pytest
 from engine.app import App, AppConfig
 from engine.catalog import PRESETS_DIR
 from engine.clock import ManualClock
-from engine.outputs.recorder import (RECORD_PARAM, RECORDER_PARAMS, FfmpegEncoder, Recorder, free_path,
-                                     recording_path)
+from engine.outputs.recorder import RECORD_PARAM, RECORDER_PARAMS, FfmpegEncoder, Recorder, free_path, recording_path
 from engine.outputs.sharing import FrameShare, SpoutOutput, SyphonOutput, ndi, virtual_camera
 from engine.render.surface import HeadlessSurface
 
@@ -37,8 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = (160, 96)
 TIMEOUT = 20.0
 
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
-                                  reason="ffmpeg/ffprobe not installed (apt-get install ffmpeg)")
+needs_ffmpeg = pytest.mark.skipif(
+    shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
+    reason="ffmpeg/ffprobe not installed (apt-get install ffmpeg)",
+)
 
 
 @pytest.fixture
@@ -79,9 +80,24 @@ def record(app: App, on: bool) -> None:
 
 
 def probe(path: Path) -> dict:
-    result = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
-                             "stream=codec_name,width,height,nb_read_frames,avg_frame_rate", "-of", "json",
-                             str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames,avg_frame_rate",
+            "-of",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["streams"][0]
 
@@ -99,6 +115,7 @@ def decode(path: Path) -> list[np.ndarray]:
 
 
 # -- a real recording -----------------------------------------------------------------------------
+
 
 @needs_ffmpeg
 def test_records_every_frame_of_the_show_into_an_mp4(make_app, tmp_path: Path) -> None:
@@ -163,6 +180,7 @@ def test_each_take_is_a_new_file(make_app, tmp_path: Path) -> None:
 
 # -- a slow writer: the recording drops frames, the show does not wait ----------------------------
 
+
 class StuckSink:
     """An encoder stuck in its first write until the test lets it go: a disk or an encoder
     that cannot keep up, made deterministic. If the render loop ever waited for the writer,
@@ -219,9 +237,11 @@ def test_a_stuck_writer_drops_recording_frames_and_never_blocks_the_show(make_ap
 
 # -- failures: the show goes on --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", ["no ffmpeg", "folder is a file"])
-def test_a_recording_that_cannot_start_says_so_once_and_the_show_goes_on(make_app, tmp_path: Path, caplog,
-                                                                          case: str) -> None:
+def test_a_recording_that_cannot_start_says_so_once_and_the_show_goes_on(
+    make_app, tmp_path: Path, caplog, case: str
+) -> None:
     app = make_app()
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the folder should be")
@@ -233,8 +253,10 @@ def test_a_recording_that_cannot_start_says_so_once_and_the_show_goes_on(make_ap
     warm_up(app)
     frames = app.stats.frames
     record(app, True)
-    wait_for(lambda: (app.step(), not app.params.get(RECORD_PARAM) and recorder.current is None)[1],
-             "the recorder to give up and turn /output/record off")
+    wait_for(
+        lambda: (app.step(), not app.params.get(RECORD_PARAM) and recorder.current is None)[1],
+        "the recorder to give up and turn /output/record off",
+    )
     assert recorder.last.wait(TIMEOUT), "the failed take's writer thread did not end"
     for _ in range(5):
         app.step()
@@ -292,11 +314,18 @@ def test_ending_the_show_mid_recording(tmp_path: Path, how: str) -> None:
     process group): the show finishes the take and it is kept under its final name."""
     final = tmp_path / "take.mp4"
     part = tmp_path / ".take.mp4.part"
-    proc = subprocess.Popen([sys.executable, "-c", SHOW_RUN, str(final)], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHOW_RUN, str(final)],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_for(lambda: proc.poll() is None and part.exists() and part.stat().st_size > 0,
-                 "ffmpeg writing the .part file")
+        wait_for(
+            lambda: proc.poll() is None and part.exists() and part.stat().st_size > 0, "ffmpeg writing the .part file"
+        )
         time.sleep(0.3)  # some frames in
         if how == "kill -9":
             os.kill(proc.pid, signal.SIGKILL)
@@ -323,10 +352,13 @@ def test_ending_the_show_mid_recording(tmp_path: Path, how: str) -> None:
 
 # -- naming ---------------------------------------------------------------------------------------
 
+
 def test_recording_path_fills_the_pattern_and_never_overwrites(tmp_path: Path) -> None:
     when = time.mktime((2025, 3, 4, 5, 6, 7, 0, 0, -1))
-    assert recording_path("~/Videos/dreamdeck-%Y%m%d-%H%M%S.mp4", when) == \
-        Path.home() / "Videos" / "dreamdeck-20250304-050607.mp4"
+    assert (
+        recording_path("~/Videos/dreamdeck-%Y%m%d-%H%M%S.mp4", when)
+        == Path.home() / "Videos" / "dreamdeck-20250304-050607.mp4"
+    )
     take = tmp_path / "take.mp4"
     assert free_path(take) == take
     take.write_bytes(b"x")
@@ -335,6 +367,7 @@ def test_recording_path_fills_the_pattern_and_never_overwrites(tmp_path: Path) -
 
 
 # -- sharing with other apps (engine/outputs/sharing.py) ------------------------------------------
+
 
 class FakeSender:
     """A FrameSender that keeps what it was sent; with ``stuck``, its first send waits for ``gate``."""
@@ -398,12 +431,17 @@ def test_a_stuck_receiver_skips_frames_and_never_blocks_the_show(make_app) -> No
     assert 1 <= len(sender.frames) <= 2 and sender.closed
 
 
-@pytest.mark.parametrize(("output", "module", "message"), [
-    (virtual_camera, "pyvirtualcam", "pyvirtualcam is not installed"),
-    (ndi, "cyndilib", "NDI needs cyndilib"),
-], ids=["virtualcam", "ndi"])
-def test_a_missing_package_is_one_clear_error_and_the_show_goes_on(make_app, monkeypatch, caplog, output, module,
-                                                                   message) -> None:
+@pytest.mark.parametrize(
+    ("output", "module", "message"),
+    [
+        (virtual_camera, "pyvirtualcam", "pyvirtualcam is not installed"),
+        (ndi, "cyndilib", "NDI needs cyndilib"),
+    ],
+    ids=["virtualcam", "ndi"],
+)
+def test_a_missing_package_is_one_clear_error_and_the_show_goes_on(
+    make_app, monkeypatch, caplog, output, module, message
+) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
     share = output()
     app = make_app()
@@ -496,12 +534,25 @@ def test_ndi_reaches_a_receiver_over_loopback(tmp_path: Path) -> None:
         pytest.skip("needs `unshare -n` (root) to keep NDI inside a loopback-only network namespace")
     config = tmp_path / ".ndi"
     config.mkdir()
-    (config / "ndi-config.v1.json").write_text(json.dumps(
-        {"ndi": {"networks": {"ips": "127.0.0.1", "discovery": ""}, "multicast": {"send": {"enable": False}}}}))
-    env = {**os.environ, "HOME": str(tmp_path), "NDI_CONFIG_DIR": str(config),
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {sys.executable} -c \"$0\"",
-                             NDI_RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    (config / "ndi-config.v1.json").write_text(
+        json.dumps(
+            {"ndi": {"networks": {"ips": "127.0.0.1", "discovery": ""}, "multicast": {"send": {"enable": False}}}}
+        )
+    )
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "NDI_CONFIG_DIR": str(config),
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    result = subprocess.run(
+        ["unshare", "-n", "sh", "-c", f'ip link set lo up && exec {sys.executable} -c "$0"', NDI_RUN],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert facts["size"] == list(OUTPUT) and facts["std"] > 10, facts

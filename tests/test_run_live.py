@@ -45,9 +45,26 @@ def wait_for(condition, timeout: float = 30.0):
 def test_run_takes_osc_and_shows_it_in_oscquery_and_health(tmp_path):
     osc_port, query_port, status_port = free_port(socket.SOCK_DGRAM), free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "--no-log-file", "run", "--headless", "--no-midi",
-         "--osc-port", str(osc_port), "--oscquery-port", str(query_port), "--status-port", str(status_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "--no-log-file",
+            "run",
+            "--headless",
+            "--no-midi",
+            "--osc-port",
+            str(osc_port),
+            "--oscquery-port",
+            str(query_port),
+            "--status-port",
+            str(status_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
     try:
         health = wait_for(lambda: get_json(f"http://127.0.0.1:{status_port}/health"))
         assert health is not None, "the status page never answered"

@@ -30,8 +30,15 @@ import pytest
 from engine.catalog import build_registry
 from engine.paramdoc import params_json
 from engine.params import float_param, string_param
-from engine.scenes import (ENTRY_POINT_GROUP, LastGood, Scene, SceneCatalog, ScenesNotFound, find_scenes,
-                           installed_catalog)
+from engine.scenes import (
+    ENTRY_POINT_GROUP,
+    LastGood,
+    Scene,
+    SceneCatalog,
+    ScenesNotFound,
+    find_scenes,
+    installed_catalog,
+)
 from engine.scenes.passthrough import Passthrough
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +48,7 @@ BUILTIN_ORDER = ["reaction_diffusion", "passthrough", "realtime", "ddpm", "vqgan
 
 
 # -- the built-in scenes through their own entry points ---------------------------------------------
+
 
 def test_builtin_scenes_come_from_entry_points_in_a_stable_order() -> None:
     found = find_scenes()
@@ -56,8 +64,9 @@ def test_every_scene_parameter_keeps_its_path_and_declaration() -> None:
     tests/scene_params_snapshot.json is ``dreamdeck params --json`` (without descriptions)
     as it was before scenes declared their parameters relative to their names."""
     keys = ("path", "osc", "kind", "min", "max", "choices", "default", "unit", "smoothing_s", "in_presets")
-    now = [{k: p[k] for k in keys} for p in json.loads(params_json(build_registry()))
-           if p["path"].startswith("/scene/")]
+    now = [
+        {k: p[k] for k in keys} for p in json.loads(params_json(build_registry())) if p["path"].startswith("/scene/")
+    ]
     before = json.loads(SNAPSHOT.read_text())
     assert [p["path"] for p in now] == [p["path"] for p in before]
     assert now == before
@@ -83,6 +92,7 @@ def test_parameters_are_declared_relative_to_the_scene() -> None:
 
 
 # -- finding plugins through package metadata --------------------------------------------------------
+
 
 def install_fake_distribution(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
     """What pip leaves for a package: its modules and a dist-info folder naming its entry points."""
@@ -117,45 +127,60 @@ def site(tmp_path, monkeypatch):
 
 
 def test_plugins_follow_the_builtins_by_order_then_name(site) -> None:
-    install_fake_distribution(site, "acme-scenes", {
-        "zeta": "acme_zeta:Zeta", "alpha": "acme_alpha:Alpha", "early": "acme_early:Early"}, {
-        "acme_zeta": SCENE_SOURCE.format(cls="Zeta", name="zeta", extra=""),
-        "acme_alpha": SCENE_SOURCE.format(cls="Alpha", name="alpha", extra=""),
-        "acme_early": SCENE_SOURCE.format(cls="Early", name="early", extra="order = 1"),
-    })
+    install_fake_distribution(
+        site,
+        "acme-scenes",
+        {"zeta": "acme_zeta:Zeta", "alpha": "acme_alpha:Alpha", "early": "acme_early:Early"},
+        {
+            "acme_zeta": SCENE_SOURCE.format(cls="Zeta", name="zeta", extra=""),
+            "acme_alpha": SCENE_SOURCE.format(cls="Alpha", name="alpha", extra=""),
+            "acme_early": SCENE_SOURCE.format(cls="Early", name="early", extra="order = 1"),
+        },
+    )
     # a plugin's order sorts it among the plugins; it never moves a built-in scene's key
     assert installed_catalog().names() == [*BUILTIN_ORDER, "early", "alpha", "zeta"]
     assert {f.scene.name: f.distribution for f in find_scenes()}["alpha"] == "acme-scenes"
 
 
 def test_a_broken_plugin_is_one_log_line_and_the_rest_plays(site, caplog) -> None:
-    install_fake_distribution(site, "acme-mixed", {
-        "good": "acme_good:Good",
-        "missing_dep": "acme_missing:Missing",  # its import fails
-        "typo": "acme_good:Goood",  # no such class
-        "not_a_class": "acme_good:helper",  # not a scene
-        "misnamed": "acme_good:Misnamed",  # entry point and scene name differ
-        "absolute": "acme_absolute:Absolute",  # a parameter by path: refused as the class is made
-        "passthrough": "acme_good:Impostor",  # a built-in's name: the built-in keeps it
-    }, {
-        "acme_good": SCENE_SOURCE.format(cls="Good", name="good", extra="")
-        + SCENE_SOURCE.format(cls="Misnamed", name="other", extra="")
-        + SCENE_SOURCE.format(cls="Impostor", name="passthrough", extra="") + "\ndef helper():\n    pass\n",
-        "acme_missing": "import acme_no_such_module\n",
-        "acme_absolute": "from engine.params import int_param\n" + SCENE_SOURCE.format(
-            cls="Absolute", name="absolute", extra="PARAMS = (int_param('/scene/absolute/n', 1, 0, 9),)"),
-    })
+    install_fake_distribution(
+        site,
+        "acme-mixed",
+        {
+            "good": "acme_good:Good",
+            "missing_dep": "acme_missing:Missing",  # its import fails
+            "typo": "acme_good:Goood",  # no such class
+            "not_a_class": "acme_good:helper",  # not a scene
+            "misnamed": "acme_good:Misnamed",  # entry point and scene name differ
+            "absolute": "acme_absolute:Absolute",  # a parameter by path: refused as the class is made
+            "passthrough": "acme_good:Impostor",  # a built-in's name: the built-in keeps it
+        },
+        {
+            "acme_good": SCENE_SOURCE.format(cls="Good", name="good", extra="")
+            + SCENE_SOURCE.format(cls="Misnamed", name="other", extra="")
+            + SCENE_SOURCE.format(cls="Impostor", name="passthrough", extra="")
+            + "\ndef helper():\n    pass\n",
+            "acme_missing": "import acme_no_such_module\n",
+            "acme_absolute": "from engine.params import int_param\n"
+            + SCENE_SOURCE.format(
+                cls="Absolute", name="absolute", extra="PARAMS = (int_param('/scene/absolute/n', 1, 0, 9),)"
+            ),
+        },
+    )
     with caplog.at_level(logging.DEBUG, logger="engine.scenes.plugins"):
         catalog = installed_catalog()
     assert catalog.names() == [*BUILTIN_ORDER, "good"]
     assert catalog.get("passthrough") is Passthrough
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 6, errors
-    for name, why in (("missing_dep", "ModuleNotFoundError: No module named 'acme_no_such_module'"),
-                      ("typo", "AttributeError"), ("not_a_class", "is not a subclass of engine.scenes.Scene"),
-                      ("misnamed", "the entry point is named 'misnamed' but the scene is named 'other'"),
-                      ("absolute", "by their own name ('strength'), not a path: /scene/absolute/n"),
-                      ("passthrough", "the name is taken by passthrough = engine.scenes.passthrough:Passthrough")):
+    for name, why in (
+        ("missing_dep", "ModuleNotFoundError: No module named 'acme_no_such_module'"),
+        ("typo", "AttributeError"),
+        ("not_a_class", "is not a subclass of engine.scenes.Scene"),
+        ("misnamed", "the entry point is named 'misnamed' but the scene is named 'other'"),
+        ("absolute", "by their own name ('strength'), not a path: /scene/absolute/n"),
+        ("passthrough", "the name is taken by passthrough = engine.scenes.passthrough:Passthrough"),
+    ):
         mine = [e for e in errors if e.startswith(f"scene plugin {name!r}")]
         assert len(mine) == 1 and why in mine[0] and "from acme-mixed" in mine[0] and "left out" in mine[0], errors
         assert "\n" not in mine[0]
@@ -164,8 +189,9 @@ def test_a_broken_plugin_is_one_log_line_and_the_rest_plays(site, caplog) -> Non
 
 
 def test_no_scenes_of_dreamdeck_is_an_install_error_that_says_the_fix() -> None:
-    only_a_plugin = metadata.EntryPoints([metadata.EntryPoint(
-        "passthrough_copy", "tests.test_scene_plugins:PassthroughCopy", ENTRY_POINT_GROUP)])
+    only_a_plugin = metadata.EntryPoints(
+        [metadata.EntryPoint("passthrough_copy", "tests.test_scene_plugins:PassthroughCopy", ENTRY_POINT_GROUP)]
+    )
     with pytest.raises(ScenesNotFound, match=r"none of dreamdeck's own scenes.*passthrough_copy.*pip install -e \."):
         find_scenes(only_a_plugin)
     with pytest.raises(ScenesNotFound, match=r"pip install -e \."):
@@ -182,9 +208,14 @@ def test_dreamdeck_params_says_the_fix_in_one_line_when_the_metadata_is_stale(tm
     install_fake_distribution(tmp_path, "dreamdeck", {}, {})
     entry_points = next(tmp_path.glob("*.dist-info")) / "entry_points.txt"
     entry_points.write_text("[console_scripts]\ndreamdeck = engine.cli:main\n")
-    done = subprocess.run([sys.executable, "-m", "engine", "--no-log-file", "params"], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "--no-log-file", "params"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("dreamdeck: none of dreamdeck's own scenes is registered"), done.stderr
     assert str(tmp_path) in done.stderr and done.stderr.rstrip().endswith("pip install -e .")
@@ -192,6 +223,7 @@ def test_dreamdeck_params_says_the_fix_in_one_line_when_the_metadata_is_stale(tm
 
 
 # -- LastGood: a live value that can be refused ---------------------------------------------------------
+
 
 class Strictly:
     """An apply function that takes even numbers, refuses odd ones and breaks on negative ones."""
@@ -244,6 +276,7 @@ def test_last_good_lets_other_errors_through_and_tries_them_again() -> None:
 
 # -- end to end: a pip-installed plugin in a running show ------------------------------------------------
 
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
@@ -279,15 +312,32 @@ def oscquery_node(tree: dict[str, Any], path: str) -> dict[str, Any] | None:
 def installed_plugins(tmp_path_factory) -> Path:
     """tests/plugins/* installed by pip into a folder of their own (copies: pip builds in the tree)."""
     # --no-build-isolation builds with this environment's setuptools (no index needed)
-    assert importlib.util.find_spec("setuptools") is not None, "building the test plugins needs setuptools: " \
-        "pip install 'setuptools>=68'"
+    assert importlib.util.find_spec("setuptools") is not None, (
+        "building the test plugins needs setuptools: pip install 'setuptools>=68'"
+    )
     work = tmp_path_factory.mktemp("plugin-build")
     target = tmp_path_factory.mktemp("plugin-site")
     for package in ("dreamdeck-scene-example", "dreamdeck-scene-broken"):
         source = shutil.copytree(PLUGINS / package, work / package)
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                               "--no-index", "--no-deps", "--no-build-isolation", "--target", str(target),
-                               str(source)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-index",
+                "--no-deps",
+                "--no-build-isolation",
+                "--target",
+                str(target),
+                str(source),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     assert (target / "dreamdeck_scene_example").is_dir() and list(target.glob("dreamdeck_scene_example-*.dist-info"))
     return target
@@ -298,19 +348,47 @@ def test_a_pip_installed_plugin_plays_in_oscquery_presets_and_the_web_page(insta
     presets.mkdir()
     (presets / "bands.toml").write_text(
         '[preset]\ndescription = "the example plugin"\n\n[scene]\nactive = "bands"\n\n'
-        '[scene.bands]\ncount = 5\ntint = [0.2, 0.9, 0.4]\n')
+        "[scene.bands]\ncount = 5\ntint = [0.2, 0.9, 0.4]\n"
+    )
     osc_port, query_port, status_port = free_port(socket.SOCK_DGRAM), free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": f"{installed_plugins}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "--no-log-file", "run", "--headless", "--fresh", "--no-midi",
-         "--source", "pattern", "--presets-dir", str(presets), "--preset", "bands", "--osc-port", str(osc_port),
-         "--oscquery-port", str(query_port), "--status-port", str(status_port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "--no-log-file",
+            "run",
+            "--headless",
+            "--fresh",
+            "--no-midi",
+            "--source",
+            "pattern",
+            "--presets-dir",
+            str(presets),
+            "--preset",
+            "bands",
+            "--osc-port",
+            str(osc_port),
+            "--oscquery-port",
+            str(query_port),
+            "--status-port",
+            str(status_port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         status = f"http://127.0.0.1:{status_port}"
         # the preset validated and applied: the plugin scene plays, with the preset's values
-        health = wait_for(lambda: (lambda h: h if h and h.get("scene") == "bands" and h["scene_fps"] > 0 else None)(
-            get_json(f"{status}/health")))
+        health = wait_for(
+            lambda: (lambda h: h if h and h.get("scene") == "bands" and h["scene_fps"] > 0 else None)(
+                get_json(f"{status}/health")
+            )
+        )
         assert health is not None, f"the plugin scene never played: {get_json(f'{status}/health')}"
         assert health["preset"] == "bands" and not health["errors"], health
         listed = get_json(f"{status}/api/presets")["presets"]
@@ -337,7 +415,10 @@ def test_a_pip_installed_plugin_plays_in_oscquery_presets_and_the_web_page(insta
     # each broken plugin installed beside it is one line in the log, and the show played on
     left_out = [line for line in err.splitlines() if "scene plugin" in line]
     assert len(left_out) == 3, left_out
-    for name, why in (("needs_missing", "No module named 'dreamdeck_no_such_module'"),
-                      ("not_a_scene", "not a subclass"), ("passthrough", "the name is taken")):
+    for name, why in (
+        ("needs_missing", "No module named 'dreamdeck_no_such_module'"),
+        ("not_a_scene", "not a subclass"),
+        ("passthrough", "the name is taken"),
+    ):
         assert sum(f"scene plugin {name!r}" in line and why in line for line in left_out) == 1, left_out
     assert "Traceback" not in err, err[-3000:]

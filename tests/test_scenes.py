@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -45,6 +45,7 @@ class PatternFeed:
 
 
 # -- test scenes: real plugins that misbehave in chosen ways ---------------------------------
+
 
 class GatedLoad(Scene):
     """Loads only when the test opens the gate; records which thread loaded it."""
@@ -118,10 +119,12 @@ def showing(worker: SceneWorker, name: str, index: int = 1) -> Callable[[], bool
     def check() -> bool:
         frame = output_of(worker)
         return frame is not None and frame.scene == name and frame.index >= index
+
     return check
 
 
 # -- the worker ----------------------------------------------------------------------------------
+
 
 def test_request_loads_off_thread_and_frames_arrive(make_worker) -> None:
     worker = make_worker(GatedLoad)
@@ -230,6 +233,7 @@ def test_catalog_refuses_bad_scenes() -> None:
 
 # -- reaction-diffusion ---------------------------------------------------------------------------
 
+
 def make_rd(**values: object) -> ReactionDiffusion:
     registry = ParamRegistry()
     registry.declare_all(ReactionDiffusion.PARAMS)
@@ -272,8 +276,13 @@ def test_reaction_diffusion_never_dies_out() -> None:
     registry = ParamRegistry()
     registry.declare_all(ReactionDiffusion.PARAMS)
     # a high kill rate and a low feed rate wipe V out within a few hundred steps
-    registry.set_many({"/scene/reaction_diffusion/kill": 0.075, "/scene/reaction_diffusion/feed": 0.01,
-                       "/scene/reaction_diffusion/speed": 40})
+    registry.set_many(
+        {
+            "/scene/reaction_diffusion/kill": 0.075,
+            "/scene/reaction_diffusion/feed": 0.01,
+            "/scene/reaction_diffusion/speed": 40,
+        }
+    )
     registry.apply_pending(10.0)
     scene = CountingSeeds(registry)
     scene.load()

@@ -35,6 +35,7 @@ def open_hours(hours: WeeklyHours, day: int) -> list[int]:
 
 # -- parsing ----------------------------------------------------------------------------------
 
+
 def test_weekdays_and_saturday() -> None:
     hours = parse_hours("Mon-Fri 10:00-18:00, Sat 12:00-20:00")
     for day in range(5):
@@ -45,15 +46,18 @@ def test_weekdays_and_saturday() -> None:
     assert hours.is_open(at(0, 17, 59, 59))
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("Tue-Sun 10-13 14-18", {1: [10, 11, 12, 14, 15, 16, 17], 0: []}),
-    ("Sat, Sun 12:00-20:00", {5: list(range(12, 20)), 6: list(range(12, 20)), 4: []}),
-    ("daily 9-21", {d: list(range(9, 21)) for d in range(7)}),
-    ("weekdays 8-9; weekends 20-22", {0: [8], 4: [8], 5: [20, 21], 6: [20, 21]}),
-    ("Fri-Mon 10-11", {4: [10], 5: [10], 6: [10], 0: [10], 1: []}),  # a day range across the weekend
-    ("monday 00:00-24:00, Tue closed", {0: list(range(24)), 1: []}),
-    ("MON 10:00-12:00", {0: [10, 11]}),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Tue-Sun 10-13 14-18", {1: [10, 11, 12, 14, 15, 16, 17], 0: []}),
+        ("Sat, Sun 12:00-20:00", {5: list(range(12, 20)), 6: list(range(12, 20)), 4: []}),
+        ("daily 9-21", {d: list(range(9, 21)) for d in range(7)}),
+        ("weekdays 8-9; weekends 20-22", {0: [8], 4: [8], 5: [20, 21], 6: [20, 21]}),
+        ("Fri-Mon 10-11", {4: [10], 5: [10], 6: [10], 0: [10], 1: []}),  # a day range across the weekend
+        ("monday 00:00-24:00, Tue closed", {0: list(range(24)), 1: []}),
+        ("MON 10:00-12:00", {0: [10, 11]}),
+    ],
+)
 def test_forms(text: str, expected: dict[int, list[int]]) -> None:
     hours = parse_hours(text)
     for day, hour_list in expected.items():
@@ -75,20 +79,23 @@ def test_always() -> None:
         assert hours.next_change(at(3, 12)) is None
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("", "empty"),
-    ("   ", "empty"),
-    ("Mon-Fri", "which hours"),
-    ("Funday 10-18", "'Funday' is not a day"),
-    ("Mon 25:00-26:00", "not a time of day"),
-    ("Mon 10:60-11", "not a time of day"),
-    ("Mon 24:00-02:00", "cannot start at 24:00"),
-    ("Mon 10:00-10:00", "opens and closes at the same time"),
-    ("Mon 10am-6pm", "not a time like"),
-    ("Mon 10:00", "not a time range"),
-    ("Mon 10-18,, Tue 10-18", "empty entry"),
-    ("Mon-Xyz 10-18", "not a day or day range"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("Mon-Fri", "which hours"),
+        ("Funday 10-18", "'Funday' is not a day"),
+        ("Mon 25:00-26:00", "not a time of day"),
+        ("Mon 10:60-11", "not a time of day"),
+        ("Mon 24:00-02:00", "cannot start at 24:00"),
+        ("Mon 10:00-10:00", "opens and closes at the same time"),
+        ("Mon 10am-6pm", "not a time like"),
+        ("Mon 10:00", "not a time range"),
+        ("Mon 10-18,, Tue 10-18", "empty entry"),
+        ("Mon-Xyz 10-18", "not a day or day range"),
+    ],
+)
 def test_bad_text_is_a_clear_error(text: str, message: str) -> None:
     with pytest.raises(ScheduleError, match=message):
         parse_hours(text)
@@ -106,6 +113,7 @@ def test_next_change() -> None:
 
 
 # -- the control ----------------------------------------------------------------------------
+
 
 class FakeWallClock:
     def __init__(self, when: datetime) -> None:
@@ -139,8 +147,14 @@ class Show:
         self.params = registry_with_master()
         self.wall = FakeWallClock(when)
         self.hooks = Recorder()
-        self.control = OpeningHours(self.params, parse_hours(text), wallclock=self.wall, fade_s=fade_s,
-                                    on_pause=self.hooks.pause, on_resume=self.hooks.resume)
+        self.control = OpeningHours(
+            self.params,
+            parse_hours(text),
+            wallclock=self.wall,
+            fade_s=fade_s,
+            on_pause=self.hooks.pause,
+            on_resume=self.hooks.resume,
+        )
         self.now = 0.0
         self.control.start()
 
@@ -223,15 +237,26 @@ def test_in_the_app_as_a_control(tmp_path: Path) -> None:
     presets.mkdir()
     shutil.copy(ROOT / "presets" / "default.toml", presets)
     surface = HeadlessSurface()
-    app = App(AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
-              surface, ManualClock(60.0))
+    app = App(
+        AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
+        surface,
+        ManualClock(60.0),
+    )
     try:
         if MASTER_PATH not in app.params:  # declared by the output stage once it is wired in
             app.params.declare(float_param(MASTER_PATH, 1.0, 0.0, 1.0))
         wall = FakeWallClock(at(0, 17, 59, 59))
         hooks = Recorder()
-        schedule = app.add_control(OpeningHours(app.params, parse_hours("Mon-Fri 10:00-18:00"), wallclock=wall,
-                                                fade_s=0.5, on_pause=hooks.pause, on_resume=hooks.resume))
+        schedule = app.add_control(
+            OpeningHours(
+                app.params,
+                parse_hours("Mon-Fri 10:00-18:00"),
+                wallclock=wall,
+                fade_s=0.5,
+                on_pause=hooks.pause,
+                on_resume=hooks.resume,
+            )
+        )
         app.start()
         for _ in range(5):
             app.step()

@@ -15,8 +15,8 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -24,14 +24,25 @@ from engine.app import App, AppConfig
 from engine.clock import ManualClock
 from engine.logsetup import default_log_file, setup_logging
 from engine.render.surface import HeadlessSurface
-from engine.service import (STATUS_CHARS, UNIT_NAME, Notifier, install_service, render_unit, run_command,
-                            status_line, systemd_quote, user_unit_dir, verify_unit)
+from engine.service import (
+    STATUS_CHARS,
+    UNIT_NAME,
+    Notifier,
+    install_service,
+    render_unit,
+    run_command,
+    status_line,
+    systemd_quote,
+    user_unit_dir,
+    verify_unit,
+)
 from engine.status import RenderedFrame, ShowStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- the unit ------------------------------------------------------------------------------
+
 
 def unit_entries(text: str) -> dict[str, list[str]]:
     """``Key=value`` lines of a unit, every value of each key in order (comments skipped)."""
@@ -45,8 +56,17 @@ def unit_entries(text: str) -> dict[str, list[str]]:
 
 def test_unit_runs_the_show_under_a_watchdog() -> None:
     command = run_command("gallery", ["--fullscreen", "--monitor", "1"], python="/opt/venv/bin/python")
-    assert command == ["/opt/venv/bin/python", "-m", "engine", "run", "--preset", "gallery",
-                       "--fullscreen", "--monitor", "1"]
+    assert command == [
+        "/opt/venv/bin/python",
+        "-m",
+        "engine",
+        "run",
+        "--preset",
+        "gallery",
+        "--fullscreen",
+        "--monitor",
+        "1",
+    ]
     text = render_unit(command, environment={"DISPLAY": ":0"})
     entries = unit_entries(text)
     assert entries["Type"] == ["notify"] and entries["NotifyAccess"] == ["main"]
@@ -61,15 +81,18 @@ def test_unit_runs_the_show_under_a_watchdog() -> None:
         render_unit([])
 
 
-@pytest.mark.parametrize(("arg", "quoted"), [
-    ("plain", "plain"),
-    ("/path/with space/x.toml", '"/path/with space/x.toml"'),
-    ("100%", "100%%"),  # systemd expands %-specifiers
-    ("$HOME", "$$HOME"),  # and $VARIABLES in ExecStart
-    ('say "hi"', '"say \\"hi\\""'),
-    ("back\\slash", '"back\\\\slash"'),
-    (";", '";"'),  # a bare ; separates commands in ExecStart
-])
+@pytest.mark.parametrize(
+    ("arg", "quoted"),
+    [
+        ("plain", "plain"),
+        ("/path/with space/x.toml", '"/path/with space/x.toml"'),
+        ("100%", "100%%"),  # systemd expands %-specifiers
+        ("$HOME", "$$HOME"),  # and $VARIABLES in ExecStart
+        ('say "hi"', '"say \\"hi\\""'),
+        ("back\\slash", '"back\\\\slash"'),
+        (";", '";"'),  # a bare ; separates commands in ExecStart
+    ],
+)
 def test_exec_start_words_are_quoted_for_systemd(arg: str, quoted: str) -> None:
     assert systemd_quote(arg) == quoted
 
@@ -97,15 +120,21 @@ def test_dry_run_renders_without_writing(tmp_path: Path) -> None:
     assert user_unit_dir({"XDG_CONFIG_HOME": "relative/ignored"}) == Path.home() / ".config" / "systemd" / "user"
 
 
-needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                           reason="systemd-analyze is not installed on this machine")
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed on this machine"
+)
 
 
 @needs_systemd_analyze
 def test_installed_unit_is_written_atomically_and_verifies(tmp_path: Path) -> None:
     unit_dir = tmp_path / "units"
-    result = install_service("default", ["--fullscreen", "--size", "1920x1080"], unit_dir=unit_dir,
-                             environ={"DISPLAY": ":0"}, python=sys.executable)
+    result = install_service(
+        "default",
+        ["--fullscreen", "--size", "1920x1080"],
+        unit_dir=unit_dir,
+        environ={"DISPLAY": ":0"},
+        python=sys.executable,
+    )
     assert result.written and result.path.read_text(encoding="utf-8") == result.text
     assert result.valid is True, result.verify
     assert sorted(p.name for p in unit_dir.iterdir()) == [UNIT_NAME], "no temp file left behind"
@@ -126,6 +155,7 @@ def test_verify_finds_a_faulty_unit(tmp_path: Path) -> None:
 
 
 # -- sd_notify --------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def systemd_socket() -> Iterator[tuple[socket.socket, str]]:
@@ -159,8 +189,11 @@ def app(tmp_path: Path) -> Iterator[App]:
     presets = tmp_path / "presets"
     presets.mkdir()
     shutil.copy(ROOT / "presets" / "default.toml", presets)
-    application = App(AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
-                      surface, ManualClock(64.0))  # 1/64 s is exact in binary: frame counts are exact
+    application = App(
+        AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
+        surface,
+        ManualClock(64.0),
+    )  # 1/64 s is exact in binary: frame counts are exact
     yield application
     application.close()
     surface.close()
@@ -168,8 +201,15 @@ def app(tmp_path: Path) -> Iterator[App]:
 
 def frame_at(t: float, status: ShowStatus | None = None) -> RenderedFrame:
     """A frame as the notifier sees it: it reads the time and the status, never the pixels."""
-    return RenderedFrame(ctx=None, texture=None, size=(0, 0), number=1, time=t,  # type: ignore[arg-type]
-                         status=status or ShowStatus(time=t), params=None)  # type: ignore[arg-type]
+    return RenderedFrame(
+        ctx=None,
+        texture=None,
+        size=(0, 0),
+        number=1,
+        time=t,  # type: ignore[arg-type]
+        status=status or ShowStatus(time=t),
+        params=None,
+    )  # type: ignore[arg-type]
 
 
 def test_ready_then_watchdog_pings_follow_the_frame_loop(app: App, systemd_socket) -> None:
@@ -220,8 +260,9 @@ def test_abstract_namespace_socket() -> None:
     sock.bind("\0" + name)
     sock.settimeout(2.0)
     try:
-        notifier = Notifier(environ={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "4000000",
-                                     "WATCHDOG_PID": str(os.getpid())})
+        notifier = Notifier(
+            environ={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}
+        )
         assert notifier.enabled and notifier.watchdog_s == 4.0 and notifier.ping_every == 2.0
         notifier.start()
         notifier.after_render(frame_at(0.0))
@@ -260,6 +301,7 @@ def test_a_vanished_systemd_costs_one_log_line_not_a_frame(systemd_socket, caplo
 
 
 # -- the log ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def logger() -> Iterator[logging.Logger]:

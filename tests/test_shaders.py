@@ -69,6 +69,7 @@ def reload(library: ShaderLibrary) -> list[str]:
 
 # -- #include ------------------------------------------------------------------------------
 
+
 def test_expand_pastes_includes_and_remembers_where_each_line_came_from(library, shader_root):
     expanded = library.expand("frame.frag")
     lines = expanded.source.splitlines()
@@ -92,13 +93,21 @@ def test_nested_includes_and_locate(library, shader_root):
     (shader_root / "lib").mkdir()
     (shader_root / "lib/inner.glsl").write_text("float inner() {\n    return 1.0;\n}\n")
     (shader_root / "lib/outer.glsl").write_text(
-        '// outer\n#include "lib/inner.glsl"\nfloat outer() { return inner(); }\n')
-    (shader_root / "top.frag").write_text('#version 330\n#include "lib/outer.glsl"\nout vec4 frag;\n'
-                                          'void main() { frag = vec4(outer()); }\n')
+        '// outer\n#include "lib/inner.glsl"\nfloat outer() { return inner(); }\n'
+    )
+    (shader_root / "top.frag").write_text(
+        '#version 330\n#include "lib/outer.glsl"\nout vec4 frag;\nvoid main() { frag = vec4(outer()); }\n'
+    )
     expanded = library.expand("top.frag")
     assert expanded.origins == (
-        ("top.frag", 1), ("lib/outer.glsl", 1), ("lib/inner.glsl", 1), ("lib/inner.glsl", 2),
-        ("lib/inner.glsl", 3), ("lib/outer.glsl", 3), ("top.frag", 3), ("top.frag", 4),
+        ("top.frag", 1),
+        ("lib/outer.glsl", 1),
+        ("lib/inner.glsl", 1),
+        ("lib/inner.glsl", 2),
+        ("lib/inner.glsl", 3),
+        ("lib/outer.glsl", 3),
+        ("top.frag", 3),
+        ("top.frag", 4),
     )
     assert expanded.locate("0:4(5): error: oops") == "lib/inner.glsl:2: error: oops"
     assert expanded.locate("0:99(1): error: past the end") == "0:99(1): error: past the end"
@@ -135,6 +144,7 @@ def test_a_compile_error_names_file_and_line(library, shader_root):
 
 
 # -- hot reload ----------------------------------------------------------------------------
+
 
 def test_an_edit_reloads_and_shows_next_frame(comp, library, shader_root):
     settle(comp, {"/fx/grade/enabled": True})

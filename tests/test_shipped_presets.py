@@ -32,8 +32,11 @@ def run_preset(tmp_path, monkeypatch):
 
     def run(name: str) -> App:
         surface = HeadlessSurface()
-        app = App(AppConfig(source="pattern", preset=name, presets_dir=PRESETS_DIR, output_size=(320, 180),
-                            hot_reload=False), surface, ManualClock(60.0))
+        app = App(
+            AppConfig(source="pattern", preset=name, presets_dir=PRESETS_DIR, output_size=(320, 180), hot_reload=False),
+            surface,
+            ManualClock(60.0),
+        )
         made.append((app, surface))
         app.start()
         return app
@@ -62,10 +65,13 @@ def test_the_ddpm_preset_plays_the_shipped_model(run_preset) -> None:
     assert app.errors_now() == []
 
 
-@pytest.mark.parametrize("preset, scene, hint", [
-    ("vqgan-clip", "vqgan_clip", "heibox.uni-heidelberg.de"),
-    ("lora-swap", "realtime", "hf download stabilityai/sd-turbo"),
-])
+@pytest.mark.parametrize(
+    "preset, scene, hint",
+    [
+        ("vqgan-clip", "vqgan_clip", "heibox.uni-heidelberg.de"),
+        ("lora-swap", "realtime", "hf download stabilityai/sd-turbo"),
+    ],
+)
 def test_a_hub_preset_offline_says_what_to_get_and_plays_the_shipped_ddpm(run_preset, preset, scene, hint) -> None:
     app = run_preset(preset)
     play_until_images(app, "ddpm")

@@ -14,9 +14,9 @@ import socket
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 import pytest
 from pythonosc.udp_client import SimpleUDPClient
@@ -26,7 +26,7 @@ from engine.cli import build_parser, show_config
 from engine.control.setup import ControlConfig
 from engine.diffusion.options import TorchDefaults
 from engine.outputs.recorder import RECORD_PARAM
-from engine.scenes import Scene, SceneCatalog
+from engine.scenes import SceneCatalog
 from engine.scenes.passthrough import Passthrough
 from engine.schedule import parse_hours
 from engine.show import OutputConfig, Show, ShowConfig, ShowError, StateConfig, StatusPageConfig, build_show
@@ -65,12 +65,20 @@ def load_soak() -> ModuleType:
 def full_config(tmp_path: Path) -> ShowConfig:
     return ShowConfig(
         app=AppConfig(source="pattern", output_size=OUTPUT, hot_reload=False),
-        clock="manual", scenes=("reaction_diffusion", "passthrough"),
-        controls=ControlConfig(osc_port=0, oscquery_port=0, midi=True, midi_inputs=("no-such-controller",),
-                               midi_map=tmp_path / "midi.toml", hours=parse_hours("always")),
+        clock="manual",
+        scenes=("reaction_diffusion", "passthrough"),
+        controls=ControlConfig(
+            osc_port=0,
+            oscquery_port=0,
+            midi=True,
+            midi_inputs=("no-such-controller",),
+            midi_map=tmp_path / "midi.toml",
+            hours=parse_hours("always"),
+        ),
         outputs=OutputConfig(record_pattern=str(tmp_path / "take-%H%M%S.mp4"), record_at_start=True),
         state=StateConfig(path=tmp_path / "state.toml"),
-        status=StatusPageConfig(StatusConfig(port=0), required=True))
+        status=StatusPageConfig(StatusConfig(port=0), required=True),
+    )
 
 
 def test_build_show_makes_the_whole_show_and_every_part_works(tmp_path: Path, monkeypatch) -> None:
@@ -79,8 +87,19 @@ def test_build_show_makes_the_whole_show_and_every_part_works(tmp_path: Path, mo
         systemd.settimeout(5.0)
         monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
         with build_show(full_config(tmp_path)) as show:
-            assert set(show.parts) == {"link", "tempo", "modulation", "midi", "osc", "oscquery", "hours",
-                                       "recorder", "state", "systemd", "status"}
+            assert set(show.parts) == {
+                "link",
+                "tempo",
+                "modulation",
+                "midi",
+                "osc",
+                "oscquery",
+                "hours",
+                "recorder",
+                "state",
+                "systemd",
+                "status",
+            }
             app = show.app
             assert [c.name for c in app.controls][-1] == show.status_page.name  # the page reads what the controls did
             assert app.catalog.names() == ["reaction_diffusion", "passthrough"]
@@ -93,11 +112,18 @@ def test_build_show_makes_the_whole_show_and_every_part_works(tmp_path: Path, mo
             step_until(show, lambda: app.params.get("/fx/kaleido/segments") == 11, "OSC reaching the registry")
             served = get_json(f"http://127.0.0.1:{show.status_page.port}/api/params")
             assert {"path": "/fx/kaleido/segments", "value": 11}.items() <= next(
-                p for p in served if p["path"] == "/fx/kaleido/segments").items()
+                p for p in served if p["path"] == "/fx/kaleido/segments"
+            ).items()
             assert app.params.get(RECORD_PARAM) is True  # record_at_start
-            step_until(show, lambda: app.params.get("/scene/active") == "reaction_diffusion" and
-                       show.parts["recorder"].current is not None and show.parts["recorder"].current.written > 3,
-                       "frames reaching the recorder")
+            step_until(
+                show,
+                lambda: (
+                    app.params.get("/scene/active") == "reaction_diffusion"
+                    and show.parts["recorder"].current is not None
+                    and show.parts["recorder"].current.written > 3
+                ),
+                "frames reaching the recorder",
+            )
             app.params.set(RECORD_PARAM, False)
             app.recall_preset_now("default")
             step_until(show, lambda: (tmp_path / "state.toml").exists(), "the state file")
@@ -117,12 +143,15 @@ def test_a_bare_show_is_the_app_alone() -> None:
         assert show.app.stats.frames == 5
 
 
-@pytest.mark.parametrize("config, message", [
-    (ShowConfig(app=AppConfig(source="webcam:0")), "unknown source kind 'webcam'"),
-    (ShowConfig(controls=ControlConfig(osc_host="0.0.0.0")), "reachable from the network"),
-    (ShowConfig(scenes=("passthrough", "nope")), "no scene named 'nope'"),
-    (ShowConfig(fps=0), "must be positive"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (ShowConfig(app=AppConfig(source="webcam:0")), "unknown source kind 'webcam'"),
+        (ShowConfig(controls=ControlConfig(osc_host="0.0.0.0")), "reachable from the network"),
+        (ShowConfig(scenes=("passthrough", "nope")), "no scene named 'nope'"),
+        (ShowConfig(fps=0), "must be positive"),
+    ],
+)
 def test_a_config_that_cannot_work_is_one_line_before_anything_opens(config: ShowConfig, message: str) -> None:
     with pytest.raises(ShowError, match=message) as caught:
         build_show(config)
@@ -154,8 +183,9 @@ class RecordsTorch(Passthrough):
 
 def test_the_torch_defaults_reach_each_scene_as_a_value() -> None:
     chosen = TorchDefaults(device="cpu", dtype="bfloat16", accel="eager")
-    config = ShowConfig.bare(AppConfig(source="pattern", output_size=OUTPUT, hot_reload=False, preset=None,
-                                       torch=chosen))
+    config = ShowConfig.bare(
+        AppConfig(source="pattern", output_size=OUTPUT, hot_reload=False, preset=None, torch=chosen)
+    )
     RecordsTorch.made_with.clear()
     with build_show(config, catalog=SceneCatalog((RecordsTorch,))) as show:
         show.start()
@@ -165,11 +195,39 @@ def test_the_torch_defaults_reach_each_scene_as_a_value() -> None:
 
 
 def test_dreamdeck_run_flags_become_one_show_config(tmp_path: Path) -> None:
-    args = build_parser().parse_args([
-        "run", "--headless", "--fresh", "--source", "pattern", "--record", str(tmp_path / "r.mp4"),
-        "--midi-in", "nano", "--hours", "always", "--device", "cpu", "--dtype", "bfloat16", "--accel", "eager",
-        "--osc-port", "9400", "--no-oscquery", "--status-port", "9401", "--ndi", "--output", "640x360",
-        "--status-allow", "192.168.1.0/24", "--status-allow", "10.0.0.7"])
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--headless",
+            "--fresh",
+            "--source",
+            "pattern",
+            "--record",
+            str(tmp_path / "r.mp4"),
+            "--midi-in",
+            "nano",
+            "--hours",
+            "always",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--accel",
+            "eager",
+            "--osc-port",
+            "9400",
+            "--no-oscquery",
+            "--status-port",
+            "9401",
+            "--ndi",
+            "--output",
+            "640x360",
+            "--status-allow",
+            "192.168.1.0/24",
+            "--status-allow",
+            "10.0.0.7",
+        ]
+    )
     config = show_config(args)
     assert config.window is None and config.app.source == "pattern" and config.app.output_size == (640, 360)
     assert config.app.torch == TorchDefaults("cpu", "bfloat16", "eager")
@@ -189,9 +247,13 @@ def test_the_soak_builds_the_show_dreamdeck_run_builds(tmp_path: Path) -> None:
     soak = load_soak()
     args = soak.parse_args(["--frames", "100"])
     ws = soak.make_workspace(tmp_path / "soak")
-    run_args = build_parser().parse_args(["run", "--headless", "--fresh", "--osc-port", "0", "--oscquery-port", "0",
-                                          "--status-port", "0"])
-    with build_show(show_config(run_args)) as users, build_show(soak.soak_config(args, ws, "soak-controller")) as soaked:
+    run_args = build_parser().parse_args(
+        ["run", "--headless", "--fresh", "--osc-port", "0", "--oscquery-port", "0", "--status-port", "0"]
+    )
+    with (
+        build_show(show_config(run_args)) as users,
+        build_show(soak.soak_config(args, ws, "soak-controller")) as soaked,
+    ):
         assert {"recorder", "systemd", "tempo", "state", "osc", "oscquery", "status"} <= set(users.parts)
         assert set(users.parts) <= set(soaked.parts)
         assert set(soaked.parts) - set(users.parts) == {"midi", "hours"}

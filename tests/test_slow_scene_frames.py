@@ -73,11 +73,22 @@ def test_the_render_loop_keeps_producing_frames_while_the_scene_is_stuck_in_proc
     app = make_app(catalog=SceneCatalog((ReactionDiffusion, Stuck)))
     try:
         # only the scene's image on screen, so the pixel says which image is shown
-        app.params.set_many({"/scene/active": "stuck", "/layer/source/opacity": 0.0, "/fx/feedback/amount": 0.0,
-                             "/fx/kaleido/enabled": False, "/fx/vignette/enabled": False,
-                             "/fx/grade/enabled": False}, origin="test")
-        step_until(app, lambda: Stuck.entered.is_set() and close_to(centre(app), FIRST),
-                   "the first image on screen with the scene stuck in its second process()")
+        app.params.set_many(
+            {
+                "/scene/active": "stuck",
+                "/layer/source/opacity": 0.0,
+                "/fx/feedback/amount": 0.0,
+                "/fx/kaleido/enabled": False,
+                "/fx/vignette/enabled": False,
+                "/fx/grade/enabled": False,
+            },
+            origin="test",
+        )
+        step_until(
+            app,
+            lambda: Stuck.entered.is_set() and close_to(centre(app), FIRST),
+            "the first image on screen with the scene stuck in its second process()",
+        )
         [scene] = Stuck.made
 
         frames, now = app.stats.frames, app.clock.now()
@@ -86,8 +97,9 @@ def test_the_render_loop_keeps_producing_frames_while_the_scene_is_stuck_in_proc
             assert close_to(centre(app), FIRST), f"frame {n} while the scene is stuck: not its last image"
         assert app.stats.frames - frames == BLOCKED_FRAMES
         assert app.clock.now() - now == pytest.approx(BLOCKED_FRAMES * app.clock.period), "show time: frame by frame"
-        assert not Stuck.gate.is_set() and scene.calls == 2 and not scene.gave_up, \
+        assert not Stuck.gate.is_set() and scene.calls == 2 and not scene.gave_up, (
             "the scene was stuck in process() the whole time, and the loop never waited on it"
+        )
         assert app.worker.active_name == "stuck" and not app.errors_now()
 
         Stuck.gate.set()  # the slow step finishes: its image is taken on a later frame
@@ -104,9 +116,23 @@ def test_the_slow_scene_benchmark_prints_its_figures(tmp_path) -> None:
     pytest.importorskip("diffusers")
     out = tmp_path / "slow.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_slow_scene.py"), "--frames", "20",
-                           "--size", "320x180", "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_slow_scene.py"),
+            "--frames",
+            "20",
+            "--size",
+            "320x180",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
     computing = result["computing"]

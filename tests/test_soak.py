@@ -21,8 +21,9 @@ RUN_PARTS = {"link", "tempo", "modulation", "osc", "oscquery", "recorder", "stat
 
 def soak(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "soak.json"
-    done = subprocess.run([sys.executable, str(SOAK), "--json", str(out), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, str(SOAK), "--json", str(out), *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
     report = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
     return done, report
 
@@ -49,16 +50,26 @@ def test_short_soak_survives_everything_without_growing(tmp_path: Path) -> None:
 
 
 def test_soak_catches_a_leak(tmp_path: Path) -> None:
-    done, report = soak(tmp_path, "--frames", "400", "--every", "15", "--events", "scene",
-                        "--self-test-leak-kb", "500")
+    done, report = soak(tmp_path, "--frames", "400", "--every", "15", "--events", "scene", "--self-test-leak-kb", "500")
     assert done.returncode == 1, done.stdout + done.stderr[-4000:]
     assert not report["ok"] and "resident memory grew" in report["failures"][0]
     assert "FAIL" in done.stdout
 
 
 def test_a_pinned_scene_and_value_hold_through_recalls_and_floods(tmp_path: Path) -> None:
-    done, report = soak(tmp_path, "--frames", "500", "--every", "15", "--events", "scene,preset,osc,midi",
-                        "--set", "/scene/active=passthrough", "--set", "/fx/kaleido/segments=7")
+    done, report = soak(
+        tmp_path,
+        "--frames",
+        "500",
+        "--every",
+        "15",
+        "--events",
+        "scene,preset,osc,midi",
+        "--set",
+        "/scene/active=passthrough",
+        "--set",
+        "/fx/kaleido/segments=7",
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     assert report["events"]["preset"] >= 5 and "scene" not in report["events"]  # a pinned scene is not switched away
     tally = report["pinned_scenes"]["passthrough"]
@@ -67,9 +78,21 @@ def test_a_pinned_scene_and_value_hold_through_recalls_and_floods(tmp_path: Path
 
 
 def test_a_pinned_scene_that_never_plays_fails_the_soak(tmp_path: Path) -> None:
-    done, report = soak(tmp_path, "--frames", "300", "--every", "15", "--events", "preset",
-                        "--scenes", "passthrough,realtime", "--set", "/scene/active=realtime",
-                        "--set", f"/scene/realtime/model={tmp_path / 'no-such-model'}")
+    done, report = soak(
+        tmp_path,
+        "--frames",
+        "300",
+        "--every",
+        "15",
+        "--events",
+        "preset",
+        "--scenes",
+        "passthrough,realtime",
+        "--set",
+        "/scene/active=realtime",
+        "--set",
+        f"/scene/realtime/model={tmp_path / 'no-such-model'}",
+    )
     assert done.returncode == 1, done.stdout + done.stderr[-4000:]
     failures = "\n".join(report["failures"])
     assert "pinned scene realtime produced no image" in failures, failures

@@ -7,16 +7,26 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
 import pytest
 
 from engine.params import ParamRegistry
-from engine.sources import (CaptureSource, ImageSource, LiveInput, PatternSource, Source, SourceSpec,
-                            SourceSpecError, open_source, parse_source_spec, render_pattern)
+from engine.sources import (
+    CaptureSource,
+    ImageSource,
+    LiveInput,
+    PatternSource,
+    Source,
+    SourceSpec,
+    SourceSpecError,
+    open_source,
+    parse_source_spec,
+    render_pattern,
+)
 from engine.sources.pacing import Backoff
 
 TIMEOUT = 10.0
@@ -74,6 +84,7 @@ def running() -> list:
 
 # -- spec parsing -------------------------------------------------------------------
 
+
 def test_parse_good_specs(clip: Path, tmp_path: Path) -> None:
     image = write_image(tmp_path / "still.png", RED)
     assert parse_source_spec("camera:0") == SourceSpec("camera", 0)
@@ -84,20 +95,23 @@ def test_parse_good_specs(clip: Path, tmp_path: Path) -> None:
     assert parse_source_spec("pattern") == SourceSpec("pattern")
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "empty source spec"),
-    ("webcam:0", "unknown source kind 'webcam'"),
-    ("plasma", "unknown source 'plasma'"),
-    ("camera:", "missing camera index"),
-    ("camera:front", "camera must be an index"),
-    ("camera:-1", "must be 0 or more"),
-    ("camera:1.5", "camera must be an index"),
-    ("file:", "missing path after 'file:'"),
-    ("image:  ", "missing path after 'image:'"),
-    ("file:/no/such/clip.mp4", "does not exist"),
-    ("image:/no/such/still.png", "does not exist"),
-    ("pattern:fast", "takes no argument"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "empty source spec"),
+        ("webcam:0", "unknown source kind 'webcam'"),
+        ("plasma", "unknown source 'plasma'"),
+        ("camera:", "missing camera index"),
+        ("camera:front", "camera must be an index"),
+        ("camera:-1", "must be 0 or more"),
+        ("camera:1.5", "camera must be an index"),
+        ("file:", "missing path after 'file:'"),
+        ("image:  ", "missing path after 'image:'"),
+        ("file:/no/such/clip.mp4", "does not exist"),
+        ("image:/no/such/still.png", "does not exist"),
+        ("pattern:fast", "takes no argument"),
+    ],
+)
 def test_parse_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(SourceSpecError, match=message):
         parse_source_spec(spec)
@@ -113,8 +127,10 @@ def test_open_source_builds_unstarted_sources(clip: Path, tmp_path: Path) -> Non
     image = write_image(tmp_path / "still.png", RED)
     registry = ParamRegistry()
     built = {
-        "camera:5": CaptureSource, f"file:{clip}": CaptureSource,
-        f"image:{image}": ImageSource, "pattern": PatternSource,
+        "camera:5": CaptureSource,
+        f"file:{clip}": CaptureSource,
+        f"image:{image}": ImageSource,
+        "pattern": PatternSource,
     }
     for spec, cls in built.items():
         source = open_source(spec, registry, size=(160, 90))
@@ -128,6 +144,7 @@ def test_open_source_builds_unstarted_sources(clip: Path, tmp_path: Path) -> Non
 
 
 # -- the pattern --------------------------------------------------------------------
+
 
 def test_render_pattern_is_colourful_and_animated() -> None:
     a = render_pattern(0.0, 160, 90)
@@ -168,6 +185,7 @@ def test_pattern_source_runs_and_obeys_speed(running: list) -> None:
 
 # -- video files --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name, fourcc", [("clip.avi", "MJPG"), ("clip.mp4", "mp4v")])
 def test_video_file_colours_and_loop(tmp_path: Path, running: list, name: str, fourcc: str) -> None:
     source = CaptureSource.video_file(write_video(tmp_path / name, fourcc), backoff=FAST_BACKOFF)
@@ -180,7 +198,7 @@ def test_video_file_colours_and_loop(tmp_path: Path, running: list, name: str, f
             seen.append((colour_name(frame), seq))
         names = [n for n, _ in seen]
         # red then blue then red again: the RGB order is right, and the file looped
-        return "blue" in names and "red" in names[names.index("blue"):]
+        return "blue" in names and "red" in names[names.index("blue") :]
 
     assert wait_for(looped), f"saw {seen[:5]}...; status {source.status}"
     frame, _ = source.slot.latest()
@@ -227,6 +245,7 @@ def test_capture_watchdog_reports_a_stall() -> None:
 
 # -- still images -------------------------------------------------------------------
 
+
 def test_image_reads_and_reloads_on_change(tmp_path: Path, running: list) -> None:
     path = write_image(tmp_path / "still.png", RED)
     source = ImageSource(path)
@@ -261,6 +280,7 @@ def test_missing_image_falls_back_then_recovers(tmp_path: Path, running: list) -
 
 
 # -- cameras that are not there, and stopping ---------------------------------------
+
 
 def test_camera_that_cannot_open_falls_back(running: list) -> None:
     live = LiveInput(open_source("camera:7", size=(64, 48)), fallback_size=(80, 45))

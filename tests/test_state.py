@@ -16,8 +16,8 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -28,9 +28,15 @@ from engine.state import SessionState, StateStore, StateTracker, load_state, sta
 from engine.status import RenderedFrame, ShowStatus
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = SessionState(preset="tunnel", fullscreen=True, monitor=1, window_size=(1920, 1080),
-                    output_size=(1280, 720), midi_mappings="/home/vj/.config/dreamdeck/apc40.toml",
-                    source="camera:/dev/video2")
+FULL = SessionState(
+    preset="tunnel",
+    fullscreen=True,
+    monitor=1,
+    window_size=(1920, 1080),
+    output_size=(1280, 720),
+    midi_mappings="/home/vj/.config/dreamdeck/apc40.toml",
+    source="camera:/dev/video2",
+)
 
 
 def test_state_lives_in_the_xdg_state_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -53,14 +59,17 @@ def test_missing_state_is_the_defaults(tmp_path: Path) -> None:
     assert load_state(tmp_path / "state.toml") == SessionState()
 
 
-@pytest.mark.parametrize("text", [
-    "[dreamdeck\npreset = 'x'",  # TOML syntax
-    "preset = 'no table'\n",
-    "[dreamdeck]\nmonitor = 'one'\n",
-    "[dreamdeck]\nwindow_size = [1920]\n",
-    "[dreamdeck]\nfullscreen = 1\n",
-    "[dreamdeck]\npreset = 3\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[dreamdeck\npreset = 'x'",  # TOML syntax
+        "preset = 'no table'\n",
+        "[dreamdeck]\nmonitor = 'one'\n",
+        "[dreamdeck]\nwindow_size = [1920]\n",
+        "[dreamdeck]\nfullscreen = 1\n",
+        "[dreamdeck]\npreset = 3\n",
+    ],
+)
 def test_corrupt_state_is_one_log_line_defaults_and_kept_aside(tmp_path: Path, caplog, text: str) -> None:
     path = tmp_path / "state.toml"
     path.write_text(text, encoding="utf-8")
@@ -81,6 +90,7 @@ def test_binary_garbage_and_unknown_fields(tmp_path: Path) -> None:
 
 
 # -- the store ------------------------------------------------------------------------------
+
 
 class RecordingWriter:
     """Writes for real, and records each write and the thread that did it."""
@@ -136,8 +146,11 @@ def app(tmp_path: Path) -> Iterator[App]:
     shutil.copy(ROOT / "presets" / "default.toml", presets)
     (presets / "tunnel.toml").write_text("[fx.kaleido]\nenabled = true\nsegments = 5\n", encoding="utf-8")
     surface = HeadlessSurface()
-    application = App(AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
-                      surface, ManualClock(60.0))
+    application = App(
+        AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
+        surface,
+        ManualClock(60.0),
+    )
     yield application
     application.close()
     surface.close()
@@ -164,8 +177,15 @@ def test_preset_changes_are_saved_and_restored(app: App, tmp_path: Path) -> None
 
 def test_the_tracker_follows_the_frames_status_not_the_app(tmp_path: Path) -> None:
     def frame(**status: object) -> RenderedFrame:  # the tracker reads the status, never the pixels
-        return RenderedFrame(ctx=None, texture=None, size=(0, 0), number=1, time=0.0,  # type: ignore[arg-type]
-                             status=ShowStatus(**status), params=None)  # type: ignore[arg-type]
+        return RenderedFrame(
+            ctx=None,
+            texture=None,
+            size=(0, 0),
+            number=1,
+            time=0.0,  # type: ignore[arg-type]
+            status=ShowStatus(**status),
+            params=None,
+        )  # type: ignore[arg-type]
 
     path = tmp_path / "state.toml"
     store = StateStore(path, SessionState(preset="kept", fullscreen=True), debounce_s=0.05)

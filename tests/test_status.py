@@ -9,8 +9,8 @@ import dataclasses
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -27,15 +27,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- the HUD is a function of the snapshot ------------------------------------------------------
 
+
 def test_hud_lines_are_made_from_the_snapshot_alone() -> None:
     status = ShowStatus(
-        frame=1200, fps=59.94, scene_fps=12.5, dropped_source=2, dropped_scene=1, rss_mb=812.4,
-        scene="ddpm", scene_realtime=False, scene_status="cuda (float16)", loading="realtime", preloading=True,
-        preset="gallery", loaded=("ddpm", "reaction_diffusion"), loaded_mb=900, memory_budget_mb=12000,
-        source="camera:0 ok 30.0 fps", last_change=Change("/mix/crossfade", 0.123456, "midi"),
+        frame=1200,
+        fps=59.94,
+        scene_fps=12.5,
+        dropped_source=2,
+        dropped_scene=1,
+        rss_mb=812.4,
+        scene="ddpm",
+        scene_realtime=False,
+        scene_status="cuda (float16)",
+        loading="realtime",
+        preloading=True,
+        preset="gallery",
+        loaded=("ddpm", "reaction_diffusion"),
+        loaded_mb=900,
+        memory_budget_mb=12000,
+        source="camera:0 ok 30.0 fps",
+        last_change=Change("/mix/crossfade", 0.123456, "midi"),
         controls=(PartStatus("osc", "osc :9000 in 5 ok 5 refused 0"), PartStatus("web", "port 9330")),
         outputs=(PartStatus("status feed", ""), PartStatus("recorder", "REC 00:12 take.mp4")),
-        errors=("shader fx.frag: syntax error", "preset refused: segmnets"))
+        errors=("shader fx.frag: syntax error", "preset refused: segmnets"),
+    )
     assert hud_lines(status) == [
         "render  59.9 fps  scene  12.5 fps  dropped 3  memory 812 MB",
         "scene ddpm (preloading realtime) 12.5 img/s [cuda (float16)]   preset gallery",
@@ -73,7 +88,7 @@ def test_memory_probe_reads_this_process() -> None:
     rss = MemoryProbe().read()
     if sys.platform.startswith("linux"):
         held = bytearray(64 * 2**20)
-        held[:: 4096] = b"x" * len(held[:: 4096])  # touch every page: resident, not just reserved
+        held[::4096] = b"x" * len(held[::4096])  # touch every page: resident, not just reserved
         grown = MemoryProbe().read()
         assert rss is not None and grown is not None and grown >= rss + 50, (rss, grown)
         del held
@@ -83,8 +98,15 @@ def test_memory_probe_reads_this_process() -> None:
 
 # -- outputs get the frame, not the App ----------------------------------------------------------
 
-OUTPUT_MODULES = ["engine.outputs.recorder", "engine.outputs.sharing", "engine.outputs.readback",
-                  "engine.web.feed", "engine.service", "engine.state", "engine.status"]
+OUTPUT_MODULES = [
+    "engine.outputs.recorder",
+    "engine.outputs.sharing",
+    "engine.outputs.readback",
+    "engine.web.feed",
+    "engine.service",
+    "engine.state",
+    "engine.status",
+]
 
 
 def test_outputs_do_not_import_the_app() -> None:
@@ -98,12 +120,14 @@ def test_outputs_do_not_import_the_app() -> None:
 
 def test_the_recorder_imports_first_in_a_fresh_interpreter() -> None:
     """app -> catalog -> outputs.recorder used to lead back to app; now nothing does."""
-    code = ("import sys\n"
-            f"for name in {OUTPUT_MODULES!r}:\n"
-            "    __import__(name)\n"
-            "assert 'engine.app' not in sys.modules, 'an output pulled in the App'\n"
-            "import engine.app\n"
-            "print('ok')\n")
+    code = (
+        "import sys\n"
+        f"for name in {OUTPUT_MODULES!r}:\n"
+        "    __import__(name)\n"
+        "assert 'engine.app' not in sys.modules, 'an output pulled in the App'\n"
+        "import engine.app\n"
+        "print('ok')\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
@@ -138,8 +162,11 @@ def app(tmp_path: Path) -> Iterator[App]:
     presets.mkdir()
     shutil.copy(ROOT / "presets" / "default.toml", presets)
     surface = HeadlessSurface()
-    application = App(AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
-                      surface, ManualClock(64.0))  # 1/64 s is exact in binary: frame times are exact
+    application = App(
+        AppConfig(source="pattern", presets_dir=presets, output_size=(160, 90), hot_reload=False),
+        surface,
+        ManualClock(64.0),
+    )  # 1/64 s is exact in binary: frame times are exact
     yield application
     application.close()
     surface.close()

@@ -48,16 +48,37 @@ def counting(name: str, mb: int) -> type[Scene]:
     def process(self, frame, t):
         return np.full((8, 8, 3), 100, np.uint8)
 
-    return type(name, (Scene,), {"name": name, "uses_input": False, "max_fps": 30.0, "counts": counts,
-                                 "needs": SceneNeeds(accelerator_mb=mb), "load": load, "unload": unload,
-                                 "process": process})
+    return type(
+        name,
+        (Scene,),
+        {
+            "name": name,
+            "uses_input": False,
+            "max_fps": 30.0,
+            "counts": counts,
+            "needs": SceneNeeds(accelerator_mb=mb),
+            "load": load,
+            "unload": unload,
+            "process": process,
+        },
+    )
 
 
 def test_a_slow_scene_morphs_between_its_images(make_app) -> None:
     app = make_app(catalog=SceneCatalog((ReactionDiffusion, SlowColours)))
-    app.params.set_many({"/scene/active": "slow", "/mix/morph": 1.0, "/mix/morph_follow": False,
-                         "/layer/source/opacity": 0.0, "/fx/feedback/amount": 0.0, "/fx/kaleido/enabled": False,
-                         "/fx/vignette/enabled": False, "/fx/grade/enabled": False}, origin="test")
+    app.params.set_many(
+        {
+            "/scene/active": "slow",
+            "/mix/morph": 1.0,
+            "/mix/morph_follow": False,
+            "/layer/source/opacity": 0.0,
+            "/fx/feedback/amount": 0.0,
+            "/fx/kaleido/enabled": False,
+            "/fx/vignette/enabled": False,
+            "/fx/grade/enabled": False,
+        },
+        origin="test",
+    )
     step_until(app, lambda: app.worker.active_name == "slow", "the slow scene")
     step_until(app, lambda: app.compositor.morph_progress is not None, "a morph between two images")
     # mid-morph the picture is a mix of two of the flat colours: no pure one

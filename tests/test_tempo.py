@@ -43,6 +43,7 @@ def run_frames(params: ParamRegistry, tempo: Tempo, clock: ManualClock, frames: 
 
 # -- the beat on the render clock -----------------------------------------------------------------
 
+
 def test_beat_and_bar_phase_advance_with_the_render_clock() -> None:
     params, tempo = make_tempo(**{"/tempo/bpm": 120.0, "/tempo/beats_per_bar": 4})
     clock = ManualClock(60.0)
@@ -135,6 +136,7 @@ def test_tap_action_through_the_actions_queue() -> None:
 
 
 # -- sources ---------------------------------------------------------------------------------------
+
 
 def test_midi_clock_sets_tempo_and_position_and_is_dropped_when_lost() -> None:
     params, tempo = make_tempo(**{"/tempo/source": "midi", "/tempo/bpm": 120.0})
@@ -249,8 +251,9 @@ def test_link_sessions_share_tempo_and_beat_and_drive_the_tempo() -> None:
         ours_now, theirs_now = link.state(), peer.state()
         # the beat is the session's: peers agree on the phase (read microseconds apart)
         assert tempo.beat == pytest.approx(ours_now.beat, abs=0.05)
-        assert (ours_now.beat - theirs_now.beat) % 1.0 == pytest.approx(0.0, abs=0.02) or \
-               (ours_now.beat - theirs_now.beat) % 1.0 == pytest.approx(1.0, abs=0.02)
+        assert (ours_now.beat - theirs_now.beat) % 1.0 == pytest.approx(0.0, abs=0.02) or (
+            ours_now.beat - theirs_now.beat
+        ) % 1.0 == pytest.approx(1.0, abs=0.02)
 
         tempo.tap(10.0)  # tapping with Link as the source proposes the tempo to the session
         tempo.tap(10.5)
@@ -268,6 +271,7 @@ def test_link_sessions_share_tempo_and_beat_and_drive_the_tempo() -> None:
 
 
 # -- LFOs ------------------------------------------------------------------------------------------
+
 
 def test_lfo_shapes_at_known_phases() -> None:
     expected = {
@@ -293,13 +297,22 @@ def test_lfo_shapes_at_known_phases() -> None:
 def test_lfos_run_synced_to_the_beat_or_free_in_hertz() -> None:
     params = build_registry()  # the LFOs' params come with the catalog
     tempo = Tempo(params)
-    apply(params, {
-        "/tempo/bpm": 120.0,
-        "/lfo/1/shape": "sine", "/lfo/1/rate": 1.0,  # a cycle per beat
-        "/lfo/2/shape": "saw", "/lfo/2/rate": 0.25, "/lfo/2/phase": 0.5,  # a cycle per bar, half way in
-        "/lfo/3/shape": "square", "/lfo/3/rate": 2.0, "/lfo/3/sync": False,  # 2 Hz, whatever the tempo
-        "/lfo/4/shape": "random", "/lfo/4/rate": 1.0,
-    })
+    apply(
+        params,
+        {
+            "/tempo/bpm": 120.0,
+            "/lfo/1/shape": "sine",
+            "/lfo/1/rate": 1.0,  # a cycle per beat
+            "/lfo/2/shape": "saw",
+            "/lfo/2/rate": 0.25,
+            "/lfo/2/phase": 0.5,  # a cycle per bar, half way in
+            "/lfo/3/shape": "square",
+            "/lfo/3/rate": 2.0,
+            "/lfo/3/sync": False,  # 2 Hz, whatever the tempo
+            "/lfo/4/shape": "random",
+            "/lfo/4/rate": 1.0,
+        },
+    )
     clock = ManualClock(100.0)
     tempo.frame(clock.now())
     assert tempo.lfo_values[:3] == [0.5, 0.5, 1.0]

@@ -23,11 +23,16 @@ SHAPES = {"sample": (1, 4, 64, 64), "timestep": (1,), "encoder_hidden_states": (
 
 # -- no torch ------------------------------------------------------------------------------------
 
+
 def test_engine_key_names_model_shapes_precision_and_version(tmp_path):
     key = engine_key("abc", SHAPES, True, "10.0")
     assert key == engine_key("abc", dict(reversed(list(SHAPES.items()))), True, "10.0")  # order is no identity
-    others = {engine_key("abd", SHAPES, True, "10.0"), engine_key("abc", SHAPES, False, "10.0"),
-              engine_key("abc", SHAPES, True, "10.1"), engine_key("abc", {**SHAPES, "sample": (2, 4, 64, 64)}, True, "10.0")}
+    others = {
+        engine_key("abd", SHAPES, True, "10.0"),
+        engine_key("abc", SHAPES, False, "10.0"),
+        engine_key("abc", SHAPES, True, "10.1"),
+        engine_key("abc", {**SHAPES, "sample": (2, 4, 64, 64)}, True, "10.0"),
+    }
     assert key not in others and len(others) == 4
     assert engine_path(tmp_path, key) == tmp_path / f"unet-{key}.plan"
 
@@ -35,8 +40,12 @@ def test_engine_key_names_model_shapes_precision_and_version(tmp_path):
 def test_stream_shapes_are_one_call_over_every_stage():
     assert stream_unet_shapes(1, (4, 64, 64), (77, 1024), None) == SHAPES
     lcm = stream_unet_shapes(4, (4, 64, 64), (77, 768), 256)
-    assert lcm == {"sample": (4, 4, 64, 64), "timestep": (4,), "encoder_hidden_states": (4, 77, 768),
-                   "timestep_cond": (4, 256)}
+    assert lcm == {
+        "sample": (4, 4, 64, 64),
+        "timestep": (4,),
+        "encoder_hidden_states": (4, 77, 768),
+        "timestep_cond": (4, 256),
+    }
     with pytest.raises(ValueError, match="at least one step"):
         stream_unet_shapes(0, (4, 64, 64), (77, 1024), None)
 
@@ -75,16 +84,24 @@ def test_every_view_of_the_backend_calls_tensorrt_experimental():
 
 # -- torch: a real tiny stream -------------------------------------------------------------------
 
-torch_needed = pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None,
-                                  reason="the diffusion extra is not installed")
+torch_needed = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None,
+    reason="the diffusion extra is not installed",
+)
 
 
 def _stream(model, steps: int, accelerator=None):
     from engine.diffusion.device import choose_device
     from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img
 
-    stream = StreamImg2Img(model, choose_device("cpu"), StreamConfig(size=(32, 32), steps=steps),
-                           LiveSettings(similarity_threshold=0.0), prompts=[("a cat", 1.0)], accelerator=accelerator)
+    stream = StreamImg2Img(
+        model,
+        choose_device("cpu"),
+        StreamConfig(size=(32, 32), steps=steps),
+        LiveSettings(similarity_threshold=0.0),
+        prompts=[("a cat", 1.0)],
+        accelerator=accelerator,
+    )
     assert stream.prompts.wait(60)
     return stream
 
@@ -108,17 +125,23 @@ def test_stream_shapes_are_what_the_unet_really_sees(steps, lcm):
 
     def record(module, args, kwargs):
         cond = kwargs.get("timestep_cond")
-        seen.append({"sample": tuple(args[0].shape), "timestep": tuple(args[1].shape),
-                     "encoder_hidden_states": tuple(kwargs["encoder_hidden_states"].shape),
-                     **({"timestep_cond": tuple(cond.shape)} if cond is not None else {})})
+        seen.append(
+            {
+                "sample": tuple(args[0].shape),
+                "timestep": tuple(args[1].shape),
+                "encoder_hidden_states": tuple(kwargs["encoder_hidden_states"].shape),
+                **({"timestep_cond": tuple(cond.shape)} if cond is not None else {}),
+            }
+        )
 
     model.unet.register_forward_pre_hook(record, with_kwargs=True)
     stream = _stream(model, steps)
     for frame in _frames(steps + 1):
         stream(frame)
     stream.close()
-    want = stream_unet_shapes(steps, stream.latent_shape, tuple(stream.prompts.current.shape[1:]),
-                              model.unet.config.time_cond_proj_dim)
+    want = stream_unet_shapes(
+        steps, stream.latent_shape, tuple(stream.prompts.current.shape[1:]), model.unet.config.time_cond_proj_dim
+    )
     assert seen and all(call == want for call in seen)
     shape_profile(want)  # and TensorRT would accept them
 
@@ -146,8 +169,9 @@ def test_tensorrt_missing_falls_back_to_compile(caplog):
     stream.close()
     assert stream.accel_requested == "tensorrt" and stream.accel == "compile"  # what runs, not what was asked
     assert stream.accel_error is None and "CUDA" in choice.fell_back
-    assert [r.getMessage() for r in caplog.records] == [f"tensorrt (experimental): {choice.fell_back}; "
-                                                       "falling back to compile"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"tensorrt (experimental): {choice.fell_back}; falling back to compile"
+    ]
 
 
 @torch_needed

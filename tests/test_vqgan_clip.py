@@ -19,17 +19,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
+from diffusion_fixtures import StillFeed, offline, one_torch_thread, set_params, wait_for  # noqa: E402,F401  (fixtures)
 from engine.diffusion.configs import byte_level_clip_tokenizer  # noqa: E402
 from engine.diffusion.errors import ModelNotFound  # noqa: E402
 from engine.params import ParamRegistry  # noqa: E402
+from engine.prompt_syntax import WeightedPrompt, parse_prompts  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.vqgan_clip import VqganClipScene  # noqa: E402
-from engine.prompt_syntax import WeightedPrompt, parse_prompts  # noqa: E402
 from engine.vqclip.clip import load_clip  # noqa: E402
 from engine.vqclip.configs import TINY_CLIP, TINY_VQGAN, build_random_clip_model, taming_yaml  # noqa: E402
 from engine.vqclip.optimise import Cutouts, VqganClip, frame_to_tensor  # noqa: E402
 from engine.vqclip.vqgan import load_vqgan  # noqa: E402
-from diffusion_fixtures import StillFeed, offline, one_torch_thread, set_params, wait_for  # noqa: E402,F401  (fixtures)
 
 P = "/scene/vqgan_clip"
 FOX, SEA = [WeightedPrompt("a red fox in the snow", 1.0)], [WeightedPrompt("the deep blue sea", 1.0)]
@@ -44,8 +44,9 @@ class _LightningCallbackState:
 
 def taming_reference(seed: int = 0):
     """taming's own VQGAN network (the modules of taming.models.vqgan.VQModel, same attribute names)."""
-    taming_model = pytest.importorskip("taming.modules.diffusionmodules.model",
-                                       reason="pip install --no-deps taming-transformers-rom1504")
+    taming_model = pytest.importorskip(
+        "taming.modules.diffusionmodules.model", reason="pip install --no-deps taming-transformers-rom1504"
+    )
     nn = torch.nn
     dd, embed = TINY_VQGAN["ddconfig"], TINY_VQGAN["embed_dim"]
     torch.manual_seed(seed)
@@ -67,8 +68,10 @@ def models(tmp_path_factory) -> tuple[Path, Path, object]:
     ref = taming_reference()
     (root / "vqgan").mkdir()
     state = {**ref.state_dict(), "loss.discriminator.main.0.weight": torch.zeros(4)}
-    torch.save({"state_dict": state, "epoch": 7, "callbacks": {"ModelCheckpoint": _LightningCallbackState()}},
-               root / "vqgan" / "model.ckpt")
+    torch.save(
+        {"state_dict": state, "epoch": 7, "callbacks": {"ModelCheckpoint": _LightningCallbackState()}},
+        root / "vqgan" / "model.ckpt",
+    )
     (root / "vqgan" / "model.yaml").write_text(taming_yaml(TINY_VQGAN))
     build_random_clip_model(TINY_CLIP).save_pretrained(root / "clip")
     byte_level_clip_tokenizer().save_pretrained(root / "clip")
@@ -135,9 +138,14 @@ def test_missing_models_raise_one_line_model_not_found(tmp_path, monkeypatch):
 # -- prompts -----------------------------------------------------------------------------------------
 def test_prompt_weights_parse_and_bad_ones_are_refused():
     assert parse_prompts("a forest:2| fog :-0.5|mist|") == [
-        WeightedPrompt("a forest", 2.0), WeightedPrompt("fog", -0.5), WeightedPrompt("mist", 1.0)]
-    assert parse_prompts("blurry:0.5|text", negative=True) == [WeightedPrompt("blurry", -0.5),
-                                                               WeightedPrompt("text", -1.0)]
+        WeightedPrompt("a forest", 2.0),
+        WeightedPrompt("fog", -0.5),
+        WeightedPrompt("mist", 1.0),
+    ]
+    assert parse_prompts("blurry:0.5|text", negative=True) == [
+        WeightedPrompt("blurry", -0.5),
+        WeightedPrompt("text", -1.0),
+    ]
     for bad in ("a forest:lots", "fog:nan", "x:inf"):
         with pytest.raises(ValueError, match="weight"):
             parse_prompts(bad)
@@ -209,8 +217,6 @@ def test_importing_the_scene_needs_no_torch():
     assert done.stdout.strip() == "False False", done.stderr
 
 
-
-
 def newest(worker: SceneWorker, after: int = 0):
     found = []
 
@@ -229,8 +235,17 @@ def test_the_scene_plays_through_the_worker(models, caplog):
     vqgan_dir, clip_dir, _ = models
     params = ParamRegistry()
     params.declare_all(VqganClipScene.PARAMS)
-    set_params(params, {f"{P}/vqgan": str(vqgan_dir), f"{P}/clip": str(clip_dir), f"{P}/size": 32,
-                        f"{P}/cutouts": 4, f"{P}/prompt": "a red fox:1|snow:0.5", f"{P}/init": "camera"})
+    set_params(
+        params,
+        {
+            f"{P}/vqgan": str(vqgan_dir),
+            f"{P}/clip": str(clip_dir),
+            f"{P}/size": 32,
+            f"{P}/cutouts": 4,
+            f"{P}/prompt": "a red fox:1|snow:0.5",
+            f"{P}/init": "camera",
+        },
+    )
     worker = SceneWorker(SceneCatalog((VqganClipScene,)), params, StillFeed(), error_backoff=0.05)
     worker.start()
     try:

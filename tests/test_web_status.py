@@ -20,8 +20,9 @@ import time
 import types
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -41,12 +42,18 @@ TIMEOUT = 20.0
 
 # -- the harness ----------------------------------------------------------------------------
 
+
 class RenderThread:
     """An App built, stepped and closed on its own thread, with the status page plugged in."""
 
-    def __init__(self, presets_dir: Path, config: StatusConfig = StatusConfig(port=0),
-                 feed: StatusFeed | None = None, setup: Callable[[App], None] | None = None,
-                 **app_config: Any) -> None:
+    def __init__(
+        self,
+        presets_dir: Path,
+        config: StatusConfig = StatusConfig(port=0),
+        feed: StatusFeed | None = None,
+        setup: Callable[[App], None] | None = None,
+        **app_config: Any,
+    ) -> None:
         self.presets_dir = presets_dir
         self.setup = setup  # runs on the render thread before app.start(): plug in more parts
         self.config = config
@@ -59,7 +66,7 @@ class RenderThread:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="test render thread", daemon=True)
 
-    def __enter__(self) -> "RenderThread":
+    def __enter__(self) -> RenderThread:
         self._thread.start()
         if not self._ready.wait(60) or self.error is not None:
             raise AssertionError(f"the app did not start: {self.error!r}")
@@ -74,8 +81,13 @@ class RenderThread:
         surface = HeadlessSurface()
         app: App | None = None
         try:
-            settings = {"source": "pattern", "presets_dir": self.presets_dir, "output_size": OUTPUT,
-                        "hot_reload": False, **self.app_config}
+            settings = {
+                "source": "pattern",
+                "presets_dir": self.presets_dir,
+                "output_size": OUTPUT,
+                "hot_reload": False,
+                **self.app_config,
+            }
             app = App(AppConfig(**settings), surface, ManualClock(60.0))
             self.app = app
             self.server: StatusServer = install_status_page(app, self.config, self.feed)
@@ -113,8 +125,14 @@ class RenderThread:
         raise AssertionError(f"{what}: not within {timeout} s; hud: {self.app.hud_lines()}")
 
 
-def request(url: str, body: Any = None, *, method: str | None = None, headers: dict[str, str] | None = None,
-            raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def request(
+    url: str,
+    body: Any = None,
+    *,
+    method: str | None = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     """One HTTP request; (status, headers, body) whatever the status."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     all_headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -151,11 +169,17 @@ def running(presets_dir: Path):
 
 # -- health and thumbnail --------------------------------------------------------------------
 
+
 def test_health_reports_the_running_show(running: RenderThread) -> None:
     rt = running
     rt.wait_for(lambda: rt.app.worker.active_name is not None, "the scene loaded")
-    rt.wait_for(lambda: get_json(rt.base + "/health")[1].get("scene") == "reaction_diffusion"
-                and get_json(rt.base + "/health")[1]["frames"] > 2, "health to see it")
+    rt.wait_for(
+        lambda: (
+            get_json(rt.base + "/health")[1].get("scene") == "reaction_diffusion"
+            and get_json(rt.base + "/health")[1]["frames"] > 2
+        ),
+        "health to see it",
+    )
     status, health = get_json(rt.base + "/health")
     assert status == 200 and health["ok"] is True and health["state"] == "running"
     assert health["preset"] == "default" and health["scene"] == "reaction_diffusion"
@@ -174,8 +198,10 @@ def test_health_reports_the_running_show(running: RenderThread) -> None:
     rt.wait_for(lambda: get_json(rt.base + "/health")[1]["frames"] > frames, "health to follow the frames")
 
     rt.app.recall_preset("zz_broken")  # an error in the show is on the page's health
-    rt.wait_for(lambda: any("zz_broken" in e for e in get_json(rt.base + "/health")[1]["errors"]),
-                "the refused preset in /health errors")
+    rt.wait_for(
+        lambda: any("zz_broken" in e for e in get_json(rt.base + "/health")[1]["errors"]),
+        "the refused preset in /health errors",
+    )
     assert get_json(rt.base + "/health")[1]["recent_errors"][-1]["message"].startswith("preset refused")
 
 
@@ -218,7 +244,8 @@ def test_thumbnail_is_encoded_off_the_render_thread(presets_dir: Path, monkeypat
 
 
 def test_the_thumbnail_is_read_back_a_frame_later_without_a_synchronous_read(
-        presets_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    presets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The render thread queues a GPU copy on a due frame and fetches it on the next one;
     nothing in the frame loop reads pixels synchronously (glReadPixels into host memory)."""
     moderngl = pytest.importorskip("moderngl")
@@ -248,8 +275,11 @@ def test_the_thumbnail_is_read_back_a_frame_later_without_a_synchronous_read(
     surface = HeadlessSurface()
     feed = StatusFeed(interval_s=0.25)
     try:
-        app = App(AppConfig(source="pattern", presets_dir=presets_dir, output_size=OUTPUT, hot_reload=False),
-                  surface, ManualClock(60.0))
+        app = App(
+            AppConfig(source="pattern", presets_dir=presets_dir, output_size=OUTPUT, hot_reload=False),
+            surface,
+            ManualClock(60.0),
+        )
         app.add_output(feed)
         app.start()
         reads.clear()
@@ -331,9 +361,20 @@ def test_accelerator_memory_reads_an_initialised_cuda_only(monkeypatch: pytest.M
     assert accelerator_memory() is None and asked == [], "must not create a CUDA context to report nothing"
     cuda.initialised = True
     assert accelerator_memory() == {
-        "allocated_mb": 3072.0, "reserved_mb": 4096.0, "total_mb": 81920.0,
-        "devices": [{"index": 1, "name": "Fake H100", "allocated_mb": 3072.0, "reserved_mb": 4096.0,
-                     "free_mb": 61440.0, "total_mb": 81920.0}]}
+        "allocated_mb": 3072.0,
+        "reserved_mb": 4096.0,
+        "total_mb": 81920.0,
+        "devices": [
+            {
+                "index": 1,
+                "name": "Fake H100",
+                "allocated_mb": 3072.0,
+                "reserved_mb": 4096.0,
+                "free_mb": 61440.0,
+                "total_mb": 81920.0,
+            }
+        ],
+    }
     assert asked == [1], "only the device this process uses is asked"
     cuda.reserved[1] = 0
     assert accelerator_memory() is None
@@ -342,6 +383,7 @@ def test_accelerator_memory_reads_an_initialised_cuda_only(monkeypatch: pytest.M
 
 
 # -- the API ---------------------------------------------------------------------------------
+
 
 def test_params_api_lists_records_with_values(running: RenderThread) -> None:
     status, params = get_json(running.base + "/api/params")
@@ -360,7 +402,10 @@ def test_presets_api_lists_numbers_and_validity(running: RenderThread) -> None:
     status, data = get_json(running.base + "/api/presets")
     assert status == 200 and data["current"] == "default"
     assert [(p["number"], p["name"], p["ok"]) for p in data["presets"]] == [
-        (1, "default", True), (2, "kaleido", True), (3, "zz_broken", False)]
+        (1, "default", True),
+        (2, "kaleido", True),
+        (3, "zz_broken", False),
+    ]
     assert "out of range" in data["presets"][2]["error"]
 
 
@@ -393,8 +438,9 @@ def test_post_action_posts_to_the_render_thread(running: RenderThread) -> None:
     status, reply = get_json(rt.base + "/api/action", body={"name": "preset/recall", "args": ["kaleido"]})
     assert status == 202
     # the name is set when the values are queued; they land at the next frame boundary
-    rt.wait_for(lambda: rt.app.preset_name == "kaleido" and rt.app.params.get("/fx/kaleido/segments") == 7,
-                "the preset to land")
+    rt.wait_for(
+        lambda: rt.app.preset_name == "kaleido" and rt.app.params.get("/fx/kaleido/segments") == 7, "the preset to land"
+    )
 
     status, reply = get_json(rt.base + "/api/action", body={"name": "self/destruct"})
     assert status == 400 and reply["error"] == "unknown action 'self/destruct'"
@@ -403,8 +449,9 @@ def test_post_action_posts_to_the_render_thread(running: RenderThread) -> None:
         assert status == 400, args
     status, _ = get_json(rt.base + "/api/action", body={"name": "scene/select", "args": [99]})
     assert status == 202  # valid shape; the handler refuses it on the render thread, shown in /health
-    rt.wait_for(lambda: any("scene index 99" in e for e in get_json(rt.base + "/health")[1]["errors"]),
-                "the refusal in /health")
+    rt.wait_for(
+        lambda: any("scene index 99" in e for e in get_json(rt.base + "/health")[1]["errors"]), "the refusal in /health"
+    )
 
 
 def test_actions_are_listed_and_checked_from_their_declaration(running: RenderThread) -> None:
@@ -415,16 +462,25 @@ def test_actions_are_listed_and_checked_from_their_declaration(running: RenderTh
     for name, record in by_name.items():
         assert record == ACTIONS[name].record(), "the listing is the declaration, nothing else"
     assert by_name["scene/select"]["signature"] == "scene/select(ref: str|int)"
-    assert by_name["scene/select"]["args"] == [{"name": "ref", "type": "str|int", "required": True, "default": None,
-                                                "description": ACTIONS["scene/select"].args[0].description}]
+    assert by_name["scene/select"]["args"] == [
+        {
+            "name": "ref",
+            "type": "str|int",
+            "required": True,
+            "default": None,
+            "description": ACTIONS["scene/select"].args[0].description,
+        }
+    ]
     # every registered handler takes the declared arguments (register() checks; this is the app's)
     for name, handler in running.app.actions._handlers.items():
         inspect.signature(handler).bind(*range(len(ACTIONS[name].args)))
 
-    for args, expected in (([], "scene/select(ref: str|int): got 0 arguments"),
-                           (["a", "b"], "scene/select(ref: str|int): got 2 arguments ('a', 'b')"),
-                           ([1.5], "scene/select(ref: str|int): ref takes a name or a whole number, got 1.5"),
-                           ([True], "scene/select(ref: str|int): ref takes a name or a whole number, got True")):
+    for args, expected in (
+        ([], "scene/select(ref: str|int): got 0 arguments"),
+        (["a", "b"], "scene/select(ref: str|int): got 2 arguments ('a', 'b')"),
+        ([1.5], "scene/select(ref: str|int): ref takes a name or a whole number, got 1.5"),
+        ([True], "scene/select(ref: str|int): ref takes a name or a whole number, got True"),
+    ):
         status, reply = get_json(running.base + "/api/action", body={"name": "scene/select", "args": args})
         assert (status, reply["error"]) == (400, expected)
     status, reply = get_json(running.base + "/api/action", body={"name": "scene/next", "args": [1]})
@@ -443,11 +499,13 @@ def test_http_errors_are_4xx_with_reasons(running: RenderThread) -> None:
     assert request(base + "/health", method="BREW")[0] == 405, "an unknown method is the client's error"
     status, headers, body = request(base + "/health", method="HEAD")
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 10
-    status, _, body = request(base + "/api/param", raw=b'{"path": "/hud/visible", "value": true}',
-                              headers={"Content-Type": "text/plain"})
+    status, _, body = request(
+        base + "/api/param", raw=b'{"path": "/hud/visible", "value": true}', headers={"Content-Type": "text/plain"}
+    )
     assert status == 415, "a cross-site form cannot send JSON: requiring it stops CSRF"
-    status, _, _ = request(base + "/api/param", body={"path": "/hud/visible", "value": True},
-                           headers={"Origin": "http://evil.example"})
+    status, _, _ = request(
+        base + "/api/param", body={"path": "/hud/visible", "value": True}, headers={"Origin": "http://evil.example"}
+    )
     assert status == 403
     status, _, _ = request(base + "/api/param", raw=b"x" * (70 * 1024))
     assert status == 413
@@ -497,6 +555,7 @@ def test_idle_connections_are_capped_and_dropped(presets_dir: Path) -> None:
                 pass  # closed unanswered, as a reset: the same verdict
             finally:
                 shed.close()
+
             # the idle ones are dropped after request_timeout_s, and the server answers again
             def answers() -> bool:
                 try:
@@ -524,6 +583,7 @@ def test_port_in_use_is_an_error_at_construction(presets_dir: Path) -> None:
 
 # -- the page in Chromium -----------------------------------------------------------------------
 
+
 def _chromium() -> tuple[str, str] | None:
     browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
     driver = shutil.which("chromedriver")
@@ -545,10 +605,19 @@ def browser(tmp_path: Path):
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium must not try to download a driver
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=420,900",
-                "--force-device-scale-factor=1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=420,900",
+        "--force-device-scale-factor=1",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(found[1]), options=options)
     driver.set_page_load_timeout(30)
@@ -610,23 +679,33 @@ def test_page_in_chromium_drives_the_show(running: RenderThread, browser: Any) -
     # a scene button
     show(browser.find_element(By.CSS_SELECTOR, '#scenes button[data-scene="passthrough"]')).click()
     rt.wait_for(lambda: params.get("/scene/active") == "passthrough", "the scene button to switch scenes")
-    wait_page(browser, "document.querySelector('#scenes button.active')?.dataset.scene === 'passthrough'",
-              "the page to mark the playing scene")
+    wait_page(
+        browser,
+        "document.querySelector('#scenes button.active')?.dataset.scene === 'passthrough'",
+        "the page to mark the playing scene",
+    )
 
     # a preset button
     show(browser.find_element(By.CSS_SELECTOR, '#presets button[data-preset="kaleido"]')).click()
-    rt.wait_for(lambda: rt.app.preset_name == "kaleido" and params.target("/fx/kaleido/segments") == 7,
-                "the preset button to recall")
+    rt.wait_for(
+        lambda: rt.app.preset_name == "kaleido" and params.target("/fx/kaleido/segments") == 7,
+        "the preset button to recall",
+    )
 
     # the action rows come from /api/actions; wrong arguments are refused with the signature
-    listed = browser.execute_script("return [...document.querySelectorAll('#actions .action')]"
-                                    ".map((row) => row.dataset.action)")
+    listed = browser.execute_script(
+        "return [...document.querySelectorAll('#actions .action')].map((row) => row.dataset.action)"
+    )
     assert listed == rt.app.actions.names()
     select = show(browser.find_element(By.CSS_SELECTOR, '#actions .action[data-action="scene/select"]'))
     select.find_element(By.CSS_SELECTOR, "button").click()
-    message = wait_page(browser, "!document.querySelector('#message').hidden && "
-                                 "document.querySelector('#message').textContent.includes('scene/select(') && "
-                                 "document.querySelector('#message').textContent", "the refusal")
+    message = wait_page(
+        browser,
+        "!document.querySelector('#message').hidden && "
+        "document.querySelector('#message').textContent.includes('scene/select(') && "
+        "document.querySelector('#message').textContent",
+        "the refusal",
+    )
     assert message == "scene/select(ref: str|int): ref must not be empty"
     select.find_element(By.CSS_SELECTOR, "input").send_keys("reaction_diffusion", Keys.ENTER)
     rt.wait_for(lambda: params.get("/scene/active") == "reaction_diffusion", "the action row to switch scenes")
@@ -636,9 +715,13 @@ def test_page_in_chromium_drives_the_show(running: RenderThread, browser: Any) -
     box = row.find_element(By.CSS_SELECTOR, "input[type=number]")
     box.clear()
     box.send_keys("999", Keys.ENTER)
-    message = wait_page(browser, "!document.querySelector('#message').hidden && "
-                                 "document.querySelector('#message').textContent.includes('999') && "
-                                 "document.querySelector('#message').textContent", "the error message")
+    message = wait_page(
+        browser,
+        "!document.querySelector('#message').hidden && "
+        "document.querySelector('#message').textContent.includes('999') && "
+        "document.querySelector('#message').textContent",
+        "the error message",
+    )
     assert message == "/fx/kaleido/segments: 999 is out of range [1, 32]"
     assert "out of range" in row.find_element(By.CSS_SELECTOR, ".note").text
     assert "bad" in row.get_attribute("class")

@@ -15,8 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -49,8 +49,14 @@ def dreamdeck_command() -> list[str]:
 def start_run(display: str, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "WAYLAND_DISPLAY"}
     env["DISPLAY"] = display
-    return subprocess.Popen([*dreamdeck_command(), "run", "--source", "pattern", "--size", f"{WINDOW[0]}x{WINDOW[1]}",
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    return subprocess.Popen(
+        [*dreamdeck_command(), "run", "--source", "pattern", "--size", f"{WINDOW[0]}x{WINDOW[1]}", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> str:
@@ -66,8 +72,9 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> str:
 
 def screen(display: str) -> np.ndarray:
     """The whole X screen now, as BGR."""
-    result = subprocess.run(["import", "-display", display, "-window", "root", "png:-"], capture_output=True,
-                            timeout=TIMEOUT)
+    result = subprocess.run(
+        ["import", "-display", display, "-window", "root", "png:-"], capture_output=True, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     image = cv2.imdecode(np.frombuffer(result.stdout, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None and image.shape == (SCREEN[1], SCREEN[0], 3), "import gave no screen image"
@@ -78,8 +85,9 @@ def window_area(image: np.ndarray) -> np.ndarray:
     return image[: WINDOW[1], : WINDOW[0]].astype(int)
 
 
-def shot_when(display: str, proc: subprocess.Popen, condition: Callable[[np.ndarray], bool], what: str,
-              timeout: float = TIMEOUT) -> np.ndarray:
+def shot_when(
+    display: str, proc: subprocess.Popen, condition: Callable[[np.ndarray], bool], what: str, timeout: float = TIMEOUT
+) -> np.ndarray:
     """Screenshots until one satisfies ``condition``, taken while the run is still going."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -117,8 +125,13 @@ class Keyboard:
         self.x11.XKeysymToKeycode.restype = ctypes.c_ubyte
         self.x11.XFlush.argtypes = self.x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
         self.xtst.XTestFakeKeyEvent.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_ulong]
-        self.xtst.XTestFakeMotionEvent.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                                   ctypes.c_ulong]
+        self.xtst.XTestFakeMotionEvent.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_ulong,
+        ]
         self.dpy = self.x11.XOpenDisplay(display.encode())
         assert self.dpy, f"cannot open display {display}"
         # no window manager: keys go to the window under the pointer
@@ -138,6 +151,7 @@ class Keyboard:
 
 # -- tests ------------------------------------------------------------------------------------
 
+
 def test_window_shows_live_frames_and_exits_cleanly(display: str) -> None:
     proc = start_run(display, "--frames", "240")
     try:
@@ -151,7 +165,7 @@ def test_window_shows_live_frames_and_exits_cleanly(display: str) -> None:
     assert re.search(r"\b240 frames\b", err), err[-1000:]
     change = np.abs(window_area(first) - window_area(second)).mean()
     assert change > 2, f"two screenshots apart look the same (mean change {change:.2f}): the window is frozen"
-    outside = first[WINDOW[1]:].astype(int)
+    outside = first[WINDOW[1] :].astype(int)
     assert outside.max() == 0, "something drew outside the window"
 
 
@@ -159,21 +173,28 @@ def test_hud_panel_shows_and_the_h_key_hides_it(display: str) -> None:
     proc = start_run(display, "--frames", "3000")  # ended by Esc below
     keyboard = None
     try:
-        with_hud = shot_when(display, proc, lambda im: not_blank(im) and hud_text_pixels(im) > 200,
-                             "the HUD text in the top-left corner")
+        with_hud = shot_when(
+            display, proc, lambda im: not_blank(im) and hud_text_pixels(im) > 200, "the HUD text in the top-left corner"
+        )
         panel = with_hud[HUD_REGION].astype(int)
         below = with_hud[100:180, 0:240].astype(int)
         assert np.median(panel) < np.median(below) + 5, "the HUD panel does not darken the picture under it"
 
         keyboard = Keyboard(display)
         keyboard.press(XK_h)
-        without = shot_when(display, proc, lambda im: not_blank(im) and hud_text_pixels(im) < 20,
-                            "the HUD gone after pressing H", timeout=15)
+        without = shot_when(
+            display,
+            proc,
+            lambda im: not_blank(im) and hud_text_pixels(im) < 20,
+            "the HUD gone after pressing H",
+            timeout=15,
+        )
         assert hud_text_pixels(with_hud) > 10 * max(1, hud_text_pixels(without))
 
         keyboard.press(XK_h)
-        shot_when(display, proc, lambda im: hud_text_pixels(im) > 200, "the HUD back after pressing H again",
-                  timeout=15)
+        shot_when(
+            display, proc, lambda im: hud_text_pixels(im) > 200, "the HUD back after pressing H again", timeout=15
+        )
         keyboard.press(XK_Escape)
         err = finish(proc, timeout=30)
     finally:

@@ -26,8 +26,9 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DOCS = Path(__file__).resolve().parent.parent
 ROOT = DOCS.parent
@@ -45,6 +46,7 @@ class GenerationError(Exception):
 
 
 # ---- reference: parameters, actions, command line ------------------------------------------
+
 
 def _reference(markdown: str) -> str:
     """Inside a div the stylesheet knows (docs/stylesheets/extra.css: paths stay on one line)."""
@@ -67,8 +69,10 @@ def actions_block() -> str:
 def effects_block() -> str:
     from engine.render.effects import EFFECTS
 
-    rows = [(f"`{fx.name}`", fx.description, f"`shaders/{fx.shader}`",
-             ", ".join(f"`{p.path}`" for p in fx.all_params())) for fx in EFFECTS]
+    rows = [
+        (f"`{fx.name}`", fx.description, f"`shaders/{fx.shader}`", ", ".join(f"`{p.path}`" for p in fx.all_params()))
+        for fx in EFFECTS
+    ]
     return "\n".join(_table(("effect", "what it does", "shader", "parameters"), rows))
 
 
@@ -99,6 +103,7 @@ def cli_block() -> str:
 
 
 # ---- benchmark tables ----------------------------------------------------------------------
+
 
 def load_bench(name: str) -> dict[str, Any]:
     path = BENCH_DATA / name
@@ -146,11 +151,17 @@ def _field(report: dict[str, Any], key: str, name: str) -> Any:
 def bench_render(*names: str) -> str:
     """``dreamdeck bench render --json`` reports: one row per output size and case."""
     reports = [(n, load_bench(n)) for n in names]
-    rows = [(r["size"], r["case"].replace("+", " + "), _num(r["fps"]), _num(r["p50_ms"], 2), _num(r["p99_ms"], 2))
-            for name, report in reports for r in _field(report, "results", name)]
+    rows = [
+        (r["size"], r["case"].replace("+", " + "), _num(r["fps"]), _num(r["p50_ms"], 2), _num(r["p99_ms"], 2))
+        for name, report in reports
+        for r in _field(report, "results", name)
+    ]
     gl = sorted({f"`{report['gl_renderer']}`, OpenGL {report['gl_version']}" for _, report in reports})
-    return "\n".join(_table(("output", "case", "fps", "p50 ms", "p99 ms"), rows)
-                     + ["", f"GL renderer: {'; '.join(gl)}."] + _caption(reports))
+    return "\n".join(
+        _table(("output", "case", "fps", "p50 ms", "p99 ms"), rows)
+        + ["", f"GL renderer: {'; '.join(gl)}."]
+        + _caption(reports)
+    )
 
 
 def bench_osc(*names: str) -> str:
@@ -161,11 +172,28 @@ def bench_osc(*names: str) -> str:
     rows = []
     for output, r in phases:
         latency = "–" if r["latency_p50_ms"] is None else f"{_num(r['latency_p50_ms'])} / {_num(r['latency_p99_ms'])}"
-        rows.append((output, f"{r['rate']:,}" if r["rate"] else "0 (baseline)",
-                     _num(r["landed_per_s"], 0, thousands=True) if r["rate"] else "–", f"{r['lost']:,}",
-                     _num(r["fps"]), _num(r["longest_frame_ms"]), str(r["frames_over_25ms"]), latency))
-    header = ("output", "rate/s", "landed/s", "lost", "render fps", "longest frame ms", "frames > 25 ms",
-              "latency p50 / p99 ms")
+        rows.append(
+            (
+                output,
+                f"{r['rate']:,}" if r["rate"] else "0 (baseline)",
+                _num(r["landed_per_s"], 0, thousands=True) if r["rate"] else "–",
+                f"{r['lost']:,}",
+                _num(r["fps"]),
+                _num(r["longest_frame_ms"]),
+                str(r["frames_over_25ms"]),
+                latency,
+            )
+        )
+    header = (
+        "output",
+        "rate/s",
+        "landed/s",
+        "lost",
+        "render fps",
+        "longest frame ms",
+        "frames > 25 ms",
+        "latency p50 / p99 ms",
+    )
     return "\n".join(_table(header, rows) + _caption(reports))
 
 
@@ -188,13 +216,28 @@ def bench_diffusion(*names: str) -> str:
             stages = " / ".join(_num(e["stages_ms"].get(k), 0) for k in ("encode", "unet", "decode"))
             base = f"{_num(b.get('fps'), 2)} ({_num(b.get('p50_ms'), 0)})" if b else "–"
             first = r["startup"]["first_frame_s"]
-            rows.append((f"`{case}`", f"{what}, {r['accel']}, {where}",
-                         f"{_num(e['fps'], 2)} ({_num(e['p50_ms'], 0)})", stages, base,
-                         f"{_num(r['ratio'])}x" if r["ratio"] else "–", f"{_num(first)} s"))
+            rows.append(
+                (
+                    f"`{case}`",
+                    f"{what}, {r['accel']}, {where}",
+                    f"{_num(e['fps'], 2)} ({_num(e['p50_ms'], 0)})",
+                    stages,
+                    base,
+                    f"{_num(r['ratio'])}x" if r["ratio"] else "–",
+                    f"{_num(first)} s",
+                )
+            )
             if r.get("command"):
                 commands.append(f"- `{case}`: `{r['command']}`")
-    header = ("case", "what, backend, device", "hot path fps (p50 ms)", "encode / unet / decode ms",
-              "diffusers fps (p50 ms)", "ratio", "first frame")
+    header = (
+        "case",
+        "what, backend, device",
+        "hot path fps (p50 ms)",
+        "encode / unet / decode ms",
+        "diffusers fps (p50 ms)",
+        "ratio",
+        "first frame",
+    )
     return "\n".join(_table(header, rows) + ["", "Commands:", "", *commands] + _caption(reports))
 
 
@@ -202,19 +245,33 @@ def bench_slow_scenes(frames: str, ddpm: str, vqgan_clip: str) -> str:
     """The render loop while a slow scene computes (tests/test_slow_scene_frames.py), DDPM steps
     (scripts/bench_ddpm.py) and VQGAN+CLIP steps (scripts/bench_vqgan_clip.py --json)."""
     loop, steps, vq = load_bench(frames), load_bench(ddpm), load_bench(vqgan_clip)
-    rows = [("render loop from the cut to the DDPM on, while it loads and computes",
-             f"{loop['output_size']}, {loop['clock_hz']} Hz clock, {loop['frames']} frames",
-             f"longest frame {_num(loop['longest_ms'])} ms, p99 {_num(loop['p99_ms'])} ms "
-             f"(limit: 1.5 vsync = {_num(loop['limit_ms'], 0)} ms), {loop['scene_images']} DDPM steps meanwhile")]
+    rows = [
+        (
+            "render loop from the cut to the DDPM on, while it loads and computes",
+            f"{loop['output_size']}, {loop['clock_hz']} Hz clock, {loop['frames']} frames",
+            f"longest frame {_num(loop['longest_ms'])} ms, p99 {_num(loop['p99_ms'])} ms "
+            f"(limit: 1.5 vsync = {_num(loop['limit_ms'], 0)} ms), {loop['scene_images']} DDPM steps meanwhile",
+        )
+    ]
     for name, per_second in _field(steps, "results", ddpm).items():
         ms = 1000.0 / per_second
         took = f"{_num(ms)} ms" if ms < 1000 else f"{_num(ms / 1000, 2)} s"
         threads = f"{steps['threads']} thread" + ("s" if steps["threads"] != 1 else "")
-        rows.append((f"DDPM, {name}", f"{steps['device']}, {threads}",
-                     f"{_num(per_second, 2 if per_second < 1 else 1)} steps/s ({took})"))
+        rows.append(
+            (
+                f"DDPM, {name}",
+                f"{steps['device']}, {threads}",
+                f"{_num(per_second, 2 if per_second < 1 else 1)} steps/s ({took})",
+            )
+        )
     for r in _field(vq, "results", vqgan_clip):
-        rows.append((f"VQGAN+CLIP, {r['size']}², {r['cutouts']} cutouts", f"{vq['vqgan']} + {vq['clip']}",
-                     f"{r['steps_per_second']:.2g} it/s ({_num(r['seconds_per_step'])} s)"))
+        rows.append(
+            (
+                f"VQGAN+CLIP, {r['size']}², {r['cutouts']} cutouts",
+                f"{vq['vqgan']} + {vq['clip']}",
+                f"{r['steps_per_second']:.2g} it/s ({_num(r['seconds_per_step'])} s)",
+            )
+        )
     reports = [(frames, loop), (ddpm, steps), (vqgan_clip, vq)]
     return "\n".join(_table(("what", "setting", "figure"), rows) + _caption(reports))
 
@@ -225,27 +282,48 @@ def bench_lora(name: str) -> str:
     call, with_lora = r["unet_call_ms"], r["unet_call_with_lora_ms"]
     rows = [
         ("weight change", f"**{r['weight_change_ms']:.2f} ms**", "< 16.7 ms (one frame at 60 Hz)"),
-        ("file hot-swap", f"**{_num(r['hotswap_total_ms'], 0)} ms**: {_num(r['hotswap_read_ms'], 0)} ms file read "
-         f"(background thread) + {_num(r['hotswap_swap_ms'], 0)} ms swap between frames", "< 250 ms"),
-        ("unload + load as a new adapter (for comparison)", f"{_num(r['unload_load_ms'], 0)} ms",
-         "a compiled graph would rebuild"),
-        ("one UNet call, without / with the LoRA", f"{_num(call / 1000, 2)} s / {_num(with_lora / 1000, 2)} s "
-         f"(+{(with_lora / call - 1) * 100:.0f} %)", ""),
+        (
+            "file hot-swap",
+            f"**{_num(r['hotswap_total_ms'], 0)} ms**: {_num(r['hotswap_read_ms'], 0)} ms file read "
+            f"(background thread) + {_num(r['hotswap_swap_ms'], 0)} ms swap between frames",
+            "< 250 ms",
+        ),
+        (
+            "unload + load as a new adapter (for comparison)",
+            f"{_num(r['unload_load_ms'], 0)} ms",
+            "a compiled graph would rebuild",
+        ),
+        (
+            "one UNet call, without / with the LoRA",
+            f"{_num(call / 1000, 2)} s / {_num(with_lora / 1000, 2)} s (+{(with_lora / call - 1) * 100:.0f} %)",
+            "",
+        ),
     ]
-    header = (f"LoRA rank {r['rank']}, {r['lora_layers']} layers, {_num(r['lora_file_mb'], 0)} MB file, "
-              f"{r['device']} {r['dtype']}", "figure", "target")
+    header = (
+        f"LoRA rank {r['rank']}, {r['lora_layers']} layers, {_num(r['lora_file_mb'], 0)} MB file, "
+        f"{r['device']} {r['dtype']}",
+        "figure",
+        "target",
+    )
     return "\n".join(_table(header, rows) + _caption([(name, r)]))
 
 
 GENERATORS: dict[str, Callable[..., str]] = {
-    "params": params_block, "actions": actions_block, "cli": cli_block, "effects": effects_block,
-    "bench-render": bench_render, "bench-osc": bench_osc, "bench-diffusion": bench_diffusion,
-    "bench-slow-scenes": bench_slow_scenes, "bench-lora": bench_lora,
+    "params": params_block,
+    "actions": actions_block,
+    "cli": cli_block,
+    "effects": effects_block,
+    "bench-render": bench_render,
+    "bench-osc": bench_osc,
+    "bench-diffusion": bench_diffusion,
+    "bench-slow-scenes": bench_slow_scenes,
+    "bench-lora": bench_lora,
 }
 
 
 def fill(markdown: str, where: str = "page") -> str:
     """The page with every marker replaced by its block; GenerationError names a bad one."""
+
     def replace(match: re.Match) -> str:
         name, args = match.group(1), match.group(2).split()
         generator = GENERATORS.get(name)
@@ -317,6 +395,7 @@ def unknown_paths(markdown: str) -> list[str]:
 
 
 # ---- MkDocs ---------------------------------------------------------------------------------
+
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     from mkdocs.exceptions import PluginError

@@ -20,10 +20,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Union
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -67,14 +67,17 @@ def parse_allowlist(entries: Iterable[str], what: str) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-def check_binding(host: str, allow: Iterable[str] | None, what: str, *,
-                  token: str | None = None) -> tuple[Network, ...] | None:
+def check_binding(
+    host: str, allow: Iterable[str] | None, what: str, *, token: str | None = None
+) -> tuple[Network, ...] | None:
     """Parse the allowlist, and refuse (ValueError) a network-reachable binding that has neither
     an allowlist nor a token. None: no allowlist, every sender that reaches the socket is let in."""
     if allow is None:
         if token is None and not is_loopback(host):
-            raise ValueError(f"{what} on {host!r} is reachable from the network: give an allowlist of "
-                             "sender addresses or networks (e.g. allow=['192.168.1.20', '10.0.0.0/24'])")
+            raise ValueError(
+                f"{what} on {host!r} is reachable from the network: give an allowlist of "
+                "sender addresses or networks (e.g. allow=['192.168.1.20', '10.0.0.0/24'])"
+            )
         return None
     return parse_allowlist(allow, what)
 
@@ -143,8 +146,9 @@ class Access:
         object.__setattr__(self, "_filter", SenderFilter(self.networks))
 
     @classmethod
-    def for_binding(cls, host: str, allow: Iterable[str] | None = None, what: str = "listener",
-                    token: str | None = None) -> "Access":
+    def for_binding(
+        cls, host: str, allow: Iterable[str] | None = None, what: str = "listener", token: str | None = None
+    ) -> Access:
         """Check the binding (see ``check_binding``) and make its rule; ValueError if refused."""
         if token is not None and not token.strip():
             raise ValueError(f"{what}: the token must not be empty")

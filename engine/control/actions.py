@@ -22,8 +22,9 @@ import inspect
 import logging
 import math
 import queue
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ class Arg:
             value = int(value)  # OSC clients and JSON often send whole numbers as floats
         if kind == "float" and isinstance(value, int) and abs(value) < 2**1023:  # beyond that, no float holds it
             value = float(value)
-        ok = {"int": isinstance(value, int), "float": isinstance(value, float) and math.isfinite(value),
-              "str|int": isinstance(value, (str, int))}.get(kind, isinstance(value, str))
+        ok = {
+            "int": isinstance(value, int),
+            "float": isinstance(value, float) and math.isfinite(value),
+            "str|int": isinstance(value, (str, int)),
+        }.get(kind, isinstance(value, str))
         if not ok:
             raise ActionError(f"{self.name} takes {_WANTED[kind]}, got {_short(value)}")
         if isinstance(value, str):
@@ -78,13 +82,18 @@ class Arg:
             if not value.strip() and self.required:
                 raise ActionError(f"{self.name} must not be empty")
             if kind == "path" and not value.startswith("/"):
-                raise ActionError(f"{self.name} takes a parameter path like /fx/kaleido/segments, "
-                                  f"got {_short(value)}")
+                raise ActionError(f"{self.name} takes a parameter path like /fx/kaleido/segments, got {_short(value)}")
         return value
 
 
-_WANTED = {"str": "a name", "text": "text", "path": "a parameter path", "int": "a whole number",
-           "float": "a number", "str|int": "a name or a whole number"}
+_WANTED = {
+    "str": "a name",
+    "text": "text",
+    "path": "a parameter path",
+    "int": "a whole number",
+    "float": "a number",
+    "str|int": "a name or a whole number",
+}
 
 
 @dataclass(frozen=True)
@@ -123,20 +132,32 @@ class ActionSpec:
         """Check and convert ``args``; returns every argument, defaults filled in. Raises ActionError."""
         if not self.min_args <= len(args) <= len(self.args):
             count = f"{len(args)} argument{'' if len(args) == 1 else 's'}"
-            raise ActionError(f"{self.signature}: got {count}"
-                              + (f" ({', '.join(_short(a) for a in args[:4])})" if args else ""))
+            raise ActionError(
+                f"{self.signature}: got {count}" + (f" ({', '.join(_short(a) for a in args[:4])})" if args else "")
+            )
         try:
             given = tuple(arg.convert(value) for arg, value in zip(self.args, args))
         except ActionError as exc:
             raise ActionError(f"{self.signature}: {exc}") from None
-        return given + tuple(arg.default for arg in self.args[len(args):])
+        return given + tuple(arg.default for arg in self.args[len(args) :])
 
     def record(self) -> dict[str, Any]:
         """The declaration as JSON (the web page's ``/api/actions``)."""
-        return {"name": self.name, "description": self.description, "signature": self.signature,
-                "args": [{"name": a.name, "type": a.type, "required": a.required,
-                          "default": None if a.required else a.default, "description": a.description}
-                         for a in self.args]}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "signature": self.signature,
+            "args": [
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "required": a.required,
+                    "default": None if a.required else a.default,
+                    "description": a.description,
+                }
+                for a in self.args
+            ],
+        }
 
 
 def _short(value: Any) -> str:
@@ -157,21 +178,41 @@ def declare(*specs: ActionSpec) -> dict[str, ActionSpec]:
 # (the app: scenes, presets, prompt; the tempo: tap; MIDI: learn).
 ACTIONS: dict[str, ActionSpec] = declare(
     ActionSpec("scene/next", "Switch to the next scene"),
-    ActionSpec("scene/select", "Switch to a scene by name or 0-based index",
-               (Arg("ref", "str|int", description="a scene name, or its 0-based index in the scene list"),)),
-    ActionSpec("scene/preload", "Load a scene in the background (name) so that cutting to it is instant",
-               (Arg("name", "str", description="a scene name"),)),
-    ActionSpec("preset/recall", "Recall a preset by name or 1-based number",
-               (Arg("ref", "str|int", description="a preset name, or its 1-based number"),)),
-    ActionSpec("preset/save", "Save the current state as a preset (name)",
-               (Arg("name", "text", description="the preset's name"),)),
-    ActionSpec("prompt", "Set the active scene's prompt (text)",
-               (Arg("text", "text", description="the prompt"),)),
+    ActionSpec(
+        "scene/select",
+        "Switch to a scene by name or 0-based index",
+        (Arg("ref", "str|int", description="a scene name, or its 0-based index in the scene list"),),
+    ),
+    ActionSpec(
+        "scene/preload",
+        "Load a scene in the background (name) so that cutting to it is instant",
+        (Arg("name", "str", description="a scene name"),),
+    ),
+    ActionSpec(
+        "preset/recall",
+        "Recall a preset by name or 1-based number",
+        (Arg("ref", "str|int", description="a preset name, or its 1-based number"),),
+    ),
+    ActionSpec(
+        "preset/save",
+        "Save the current state as a preset (name)",
+        (Arg("name", "text", description="the preset's name"),),
+    ),
+    ActionSpec("prompt", "Set the active scene's prompt (text)", (Arg("text", "text", description="the prompt"),)),
     ActionSpec("tap", "Tap tempo"),
-    ActionSpec("midi/learn", "Arm MIDI learn for a parameter path (the next control moved is mapped)",
-               (Arg("path", "path", description="the parameter the next control moved drives"),
-                Arg("mode", "str", "", description="force a mapping mode (e.g. relative-signed); "
-                                                   "empty: guess from the messages"))),
+    ActionSpec(
+        "midi/learn",
+        "Arm MIDI learn for a parameter path (the next control moved is mapped)",
+        (
+            Arg("path", "path", description="the parameter the next control moved drives"),
+            Arg(
+                "mode",
+                "str",
+                "",
+                description="force a mapping mode (e.g. relative-signed); empty: guess from the messages",
+            ),
+        ),
+    ),
 )
 
 
@@ -220,8 +261,9 @@ class Actions:
     def spec(self, name: str) -> ActionSpec:
         """The declaration of an available action; ActionError if there is none here."""
         if name not in self._handlers:
-            raise ActionError(f"unknown action {name!r}" if name not in self.specs
-                              else f"{name} is not available in this engine")
+            raise ActionError(
+                f"unknown action {name!r}" if name not in self.specs else f"{name} is not available in this engine"
+            )
         return self.specs[name]
 
     def post(self, name: str, *args: Any, origin: str = "api") -> tuple[Any, ...]:

@@ -66,20 +66,40 @@ PHASE_MEMORY_S = 3.0  # the beat phase weighs recent onsets most
 STALE_S = 1.0  # a device that delivered nothing for this long reads as silence
 
 AUDIO_PARAMS: tuple[Param, ...] = (
-    float_param("/audio/gain", 1.0, 0.0, 4.0, unit="x",
-                description="Trim after the automatic gain: above 1 pushes features to full scale sooner"),
-    float_param("/audio/attack", 10.0, 0.0, 1000.0, unit="ms",
-                description="How fast the level and band envelopes rise"),
-    float_param("/audio/release", 250.0, 0.0, 5000.0, unit="ms",
-                description="How fast the level and band envelopes fall"),
-    float_param("/audio/onset_sensitivity", 0.5, 0.0, 1.0,
-                description="Onset detection: 1 catches soft notes, 0 only the hardest hits"),
-    float_param("/audio/pulse_decay", 150.0, 10.0, 2000.0, unit="ms",
-                description="How long the onset and beat pulses take to fade"),
+    float_param(
+        "/audio/gain",
+        1.0,
+        0.0,
+        4.0,
+        unit="x",
+        description="Trim after the automatic gain: above 1 pushes features to full scale sooner",
+    ),
+    float_param(
+        "/audio/attack", 10.0, 0.0, 1000.0, unit="ms", description="How fast the level and band envelopes rise"
+    ),
+    float_param(
+        "/audio/release", 250.0, 0.0, 5000.0, unit="ms", description="How fast the level and band envelopes fall"
+    ),
+    float_param(
+        "/audio/onset_sensitivity",
+        0.5,
+        0.0,
+        1.0,
+        description="Onset detection: 1 catches soft notes, 0 only the hardest hits",
+    ),
+    float_param(
+        "/audio/pulse_decay",
+        150.0,
+        10.0,
+        2000.0,
+        unit="ms",
+        description="How long the onset and beat pulses take to fade",
+    ),
 )
 
 
 # -- data --------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AnalysisSettings:
@@ -137,6 +157,7 @@ class _Follower:
 
 # -- analysis ----------------------------------------------------------------------------------
 
+
 class Analyser:
     """Streaming analysis of mono audio; feed it blocks of any length with ``process``."""
 
@@ -154,14 +175,15 @@ class Analyser:
         # 1. spectrum layout: the window, and which bins belong to which band
         self._window = np.hanning(FRAME + 1)[:FRAME].astype(np.float32)  # periodic Hann
         # scale so that a band's value is the RMS of the signal in it (Parseval)
-        self._power_scale = 2.0 / (FRAME * float(np.sum(self._window ** 2)))
+        self._power_scale = 2.0 / (FRAME * float(np.sum(self._window**2)))
         self._mag_scale = 2.0 / float(np.sum(self._window))  # a full-scale sine peaks at 1
         freqs = np.fft.rfftfreq(FRAME, 1.0 / sample_rate)
         top = min(BAND_RANGE_HZ[1], sample_rate / 2)
         edges = np.geomspace(BAND_RANGE_HZ[0], top, BANDS + 1)
         self._band_bins = [_bins(freqs, lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
         self._bass_bins, self._mid_bins, self._high_bins = (
-            _bins(freqs, lo, min(hi, sample_rate / 2)) for lo, hi in (BASS_HZ, MID_HZ, HIGH_HZ))
+            _bins(freqs, lo, min(hi, sample_rate / 2)) for lo, hi in (BASS_HZ, MID_HZ, HIGH_HZ)
+        )
         flux_top = min(FLUX_RANGE_HZ[1], sample_rate / 2)
         flux_edges = np.geomspace(FLUX_RANGE_HZ[0], flux_top, FLUX_BANDS + 1)
         self._flux_bands = np.zeros((FLUX_BANDS, len(freqs)), np.float32)
@@ -207,7 +229,7 @@ class Analyser:
         events: list[Event] = []
         whole = block.size - block.size % HOP
         for start in range(0, whole, HOP):
-            events.extend(self._hop(block[start:start + HOP]))
+            events.extend(self._hop(block[start : start + HOP]))
         self._carry = block[whole:].copy()
         return events
 
@@ -223,7 +245,7 @@ class Analyser:
         # 1. spectrum
         spectrum = np.fft.rfft(self._frame * self._window)
         mag = np.abs(spectrum)
-        power = mag ** 2 * self._power_scale
+        power = mag**2 * self._power_scale
 
         # 2. levels: raw RMS per band -> automatic gain -> attack/release envelope
         raw = [float(np.sqrt(np.mean(hop.astype(np.float64) ** 2)))]
@@ -256,7 +278,7 @@ class Analyser:
         if len(self._flux) == self._flux.maxlen:
             values = np.fromiter(self._flux, float, len(self._flux))
             # the tempo reads the flux above its recent mean: what stands out, not the hum
-            self._novelty.append(max(0.0, values[-1] - float(values[-1 - ONSET_AVERAGE:-1].mean())))
+            self._novelty.append(max(0.0, values[-1] - float(values[-1 - ONSET_AVERAGE : -1].mean())))
             onset_time = self._pick_onset(values, now, s.onset_sensitivity)
             if onset_time is not None:
                 self._last_onset = onset_time
@@ -280,13 +302,17 @@ class Analyser:
         period = 60.0 / self.bpm if self.bpm else 0.0
         self.features = AudioFeatures(
             time=now,
-            rms=float(self._levels[0]), bass=float(self._levels[1]), mid=float(self._levels[2]),
-            high=float(self._levels[3]), bands=tuple(float(v) for v in self._levels[4:]),
+            rms=float(self._levels[0]),
+            bass=float(self._levels[1]),
+            mid=float(self._levels[2]),
+            high=float(self._levels[3]),
+            bands=tuple(float(v) for v in self._levels[4:]),
             onset=math.exp(-(now - self._last_onset) / decay_s),
             beat=math.exp(-(now - self._last_beat) / decay_s),
             bpm=self.bpm,
             beat_phase=min(1.0, (now - self._last_beat) / period) if period and self._beats else 0.0,
-            onsets=self._onsets, beats=self._beats,
+            onsets=self._onsets,
+            beats=self._beats,
         )
         return events
 
@@ -301,12 +327,15 @@ class Analyser:
         """
         c = len(values) - 1 - ONSET_LOOKAHEAD
         candidate = values[c]
-        local_mean = float(values[c - ONSET_AVERAGE - ONSET_PRE_MAX: c - ONSET_PRE_MAX].mean())
+        local_mean = float(values[c - ONSET_AVERAGE - ONSET_PRE_MAX : c - ONSET_PRE_MAX].mean())
         ratio = 1.0 + 3.0 * (1.0 - sensitivity)  # 4 at 0, 2.5 at 0.5, 1 at 1
-        delta = 0.2 * 0.05 ** sensitivity  # 0.2 at 0, 0.045 at 0.5, 0.01 at 1
+        delta = 0.2 * 0.05**sensitivity  # 0.2 at 0, 0.045 at 0.5, 0.01 at 1
         frame = self._frames - 1 - ONSET_LOOKAHEAD
-        if (candidate >= values[c - ONSET_PRE_MAX:].max() and candidate >= local_mean * ratio + delta
-                and frame - self._last_onset_frame >= ONSET_WAIT):
+        if (
+            candidate >= values[c - ONSET_PRE_MAX :].max()
+            and candidate >= local_mean * ratio + delta
+            and frame - self._last_onset_frame >= ONSET_WAIT
+        ):
             self._last_onset_frame = frame
             # the flux of a frame peaks when an onset enters its newest hop: date it there
             return now - (ONSET_LOOKAHEAD + 1) * self.hop_s
@@ -371,6 +400,7 @@ def _smoothing(ms: float, hop_s: float) -> float:
 
 # -- files -------------------------------------------------------------------------------------
 
+
 class WavError(ValueError):
     """A file that is not a WAV this reader understands; the message says why."""
 
@@ -387,8 +417,8 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     fmt: tuple[int, int, int, int] | None = None
     pos = 12
     while pos + 8 <= len(data):
-        chunk, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
-        body = data[pos + 8:pos + 8 + size]
+        chunk, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        body = data[pos + 8 : pos + 8 + size]
         if chunk == b"fmt ":
             if len(body) < 16:
                 raise WavError(f"{path}: fmt chunk too short")
@@ -417,14 +447,15 @@ def _decode(path: str | Path, body: bytes, tag: int, channels: int, rate: int, b
         samples = raw.view(f"<i{width}").astype(np.float32) / float(2 ** (bits - 1))
     elif tag == 1 and bits == 24:
         triples = raw.reshape(-1, 3).astype(np.int32)
-        ints = (triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16))
+        ints = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
         ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
         samples = ints.astype(np.float32) / float(1 << 23)
     elif tag == 3 and bits in (32, 64):
         samples = raw.view(f"<f{width}").astype(np.float32)
     else:
-        raise WavError(f"{path}: unsupported WAV encoding (format {tag}, {bits} bits); "
-                       "use PCM 8/16/24/32-bit or float 32/64")
+        raise WavError(
+            f"{path}: unsupported WAV encoding (format {tag}, {bits} bits); use PCM 8/16/24/32-bit or float 32/64"
+        )
     return samples.reshape(-1, channels).mean(axis=1)
 
 
@@ -438,11 +469,12 @@ def analyse_wav(path: str | Path, settings: AnalysisSettings | None = None) -> t
     analyser = Analyser(rate, settings)
     onsets: list[float] = []
     for start in range(0, len(samples), HOP * 64):
-        onsets += [e.time for e in analyser.process(samples[start:start + HOP * 64]) if e.kind == "onset"]
+        onsets += [e.time for e in analyser.process(samples[start : start + HOP * 64]) if e.kind == "onset"]
     return onsets, analyser.bpm or None
 
 
 # -- the control -------------------------------------------------------------------------------
+
 
 @dataclass
 class _Feed:
@@ -507,8 +539,7 @@ class AudioInput:
             log.error("audio unavailable: %s (the show goes on without audio)", exc)
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(self._feed,), name="audio analysis",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(self._feed,), name="audio analysis", daemon=True)
         self._thread.start()
         log.info("audio: %s", self._feed.label)
 
@@ -527,8 +558,12 @@ class AudioInput:
         """Render thread: hand the analysis thread the knobs as of this frame boundary."""
         get = self.params.get
         self._settings = AnalysisSettings(
-            gain=get("/audio/gain"), attack_ms=get("/audio/attack"), release_ms=get("/audio/release"),
-            onset_sensitivity=get("/audio/onset_sensitivity"), pulse_decay_ms=get("/audio/pulse_decay"))
+            gain=get("/audio/gain"),
+            attack_ms=get("/audio/attack"),
+            release_ms=get("/audio/release"),
+            onset_sensitivity=get("/audio/onset_sensitivity"),
+            pulse_decay_ms=get("/audio/pulse_decay"),
+        )
 
     def features(self) -> AudioFeatures:
         """The newest snapshot (any thread, never waits); silence when nothing plays."""
@@ -539,7 +574,7 @@ class AudioInput:
 
     # -- opening ----------------------------------------------------------------------------
     def _open_file(self) -> _Feed:
-        path = Path(self.spec[len("file:"):]).expanduser()
+        path = Path(self.spec[len("file:") :]).expanduser()
         samples, rate = read_wav(path)  # OSError or WavError (a ValueError): reported by start
         if samples.size < HOP:
             raise WavError(f"{path}: too short to analyse")
@@ -557,10 +592,14 @@ class AudioInput:
             info = sd.query_devices(device, kind="input")
             channels = max(1, min(2, int(info["max_input_channels"])))
             feed = _Feed(int(info["default_samplerate"]), f"input {info['name']!r}")
-            feed.stream = sd.InputStream(device=device, channels=channels, samplerate=feed.rate,
-                                         blocksize=HOP, dtype="float32",
-                                         callback=lambda data, frames, when, flags: feed.blocks.put(
-                                             data.mean(axis=1).copy()))
+            feed.stream = sd.InputStream(
+                device=device,
+                channels=channels,
+                samplerate=feed.rate,
+                blocksize=HOP,
+                dtype="float32",
+                callback=lambda data, frames, when, flags: feed.blocks.put(data.mean(axis=1).copy()),
+            )
             feed.stream.start()
         except sd.PortAudioError as exc:
             raise OSError(f"audio input {self.spec or 'default'} cannot open: {exc}") from None
@@ -582,9 +621,9 @@ class AudioInput:
             pacer = Pacer(feed.rate / HOP, self._stop)
             samples, pos = feed.samples, 0
             while pacer.wait():
-                block = samples[pos:pos + HOP]
+                block = samples[pos : pos + HOP]
                 if block.size < HOP:  # loop: the end of the file runs into its start
-                    block = np.concatenate([block, samples[:HOP - block.size]])
+                    block = np.concatenate([block, samples[: HOP - block.size]])
                 pos = (pos + HOP) % samples.size
                 yield block
             return

@@ -22,8 +22,12 @@ from engine.params import Param, ParamRegistry, bool_param
 log = logging.getLogger(__name__)
 
 LINK_PARAMS: tuple[Param, ...] = (
-    bool_param("/link/enabled", False, in_presets=False,
-               description="Join the Ableton Link session on the local network (tempo and beat sharing)"),
+    bool_param(
+        "/link/enabled",
+        False,
+        in_presets=False,
+        description="Join the Ableton Link session on the local network (tempo and beat sharing)",
+    ),
 )
 
 
@@ -106,8 +110,9 @@ class LinkSession:
             link = self._link
         if link is None or not self._wanted:
             return None
-        return LinkState(tempo=float(link.tempo), beat=float(link.beat), phase=float(link.phase),
-                         peers=int(link.num_peers))
+        return LinkState(
+            tempo=float(link.tempo), beat=float(link.beat), phase=float(link.phase), peers=int(link.num_peers)
+        )
 
     @property
     def quantum(self) -> float:

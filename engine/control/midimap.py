@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import tomllib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -48,19 +48,16 @@ from engine.control.actions import ACTIONS, ActionError, ActionSpec
 from engine.files import write_atomic
 from engine.params import Kind, Param, ParamError, ParamRegistry
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 has no tomllib; tomli is the same parser
-    import tomli as tomllib
-
 log = logging.getLogger(__name__)
 
 FILE_VERSION = 1
 ANY_PORT = "*"
-FILE_HEADER = ("# dreamdeck MIDI mappings, written by MIDI learn; edit freely while dreamdeck is stopped.\n"
-               "# Keys of each [[map]]: port, channel (1-16), type (cc, cc14, note, pitchbend, program),\n"
-               "# number, param (or action and args), mode, takeover (pickup, jump), step.\n"
-               "# See engine/control/midimap.py.\n\n")
+FILE_HEADER = (
+    "# dreamdeck MIDI mappings, written by MIDI learn; edit freely while dreamdeck is stopped.\n"
+    "# Keys of each [[map]]: port, channel (1-16), type (cc, cc14, note, pitchbend, program),\n"
+    "# number, param (or action and args), mode, takeover (pickup, jump), step.\n"
+    "# See engine/control/midimap.py.\n\n"
+)
 
 
 class MapType(str, Enum):
@@ -102,8 +99,7 @@ _MODES_FOR_TYPE = {
     MapType.NOTE: frozenset({Mode.TRIGGER, Mode.TOGGLE, Mode.MOMENTARY}),
 }
 _NUMBERED = frozenset({MapType.CC, MapType.CC14, MapType.NOTE})
-_KEYS = frozenset({"port", "channel", "type", "number", "param", "mode", "takeover", "step", "value", "action",
-                   "args"})
+_KEYS = frozenset({"port", "channel", "type", "number", "param", "mode", "takeover", "step", "value", "action", "args"})
 MAPPABLE_KINDS = frozenset({Kind.FLOAT, Kind.INT, Kind.BOOL, Kind.ENUM, Kind.TRIGGER})
 
 
@@ -180,7 +176,7 @@ def parse_mapping(entry: Any, registry: ParamRegistry, actions: dict[str, Action
 
     port = _require(entry, "port", str)
     if not port.strip():
-        raise MappingError("port: must name part of a port, or be \"*\"")
+        raise MappingError('port: must name part of a port, or be "*"')
     channel = _require(entry, "channel", int)
     if not 1 <= channel <= 16:
         raise MappingError(f"channel: {channel} is out of range 1..16")
@@ -235,8 +231,9 @@ def parse_mapping(entry: Any, registry: ParamRegistry, actions: dict[str, Action
     return Mapping(port, channel, type_, number, path, mode, takeover, step, value)
 
 
-def _action_mapping(entry: dict[str, Any], port: str, channel: int, type_: MapType, number: int,
-                    actions: dict[str, ActionSpec]) -> Mapping:
+def _action_mapping(
+    entry: dict[str, Any], port: str, channel: int, type_: MapType, number: int, actions: dict[str, ActionSpec]
+) -> Mapping:
     """A button that posts an action: its arguments are bound by the action's declaration now, so
     a wrong one is refused with the signature when the file loads, not when the button is hit."""
     for key in ("param", "takeover", "step", "value"):
@@ -284,6 +281,7 @@ def _choice(entry: dict[str, Any], key: str, enum: type[Enum], default: Any) -> 
 
 # -- the file -----------------------------------------------------------------------------
 
+
 @dataclass
 class MappingFile:
     """What a mapping file holds: the usable mappings and, verbatim, the entries that are not.
@@ -312,8 +310,7 @@ def load_mappings(path: Path, registry: ParamRegistry, actions: dict[str, Action
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        log.warning("%s: TOML syntax error, no MIDI mappings loaded (%s); learn will not overwrite it",
-                    path, exc)
+        log.warning("%s: TOML syntax error, no MIDI mappings loaded (%s); learn will not overwrite it", path, exc)
         return MappingFile(path, [], [], writable=False)
 
     for key in sorted(set(document) - {"version", "map"}):
@@ -358,6 +355,7 @@ def save_mappings(file: MappingFile) -> None:
 
 # -- decoding -------------------------------------------------------------------------------
 
+
 def relative_ticks(value: int, mode: Mode) -> int:
     """Encoder ticks (signed) in one relative CC value; an encoder turned fast sends more."""
     if mode is Mode.RELATIVE_SIGNED:
@@ -394,6 +392,7 @@ def half_step(param: Param) -> float:
 
 # -- learn --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LearnEvent:
     """One message seen while learn is armed (``channel`` 1..16; ``number`` 0 when none)."""
@@ -414,8 +413,11 @@ def guess_mapping(port: str, events: list[LearnEvent], param: Param, mode: Mode 
     is a button, and it toggles.
     """
     first = events[0]
-    if first.type is MapType.CC and first.number < 32 and any(
-            e.type is MapType.CC and e.channel == first.channel and e.number == first.number + 32 for e in events):
+    if (
+        first.type is MapType.CC
+        and first.number < 32
+        and any(e.type is MapType.CC and e.channel == first.channel and e.number == first.number + 32 for e in events)
+    ):
         return Mapping(port, first.channel, MapType.CC14, first.number, param.path, Mode.ABSOLUTE)
     if mode is None:
         mode = default_mode(first.type, param)

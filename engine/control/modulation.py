@@ -17,7 +17,8 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-from typing import TYPE_CHECKING, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from engine.control.audio import BANDS
 from engine.control.tempo import LFO_COUNT
@@ -34,17 +35,32 @@ AUDIO_SOURCES = ("rms", "bass", "mid", "high", "onset", "beat", *(f"band{k}" for
 MOD_SOURCES = (
     "none",
     *(f"audio/{name}" for name in AUDIO_SOURCES),
-    "tempo/beat", "tempo/phase", "tempo/bar",
+    "tempo/beat",
+    "tempo/phase",
+    "tempo/bar",
     *(f"lfo/{n}" for n in range(1, LFO_COUNT + 1)),
 )
 
-MOD_PARAMS: tuple[Param, ...] = tuple(p for n in range(1, MOD_SLOTS + 1) for p in (
-    enum_param(f"/mod/{n}/source", "none", MOD_SOURCES,
-               description=f"Route {n}: what moves the target (audio feature, beat, LFO)"),
-    string_param(f"/mod/{n}/target", "", description=f"Route {n}: the parameter path it moves, e.g. /fx/grade/hue"),
-    float_param(f"/mod/{n}/amount", 0.5, -1.0, 1.0,
-                description=f"Route {n}: how far, as a fraction of the target's range (negative pulls down)"),
-))
+MOD_PARAMS: tuple[Param, ...] = tuple(
+    p
+    for n in range(1, MOD_SLOTS + 1)
+    for p in (
+        enum_param(
+            f"/mod/{n}/source",
+            "none",
+            MOD_SOURCES,
+            description=f"Route {n}: what moves the target (audio feature, beat, LFO)",
+        ),
+        string_param(f"/mod/{n}/target", "", description=f"Route {n}: the parameter path it moves, e.g. /fx/grade/hue"),
+        float_param(
+            f"/mod/{n}/amount",
+            0.5,
+            -1.0,
+            1.0,
+            description=f"Route {n}: how far, as a fraction of the target's range (negative pulls down)",
+        ),
+    )
+)
 
 Source = Callable[[], float]
 

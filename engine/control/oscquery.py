@@ -25,12 +25,13 @@ import logging
 import socket
 import sys
 import threading
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from engine.control.access import Access
-from engine.control.actions import ACTIONS, ActionSpec, Actions
+from engine.control.actions import ACTIONS, Actions, ActionSpec
 from engine.control.osc import POLL_INTERVAL, PREFIX
 from engine.logsetup import RateLimitedLog
 from engine.params import Kind, Param, ParamRegistry
@@ -42,20 +43,41 @@ REQUEST_TIMEOUT = 10.0  # seconds a connection may sit idle before its thread le
 
 # What this server answers; HOST_INFO advertises it so clients do not ask for more.
 EXTENSIONS = {
-    "ACCESS": True, "VALUE": True, "RANGE": True, "DESCRIPTION": True, "TYPE": True, "UNIT": True,
-    "CLIPMODE": True, "TAGS": False, "EXTENDED_TYPE": False, "CRITICAL": False, "OVERLOADS": False,
-    "HTML": False, "LISTEN": False, "PATH_CHANGED": False, "PATH_RENAMED": False, "PATH_ADDED": False,
+    "ACCESS": True,
+    "VALUE": True,
+    "RANGE": True,
+    "DESCRIPTION": True,
+    "TYPE": True,
+    "UNIT": True,
+    "CLIPMODE": True,
+    "TAGS": False,
+    "EXTENDED_TYPE": False,
+    "CRITICAL": False,
+    "OVERLOADS": False,
+    "HTML": False,
+    "LISTEN": False,
+    "PATH_CHANGED": False,
+    "PATH_RENAMED": False,
+    "PATH_ADDED": False,
     "PATH_REMOVED": False,
 }
 ATTRIBUTES = frozenset({"FULL_PATH", "CONTENTS"} | {name for name, on in EXTENSIONS.items() if on})
 
-_TYPE_TAGS = {Kind.FLOAT: "f", Kind.INT: "i", Kind.BOOL: "T", Kind.ENUM: "s", Kind.STRING: "s",
-              Kind.COLOUR: "r", Kind.TRIGGER: "N"}
+_TYPE_TAGS = {
+    Kind.FLOAT: "f",
+    Kind.INT: "i",
+    Kind.BOOL: "T",
+    Kind.ENUM: "s",
+    Kind.STRING: "s",
+    Kind.COLOUR: "r",
+    Kind.TRIGGER: "N",
+}
 # An action argument's OSC type; "str|int" is a name or a number, and a name always works.
 _ARG_TAGS = {"str": "s", "text": "s", "path": "s", "int": "i", "float": "f", "str|int": "s"}
 
 
 # -- the tree -------------------------------------------------------------------------------
+
 
 def json_value(param: Param, value: Any) -> Any:
     """A registry value as the spec's JSON form of its OSC type (colours are '#rrggbbaa')."""
@@ -65,8 +87,11 @@ def json_value(param: Param, value: Any) -> Any:
 
 
 def param_node(full_path: str, param: Param, value: Any) -> dict[str, Any]:
-    node: dict[str, Any] = {"FULL_PATH": full_path, "DESCRIPTION": param.description or param.path,
-                            "TYPE": _TYPE_TAGS[param.kind]}
+    node: dict[str, Any] = {
+        "FULL_PATH": full_path,
+        "DESCRIPTION": param.description or param.path,
+        "TYPE": _TYPE_TAGS[param.kind],
+    }
     if param.kind is Kind.TRIGGER:
         node["ACCESS"] = 2
         return node
@@ -83,17 +108,27 @@ def param_node(full_path: str, param: Param, value: Any) -> dict[str, Any]:
 
 def norm_node(full_path: str, param: Param, value: Any) -> dict[str, Any]:
     """The 0..1 form of a number, enum or bool: out-of-range values are clamped ("both")."""
-    return {"FULL_PATH": full_path, "DESCRIPTION": f"{param.path} as 0..1 (for CHOP channels and faders)",
-            "TYPE": "f", "ACCESS": 3, "VALUE": [param.normalise(value)], "RANGE": [{"MIN": 0.0, "MAX": 1.0}],
-            "CLIPMODE": ["both"]}
+    return {
+        "FULL_PATH": full_path,
+        "DESCRIPTION": f"{param.path} as 0..1 (for CHOP channels and faders)",
+        "TYPE": "f",
+        "ACCESS": 3,
+        "VALUE": [param.normalise(value)],
+        "RANGE": [{"MIN": 0.0, "MAX": 1.0}],
+        "CLIPMODE": ["both"],
+    }
 
 
 def action_node(full_path: str, spec: ActionSpec) -> dict[str, Any]:
     """An action as a write-only method: TYPE is its required arguments' tags ("N", an impulse,
     for none); DESCRIPTION says what it does and its whole signature, optional arguments too."""
     tags = "".join(_ARG_TAGS[arg.type] for arg in spec.args if arg.required)
-    return {"FULL_PATH": full_path, "DESCRIPTION": f"{spec.description}: {spec.signature}",
-            "TYPE": tags or "N", "ACCESS": 2}
+    return {
+        "FULL_PATH": full_path,
+        "DESCRIPTION": f"{spec.description}: {spec.signature}",
+        "TYPE": tags or "N",
+        "ACCESS": 2,
+    }
 
 
 def build_tree(registry: ParamRegistry, actions: Iterable[ActionSpec], prefix: str = PREFIX) -> dict[str, Any]:
@@ -108,10 +143,17 @@ def build_tree(registry: ParamRegistry, actions: Iterable[ActionSpec], prefix: s
     for spec in actions:
         full_path = f"{prefix}/{spec.name}"
         _insert(root, full_path, action_node(full_path, spec))
-    _insert(root, f"{prefix}/get", {
-        "FULL_PATH": f"{prefix}/get", "TYPE": "s", "ACCESS": 2,
-        "DESCRIPTION": f"Reply {prefix}<path> <value> to the sender for each path or pattern; "
-                       "no argument: every value"})
+    _insert(
+        root,
+        f"{prefix}/get",
+        {
+            "FULL_PATH": f"{prefix}/get",
+            "TYPE": "s",
+            "ACCESS": 2,
+            "DESCRIPTION": f"Reply {prefix}<path> <value> to the sender for each path or pattern; "
+            "no argument: every value",
+        },
+    )
     _describe_containers(root)
     return root
 
@@ -145,6 +187,7 @@ def find_node(tree: dict[str, Any], path: str) -> dict[str, Any] | None:
 
 # -- the server -----------------------------------------------------------------------------
 
+
 class OscQueryServer:
     """Serves the OSCQuery tree over HTTP; a Control (start, stop, frame, status).
 
@@ -155,9 +198,18 @@ class OscQueryServer:
 
     name = "oscquery"
 
-    def __init__(self, registry: ParamRegistry, osc_port: int, host: str = "127.0.0.1",
-                 port: int = DEFAULT_OSCQUERY_PORT, name: str = "dreamdeck", advertise: bool = False,
-                 allow: list[str] | None = None, actions: Actions | None = None, prefix: str = PREFIX) -> None:
+    def __init__(
+        self,
+        registry: ParamRegistry,
+        osc_port: int,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_OSCQUERY_PORT,
+        name: str = "dreamdeck",
+        advertise: bool = False,
+        allow: list[str] | None = None,
+        actions: Actions | None = None,
+        prefix: str = PREFIX,
+    ) -> None:
         self.registry = registry
         self.osc_port = osc_port
         self.host = host
@@ -183,11 +235,13 @@ class OscQueryServer:
         try:
             self._http = _QueryHttpServer((self.host, self.port), self)
         except OSError as exc:
-            raise OSError(exc.errno, f"OSCQuery cannot listen on {self.host}:{self.port}: "
-                                     f"{exc.strerror or exc}") from exc
+            raise OSError(
+                exc.errno, f"OSCQuery cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from exc
         self.port = self._http.server_address[1]
-        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": POLL_INTERVAL},
-                                        name="oscquery http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, kwargs={"poll_interval": POLL_INTERVAL}, name="oscquery http", daemon=True
+        )
         self._thread.start()
         if self.advertise:  # mDNS probing takes a second or two: not on the caller's thread
             self._advertiser = threading.Thread(target=self._register, name="oscquery zeroconf", daemon=True)
@@ -230,8 +284,13 @@ class OscQueryServer:
 
     def host_info(self, osc_ip: str) -> dict[str, Any]:
         """``osc_ip``: the address the client reached us on (OSC listens on the same host)."""
-        return {"NAME": self.service_name, "OSC_IP": osc_ip, "OSC_PORT": self.osc_port,
-                "OSC_TRANSPORT": "UDP", "EXTENSIONS": dict(EXTENSIONS)}
+        return {
+            "NAME": self.service_name,
+            "OSC_IP": osc_ip,
+            "OSC_PORT": self.osc_port,
+            "OSC_TRANSPORT": "UDP",
+            "EXTENSIONS": dict(EXTENSIONS),
+        }
 
     def action_specs(self) -> list[ActionSpec]:
         if self._actions is None:
@@ -267,13 +326,21 @@ class OscQueryServer:
         hostname = socket.gethostname().split(".")[0] or "dreamdeck"
         try:
             addresses = _advertised_addresses(self.host, zeroconf.get_all_addresses)
-            services = [zeroconf.ServiceInfo(kind, f"{self.service_name}.{kind}", port=port,
-                                             parsed_addresses=addresses, server=f"{hostname}.local.")
-                        for kind, port in (("_oscjson._tcp.local.", self.port), ("_osc._udp.local.", self.osc_port))]
+            services = [
+                zeroconf.ServiceInfo(
+                    kind,
+                    f"{self.service_name}.{kind}",
+                    port=port,
+                    parsed_addresses=addresses,
+                    server=f"{hostname}.local.",
+                )
+                for kind, port in (("_oscjson._tcp.local.", self.port), ("_osc._udp.local.", self.osc_port))
+            ]
             # bound to one address: announce on that interface only (loopback stays on this machine)
             wildcard = self.host in ("", "0.0.0.0")
-            zc = zeroconf.Zeroconf(interfaces=zeroconf.InterfaceChoice.All if wildcard else addresses,
-                                   ip_version=zeroconf.IPVersion.V4Only)
+            zc = zeroconf.Zeroconf(
+                interfaces=zeroconf.InterfaceChoice.All if wildcard else addresses, ip_version=zeroconf.IPVersion.V4Only
+            )
         except (OSError, zeroconf.Error) as exc:
             self.last_error = f"OSCQuery not advertised: {exc}"
             log.warning("%s", self.last_error)

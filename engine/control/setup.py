@@ -53,19 +53,42 @@ def install_controls(app, config: ControlConfig) -> dict[str, object]:
         made["tempo"] = app.add_control(tempo)
         made["modulation"] = app.add_control(ModulationMatrix(app.params, build_sources(audio, tempo)))
     if config.midi:
-        made["midi"] = app.add_control(MidiControl(
-            app.params, app.actions, inputs=config.midi_inputs, outputs=config.midi_outputs,
-            mappings_path=config.midi_map, api=config.midi_api,
-            clock_callback=None if tempo is None else tempo.on_midi_clock))
+        made["midi"] = app.add_control(
+            MidiControl(
+                app.params,
+                app.actions,
+                inputs=config.midi_inputs,
+                outputs=config.midi_outputs,
+                mappings_path=config.midi_map,
+                api=config.midi_api,
+                clock_callback=None if tempo is None else tempo.on_midi_clock,
+            )
+        )
     if config.osc_port is not None:
-        osc = OscServer(app.params, app.actions, host=config.osc_host, port=config.osc_port,
-                        allow=list(config.osc_allow) or None, feedback=config.osc_feedback, tcp=config.osc_tcp)
+        osc = OscServer(
+            app.params,
+            app.actions,
+            host=config.osc_host,
+            port=config.osc_port,
+            allow=list(config.osc_allow) or None,
+            feedback=config.osc_feedback,
+            tcp=config.osc_tcp,
+        )
         made["osc"] = app.add_control(osc)
         if config.oscquery_port is not None:
-            made["oscquery"] = app.add_control(OscQueryServer(
-                app.params, config.osc_port, host=config.osc_host, port=config.oscquery_port,
-                advertise=config.advertise, allow=list(config.osc_allow) or None, actions=app.actions))
+            made["oscquery"] = app.add_control(
+                OscQueryServer(
+                    app.params,
+                    config.osc_port,
+                    host=config.osc_host,
+                    port=config.oscquery_port,
+                    advertise=config.advertise,
+                    allow=list(config.osc_allow) or None,
+                    actions=app.actions,
+                )
+            )
     if config.hours is not None:
-        made["hours"] = app.add_control(OpeningHours(app.params, config.hours, on_pause=app.worker.pause,
-                                                     on_resume=app.worker.resume))
+        made["hours"] = app.add_control(
+            OpeningHours(app.params, config.hours, on_pause=app.worker.pause, on_resume=app.worker.resume)
+        )
     return made

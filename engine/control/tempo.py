@@ -48,19 +48,38 @@ PULSE_SHARPNESS = 8.0  # tempo/beat: exp(-8 * phase) is gone within a quarter of
 BPM_RANGE = (20.0, 300.0)
 
 TEMPO_PARAMS: tuple[Param, ...] = (
-    float_param("/tempo/bpm", 120.0, *BPM_RANGE, unit="BPM",
-                description="The internal tempo (tap tempo sets it); used when the source is internal"),
-    enum_param("/tempo/source", "internal", SOURCES,
-               description="What drives the tempo and beat: internal/tap, MIDI clock, audio analysis, Link"),
+    float_param(
+        "/tempo/bpm",
+        120.0,
+        *BPM_RANGE,
+        unit="BPM",
+        description="The internal tempo (tap tempo sets it); used when the source is internal",
+    ),
+    enum_param(
+        "/tempo/source",
+        "internal",
+        SOURCES,
+        description="What drives the tempo and beat: internal/tap, MIDI clock, audio analysis, Link",
+    ),
     int_param("/tempo/beats_per_bar", 4, 1, 16, description="Beats in a bar (the bar phase, Link's quantum)"),
 )
-LFO_PARAMS: tuple[Param, ...] = tuple(p for n in range(1, LFO_COUNT + 1) for p in (
-    enum_param(f"/lfo/{n}/shape", "sine", LFO_SHAPES, description=f"LFO {n} wave shape (random: sample and hold)"),
-    float_param(f"/lfo/{n}/rate", 1.0, 0.0, 16.0, unit="cycles/beat or Hz",
-                description=f"LFO {n} speed: cycles per beat when synced, cycles per second when free"),
-    bool_param(f"/lfo/{n}/sync", True, description=f"LFO {n} follows the beat (else it runs free in Hz)"),
-    float_param(f"/lfo/{n}/phase", 0.0, 0.0, 1.0, description=f"LFO {n} phase offset, in cycles"),
-))
+LFO_PARAMS: tuple[Param, ...] = tuple(
+    p
+    for n in range(1, LFO_COUNT + 1)
+    for p in (
+        enum_param(f"/lfo/{n}/shape", "sine", LFO_SHAPES, description=f"LFO {n} wave shape (random: sample and hold)"),
+        float_param(
+            f"/lfo/{n}/rate",
+            1.0,
+            0.0,
+            16.0,
+            unit="cycles/beat or Hz",
+            description=f"LFO {n} speed: cycles per beat when synced, cycles per second when free",
+        ),
+        bool_param(f"/lfo/{n}/sync", True, description=f"LFO {n} follows the beat (else it runs free in Hz)"),
+        float_param(f"/lfo/{n}/phase", 0.0, 0.0, 1.0, description=f"LFO {n} phase offset, in cycles"),
+    )
+)
 ALL_TEMPO_PARAMS = TEMPO_PARAMS + LFO_PARAMS
 
 
@@ -97,8 +116,7 @@ class Tempo:
 
     name = "tempo"
 
-    def __init__(self, params: ParamRegistry, audio: AudioInput | None = None,
-                 link: LinkSession | None = None) -> None:
+    def __init__(self, params: ParamRegistry, audio: AudioInput | None = None, link: LinkSession | None = None) -> None:
         self.params = params
         params.declare_all(ALL_TEMPO_PARAMS)
         self.audio = audio

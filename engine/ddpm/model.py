@@ -28,16 +28,23 @@ SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "ddpm-textur
 # levels, attention only at 8x8 and 4x4 where it is cheap. Measured on 2 CPU cores it
 # trains about 4x faster than two levels of 64+ channels with attention at 16x16.
 TEXTURE_UNET: dict[str, Any] = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
-    "block_out_channels": (32, 64, 128, 128), "norm_num_groups": 16,
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64, 128, 128),
+    "norm_num_groups": 16,
     "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
 }
 # The cosine schedule (Nichol & Dhariwal 2021) wastes fewer steps on near-pure noise than the
 # linear one, which matters at 32x32.
 TEXTURE_SCHEDULE: dict[str, Any] = {
-    "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
-    "clip_sample": True, "variance_type": "fixed_small",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+    "variance_type": "fixed_small",
 }
 
 
@@ -98,8 +105,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def load_ddpm(name: str = "", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              cache_dir: str | None = None) -> DdpmModel:
+def load_ddpm(
+    name: str = "", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, cache_dir: str | None = None
+) -> DdpmModel:
     """Load a DDPM UNet and its schedule for inference. Raises ModelNotFound."""
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -127,6 +135,12 @@ def load_ddpm(name: str = "", device: torch.device | str = "cpu", dtype: torch.d
             raise ModelNotFound(source, f"it is not an unconditional DDPM UNet2DModel: {_one_line(exc)}") from exc
     unet.to(device=device).eval().requires_grad_(False)
     model = DdpmModel(unet=unet, schedule=schedule, source=source)
-    log.info("DDPM %s: %dx%d, %.1f M parameters on %s", source, model.size, model.size,
-             sum(p.numel() for p in unet.parameters()) / 1e6, device)
+    log.info(
+        "DDPM %s: %dx%d, %.1f M parameters on %s",
+        source,
+        model.size,
+        model.size,
+        sum(p.numel() for p in unet.parameters()) / 1e6,
+        device,
+    )
     return model

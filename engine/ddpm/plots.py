@@ -61,7 +61,7 @@ def loss_plot(losses: list[float], title: str, size: tuple[int, int] = (900, 500
     for v in np.arange(lo, hi + 1e-9, 0.5):
         yy = int(px(np.array([0.0]), np.array([v]))[0, 1])
         cv2.line(img, (left, yy), (w - right, yy), (225, 225, 225), 1)
-        cv2.putText(img, f"{10 ** v:.3g}", (8, yy + 5), _FONT, 0.45, _INK, 1, cv2.LINE_AA)
+        cv2.putText(img, f"{10**v:.3g}", (8, yy + 5), _FONT, 0.45, _INK, 1, cv2.LINE_AA)
     for frac in np.linspace(0, 1, 6):
         step = frac * (len(losses) - 1)
         xx = int(px(np.array([step]), np.array([lo]))[0, 0])

@@ -10,8 +10,10 @@ small strength the result stays close to the image and at a large one it departs
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -70,8 +72,9 @@ def tensor_to_images(x: torch.Tensor) -> np.ndarray:
 class ReverseProcess:
     """Iterate the reverse process; ``len()`` is the number of steps it will take."""
 
-    def __init__(self, model: DdpmModel, config: ReverseConfig, init: torch.Tensor | None = None,
-                 batch: int = 1) -> None:
+    def __init__(
+        self, model: DdpmModel, config: ReverseConfig, init: torch.Tensor | None = None, batch: int = 1
+    ) -> None:
         # 1. the schedule, and the part of it to walk
         if not 0.0 < config.strength <= 1.0:
             raise ValueError(f"strength {config.strength} is not in (0, 1]")
@@ -112,7 +115,5 @@ class ReverseProcess:
 
 def sample(model: DdpmModel, config: ReverseConfig, batch: int) -> np.ndarray:
     """Run the whole reverse process: (batch, H, W, 3) RGB uint8 images."""
-    step = None
-    for step in ReverseProcess(model, config, batch=batch):
-        pass
-    return tensor_to_images(step.x_t)
+    last = deque(ReverseProcess(model, config, batch=batch), maxlen=1)[0]  # only the last step is kept
+    return tensor_to_images(last.x_t)

@@ -10,7 +10,7 @@ anti-aliases them: a DDPM spends its few parameters on what the images really ho
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -57,7 +57,7 @@ def _wood(rng: np.random.Generator, size: int) -> np.ndarray:
     r = np.sqrt((x - cx) ** 2 + ((y - cy) * stretch) ** 2)
     rings = r * rng.uniform(2.5, 6.0) + rng.uniform(0.5, 1.5) * fbm(rng, size, octaves=3)
     phase = rings % 1.0
-    return phase**rng.uniform(0.7, 2.5)  # the sharp edge of each ring is the late wood
+    return phase ** rng.uniform(0.7, 2.5)  # the sharp edge of each ring is the late wood
 
 
 def _cells(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -99,7 +99,12 @@ def _plasma(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 PATTERNS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
-    "marble": _marble, "wood": _wood, "cells": _cells, "stripes": _stripes, "plasma": _plasma}
+    "marble": _marble,
+    "wood": _wood,
+    "cells": _cells,
+    "stripes": _stripes,
+    "plasma": _plasma,
+}
 
 
 def cosine_palette(rng: np.random.Generator) -> tuple[np.ndarray, ...]:

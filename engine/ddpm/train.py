@@ -140,8 +140,10 @@ def save_model(unet: torch.nn.Module, folder: Path, report: dict) -> None:
 def write_figures(folder: Path, losses: list[float], config: TrainConfig, docs: Path, minutes: float) -> None:
     """docs/ddpm-loss.png and docs/ddpm-samples.png (samples from the saved float16 model)."""
     docs.mkdir(parents=True, exist_ok=True)
-    title = (f"texture DDPM, {config.size}x{config.size}: training loss (MSE on noise), batch {config.batch}, "
-             f"{minutes:.1f} min on {config.threads} CPU threads")
+    title = (
+        f"texture DDPM, {config.size}x{config.size}: training loss (MSE on noise), batch {config.batch}, "
+        f"{minutes:.1f} min on {config.threads} CPU threads"
+    )
     plots.write_rgb(docs / "ddpm-loss.png", plots.loss_plot(losses, title))
     model = load_ddpm(str(folder))
     samples = sample(model, ReverseConfig(scheduler="ddim", steps=50, seed=config.seed + 1), batch=64)
@@ -167,13 +169,16 @@ def write_reverse_figure(model, path: Path, seed: int, steps: int = 50, shown: i
     x_t, x0 = strip(ReverseProcess(model, ReverseConfig(steps=steps, seed=seed)))
     camera = texture(np.random.default_rng(seed), model.size, "cells")  # stands in for a camera frame
     init = image_to_tensor(camera, model.size, model.device, model.dtype)
-    rows = [plots.titled(plots.image_grid(x_t, shown, scale=3), f"x_t, from noise ({steps} DDIM steps)"),
-            plots.titled(plots.image_grid(x0, shown, scale=3), "x0: the model's guess at each step")]
+    rows = [
+        plots.titled(plots.image_grid(x_t, shown, scale=3), f"x_t, from noise ({steps} DDIM steps)"),
+        plots.titled(plots.image_grid(x0, shown, scale=3), "x0: the model's guess at each step"),
+    ]
     for strength in (0.3, 0.6):
         sdedit, _ = strip(ReverseProcess(model, ReverseConfig(steps=steps, strength=strength, seed=seed), init=init))
         row = np.concatenate([tensor_to_images(init), sdedit[1:]])
-        rows.append(plots.titled(plots.image_grid(row, shown, scale=3),
-                                 f"SDEdit at strength {strength}: the input, then x_t"))
+        rows.append(
+            plots.titled(plots.image_grid(row, shown, scale=3), f"SDEdit at strength {strength}: the input, then x_t")
+        )
     plots.write_rgb(path, np.concatenate(rows, axis=0))
 
 
@@ -182,9 +187,13 @@ def run(config: TrainConfig, folder: Path, docs: Path, progress: bool = True) ->
     start = time.perf_counter()
     ema, losses = train(config, progress=progress)
     minutes = (time.perf_counter() - start) / 60.0
-    report = {"config": asdict(config), "train_minutes": round(minutes, 2),
-              "final_loss_mean_last_200": float(np.mean(losses[-200:])),
-              "torch": torch.__version__, "losses": [round(v, 5) for v in losses]}
+    report = {
+        "config": asdict(config),
+        "train_minutes": round(minutes, 2),
+        "final_loss_mean_last_200": float(np.mean(losses[-200:])),
+        "torch": torch.__version__,
+        "losses": [round(v, 5) for v in losses],
+    }
     save_model(ema, folder, report)
     write_figures(folder, losses, config, docs, minutes)
     return report

@@ -45,8 +45,9 @@ class Readback:
     def request(self, texture: moderngl.Texture, tag: Any) -> Pixels | None:
         """Queue a copy of ``texture``; returns the previous request's pixels, if any were kept."""
         if texture.size != self.size or texture.components != 4:
-            raise ValueError(f"readback of {self.size} RGBA got a {texture.size} texture of "
-                             f"{texture.components} components")
+            raise ValueError(
+                f"readback of {self.size} RGBA got a {texture.size} texture of {texture.components} components"
+            )
         previous = self.collect()
         texture.read_into(self._pbo, alignment=1)
         self._pending, self._has_pending = tag, True

@@ -29,8 +29,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable, Protocol
+from typing import BinaryIO, Protocol
 
 import moderngl
 
@@ -43,8 +44,12 @@ log = logging.getLogger(__name__)
 DEFAULT_PATTERN = "~/Videos/dreamdeck-%Y%m%d-%H%M%S.mp4"
 RECORD_PARAM = "/output/record"
 RECORDER_PARAMS = (
-    bool_param(RECORD_PARAM, False, in_presets=False,
-               description="Record the output to an MP4 file while on (the file is finished when it goes off)"),
+    bool_param(
+        RECORD_PARAM,
+        False,
+        in_presets=False,
+        description="Record the output to an MP4 file while on (the file is finished when it goes off)",
+    ),
 )
 FFMPEG_HINT = "install ffmpeg (apt-get install ffmpeg / brew install ffmpeg / winget install ffmpeg)"
 
@@ -105,9 +110,24 @@ class FfmpegEncoder:
         self._stderr: BinaryIO | None = None
 
     def command(self, path: Path, size: tuple[int, int], fps: float, binary: str, codec: str) -> list[str]:
-        cmd = [binary, "-hide_banner", "-loglevel", "error", "-nostats",
-               "-f", "rawvideo", "-pix_fmt", "rgba", "-s", f"{size[0]}x{size[1]}", "-framerate", f"{fps:g}",
-               "-i", "pipe:0", "-an"]
+        cmd = [
+            binary,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostats",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgba",
+            "-s",
+            f"{size[0]}x{size[1]}",
+            "-framerate",
+            f"{fps:g}",
+            "-i",
+            "pipe:0",
+            "-an",
+        ]
         if size[0] % 2 or size[1] % 2:  # 4:2:0 chroma needs even sides: lose the odd last row/column
             cmd += ["-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"]
         return cmd + self.CODECS[codec] + ["-f", "mp4", "-y", str(path)]
@@ -117,13 +137,19 @@ class FfmpegEncoder:
         if binary is None:
             raise RecorderError(f"ffmpeg not found ({self.ffmpeg!r}): {FFMPEG_HINT}")
         codec = self.codec or ("libx264" if "libx264" in ffmpeg_encoders(binary) else "mpeg4")
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (ffmpeg writes to it all take; closed in stop)
         # its own process group: Ctrl+C in the terminal stops dreamdeck, which then finishes
         # the file; an ffmpeg interrupted with it would exit mid-file and lose the take
-        detach = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
-                  else {"start_new_session": True})
-        self._proc = subprocess.Popen(self.command(path, size, fps, binary, codec), stdin=subprocess.PIPE,
-                                      stdout=subprocess.DEVNULL, stderr=self._stderr, **detach)
+        detach = (
+            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
+        )
+        self._proc = subprocess.Popen(
+            self.command(path, size, fps, binary, codec),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            **detach,
+        )
         log.info("recording with %s (%s) to %s", codec, binary, path)
 
     def write(self, rgba: bytearray, count: int) -> None:
@@ -166,8 +192,9 @@ class FfmpegEncoder:
 class Recording:
     """One file: timeline and readback on the render thread, the encoder on its own thread."""
 
-    def __init__(self, path: Path, ctx: moderngl.Context, size: tuple[int, int], fps: float, buffers: int,
-                 encoder: Encoder) -> None:
+    def __init__(
+        self, path: Path, ctx: moderngl.Context, size: tuple[int, int], fps: float, buffers: int, encoder: Encoder
+    ) -> None:
         self.path = path  # the final name (made unique when the writer starts)
         self.part = path.with_name(f".{path.name}.part")
         self.size = size
@@ -245,8 +272,13 @@ class Recording:
             self._encoder.finish()
             self.path = free_path(self.path)
             os.replace(self.part, self.path)
-            log.info("recording saved: %s (%d frames, %.1f s, %d dropped)", self.path, self.written, self.seconds,
-                     self.dropped)
+            log.info(
+                "recording saved: %s (%d frames, %.1f s, %d dropped)",
+                self.path,
+                self.written,
+                self.seconds,
+                self.dropped,
+            )
         except (RecorderError, OSError) as exc:
             self.error = str(exc) if isinstance(exc, RecorderError) else f"{self.path.parent}: {exc}"
             self._encoder.abort()
@@ -272,8 +304,14 @@ class Recorder:
 
     name = "recorder"
 
-    def __init__(self, pattern: str = DEFAULT_PATTERN, fps: float = 30.0, queue_frames: int = 8,
-                 encoder: Callable[[], Encoder] = FfmpegEncoder, finish_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        pattern: str = DEFAULT_PATTERN,
+        fps: float = 30.0,
+        queue_frames: int = 8,
+        encoder: Callable[[], Encoder] = FfmpegEncoder,
+        finish_timeout: float = 60.0,
+    ) -> None:
         if not fps > 0:
             raise ValueError("fps must be positive")
         if queue_frames < 1:
@@ -315,8 +353,9 @@ class Recorder:
                 frame.params.set(RECORD_PARAM, False, origin=self.name)  # so every view shows it is off
             rec = None
         elif rec is None and wanted:
-            rec = self.current = Recording(recording_path(self.pattern), frame.ctx, frame.size, self.fps,
-                                           self.queue_frames, self._encoder())
+            rec = self.current = Recording(
+                recording_path(self.pattern), frame.ctx, frame.size, self.fps, self.queue_frames, self._encoder()
+            )
             self.last_error = None
             log.info("recording to %s", rec.path)
         if rec is not None:
@@ -332,8 +371,12 @@ class Recorder:
         deadline = time.monotonic() + self.finish_timeout
         for take in self._finishing:
             if not take.wait(max(0.0, deadline - time.monotonic())):
-                log.warning("recording %s still finishing after %.0f s; it stays at %s", take.path,
-                            self.finish_timeout, take.part)
+                log.warning(
+                    "recording %s still finishing after %.0f s; it stays at %s",
+                    take.path,
+                    self.finish_timeout,
+                    take.part,
+                )
             self._report(take)
         self._finishing = [t for t in self._finishing if not t.finished.is_set()]
 

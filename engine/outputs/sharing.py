@@ -70,6 +70,7 @@ class Pace:
 
 # -- frames ---------------------------------------------------------------------------------------
 
+
 class FrameSender(Protocol):
     """Takes RGBA frames (top row first) on the sender thread."""
 
@@ -122,8 +123,7 @@ class FrameShare:
         if self._thread is None:
             self._readback = Readback(frame.ctx, frame.size, buffers=3)
             self._running = True
-            self._thread = threading.Thread(target=self._send_loop, args=(frame.size,), name=self.name,
-                                             daemon=True)
+            self._thread = threading.Thread(target=self._send_loop, args=(frame.size,), name=self.name, daemon=True)
             self._thread.start()
         assert self._readback is not None
         if self._pace.due(frame.time):
@@ -195,11 +195,14 @@ class PyVirtualCamSender:
         try:
             import pyvirtualcam
         except ImportError:
-            raise OutputUnavailable("pyvirtualcam is not installed (pip install pyvirtualcam; on Linux also the "
-                                    "v4l2loopback kernel module: modprobe v4l2loopback)") from None
+            raise OutputUnavailable(
+                "pyvirtualcam is not installed (pip install pyvirtualcam; on Linux also the "
+                "v4l2loopback kernel module: modprobe v4l2loopback)"
+            ) from None
         try:
-            self._camera = pyvirtualcam.Camera(size[0], size[1], fps, fmt=pyvirtualcam.PixelFormat.RGB,
-                                               device=self.device)
+            self._camera = pyvirtualcam.Camera(
+                size[0], size[1], fps, fmt=pyvirtualcam.PixelFormat.RGB, device=self.device
+            )
         except RuntimeError as exc:  # no driver or device: pyvirtualcam says which and how to fix it
             raise OutputUnavailable(f"virtual camera: {exc}") from None
         self.description = f"{self._camera.device} {size[0]}x{size[1]} @ {fps:g} fps"
@@ -253,6 +256,7 @@ def ndi(source_name: str = "dreamdeck", fps: float = 30.0) -> FrameShare:
 
 
 # -- textures -------------------------------------------------------------------------------------
+
 
 class TextureShare:
     """An ``Output`` that publishes the output texture on the GPU, on the render thread."""
@@ -344,8 +348,9 @@ class SyphonOutput(TextureShare):
 
             return syphon.SyphonOpenGLServer(self.server_name)  # on the context current now: the show's
         except ImportError as exc:  # syphon-python itself, or PyOpenGL (its "opengl" extra)
-            raise OutputUnavailable(f"Syphon needs syphon-python with OpenGL "
-                                    f"(pip install 'syphon-python[opengl]'): {exc}") from None
+            raise OutputUnavailable(
+                f"Syphon needs syphon-python with OpenGL (pip install 'syphon-python[opengl]'): {exc}"
+            ) from None
 
     def _publish(self, texture: moderngl.Texture) -> None:
         self._server.publish_frame_texture(texture.glo, size=texture.size, is_flipped=True)
@@ -354,4 +359,3 @@ class SyphonOutput(TextureShare):
         if self._server is not None:
             self._server.stop()
             self._server = None
-

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import moderngl
 import numpy as np
@@ -34,10 +35,15 @@ DISSOLVE_ROTATION = (math.cos(_TURN), math.sin(_TURN), -math.sin(_TURN), math.co
 
 def _layer_params(layer: str, opacity: float) -> tuple[Param, ...]:
     return (
-        float_param(f"/layer/{layer}/opacity", opacity, 0.0, 1.0, smoothing=0.05,
-                    description=f"Opacity of the {layer} layer"),
-        enum_param(f"/layer/{layer}/blend", "normal", BLEND_MODES,
-                   description=f"How the {layer} layer combines with the layers below it"),
+        float_param(
+            f"/layer/{layer}/opacity", opacity, 0.0, 1.0, smoothing=0.05, description=f"Opacity of the {layer} layer"
+        ),
+        enum_param(
+            f"/layer/{layer}/blend",
+            "normal",
+            BLEND_MODES,
+            description=f"How the {layer} layer combines with the layers below it",
+        ),
     )
 
 
@@ -46,23 +52,61 @@ COMPOSITOR_PARAMS: tuple[Param, ...] = (
     *_layer_params("scene", 1.0),
     *_layer_params("overlay", 1.0),
     string_param("/layer/overlay/image", "", description="Image file shown on the overlay layer (empty: none)"),
-    float_param("/fx/feedback/amount", 0.0, 0.0, 0.98, smoothing=0.05,
-                description="Trails: how much of the previous output stays"),
-    float_param("/fx/feedback/zoom", 1.0, 0.8, 1.25, smoothing=0.1,
-                description="Zoom of the previous output per frame (>1 flows outwards)"),
-    float_param("/fx/feedback/rotate", 0.0, -5.0, 5.0, unit="deg", smoothing=0.1,
-                description="Rotation of the previous output per frame"),
-    float_param("/mix/transition", 1.0, 0.0, 10.0, unit="s",
-                description="Transition time for scene and preset changes (0 = a cut)"),
-    enum_param("/mix/transition_type", "fade", TRANSITIONS,
-               description="How scene and preset changes look: fade, luma_wipe (bright parts first), "
-                           "feedback_dissolve (the old picture flows out in trails as the new one dissolves in)"),
+    float_param(
+        "/fx/feedback/amount",
+        0.0,
+        0.0,
+        0.98,
+        smoothing=0.05,
+        description="Trails: how much of the previous output stays",
+    ),
+    float_param(
+        "/fx/feedback/zoom",
+        1.0,
+        0.8,
+        1.25,
+        smoothing=0.1,
+        description="Zoom of the previous output per frame (>1 flows outwards)",
+    ),
+    float_param(
+        "/fx/feedback/rotate",
+        0.0,
+        -5.0,
+        5.0,
+        unit="deg",
+        smoothing=0.1,
+        description="Rotation of the previous output per frame",
+    ),
+    float_param(
+        "/mix/transition",
+        1.0,
+        0.0,
+        10.0,
+        unit="s",
+        description="Transition time for scene and preset changes (0 = a cut)",
+    ),
+    enum_param(
+        "/mix/transition_type",
+        "fade",
+        TRANSITIONS,
+        description="How scene and preset changes look: fade, luma_wipe (bright parts first), "
+        "feedback_dissolve (the old picture flows out in trails as the new one dissolves in)",
+    ),
     float_param("/mix/wipe_softness", 0.1, 0.0, 0.5, description="Edge width of the luma wipe (0 = hard)"),
-    float_param("/mix/morph", 0.5, 0.0, 10.0, unit="s",
-                description="A slow scene's new image fades in over its previous one in this time (0 = a cut)"),
-    bool_param("/mix/morph_follow", True,
-               description="Morph over the time between the slow scene's last two images (at most /mix/morph): "
-                           "continuous motion, one image behind"),
+    float_param(
+        "/mix/morph",
+        0.5,
+        0.0,
+        10.0,
+        unit="s",
+        description="A slow scene's new image fades in over its previous one in this time (0 = a cut)",
+    ),
+    bool_param(
+        "/mix/morph_follow",
+        True,
+        description="Morph over the time between the slow scene's last two images (at most /mix/morph): "
+        "continuous motion, one image behind",
+    ),
 )
 
 
@@ -113,8 +157,9 @@ class _Morph:
 
 
 class Compositor:
-    def __init__(self, ctx: moderngl.Context, shaders: ShaderLibrary, params: ParamRegistry,
-                 size: tuple[int, int] = (1280, 720)) -> None:
+    def __init__(
+        self, ctx: moderngl.Context, shaders: ShaderLibrary, params: ParamRegistry, size: tuple[int, int] = (1280, 720)
+    ) -> None:
         self.ctx = ctx
         self.shaders = shaders
         self.params = params
@@ -142,8 +187,9 @@ class Compositor:
         return self.ctx.framebuffer(color_attachments=[tex])
 
     # -- inputs ----------------------------------------------------------------------
-    def set_layer(self, name: str, frame: np.ndarray | None, key: object, *, morph: float = 0.0,
-                  now: float = 0.0) -> None:
+    def set_layer(
+        self, name: str, frame: np.ndarray | None, key: object, *, morph: float = 0.0, now: float = 0.0
+    ) -> None:
         """Upload a layer's newest image; nothing happens when ``key`` is unchanged.
 
         ``morph`` (the scene layer only): seconds over which the new image fades in over
@@ -187,8 +233,12 @@ class Compositor:
         # what shows now: the half-finished mix if a fade runs (so the next one starts
         # where this one is), else the old image (the mix at progress 1)
         progress = m.progress if m.active() else 1.0
-        if not self._draw(self._program("transitions/fade.frag"), {"u_progress": progress},
-                          {"u_from": m.prev.color_attachments[0], "u_input": old}, m.scratch):
+        if not self._draw(
+            self._program("transitions/fade.frag"),
+            {"u_progress": progress},
+            {"u_from": m.prev.color_attachments[0], "u_input": old},
+            m.scratch,
+        ):
             m.progress = 1.0  # no fade program (a broken edit): cut
             return
         m.prev, m.scratch = m.scratch, m.prev
@@ -236,7 +286,7 @@ class Compositor:
         for kind in TRANSITIONS:
             self._program(f"transitions/{kind}.frag")
         for state in states:
-            variant = self.variant(lambda path: state.get(path, self.params.get(path)))
+            variant = self.variant(lambda path, state=state: state.get(path, self.params.get(path)))
             variants = [variant, tuple(sorted({*variant, "MORPH"}))] if morph else [variant]
             for defines in variants:
                 try:
@@ -289,15 +339,19 @@ class Compositor:
         self._last_output = output
         return output.color_attachments[0]
 
-    def _transition_pass(self, kind: str, progress: float, previous: moderngl.Framebuffer,
-                         output: moderngl.Framebuffer) -> None:
+    def _transition_pass(
+        self, kind: str, progress: float, previous: moderngl.Framebuffer, output: moderngl.Framebuffer
+    ) -> None:
         """From the frozen frame (or, for the feedback dissolve, the previous output) to this frame's picture."""
         uniforms: dict[str, object] = {"u_progress": progress}
         textures = {"u_input": self._work.color_attachments[0]}
         if kind == "feedback_dissolve":
             textures["u_previous"] = previous.color_attachments[0]
-            uniforms.update(u_zoom=DISSOLVE_ZOOM, u_rotation=DISSOLVE_ROTATION,
-                            u_resolution=(float(self.size[0]), float(self.size[1])))
+            uniforms.update(
+                u_zoom=DISSOLVE_ZOOM,
+                u_rotation=DISSOLVE_ROTATION,
+                u_resolution=(float(self.size[0]), float(self.size[1])),
+            )
         else:
             textures["u_from"] = self._snapshot.color_attachments[0]
             uniforms["u_softness"] = self.params.get("/mix/wipe_softness")
@@ -328,8 +382,13 @@ class Compositor:
         self.errors.pop(name, None)
         return found
 
-    def _draw(self, found: tuple[moderngl.Program, moderngl.VertexArray] | None, uniforms: dict[str, object],
-              textures: dict[str, moderngl.Texture], target: moderngl.Framebuffer) -> bool:
+    def _draw(
+        self,
+        found: tuple[moderngl.Program, moderngl.VertexArray] | None,
+        uniforms: dict[str, object],
+        textures: dict[str, moderngl.Texture],
+        target: moderngl.Framebuffer,
+    ) -> bool:
         if found is None:
             return False
         program, vao = found
@@ -352,8 +411,12 @@ class Compositor:
         data = self._last_output.read(components=3, alignment=1)
         return np.frombuffer(data, dtype=np.uint8).reshape(self.size[1], self.size[0], 3).copy()
 
-    def present(self, window_size: tuple[int, int], transform: OutputTransform | None = None,
-                target: moderngl.Framebuffer | None = None) -> None:
+    def present(
+        self,
+        window_size: tuple[int, int],
+        transform: OutputTransform | None = None,
+        target: moderngl.Framebuffer | None = None,
+    ) -> None:
         """Draw the output into the window (``target``: another framebuffer standing in for it).
 
         ``transform`` is the room's corrections (flips, rotation, fit, keystone, master fade;

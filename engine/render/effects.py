@@ -9,8 +9,9 @@ GLSL file and its line in ``shaders/frame.frag``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -68,35 +69,78 @@ def hue_matrix(degrees: float) -> tuple[float, ...]:
 
 
 EFFECTS: tuple[EffectSpec, ...] = (
-    EffectSpec("grade", "Colour grade: hue, saturation, contrast, brightness", (
-        float_param(_fx("grade", "hue"), 0.0, -180.0, 180.0, unit="deg", smoothing=0.05,
-                    description="Hue rotation"),
-        float_param(_fx("grade", "saturation"), 1.0, 0.0, 3.0, smoothing=0.05,
-                    description="0 = grey, 1 = unchanged"),
-        float_param(_fx("grade", "contrast"), 1.0, 0.0, 3.0, smoothing=0.05,
-                    description="1 = unchanged"),
-        float_param(_fx("grade", "brightness"), 0.0, -1.0, 1.0, smoothing=0.05,
-                    description="Added to every channel"),
-    ), derived=lambda get: {"u_grade_hue_matrix": hue_matrix(get("/fx/grade/hue"))}),
-    EffectSpec("kaleido", "Kaleidoscope: mirrored wedges around the centre", (
-        int_param(_fx("kaleido", "segments"), 6, 1, 32, description="Number of wedges; 1 = off"),
-        float_param(_fx("kaleido", "rotate"), 0.0, -360.0, 360.0, unit="deg", smoothing=0.1,
-                    description="Rotation of the wedges"),
-    )),
-    EffectSpec("rgbshift", "RGB shift: red and blue drift apart", (
-        float_param(_fx("rgbshift", "amount"), 0.0, 0.0, 0.1, unit="width", smoothing=0.05,
-                    description="Distance between channels, as a fraction of the width"),
-        float_param(_fx("rgbshift", "angle"), 0.0, -180.0, 180.0, unit="deg",
-                    description="Direction of the shift"),
-    )),
-    EffectSpec("pixelate", "Pixelate into square cells", (
-        float_param(_fx("pixelate", "size"), 1.0, 1.0, 128.0, unit="px", smoothing=0.05,
-                    description="Cell size in output pixels; 1 = off"),
-    )),
-    EffectSpec("vignette", "Darken the corners", (
-        float_param(_fx("vignette", "amount"), 0.0, 0.0, 1.0, smoothing=0.05,
-                    description="0 = off, 1 = black corners"),
-        float_param(_fx("vignette", "softness"), 0.4, 0.0, 0.75,
-                    description="Width of the fall-off"),
-    )),
+    EffectSpec(
+        "grade",
+        "Colour grade: hue, saturation, contrast, brightness",
+        (
+            float_param(
+                _fx("grade", "hue"), 0.0, -180.0, 180.0, unit="deg", smoothing=0.05, description="Hue rotation"
+            ),
+            float_param(
+                _fx("grade", "saturation"), 1.0, 0.0, 3.0, smoothing=0.05, description="0 = grey, 1 = unchanged"
+            ),
+            float_param(_fx("grade", "contrast"), 1.0, 0.0, 3.0, smoothing=0.05, description="1 = unchanged"),
+            float_param(
+                _fx("grade", "brightness"), 0.0, -1.0, 1.0, smoothing=0.05, description="Added to every channel"
+            ),
+        ),
+        derived=lambda get: {"u_grade_hue_matrix": hue_matrix(get("/fx/grade/hue"))},
+    ),
+    EffectSpec(
+        "kaleido",
+        "Kaleidoscope: mirrored wedges around the centre",
+        (
+            int_param(_fx("kaleido", "segments"), 6, 1, 32, description="Number of wedges; 1 = off"),
+            float_param(
+                _fx("kaleido", "rotate"),
+                0.0,
+                -360.0,
+                360.0,
+                unit="deg",
+                smoothing=0.1,
+                description="Rotation of the wedges",
+            ),
+        ),
+    ),
+    EffectSpec(
+        "rgbshift",
+        "RGB shift: red and blue drift apart",
+        (
+            float_param(
+                _fx("rgbshift", "amount"),
+                0.0,
+                0.0,
+                0.1,
+                unit="width",
+                smoothing=0.05,
+                description="Distance between channels, as a fraction of the width",
+            ),
+            float_param(_fx("rgbshift", "angle"), 0.0, -180.0, 180.0, unit="deg", description="Direction of the shift"),
+        ),
+    ),
+    EffectSpec(
+        "pixelate",
+        "Pixelate into square cells",
+        (
+            float_param(
+                _fx("pixelate", "size"),
+                1.0,
+                1.0,
+                128.0,
+                unit="px",
+                smoothing=0.05,
+                description="Cell size in output pixels; 1 = off",
+            ),
+        ),
+    ),
+    EffectSpec(
+        "vignette",
+        "Darken the corners",
+        (
+            float_param(
+                _fx("vignette", "amount"), 0.0, 0.0, 1.0, smoothing=0.05, description="0 = off, 1 = black corners"
+            ),
+            float_param(_fx("vignette", "softness"), 0.4, 0.0, 0.75, description="Width of the fall-off"),
+        ),
+    ),
 )

@@ -21,9 +21,10 @@ bottom-right, x to the right, y down; images use the same convention (row 0 at t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import moderngl
 import numpy as np
@@ -51,23 +52,46 @@ KEYSTONE_RANGE = 0.5
 def _keystone_params() -> tuple[Param, ...]:
     names = {"tl": "top-left", "tr": "top-right", "br": "bottom-right", "bl": "bottom-left"}
     return tuple(
-        float_param(f"/output/keystone/{corner}_{axis}", 0.0, -KEYSTONE_RANGE, KEYSTONE_RANGE,
-                    description=f"Keystone: move the {names[corner]} corner of the picture, as seen in the "
-                                f"window, along {axis} (in window widths/heights; +x right, +y down)")
-        for corner in CORNERS for axis in ("x", "y"))
+        float_param(
+            f"/output/keystone/{corner}_{axis}",
+            0.0,
+            -KEYSTONE_RANGE,
+            KEYSTONE_RANGE,
+            description=f"Keystone: move the {names[corner]} corner of the picture, as seen in the "
+            f"window, along {axis} (in window widths/heights; +x right, +y down)",
+        )
+        for corner in CORNERS
+        for axis in ("x", "y")
+    )
 
 
 OUTPUT_PARAMS: tuple[Param, ...] = (
     bool_param("/output/flip_x", False, description="Mirror the window's picture left-right (rear projection)"),
     bool_param("/output/flip_y", False, description="Mirror the window's picture top-bottom"),
-    enum_param("/output/rotate", "0", ROTATIONS,
-               description="Rotate the window's picture clockwise, in degrees (ceiling projectors: 180)"),
-    enum_param("/output/fit", "letterbox", FITS,
-               description="letterbox: whole picture at its aspect ratio, black bars; stretch: fill the window"),
+    enum_param(
+        "/output/rotate",
+        "0",
+        ROTATIONS,
+        description="Rotate the window's picture clockwise, in degrees (ceiling projectors: 180)",
+    ),
+    enum_param(
+        "/output/fit",
+        "letterbox",
+        FITS,
+        description="letterbox: whole picture at its aspect ratio, black bars; stretch: fill the window",
+    ),
     *_keystone_params(),
     # a fade the schedules and the performer ride: not part of a look, so not in presets
-    Param("/output/master", Kind.FLOAT, 1.0, 0.0, 1.0, smoothing=0.1, in_presets=False,
-          description="Master fade of the window: 0 is black, 1 the full picture"),
+    Param(
+        "/output/master",
+        Kind.FLOAT,
+        1.0,
+        0.0,
+        1.0,
+        smoothing=0.1,
+        in_presets=False,
+        description="Master fade of the window: 0 is black, 1 the full picture",
+    ),
 )
 
 
@@ -105,8 +129,9 @@ def check_convex(quad: tuple[Point, ...]) -> None:
         a, b, c = pts[i], pts[(i + 1) % 4], pts[(i + 2) % 4]
         e1, e2 = b - a, c - b
         if e1[0] * e2[1] - e1[1] * e2[0] <= 1e-6:
-            raise KeystoneError(f"keystone corners must form a convex quad (the turn at {CORNERS[(i + 1) % 4]} "
-                                "folds the picture over)")
+            raise KeystoneError(
+                f"keystone corners must form a convex quad (the turn at {CORNERS[(i + 1) % 4]} folds the picture over)"
+            )
 
 
 def _flip_rotate(flip_x: bool, flip_y: bool, rotate: int) -> np.ndarray:
@@ -154,15 +179,16 @@ class OutputTransform:
             raise ValueError("keystone needs four corner offsets (tl, tr, br, bl)")
 
     @classmethod
-    def from_params(cls, get: Getter) -> "OutputTransform":
+    def from_params(cls, get: Getter) -> OutputTransform:
         """Read the ``/output/...`` parameters (``registry.get``)."""
         return cls(
             flip_x=bool(get("/output/flip_x")),
             flip_y=bool(get("/output/flip_y")),
             rotate=int(get("/output/rotate")),
             fit=str(get("/output/fit")),
-            keystone=tuple((float(get(f"/output/keystone/{c}_x")), float(get(f"/output/keystone/{c}_y")))
-                           for c in CORNERS),
+            keystone=tuple(
+                (float(get(f"/output/keystone/{c}_x")), float(get(f"/output/keystone/{c}_y"))) for c in CORNERS
+            ),
             master=float(get("/output/master")),
         )
 
@@ -206,8 +232,13 @@ class Presenter:
         self.error: str | None = None
         self._good_keystone: tuple[Point, ...] = NO_KEYSTONE
 
-    def present(self, texture: moderngl.Texture, target_size: tuple[int, int],
-                transform: OutputTransform | None = None, target: moderngl.Framebuffer | None = None) -> bool:
+    def present(
+        self,
+        texture: moderngl.Texture,
+        target_size: tuple[int, int],
+        transform: OutputTransform | None = None,
+        target: moderngl.Framebuffer | None = None,
+    ) -> bool:
         """Fill ``target`` (the context's window by default) with the transformed picture.
 
         Returns False (and leaves the target black) when present.frag does not compile.
@@ -253,7 +284,7 @@ class PreviewView:
 
     HUD_SHADER = "hud.frag"
 
-    def __init__(self, window: "PreviewWindow", shaders_dir: Path) -> None:
+    def __init__(self, window: PreviewWindow, shaders_dir: Path) -> None:
         self.window = window
         with window.current() as ctx:
             self.shaders = ShaderLibrary(ctx, shaders_dir)
@@ -263,8 +294,9 @@ class PreviewView:
         self._hud: moderngl.Texture | None = None
         self._hud_key: tuple[tuple[str, ...], int] | None = None
 
-    def draw(self, texture: moderngl.Texture, hud_lines: list[str] | None = None, error_lines: int = 0,
-             master: float = 1.0) -> None:
+    def draw(
+        self, texture: moderngl.Texture, hud_lines: list[str] | None = None, error_lines: int = 0, master: float = 1.0
+    ) -> None:
         """Show ``texture`` (a main-context texture) and the HUD lines; swaps the preview."""
         with self.window.current():
             self.shaders.poll()
@@ -282,7 +314,8 @@ class PreviewView:
             if len(self._shared) > 8:  # the output was remade: forget old handles (they own nothing)
                 self._shared.clear()
             shared = self._shared[key] = self.window.ctx.external_texture(
-                texture.glo, texture.size, texture.components, 0, "f1")
+                texture.glo, texture.size, texture.components, 0, "f1"
+            )
         return shared
 
     def _draw_hud(self, lines: list[str], error_lines: int, size: tuple[int, int]) -> None:

@@ -53,12 +53,14 @@ class Expanded:
 
     def locate(self, message: str) -> str:
         """Rewrite the compiler's ``0:LINE(COL)`` into ``file:line``."""
+
         def repl(m: re.Match) -> str:
             n = int(m.group(1))
             if 1 <= n <= len(self.origins):
                 f, line = self.origins[n - 1]
                 return f"{f}:{line}"
             return m.group(0)
+
         return _MESA_LINE.sub(repl, message)
 
 

@@ -18,9 +18,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import moderngl
 
@@ -75,8 +75,9 @@ class HeadlessSurface:
         try:
             self.ctx = moderngl.create_context(standalone=True, backend="egl", require=330)
         except Exception as exc:  # glcontext raises plain Exceptions naming the missing library
-            raise SurfaceError(f"no headless OpenGL context (EGL): {exc}. "
-                               "On Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri") from exc
+            raise SurfaceError(
+                f"no headless OpenGL context (EGL): {exc}. On Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri"
+            ) from exc
         self.size = (0, 0)
         self.should_close = False
 
@@ -96,8 +97,13 @@ class HeadlessSurface:
 
 # Keys the performer uses in the window, as actions the app understands.
 def _key_actions(glfw) -> dict[int, str]:
-    actions = {glfw.KEY_SPACE: "next_scene", glfw.KEY_F: "fullscreen", glfw.KEY_H: "hud", glfw.KEY_ESCAPE: "quit",
-               glfw.KEY_L: "learn"}
+    actions = {
+        glfw.KEY_SPACE: "next_scene",
+        glfw.KEY_F: "fullscreen",
+        glfw.KEY_H: "hud",
+        glfw.KEY_ESCAPE: "quit",
+        glfw.KEY_L: "learn",
+    }
     for n in range(1, 10):
         actions[getattr(glfw, f"KEY_{n}")] = f"preset:{n}"
         actions[getattr(glfw, f"KEY_F{n}")] = f"scene:{n - 1}"  # F1 = the first scene in `dreamdeck params`
@@ -200,11 +206,13 @@ class WindowSurface:
             w, h = glfw.get_window_size(self.window)
             self._windowed_rect = (x, y, w, h)
             mode = glfw.get_video_mode(monitors[index])
-            glfw.set_window_monitor(self.window, monitors[index], 0, 0, mode.size.width, mode.size.height,
-                                    mode.refresh_rate)
+            glfw.set_window_monitor(
+                self.window, monitors[index], 0, 0, mode.size.width, mode.size.height, mode.refresh_rate
+            )
             glfw.set_input_mode(self.window, glfw.CURSOR, glfw.CURSOR_HIDDEN)
-            log.info("fullscreen on monitor %d (%s), %dx%d", index, self.monitors()[index], mode.size.width,
-                     mode.size.height)
+            log.info(
+                "fullscreen on monitor %d (%s), %dx%d", index, self.monitors()[index], mode.size.width, mode.size.height
+            )
         else:
             x, y, w, h = self._windowed_rect
             glfw.set_window_monitor(self.window, None, x, y, w, h, 0)
@@ -343,8 +351,10 @@ class KeepAwake:
                 _run(["xset", "s", "off", *(["-dpms"] if self._saved_xset[1] else [])])
                 self.method = "xset"
             else:
-                log.warning("cannot keep the display awake: install xdg-utils or x11-xserver-utils "
-                            "(xdg-screensaver, xset), or turn the screensaver off")
+                log.warning(
+                    "cannot keep the display awake: install xdg-utils or x11-xserver-utils "
+                    "(xdg-screensaver, xset), or turn the screensaver off"
+                )
         elif os.environ.get("WAYLAND_DISPLAY"):
             self.method = "wayland (glfw inhibits idle while fullscreen)"
 

@@ -12,5 +12,16 @@ from engine.scenes.base import BackgroundLoad, LastGood, Scene, SceneCatalog, Sc
 from engine.scenes.plugins import ENTRY_POINT_GROUP, ScenesNotFound, find_scenes, installed_catalog
 from engine.scenes.worker import SceneFrame, SceneWorker
 
-__all__ = ["BackgroundLoad", "ENTRY_POINT_GROUP", "LastGood", "Scene", "SceneCatalog", "SceneFrame", "SceneNeeds",
-           "SceneWorker", "ScenesNotFound", "find_scenes", "installed_catalog"]
+__all__ = [
+    "BackgroundLoad",
+    "ENTRY_POINT_GROUP",
+    "LastGood",
+    "Scene",
+    "SceneCatalog",
+    "SceneFrame",
+    "SceneNeeds",
+    "SceneWorker",
+    "ScenesNotFound",
+    "find_scenes",
+    "installed_catalog",
+]

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
@@ -69,12 +70,13 @@ class Scene:
         if "PARAMS" in cls.__dict__:
             absolute = [p.path for p in cls.PARAMS if not p.relative]
             if absolute:  # one way to say it, so that a renamed scene takes its parameters along
-                raise ValueError(f"scene {cls.__name__}: declare parameters by their own name ('strength'), not "
-                                 f"a path: {', '.join(absolute)}")
+                raise ValueError(
+                    f"scene {cls.__name__}: declare parameters by their own name ('strength'), not "
+                    f"a path: {', '.join(absolute)}"
+                )
             cls._declared_params = tuple(cls.PARAMS)
         # a subclass that renames a scene takes the parameters it inherits to its own name
-        cls.PARAMS = (tuple(p.under(cls.group()) for p in cls._declared_params) if cls.name
-                      else cls._declared_params)
+        cls.PARAMS = tuple(p.under(cls.group()) for p in cls._declared_params) if cls.name else cls._declared_params
 
     @classmethod
     def group(cls) -> str:
@@ -191,8 +193,10 @@ def require_diffusion_extra(scene: str) -> None:
 
     missing = [name for name in ("torch", "diffusers", "transformers") if importlib.util.find_spec(name) is None]
     if missing:
-        raise ModuleNotFoundError(f"the {scene} scene needs {', '.join(missing)}: install a torch build for "
-                                  "your GPU, then pip install -e '.[diffusion]'")
+        raise ModuleNotFoundError(
+            f"the {scene} scene needs {', '.join(missing)}: install a torch build for "
+            "your GPU, then pip install -e '.[diffusion]'"
+        )
 
 
 def free_accelerator_memory() -> None:
@@ -233,8 +237,10 @@ class SceneCatalog:
         if not (isinstance(scene, type) and issubclass(scene, Scene)):
             raise TypeError(f"{scene!r} is not a Scene subclass")
         if not scene.name or "/" in scene.name or scene.name in ("active", "cue", "memory_budget"):
-            raise ValueError(f"scene {scene.__name__} needs a name without '/' (and not active, cue or "
-                             "memory_budget: those are /scene/ parameters of the engine)")
+            raise ValueError(
+                f"scene {scene.__name__} needs a name without '/' (and not active, cue or "
+                "memory_budget: those are /scene/ parameters of the engine)"
+            )
         for p in scene.PARAMS:
             if not p.path.startswith(f"{scene.group()}/"):
                 raise ValueError(f"scene {scene.name}: parameter {p.path} must live under {scene.group()}/")

@@ -24,8 +24,14 @@ import numpy as np
 
 from engine.diffusion.options import TorchDefaults
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import (BackgroundLoad, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra,
-                                reserve_render_core)
+from engine.scenes.base import (
+    BackgroundLoad,
+    Scene,
+    SceneNeeds,
+    free_accelerator_memory,
+    require_diffusion_extra,
+    reserve_render_core,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +43,53 @@ class DdpmScene(Scene):
     realtime = False  # slower than the display: the compositor holds and morphs its last image
     uses_input = False  # it steps every time; the camera frame only matters in sdedit mode
     # a 256x256 google/ddpm-* UNet in float16 with its activations
-    needs = SceneNeeds(accelerator_mb=600,
-                       imports=("torch", "diffusers:UNet2DModel", "diffusers:DDPMScheduler", "diffusers:DDIMScheduler"))
+    needs = SceneNeeds(
+        accelerator_mb=600,
+        imports=("torch", "diffusers:UNet2DModel", "diffusers:DDPMScheduler", "diffusers:DDIMScheduler"),
+    )
     PARAMS = (
-        string_param("model", "",
-                     description="Hub id (google/ddpm-church-256) or local diffusers folder (unet/ + scheduler/); "
-                                 "empty = the shipped texture model"),
-        enum_param("scheduler", "ddim", ("ddim", "ddpm"),
-                   description="ddim: deterministic, crisp and colourful; "
-                               "ddpm: stochastic (fresh noise every step), softer"),
+        string_param(
+            "model",
+            "",
+            description="Hub id (google/ddpm-church-256) or local diffusers folder (unet/ + scheduler/); "
+            "empty = the shipped texture model",
+        ),
+        enum_param(
+            "scheduler",
+            "ddim",
+            ("ddim", "ddpm"),
+            description="ddim: deterministic, crisp and colourful; ddpm: stochastic (fresh noise every step), softer",
+        ),
         int_param("steps", 50, 2, 1000, description="Reverse steps per image (noise to image)"),
-        float_param("step_rate", 12.0, 0.5, 120.0, unit="steps/s",
-                    description="Reverse steps shown per second (at most: a slow machine shows fewer)"),
-        enum_param("mode", "noise", ("noise", "sdedit"),
-                   description="noise: each image from pure noise; sdedit: from the camera frame, noised part way"),
-        float_param("sdedit_strength", 0.5, 0.02, 1.0,
-                    description="sdedit: how far into the noise the camera frame goes (0 = kept, 1 = pure noise)"),
+        float_param(
+            "step_rate",
+            12.0,
+            0.5,
+            120.0,
+            unit="steps/s",
+            description="Reverse steps shown per second (at most: a slow machine shows fewer)",
+        ),
+        enum_param(
+            "mode",
+            "noise",
+            ("noise", "sdedit"),
+            description="noise: each image from pure noise; sdedit: from the camera frame, noised part way",
+        ),
+        float_param(
+            "sdedit_strength",
+            0.5,
+            0.02,
+            1.0,
+            description="sdedit: how far into the noise the camera frame goes (0 = kept, 1 = pure noise)",
+        ),
         int_param("seed", 0, 0, 2**31 - 1, description="The noise of the first image; image n uses seed + n"),
         float_param("hold", 2.0, 0.0, 60.0, unit="s", description="How long a finished image stays"),
-        enum_param("show", "x_t", ("x_t", "x0"),
-                   description="x_t: the noisy state itself; x0: the model's current guess of the finished image"),
+        enum_param(
+            "show",
+            "x_t",
+            ("x_t", "x0"),
+            description="x_t: the noisy state itself; x0: the model's current guess of the finished image",
+        ),
     )
 
     def __init__(self, params: Any, torch: TorchDefaults | None = None) -> None:
@@ -133,8 +166,12 @@ class DdpmScene(Scene):
                 log.warning("ddpm: sdedit has no source frame yet; starting from pure noise")
         # a schedule of fewer training timesteps than asked-for steps: as many as it has
         steps = min(int(self.param("steps")), int(model.schedule.get("num_train_timesteps", 1000)))
-        config = ReverseConfig(scheduler=self.param("scheduler"), steps=steps,
-                               strength=strength, seed=(int(self.param("seed")) + self._images) % 2**31)
+        config = ReverseConfig(
+            scheduler=self.param("scheduler"),
+            steps=steps,
+            strength=strength,
+            seed=(int(self.param("seed")) + self._images) % 2**31,
+        )
         self._images += 1
         return ReverseProcess(model, config, init=init)
 

@@ -59,8 +59,9 @@ def _check(scene: object, entry_name: str) -> type[Scene]:
     if not (isinstance(scene, type) and issubclass(scene, Scene)):
         raise TypeError(f"{scene!r} is not a subclass of engine.scenes.Scene")
     if scene.name != entry_name:
-        raise ValueError(f"the entry point is named {entry_name!r} but the scene is named {scene.name!r} "
-                         "(they must match)")
+        raise ValueError(
+            f"the entry point is named {entry_name!r} but the scene is named {scene.name!r} (they must match)"
+        )
     SceneCatalog((scene,))  # the name and parameter rules of the catalog
     ParamRegistry().declare_all(scene.PARAMS)  # parameters that clash with each other
     return scene
@@ -76,8 +77,14 @@ def find_scenes(entry_points: metadata.EntryPoints | None = None) -> list[FoundS
         try:
             scene = _check(entry.load(), entry.name)
         except Exception as exc:  # a broken plugin must not end the show: named, logged, left out
-            log.error("scene plugin %r (%s, from %s) left out: %s: %s", entry.name, entry.value, distribution,
-                      type(exc).__name__, exc)
+            log.error(
+                "scene plugin %r (%s, from %s) left out: %s: %s",
+                entry.name,
+                entry.value,
+                distribution,
+                type(exc).__name__,
+                exc,
+            )
             log.debug("scene plugin %r failed", entry.name, exc_info=True)
             continue
         candidates.append(FoundScene(scene, f"{entry.name} = {entry.value}", distribution))
@@ -87,16 +94,23 @@ def find_scenes(entry_points: metadata.EntryPoints | None = None) -> list[FoundS
         first = taken.get(candidate.scene.name)
         if first is not None:
             if first.scene is not candidate.scene:  # the same class twice (two copies on the path) is no conflict
-                log.error("scene plugin %r (%s, from %s) left out: the name is taken by %s from %s",
-                          candidate.scene.name, candidate.entry_point, candidate.distribution, first.entry_point,
-                          first.distribution)
+                log.error(
+                    "scene plugin %r (%s, from %s) left out: the name is taken by %s from %s",
+                    candidate.scene.name,
+                    candidate.entry_point,
+                    candidate.distribution,
+                    first.entry_point,
+                    first.distribution,
+                )
             continue
         taken[candidate.scene.name] = candidate
         found.append(candidate)
     if not any(f.builtin for f in found):
         others = f" (other packages' scenes: {', '.join(f.scene.name for f in found)})" if found else ""
-        raise ScenesNotFound(f"none of dreamdeck's own scenes is registered{others}: {_why_none()}. "
-                             "From the dreamdeck folder: pip install -e .")
+        raise ScenesNotFound(
+            f"none of dreamdeck's own scenes is registered{others}: {_why_none()}. "
+            "From the dreamdeck folder: pip install -e ."
+        )
     return found
 
 
@@ -106,8 +120,10 @@ def _why_none() -> str:
     except metadata.PackageNotFoundError:
         return "dreamdeck is not installed"
     where = getattr(dist, "_path", None)  # the metadata folder read (no public name for it)
-    return (f"dreamdeck's install metadata{f' in {where}' if where else ''} has no {ENTRY_POINT_GROUP!r} entry "
-            "points (it was installed before its scenes were plugins), or they failed to load (above)")
+    return (
+        f"dreamdeck's install metadata{f' in {where}' if where else ''} has no {ENTRY_POINT_GROUP!r} entry "
+        "points (it was installed before its scenes were plugins), or they failed to load (above)"
+    )
 
 
 def installed_catalog() -> SceneCatalog:

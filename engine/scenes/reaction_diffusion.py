@@ -13,13 +13,13 @@ import numpy as np
 from engine.params import colour_param, float_param, int_param
 from engine.scenes.base import Scene
 
+
 def laplacian(z: np.ndarray) -> np.ndarray:
     """5-point Laplacian on a torus (the pattern wraps around the edges)."""
     return (np.roll(z, 1, 0) + np.roll(z, -1, 0) + np.roll(z, 1, 1) + np.roll(z, -1, 1)) - 4.0 * z
 
 
-def gray_scott_step(u: np.ndarray, v: np.ndarray, feed: float, kill: float,
-                    du: float = 0.16, dv: float = 0.08) -> None:
+def gray_scott_step(u: np.ndarray, v: np.ndarray, feed: float, kill: float, du: float = 0.16, dv: float = 0.08) -> None:
     """One explicit Euler step, in place (dt = 1; stable for du, dv < 0.25)."""
     uvv = u * v * v
     u += du * laplacian(u) - uvv + feed * (1.0 - u)
@@ -37,8 +37,9 @@ class ReactionDiffusion(Scene):
         float_param("feed", 0.037, 0.01, 0.1, smoothing=0.2, description="Feed rate of U (pattern family)"),
         float_param("kill", 0.06, 0.03, 0.075, smoothing=0.2, description="Kill rate of V (pattern family)"),
         int_param("speed", 8, 1, 40, description="Simulation steps per frame"),
-        float_param("source_seed", 0.3, 0.0, 1.0, smoothing=0.1,
-                    description="How strongly bright source areas seed the pattern"),
+        float_param(
+            "source_seed", 0.3, 0.0, 1.0, smoothing=0.1, description="How strongly bright source areas seed the pattern"
+        ),
         colour_param("colour_a", (0.02, 0.02, 0.08), description="Colour where V is absent"),
         colour_param("colour_b", (1.0, 0.55, 0.15), description="Colour where V is dense"),
     )

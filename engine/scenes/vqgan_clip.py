@@ -22,8 +22,14 @@ import numpy as np
 
 from engine.diffusion.options import TorchDefaults
 from engine.params import enum_param, float_param, int_param, string_param, trigger_param
-from engine.scenes.base import (LastGood, Scene, SceneNeeds, free_accelerator_memory, require_diffusion_extra,
-                                reserve_render_core)
+from engine.scenes.base import (
+    LastGood,
+    Scene,
+    SceneNeeds,
+    free_accelerator_memory,
+    require_diffusion_extra,
+    reserve_render_core,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +43,56 @@ class VqganClipScene(Scene):
     realtime = False
     uses_input = False
     fallback = "ddpm"
-    needs = SceneNeeds(accelerator_mb=4000, models=("vqgan_imagenet_f16_16384", DEFAULT_CLIP),
-                       imports=("torch", "diffusers:VQModel", "transformers:CLIPModel",
-                                "transformers:CLIPTokenizer"))
+    needs = SceneNeeds(
+        accelerator_mb=4000,
+        models=("vqgan_imagenet_f16_16384", DEFAULT_CLIP),
+        imports=("torch", "diffusers:VQModel", "transformers:CLIPModel", "transformers:CLIPTokenizer"),
+    )
     PARAMS = (
-        string_param("prompt", "a lighthouse in a storm, oil painting:1|trending on artstation:0.3",
-                     description="What the image moves toward: text[:weight] parts separated by '|'"),
-        string_param("negative_prompt", "", description="What it moves away from, same syntax; weights count "
-                                                              "as negative"),
-        string_param("vqgan", "", description="taming VQGAN: a .ckpt with its .yaml beside it, or a folder with "
-                                                    "model.ckpt + model.yaml (empty: ~/.cache/dreamdeck/"
-                                                    "vqgan_imagenet_f16_16384)"),
+        string_param(
+            "prompt",
+            "a lighthouse in a storm, oil painting:1|trending on artstation:0.3",
+            description="What the image moves toward: text[:weight] parts separated by '|'",
+        ),
+        string_param(
+            "negative_prompt", "", description="What it moves away from, same syntax; weights count as negative"
+        ),
+        string_param(
+            "vqgan",
+            "",
+            description="taming VQGAN: a .ckpt with its .yaml beside it, or a folder with "
+            "model.ckpt + model.yaml (empty: ~/.cache/dreamdeck/"
+            "vqgan_imagenet_f16_16384)",
+        ),
         string_param("clip", DEFAULT_CLIP, description="CLIP in transformers format: hub id or local folder"),
-        int_param("size", 256, 16, 1024, unit="px",
-                  description="Square image size (a multiple of 16 for f16 VQGANs); a change resizes the latent"),
-        enum_param("init", "noise", ("noise", "camera"),
-                   description="Start from random codes or from the newest source frame (at restart)"),
+        int_param(
+            "size",
+            256,
+            16,
+            1024,
+            unit="px",
+            description="Square image size (a multiple of 16 for f16 VQGANs); a change resizes the latent",
+        ),
+        enum_param(
+            "init",
+            "noise",
+            ("noise", "camera"),
+            description="Start from random codes or from the newest source frame (at restart)",
+        ),
         trigger_param("restart", description="Start over from init"),
         float_param("lr", 0.1, 0.001, 1.0, description="Adam step size: how fast the image changes"),
-        int_param("cutouts", 32, 1, 128,
-                  description="Random crops CLIP sees per step: more = steadier, slower (restarts)"),
+        int_param(
+            "cutouts", 32, 1, 128, description="Random crops CLIP sees per step: more = steadier, slower (restarts)"
+        ),
         int_param("seed", 0, 0, 2**31 - 1, description="Noise init and crop randomness (restarts)"),
-        float_param("step_rate", 30.0, 0.1, 60.0, unit="steps/s",
-                    description="At most this many optimisation steps (frames) a second"),
+        float_param(
+            "step_rate",
+            30.0,
+            0.1,
+            60.0,
+            unit="steps/s",
+            description="At most this many optimisation steps (frames) a second",
+        ),
     )
 
     def __init__(self, params: Any, torch: TorchDefaults | None = None) -> None:
@@ -68,8 +101,9 @@ class VqganClipScene(Scene):
         self._clip: Any = None
         self._run: Any = None  # engine.vqclip.optimise.VqganClip
         # (prompt, negative_prompt) parsed once per change; a bad one is said once, the last good ones stay
-        self._prompts = LastGood("vqgan_clip: prompt refused, the last good prompts stay", self._parse_prompts,
-                                 initial=[])
+        self._prompts = LastGood(
+            "vqgan_clip: prompt refused, the last good prompts stay", self._parse_prompts, initial=[]
+        )
         self._restart_key: tuple[Any, ...] | None = None
         self._autocast: Any = None
         self._restart = threading.Event()  # set by the render thread when the restart trigger fires
@@ -77,11 +111,11 @@ class VqganClipScene(Scene):
     # -- loader thread -------------------------------------------------------------------------
     def load(self) -> None:
         require_diffusion_extra(self.name)
+        import torch
+
         from engine.diffusion.device import choose_device
         from engine.vqclip.clip import load_clip
         from engine.vqclip.vqgan import default_vqgan_path, load_vqgan
-
-        import torch
 
         choice = choose_device(self.torch.device, self.torch.dtype)
         vqgan = load_vqgan(self.param("vqgan").strip() or default_vqgan_path())
@@ -126,9 +160,17 @@ class VqganClipScene(Scene):
         init, cutouts, seed = key
         if init == "camera" and frame is None:
             log.info("vqgan_clip: init camera but no source frame yet; starting from noise")
-        self._run = VqganClip(self._vqgan, self._clip, self._prompts.value, size=self.param("size"),
-                              init=frame if init == "camera" else None, lr=self.param("lr"),
-                              cutouts=Cutouts(count=cutouts), seed=seed, autocast=self._autocast)
+        self._run = VqganClip(
+            self._vqgan,
+            self._clip,
+            self._prompts.value,
+            size=self.param("size"),
+            init=frame if init == "camera" else None,
+            lr=self.param("lr"),
+            cutouts=Cutouts(count=cutouts),
+            seed=seed,
+            autocast=self._autocast,
+        )
         self._restart_key = key
 
     def _update_prompts(self) -> None:

@@ -18,8 +18,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -51,8 +51,14 @@ class SceneFrame:
 
 
 class SceneWorker:
-    def __init__(self, catalog: SceneCatalog, params: ParamRegistry, latest_input: FrameGetter,
-                 error_backoff: float = 0.5, torch: TorchDefaults | None = None) -> None:
+    def __init__(
+        self,
+        catalog: SceneCatalog,
+        params: ParamRegistry,
+        latest_input: FrameGetter,
+        error_backoff: float = 0.5,
+        torch: TorchDefaults | None = None,
+    ) -> None:
         self.catalog = catalog
         self.params = params
         self.torch = torch or TorchDefaults()  # handed to each scene it makes
@@ -130,7 +136,7 @@ class SceneWorker:
     def paused(self) -> bool:
         return self._paused.is_set()
 
-    def start(self) -> "SceneWorker":
+    def start(self) -> SceneWorker:
         self._thread = threading.Thread(target=self._run, name="scene worker", daemon=True)
         self._thread.start()
         return self
@@ -281,6 +287,7 @@ class SceneWorker:
 
     def _make_room(self, incoming: str | None) -> None:
         """Unload the least recently played scenes until the loaded ones (and ``incoming``) fit."""
+
         def need(name: str) -> int:
             return self.catalog.get(name).needs.accelerator_mb
 

@@ -25,8 +25,16 @@ from engine.sources.pattern import PatternSource, render_pattern
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CaptureSource", "ImageSource", "LiveInput", "PatternSource", "Source", "SourceSpec",
-    "SourceSpecError", "open_source", "parse_source_spec", "render_pattern",
+    "CaptureSource",
+    "ImageSource",
+    "LiveInput",
+    "PatternSource",
+    "Source",
+    "SourceSpec",
+    "SourceSpecError",
+    "open_source",
+    "parse_source_spec",
+    "render_pattern",
 ]
 
 SPEC_FORMS = "camera:N, camera:/dev/videoN, file:PATH, image:PATH or pattern"
@@ -87,15 +95,16 @@ def _camera_target(spec: str, rest: str) -> int | str:
         index = int(rest)
     except ValueError:
         raise SourceSpecError(
-            f"source spec {spec!r}: camera must be an index (0, 1, ...) or a device path "
-            f"(/dev/video0), got {rest!r}") from None
+            f"source spec {spec!r}: camera must be an index (0, 1, ...) or a device path (/dev/video0), got {rest!r}"
+        ) from None
     if index < 0:
         raise SourceSpecError(f"source spec {spec!r}: camera index must be 0 or more, got {index}")
     return index
 
 
-def open_source(spec: str | None, params: ParamRegistry | None = None,
-                size: tuple[int, int] = (1280, 720), fps: float = 30) -> Source:
+def open_source(
+    spec: str | None, params: ParamRegistry | None = None, size: tuple[int, int] = (1280, 720), fps: float = 30
+) -> Source:
     """Build the source a spec names (not started). ``None``: the first camera, else the pattern.
 
     ``size`` and ``fps`` are what cameras are asked for and what the pattern renders;
@@ -143,8 +152,15 @@ class LiveInput:
     (paused) while the primary is fine. A primary that is itself the pattern has no fallback.
     """
 
-    def __init__(self, primary: Source, *, fallback_size: tuple[int, int] = (1280, 720),
-                 fps: float = 30, params: ParamRegistry | None = None, max_age: float = 2.0) -> None:
+    def __init__(
+        self,
+        primary: Source,
+        *,
+        fallback_size: tuple[int, int] = (1280, 720),
+        fps: float = 30,
+        params: ParamRegistry | None = None,
+        max_age: float = 2.0,
+    ) -> None:
         self.primary = primary
         self.max_age = max_age
         self._fallback_size = fallback_size
@@ -158,7 +174,7 @@ class LiveInput:
         self._origin: tuple[bool, int] | None = None  # (from fallback?, slot sequence) of the frame last returned
         self._last_frame: np.ndarray | None = None
 
-    def start(self) -> "LiveInput":
+    def start(self) -> LiveInput:
         self.primary.start()
         self._running = True
         return self
@@ -170,7 +186,7 @@ class LiveInput:
         if self.fallback is not None:
             self.fallback.stop(timeout)
 
-    def __enter__(self) -> "LiveInput":
+    def __enter__(self) -> LiveInput:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

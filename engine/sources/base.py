@@ -33,7 +33,7 @@ class Source:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Source":
+    def start(self) -> Source:
         if self.running:
             raise RuntimeError(f"{self.name} is already running")
         self._stop.clear()

@@ -38,8 +38,16 @@ class CaptureSource(Source):
 
     kind = "capture"
 
-    def __init__(self, target: int | str | Path, *, is_file: bool, size: tuple[int, int] = (1280, 720),
-                 fps: float = 30, backoff: tuple[float, float] = (0.5, 5.0), watchdog: float = 2.0) -> None:
+    def __init__(
+        self,
+        target: int | str | Path,
+        *,
+        is_file: bool,
+        size: tuple[int, int] = (1280, 720),
+        fps: float = 30,
+        backoff: tuple[float, float] = (0.5, 5.0),
+        watchdog: float = 2.0,
+    ) -> None:
         if is_file:
             target = Path(target)
             name = f"file:{target.name}"
@@ -60,14 +68,22 @@ class CaptureSource(Source):
         self._note = "starting"
 
     @classmethod
-    def camera(cls, device: int | str, size: tuple[int, int] = (1280, 720), fps: float = 30, *,
-               backoff: tuple[float, float] = (0.5, 5.0), watchdog: float = 2.0) -> "CaptureSource":
+    def camera(
+        cls,
+        device: int | str,
+        size: tuple[int, int] = (1280, 720),
+        fps: float = 30,
+        *,
+        backoff: tuple[float, float] = (0.5, 5.0),
+        watchdog: float = 2.0,
+    ) -> CaptureSource:
         """A camera by index (0) or device path (/dev/video2); asks it for ``size`` and ``fps``."""
         return cls(device, is_file=False, size=size, fps=fps, backoff=backoff, watchdog=watchdog)
 
     @classmethod
-    def video_file(cls, path: str | Path, *, backoff: tuple[float, float] = (0.5, 5.0),
-                   watchdog: float = 2.0) -> "CaptureSource":
+    def video_file(
+        cls, path: str | Path, *, backoff: tuple[float, float] = (0.5, 5.0), watchdog: float = 2.0
+    ) -> CaptureSource:
         """A video file, looped and paced in real time at the file's own frame rate."""
         return cls(path, is_file=True, backoff=backoff, watchdog=watchdog)
 

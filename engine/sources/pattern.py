@@ -92,14 +92,17 @@ class PatternSource(Source):
 
     kind = "pattern"
     PARAMS: list[Param] = [
-        float_param("/source/pattern/speed", 1.0, 0.0, 4.0,
-                    description="how fast the built-in pattern moves (0 freezes it)"),
-        float_param("/source/pattern/scale", 1.0, 0.25, 4.0,
-                    description="zoom of the built-in pattern (larger = bigger shapes)"),
+        float_param(
+            "/source/pattern/speed", 1.0, 0.0, 4.0, description="how fast the built-in pattern moves (0 freezes it)"
+        ),
+        float_param(
+            "/source/pattern/scale", 1.0, 0.25, 4.0, description="zoom of the built-in pattern (larger = bigger shapes)"
+        ),
     ]
 
-    def __init__(self, size: tuple[int, int] = (640, 360), fps: float = 30,
-                 params: ParamRegistry | None = None) -> None:
+    def __init__(
+        self, size: tuple[int, int] = (640, 360), fps: float = 30, params: ParamRegistry | None = None
+    ) -> None:
         super().__init__("pattern")
         width, height = size
         if width <= 0 or height <= 0:

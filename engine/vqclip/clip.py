@@ -43,11 +43,17 @@ class Clip:
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """(N, projection_dim) text embeddings, float32."""
-        tokens = self.tokenizer(texts, padding="max_length", truncation=True,
-                                max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.model.config.text_config.max_position_embeddings,
+            return_tensors="pt",
+        )
         with torch.no_grad():
-            out = self.model.text_model(input_ids=tokens.input_ids.to(self.device),
-                                        attention_mask=tokens.attention_mask.to(self.device))
+            out = self.model.text_model(
+                input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+            )
             return self.model.text_projection(out.pooler_output).float()
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -57,7 +63,7 @@ class Clip:
         out = self.model.vision_model(pixel_values=(pixels - mean) / std)
         return self.model.visual_projection(out.pooler_output)
 
-    def to(self, device: torch.device) -> "Clip":
+    def to(self, device: torch.device) -> Clip:
         self.model.to(device)
         return self
 
@@ -82,6 +88,7 @@ def load_clip(name: str = DEFAULT_CLIP) -> Clip:
         how = how_to_get(name, ModelSpec()) if kind == "hub" and offline() else "it could not be loaded"
         raise ModelNotFound(name, f"{how} ({exc})") from exc
     model.eval().requires_grad_(False)
-    log.info("clip: %s (%d px, %d-d embeddings)", name, model.config.vision_config.image_size,
-             model.config.projection_dim)
+    log.info(
+        "clip: %s (%d px, %d-d embeddings)", name, model.config.vision_config.image_size, model.config.projection_dim
+    )
     return Clip(model, tokenizer, source=name)

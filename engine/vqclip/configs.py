@@ -17,24 +17,57 @@ from engine.vqclip.clip import Clip
 from engine.vqclip.vqgan import Vqgan, build_vqmodel
 
 F16_16384: dict[str, Any] = {  # vqgan_imagenet_f16_16384 configs/model.yaml, model.params
-    "embed_dim": 256, "n_embed": 16384,
-    "ddconfig": {"double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                 "ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16],
-                 "dropout": 0.0},
+    "embed_dim": 256,
+    "n_embed": 16384,
+    "ddconfig": {
+        "double_z": False,
+        "z_channels": 256,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 1, 2, 2, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [16],
+        "dropout": 0.0,
+    },
 }
 TINY_VQGAN: dict[str, Any] = {  # f4, attention at the lowest level (as f16_16384 has), 64 codes
-    "embed_dim": 8, "n_embed": 64,
-    "ddconfig": {"double_z": False, "z_channels": 8, "resolution": 32, "in_channels": 3, "out_ch": 3,
-                 "ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
-                 "dropout": 0.0},
+    "embed_dim": 8,
+    "n_embed": 64,
+    "ddconfig": {
+        "double_z": False,
+        "z_channels": 8,
+        "resolution": 32,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [8],
+        "dropout": 0.0,
+    },
 }
 _BYTE_TOKENS = {"bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513}  # byte_level_clip_tokenizer's
 CLIP_VIT_B32: dict[str, Any] = {"text_config": {**_BYTE_TOKENS}, "vision_config": {}, "projection_dim": 512}
 TINY_CLIP: dict[str, Any] = {
-    "text_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
-                    "vocab_size": 1000, "max_position_embeddings": 77, **_BYTE_TOKENS},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
-                      "image_size": 32, "patch_size": 8},
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 1000,
+        "max_position_embeddings": 77,
+        **_BYTE_TOKENS,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
     "projection_dim": 16,
 }
 
@@ -46,8 +79,7 @@ def taming_yaml(config: dict[str, Any]) -> str:
     return yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel", "params": config}})
 
 
-def build_random_vqgan(config: dict[str, Any] = F16_16384, seed: int = 0,
-                       device: str | torch.device = "cpu") -> Vqgan:
+def build_random_vqgan(config: dict[str, Any] = F16_16384, seed: int = 0, device: str | torch.device = "cpu") -> Vqgan:
     with torch.device(device):
         torch.manual_seed(seed)
         model = build_vqmodel(config)
@@ -55,8 +87,9 @@ def build_random_vqgan(config: dict[str, Any] = F16_16384, seed: int = 0,
     return Vqgan(model, source="random vqgan")
 
 
-def build_random_clip_model(config: dict[str, Any] = CLIP_VIT_B32, seed: int = 0,
-                            device: str | torch.device = "cpu") -> Any:
+def build_random_clip_model(
+    config: dict[str, Any] = CLIP_VIT_B32, seed: int = 0, device: str | torch.device = "cpu"
+) -> Any:
     """A ``CLIPModel`` with random weights (save it with ``save_pretrained`` for a folder)."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -66,8 +99,7 @@ def build_random_clip_model(config: dict[str, Any] = CLIP_VIT_B32, seed: int = 0
     return model.eval().requires_grad_(False)
 
 
-def build_random_clip(config: dict[str, Any] = CLIP_VIT_B32, seed: int = 0,
-                      device: str | torch.device = "cpu") -> Clip:
+def build_random_clip(config: dict[str, Any] = CLIP_VIT_B32, seed: int = 0, device: str | torch.device = "cpu") -> Clip:
     from engine.diffusion.configs import byte_level_clip_tokenizer
 
     return Clip(build_random_clip_model(config, seed, device), byte_level_clip_tokenizer(), source="random clip")

@@ -56,8 +56,9 @@ def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return chord.div(2).clamp(max=1.0).arcsin().pow(2).mul(2)
 
 
-def make_cutouts(image: torch.Tensor, size: int, cutouts: Cutouts, rng: random.Random,
-                 noise_generator: torch.Generator) -> torch.Tensor:
+def make_cutouts(
+    image: torch.Tensor, size: int, cutouts: Cutouts, rng: random.Random, noise_generator: torch.Generator
+) -> torch.Tensor:
     """(1, 3, H, W) -> (count, 3, size, size): random squares, pooled to ``size``, flipped, noised."""
     _, _, h, w = image.shape
     largest = min(h, w)
@@ -66,22 +67,25 @@ def make_cutouts(image: torch.Tensor, size: int, cutouts: Cutouts, rng: random.R
     for _ in range(cutouts.count):
         side = int(rng.random() ** cutouts.power * (largest - smallest) + smallest)
         x, y = rng.randrange(w - side + 1), rng.randrange(h - side + 1)
-        cut = image[:, :, y:y + side, x:x + side]
+        cut = image[:, :, y : y + side, x : x + side]
         if rng.random() < 0.5:
             cut = cut.flip(3)
         cuts.append(F.adaptive_avg_pool2d(cut, size))
     batch = torch.cat(cuts)
     if cutouts.noise > 0:
-        amount = torch.rand(batch.shape[0], 1, 1, 1, generator=noise_generator, device=batch.device,
-                            dtype=batch.dtype) * cutouts.noise
-        batch = batch + amount * torch.randn(batch.shape, generator=noise_generator, device=batch.device,
-                                             dtype=batch.dtype)
+        amount = (
+            torch.rand(batch.shape[0], 1, 1, 1, generator=noise_generator, device=batch.device, dtype=batch.dtype)
+            * cutouts.noise
+        )
+        batch = batch + amount * torch.randn(
+            batch.shape, generator=noise_generator, device=batch.device, dtype=batch.dtype
+        )
     return batch
 
 
 def image_to_uint8(image: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) in [0, 1] -> (H, W, 3) RGB uint8."""
-    return (image[0].detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+    return image[0].detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def frame_to_tensor(frame: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -93,9 +97,19 @@ def frame_to_tensor(frame: np.ndarray, size: tuple[int, int], device: torch.devi
 class VqganClip:
     """One running optimisation: ``step()`` = one Adam step, returning that step's image (uint8)."""
 
-    def __init__(self, vqgan: Vqgan, clip: Clip, prompts: list[WeightedPrompt], *, size: int = 256,
-                 init: np.ndarray | None = None, lr: float = 0.1, cutouts: Cutouts = Cutouts(), seed: int = 0,
-                 autocast: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        vqgan: Vqgan,
+        clip: Clip,
+        prompts: list[WeightedPrompt],
+        *,
+        size: int = 256,
+        init: np.ndarray | None = None,
+        lr: float = 0.1,
+        cutouts: Cutouts = Cutouts(),
+        seed: int = 0,
+        autocast: torch.dtype | None = None,
+    ) -> None:
         self.vqgan, self.clip = vqgan, clip
         self.device = clip.device
         self.cutouts = cutouts
@@ -156,8 +170,11 @@ class VqganClip:
             self.set_prompts(prompts)
         try:
             with torch.no_grad():
-                return float(self._loss(self._synth(self.z), random.Random(seed),
-                                        torch.Generator(device=self.device).manual_seed(seed)))
+                return float(
+                    self._loss(
+                        self._synth(self.z), random.Random(seed), torch.Generator(device=self.device).manual_seed(seed)
+                    )
+                )
         finally:
             if saved is not None:
                 self.prompts, self._targets, self._weights = saved

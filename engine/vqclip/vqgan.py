@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 VQGAN_NAME = "vqgan_imagenet_f16_16384"
 _HEIBOX = "https://heibox.uni-heidelberg.de/d/a7530b09fed84f80a887/files/?p=%2F"
-DOWNLOAD_HINT = (f"download {VQGAN_NAME} ({_HEIBOX}ckpts%2Flast.ckpt&dl=1 and {_HEIBOX}configs%2Fmodel.yaml&dl=1) "
-                 "as model.ckpt and model.yaml into one folder and point vqgan at it")
+DOWNLOAD_HINT = (
+    f"download {VQGAN_NAME} ({_HEIBOX}ckpts%2Flast.ckpt&dl=1 and {_HEIBOX}configs%2Fmodel.yaml&dl=1) "
+    "as model.ckpt and model.yaml into one folder and point vqgan at it"
+)
 CHECKPOINT_NAMES = ("model.ckpt", "last.ckpt")
 
 
@@ -60,8 +62,9 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
         raise ModelNotFound(str(path), f"no VQGAN checkpoint there; {DOWNLOAD_HINT}")
     config = next((y for y in yaml_candidates if y.is_file()), None)
     if config is None:
-        raise ModelNotFound(str(path), f"the checkpoint has no .yaml config beside it ({yaml_candidates[0].name}); "
-                                       f"{DOWNLOAD_HINT}")
+        raise ModelNotFound(
+            str(path), f"the checkpoint has no .yaml config beside it ({yaml_candidates[0].name}); {DOWNLOAD_HINT}"
+        )
     return ckpt, config
 
 
@@ -74,11 +77,15 @@ def read_config(yaml_path: Path) -> dict[str, Any]:
         doc = yaml.safe_load(f)
     try:
         params = doc["model"]["params"]
-        return {"ddconfig": dict(params["ddconfig"]), "n_embed": int(params["n_embed"]),
-                "embed_dim": int(params["embed_dim"])}
+        return {
+            "ddconfig": dict(params["ddconfig"]),
+            "n_embed": int(params["n_embed"]),
+            "embed_dim": int(params["embed_dim"]),
+        }
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"{yaml_path} is not a taming VQGAN config (no model.params.ddconfig / n_embed / "
-                         f"embed_dim: {exc})") from None
+        raise ValueError(
+            f"{yaml_path} is not a taming VQGAN config (no model.params.ddconfig / n_embed / embed_dim: {exc})"
+        ) from None
 
 
 def vqmodel_config(taming: dict[str, Any]) -> dict[str, Any]:
@@ -92,12 +99,17 @@ def vqmodel_config(taming: dict[str, Any]) -> dict[str, Any]:
     # taming puts attention in every level whose resolution (of the training size) is listed
     attn = [dd["resolution"] // 2**level in dd["attn_resolutions"] for level in range(len(mult))]
     return {
-        "in_channels": dd["in_channels"], "out_channels": dd["out_ch"],
+        "in_channels": dd["in_channels"],
+        "out_channels": dd["out_ch"],
         "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
         "up_block_types": ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)],
-        "block_out_channels": [dd["ch"] * m for m in mult], "layers_per_block": dd["num_res_blocks"],
-        "latent_channels": dd["z_channels"], "num_vq_embeddings": taming["n_embed"],
-        "vq_embed_dim": taming["embed_dim"], "sample_size": dd["resolution"], "norm_num_groups": 32,
+        "block_out_channels": [dd["ch"] * m for m in mult],
+        "layers_per_block": dd["num_res_blocks"],
+        "latent_channels": dd["z_channels"],
+        "num_vq_embeddings": taming["n_embed"],
+        "vq_embed_dim": taming["embed_dim"],
+        "sample_size": dd["resolution"],
+        "norm_num_groups": 32,
     }
 
 
@@ -148,16 +160,43 @@ class _Placeholder:
         pass
 
 
-_SAFE_GLOBALS = frozenset({  # what tensors, containers and numpy scalars in a checkpoint need; nothing callable beyond
-    ("collections", "OrderedDict"), ("collections", "defaultdict"), ("_codecs", "encode"),
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
-    ("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    *(("builtins", name) for name in ("set", "frozenset", "dict", "list", "tuple", "int", "float", "complex",
-                                      "bool", "str", "bytes", "bytearray", "slice", "range")),
-})
+_SAFE_GLOBALS = frozenset(
+    {  # what tensors, containers and numpy scalars in a checkpoint need; nothing callable beyond
+        ("collections", "OrderedDict"),
+        ("collections", "defaultdict"),
+        ("_codecs", "encode"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("torch._utils", "_rebuild_parameter_with_state"),
+        ("torch", "Size"),
+        ("torch", "device"),
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        *(
+            ("builtins", name)
+            for name in (
+                "set",
+                "frozenset",
+                "dict",
+                "list",
+                "tuple",
+                "int",
+                "float",
+                "complex",
+                "bool",
+                "str",
+                "bytes",
+                "bytearray",
+                "slice",
+                "range",
+            )
+        ),
+    }
+)
 
 
 class _TensorsOnlyUnpickler(pickle.Unpickler):
@@ -218,7 +257,7 @@ class Vqgan:
         """Nearest codebook vectors, with a straight-through gradient back to ``z``."""
         flat = z.movedim(1, -1)
         codebook = self.codebook
-        distances = (flat.pow(2).sum(-1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(-1))
+        distances = flat.pow(2).sum(-1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(-1)
         nearest = codebook[distances.argmin(-1)]
         return (flat + (nearest - flat).detach()).movedim(-1, 1)
 
@@ -226,7 +265,7 @@ class Vqgan:
         """Quantised latents -> images in about [-1, 1] (post_quant_conv + decoder)."""
         return self.model.decode(z_q, force_not_quantize=True).sample
 
-    def to(self, device: torch.device) -> "Vqgan":
+    def to(self, device: torch.device) -> Vqgan:
         self.model.to(device)
         return self
 
@@ -248,8 +287,7 @@ def load_vqgan(path: str | Path) -> Vqgan:
     state = convert_state_dict(read_state_dict(ckpt), levels=len(config["ddconfig"]["ch_mult"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{ckpt} does not match {yaml_path.name}: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}")
+        raise ValueError(f"{ckpt} does not match {yaml_path.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.eval().requires_grad_(False)
     log.info("vqgan: %s (%d codes, f%d)", ckpt, config["n_embed"], 2 ** (len(config["ddconfig"]["ch_mult"]) - 1))
     return Vqgan(model, source=str(ckpt))

@@ -58,17 +58,26 @@ def accelerator_memory() -> dict[str, Any] | None:
             if not reserved:
                 continue
             free, total = cuda.mem_get_info(index)
-            devices.append({"index": index, "name": str(cuda.get_device_name(index)),
-                            "allocated_mb": round(cuda.memory_allocated(index) / MB, 1),
-                            "reserved_mb": round(reserved / MB, 1), "free_mb": round(free / MB, 1),
-                            "total_mb": round(total / MB, 1)})
+            devices.append(
+                {
+                    "index": index,
+                    "name": str(cuda.get_device_name(index)),
+                    "allocated_mb": round(cuda.memory_allocated(index) / MB, 1),
+                    "reserved_mb": round(reserved / MB, 1),
+                    "free_mb": round(free / MB, 1),
+                    "total_mb": round(total / MB, 1),
+                }
+            )
     except RuntimeError as exc:  # a device in a bad state says so; the page shows it
         return {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     if not devices:
         return None
-    return {"allocated_mb": round(sum(d["allocated_mb"] for d in devices), 1),
-            "reserved_mb": round(sum(d["reserved_mb"] for d in devices), 1),
-            "total_mb": round(sum(d["total_mb"] for d in devices), 1), "devices": devices}
+    return {
+        "allocated_mb": round(sum(d["allocated_mb"] for d in devices), 1),
+        "reserved_mb": round(sum(d["reserved_mb"] for d in devices), 1),
+        "total_mb": round(sum(d["total_mb"] for d in devices), 1),
+        "devices": devices,
+    }
 
 
 def collect_health(status: ShowStatus, started: float) -> dict[str, Any]:
@@ -95,8 +104,9 @@ def collect_health(status: ShowStatus, started: float) -> dict[str, Any]:
         "dropped_frames": {"source": status.dropped_source, "scene": status.dropped_scene},
         "source": status.source,
         "source_fallback": status.source_fallback,
-        "last_control": None if last is None else {"path": last.path, "value": _plain(last.value),
-                                                   "origin": last.origin},
+        "last_control": None
+        if last is None
+        else {"path": last.path, "value": _plain(last.value), "origin": last.origin},
         "errors": list(status.errors),
         "recent_errors": [{"time": t, "message": m} for t, m in status.recent_errors[-RECENT_ERRORS:]],
         "controls": {part.name: part.status for part in status.controls},
@@ -153,8 +163,13 @@ class StatusFeed:
 
     name = "status feed"
 
-    def __init__(self, interval_s: float = INTERVAL_S, width: int = THUMB_WIDTH,
-                 quality: int = JPEG_QUALITY, stale_after_s: float = STALE_AFTER_S) -> None:
+    def __init__(
+        self,
+        interval_s: float = INTERVAL_S,
+        width: int = THUMB_WIDTH,
+        quality: int = JPEG_QUALITY,
+        stale_after_s: float = STALE_AFTER_S,
+    ) -> None:
         if interval_s <= 0 or width < 16 or not 1 <= quality <= 100:
             raise ValueError("interval_s > 0, width >= 16 and quality 1..100 please")
         self.interval_s = interval_s
@@ -254,6 +269,7 @@ class StatusFeed:
                     self.encoded += 1
                 self._health = health
                 self._taken = item.taken
+
     def _note_failure(self, message: str) -> None:
         if message != self._failing:
             log.error("%s", message)
@@ -273,9 +289,19 @@ class StatusFeed:
         with self._lock:
             health, taken, thumbnail_frame = self._health, self._taken, self._jpeg_frame
         if health is None:
-            return {"ok": False, "state": "starting: no frame rendered yet", "frames": 0,
-                    "uptime_s": round(time.monotonic() - self.started, 1), "accelerator": accelerator_memory()}
+            return {
+                "ok": False,
+                "state": "starting: no frame rendered yet",
+                "frames": 0,
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "accelerator": accelerator_memory(),
+            }
         age = time.monotonic() - taken
         stalled = age > self.stale_after_s
-        return {"ok": not stalled, "state": f"stalled: no frame for {age:.0f} s" if stalled else "running",
-                "snapshot_age_s": round(age, 2), "thumbnail_frame": thumbnail_frame, **health}
+        return {
+            "ok": not stalled,
+            "state": f"stalled: no frame for {age:.0f} s" if stalled else "running",
+            "snapshot_age_s": round(age, 2),
+            "thumbnail_frame": thumbnail_frame,
+            **health,
+        }

@@ -37,14 +37,16 @@ import re
 import secrets
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from engine.control.access import Access, bearer, is_loopback as binds_loopback, names_loopback
+from engine.control.access import Access, bearer, names_loopback
+from engine.control.access import is_loopback as binds_loopback
 from engine.control.actions import ActionError
 from engine.logsetup import RateLimitedLog
 from engine.paramdoc import param_record
@@ -143,11 +145,11 @@ class StatusServer:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                            name="status page", daemon=True)
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="status page", daemon=True
+            )
             self._thread.start()
-            log.info("status page on port %d (%s)", self.port,
-                     "token required" if self.token else "this machine only")
+            log.info("status page on port %d (%s)", self.port, "token required" if self.token else "this machine only")
 
     def stop(self) -> None:
         if self._thread is not None:
@@ -178,9 +180,12 @@ class StatusServer:
 
     def presets_json(self) -> dict[str, Any]:
         entries = self.app.presets.entries()
-        return {"current": self.app.preset_name,
-                "presets": [{"number": n, "name": e.name, "ok": e.error is None, "error": e.error}
-                            for n, e in enumerate(entries, 1)]}
+        return {
+            "current": self.app.preset_name,
+            "presets": [
+                {"number": n, "name": e.name, "ok": e.error is None, "error": e.error} for n, e in enumerate(entries, 1)
+            ],
+        }
 
     def set_param(self, body: dict[str, Any]) -> dict[str, Any]:
         path, value = body.get("path"), body.get("value")
@@ -202,8 +207,11 @@ class StatusServer:
         if not isinstance(name, str) or not isinstance(args, list):
             raise _Reply(400, 'expected {"name": "scene/next", "args": [...]}')
         if len(args) > MAX_ACTION_ARGS or not all(_plain_arg(a) for a in args):
-            raise _Reply(400, f"action arguments must be at most {MAX_ACTION_ARGS} numbers, "
-                              "texts or true/false (finite, and whole numbers below 2**53)")
+            raise _Reply(
+                400,
+                f"action arguments must be at most {MAX_ACTION_ARGS} numbers, "
+                "texts or true/false (finite, and whole numbers below 2**53)",
+            )
         try:
             bound = self.app.actions.post(name, *args, origin="web")
         except ActionError as exc:
@@ -245,8 +253,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.owner.access.admits(client_address[0]):
-            self._strangers.warning(f"status page: connection from {client_address[0]} refused: "
-                                    "not on the allowlist")
+            self._strangers.warning(f"status page: connection from {client_address[0]} refused: not on the allowlist")
             self.close_request(request)  # at once, as below: the accepting thread must not linger on it
             return
         if not self._slots.acquire(blocking=False):
@@ -296,9 +303,11 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",  # the token may be in the page's address
     "Cache-Control": "no-store",
 }
-_PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-             "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-             "frame-ancestors 'none'")
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -371,17 +380,24 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:  # more fields than that is not a request of ours
             raise _Reply(400, "too many query fields") from None
         if not owner.authorised(query, self.headers.get("Authorization")):
-            raise _Reply(401, "token required: add ?token=... or an Authorization: Bearer header",
-                         {"WWW-Authenticate": 'Bearer realm="dreamdeck"'})
+            raise _Reply(
+                401,
+                "token required: add ?token=... or an Authorization: Bearer header",
+                {"WWW-Authenticate": 'Bearer realm="dreamdeck"'},
+            )
         if owner.token is None and not self._host_is_loopback():
             raise _Reply(403, "this server answers to localhost only (start it with a token to open it)")
 
         route = (self.command, parts.path)
-        gets = {"/": self._page, "/index.html": self._page, "/health": lambda: self._json(200, owner.health()),
-                "/thumbnail.jpg": self._thumbnail,
-                "/api/params": lambda: self._json(200, owner.params_json()),
-                "/api/presets": self._presets,
-                "/api/actions": lambda: self._json(200, owner.actions_json())}
+        gets = {
+            "/": self._page,
+            "/index.html": self._page,
+            "/health": lambda: self._json(200, owner.health()),
+            "/thumbnail.jpg": self._thumbnail,
+            "/api/params": lambda: self._json(200, owner.params_json()),
+            "/api/presets": self._presets,
+            "/api/actions": lambda: self._json(200, owner.actions_json()),
+        }
         posts = {"/api/param": owner.set_param, "/api/action": owner.post_action}
         if route[0] in ("GET", "HEAD") and route[1] in gets:
             gets[route[1]]()

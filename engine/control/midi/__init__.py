@@ -34,5 +34,13 @@ from engine.control.midi.clock import MidiClock
 from engine.control.midi.control import ORIGIN, MidiControl
 from engine.control.midi.ports import CLIENT_NAME, JACK_CLOSE_PAUSE, port_matches, resolve_apis, stable_name
 
-__all__ = ["CLIENT_NAME", "JACK_CLOSE_PAUSE", "ORIGIN", "MidiClock", "MidiControl", "port_matches", "resolve_apis",
-           "stable_name"]
+__all__ = [
+    "CLIENT_NAME",
+    "JACK_CLOSE_PAUSE",
+    "ORIGIN",
+    "MidiClock",
+    "MidiControl",
+    "port_matches",
+    "resolve_apis",
+    "stable_name",
+]

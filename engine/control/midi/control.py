@@ -12,19 +12,42 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import mido
 
 from engine.control.actions import ActionError, Actions
 from engine.control.midi.clock import CLOCK_TYPES, MidiClock
-from engine.control.midi.ports import (PORT_ERRORS, Port, PortSystem, arrival_times, port_matches, resolve_apis,
-                                       stable_name)
-from engine.control.midimap import (ANY_PORT, LearnEvent, MapType, Mapping, MappingError, MappingFile, Mode,
-                                    Takeover, default_mappings_path, default_step, guess_mapping, half_step,
-                                    load_mappings, parse_mapping, relative_ticks, save_mappings)
+from engine.control.midi.ports import (
+    PORT_ERRORS,
+    Port,
+    PortSystem,
+    arrival_times,
+    port_matches,
+    resolve_apis,
+    stable_name,
+)
+from engine.control.midimap import (
+    ANY_PORT,
+    LearnEvent,
+    Mapping,
+    MappingError,
+    MappingFile,
+    MapType,
+    Mode,
+    Takeover,
+    default_mappings_path,
+    default_step,
+    guess_mapping,
+    half_step,
+    load_mappings,
+    parse_mapping,
+    relative_ticks,
+    save_mappings,
+)
 from engine.params import Change, Kind, Param, ParamError, ParamRegistry
 
 log = logging.getLogger(__name__)
@@ -64,9 +87,17 @@ class MidiControl:
 
     name = "midi"
 
-    def __init__(self, registry: ParamRegistry, actions: Actions, inputs: Iterable[str] = (),
-                 outputs: Iterable[str] = (), mappings_path: Path | None = None, api: str = "auto",
-                 poll_interval: float = 2.0, clock_callback: ClockCallback | None = None) -> None:
+    def __init__(
+        self,
+        registry: ParamRegistry,
+        actions: Actions,
+        inputs: Iterable[str] = (),
+        outputs: Iterable[str] = (),
+        mappings_path: Path | None = None,
+        api: str = "auto",
+        poll_interval: float = 2.0,
+        clock_callback: ClockCallback | None = None,
+    ) -> None:
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         self.registry = registry
@@ -116,8 +147,13 @@ class MidiControl:
         if not self._listening:  # the registry has no remove_listener: add it once
             self.registry.add_listener(self._on_change)
             self._listening = True
-        log.info("MIDI: %d mappings from %s; inputs %s, outputs %s", len(file.mappings), self.mappings_path,
-                 list(self.inputs) or "none", list(self.outputs) or "none")
+        log.info(
+            "MIDI: %d mappings from %s; inputs %s, outputs %s",
+            len(file.mappings),
+            self.mappings_path,
+            list(self.inputs) or "none",
+            list(self.outputs) or "none",
+        )
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="midi", daemon=True)
         self._thread.start()
@@ -144,8 +180,9 @@ class MidiControl:
         parts = [f"midi in: {', '.join(ins) or 'none'}", f"out: {', '.join(outs) or 'none'}"]
         if "system" in self._problems:
             parts.append("no MIDI system")
-        waiting = ([p for p in self.inputs if not any(port_matches(p, n) for n in ins)]
-                   + [p for p in self.outputs if not any(port_matches(p, n) for n in outs)])
+        waiting = [p for p in self.inputs if not any(port_matches(p, n) for n in ins)] + [
+            p for p in self.outputs if not any(port_matches(p, n) for n in outs)
+        ]
         if waiting:
             parts.append(f"waiting for {', '.join(dict.fromkeys(waiting))}")
         if lost:
@@ -256,8 +293,12 @@ class MidiControl:
             raw = _raw_value(mapping, param, value)
             with self._lock:
                 state = self._states.get(mapping)
-                echo = (state is not None and mapping.mode is Mode.ABSOLUTE and state.value is not _MISSING
-                        and state.value == value)
+                echo = (
+                    state is not None
+                    and mapping.mode is Mode.ABSOLUTE
+                    and state.value is not _MISSING
+                    and state.value == value
+                )
                 echo_raw = state.raw if echo else raw
             for out in outputs:
                 key = (out.serial, mapping.channel, mapping.type, mapping.number)
@@ -380,8 +421,9 @@ class MidiControl:
             self._system.close()
             self._system = None
 
-    def _sync(self, ports: dict[str, Port], names: list[str], patterns: tuple[str, ...],
-              opener: Callable[..., Any]) -> bool:
+    def _sync(
+        self, ports: dict[str, Port], names: list[str], patterns: tuple[str, ...], opener: Callable[..., Any]
+    ) -> bool:
         vanished = False
         for name in [n for n in ports if n not in names]:
             self._close(ports, name)
@@ -637,8 +679,7 @@ class MidiControl:
 
     def _save(self) -> None:
         with self._lock:
-            file = MappingFile(self._file.path, list(self._file.mappings), list(self._file.kept),
-                               self._file.writable)
+            file = MappingFile(self._file.path, list(self._file.mappings), list(self._file.kept), self._file.writable)
         try:
             save_mappings(file)
         except OSError as exc:
@@ -669,8 +710,10 @@ def _feedback_messages(mapping: Mapping, raw: int) -> list[mido.Message]:
     if mapping.type is MapType.CC:
         return [mido.Message("control_change", channel=channel, control=mapping.number, value=raw)]
     if mapping.type is MapType.CC14:
-        return [mido.Message("control_change", channel=channel, control=mapping.number, value=raw >> 7),
-                mido.Message("control_change", channel=channel, control=mapping.number + 32, value=raw & 127)]
+        return [
+            mido.Message("control_change", channel=channel, control=mapping.number, value=raw >> 7),
+            mido.Message("control_change", channel=channel, control=mapping.number + 32, value=raw & 127),
+        ]
     if mapping.type is MapType.NOTE:  # velocity 0 is "off" to every LED we know of
         return [mido.Message("note_on", channel=channel, note=mapping.number, velocity=raw)]
     return [mido.Message("pitchwheel", channel=channel, pitch=raw - 8192)]
@@ -678,8 +721,11 @@ def _feedback_messages(mapping: Mapping, raw: int) -> list[mido.Message]:
 
 def _is_cc14_pair(events: list[LearnEvent]) -> bool:
     first = events[0]
-    return first.type is MapType.CC and first.number < 32 and any(
-        e.type is MapType.CC and e.number == first.number + 32 for e in events[1:])
+    return (
+        first.type is MapType.CC
+        and first.number < 32
+        and any(e.type is MapType.CC and e.number == first.number + 32 for e in events[1:])
+    )
 
 
 def _describe(message: mido.Message, port: str) -> str:

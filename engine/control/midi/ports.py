@@ -35,7 +35,7 @@ def resolve_apis(api: str) -> list[str]:
     Accepts "auto", "alsa", "jack", "coremidi", "windows" or an rtmidi name ("UNIX_JACK").
     Raises ValueError for an API this python-rtmidi was not built with.
     """
-    names = {getattr(rtmidi, n): n[len("API_"):] for n in dir(rtmidi) if n.startswith("API_")}
+    names = {getattr(rtmidi, n): n[len("API_") :] for n in dir(rtmidi) if n.startswith("API_")}
     compiled = [names[a] for a in rtmidi.get_compiled_api() if names[a] not in ("RTMIDI_DUMMY", "UNSPECIFIED")]
     if api.lower() == "auto":
         return compiled
@@ -126,4 +126,3 @@ def arrival_times(batch: list[tuple[list[int], float]], now: float) -> list[floa
     for k in range(len(batch) - 1, 0, -1):
         times[k - 1] = times[k] - max(0.0, batch[k][1])
     return times
-

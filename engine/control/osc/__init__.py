@@ -15,17 +15,53 @@ Who may send is engine.control.access's rule (loopback, or an allowlist).
 """
 
 from engine.control.access import SenderFilter, check_binding, is_loopback
-from engine.control.osc.address import (PREFIX, action_args, address_collisions, compile_pattern, encode_message,
-                                        has_pattern, normalised_value, param_value, parse_plain_message)
+from engine.control.osc.address import (
+    PREFIX,
+    action_args,
+    address_collisions,
+    compile_pattern,
+    encode_message,
+    has_pattern,
+    normalised_value,
+    param_value,
+    parse_plain_message,
+)
 from engine.control.osc.feedback import Feedback
-from engine.control.osc.server import (DEFAULT_OSC_PORT, FRAME_BUDGET, MAX_DATAGRAM, ORIGIN, POLL_INTERVAL,
-                                       RECEIVE_BUFFER, OscCounts, OscServer)
+from engine.control.osc.server import (
+    DEFAULT_OSC_PORT,
+    FRAME_BUDGET,
+    MAX_DATAGRAM,
+    ORIGIN,
+    POLL_INTERVAL,
+    RECEIVE_BUFFER,
+    OscCounts,
+    OscServer,
+)
 from engine.control.osc.tcp import MAX_TCP_PACKET
 from engine.logsetup import RateLimitedLog
 
 __all__ = [
-    "DEFAULT_OSC_PORT", "FRAME_BUDGET", "MAX_DATAGRAM", "MAX_TCP_PACKET", "ORIGIN", "POLL_INTERVAL", "PREFIX",
-    "RECEIVE_BUFFER", "Feedback", "OscCounts", "OscServer", "RateLimitedLog", "SenderFilter", "action_args",
-    "address_collisions", "check_binding", "compile_pattern", "encode_message", "has_pattern", "is_loopback",
-    "normalised_value", "param_value", "parse_plain_message",
+    "DEFAULT_OSC_PORT",
+    "FRAME_BUDGET",
+    "MAX_DATAGRAM",
+    "MAX_TCP_PACKET",
+    "ORIGIN",
+    "POLL_INTERVAL",
+    "PREFIX",
+    "RECEIVE_BUFFER",
+    "Feedback",
+    "OscCounts",
+    "OscServer",
+    "RateLimitedLog",
+    "SenderFilter",
+    "action_args",
+    "address_collisions",
+    "check_binding",
+    "compile_pattern",
+    "encode_message",
+    "has_pattern",
+    "is_loopback",
+    "normalised_value",
+    "param_value",
+    "parse_plain_message",
 ]

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 from pythonosc import osc_bundle, osc_message
 from pythonosc.osc_message_builder import OscMessageBuilder
@@ -25,8 +26,15 @@ from engine.params import Kind, Param, ParamError, ParamRegistry
 PREFIX = "/dreamdeck"
 _PATTERN_CHARS = frozenset("*?[]{}")
 # What python-osc (and the bytes it decodes) raise for a packet that is not OSC.
-MALFORMED = (osc_message.ParseError, osc_bundle.ParseError, UnicodeDecodeError, RecursionError,
-             struct.error, IndexError, TypeError)
+MALFORMED = (
+    osc_message.ParseError,
+    osc_bundle.ParseError,
+    UnicodeDecodeError,
+    RecursionError,
+    struct.error,
+    IndexError,
+    TypeError,
+)
 
 
 def has_pattern(address: str) -> bool:
@@ -148,8 +156,7 @@ def param_value(param: Param, args: Sequence[Any]) -> Any:
             return tuple(args)
         if len(args) == 1:
             return args[0]  # '#rrggbb' text; the registry says what is wrong with anything else
-        raise ParamError(f"{param.path}: a colour is 3 or 4 floats, one rgba, or '#rrggbb'; "
-                         f"got {len(args)} arguments")
+        raise ParamError(f"{param.path}: a colour is 3 or 4 floats, one rgba, or '#rrggbb'; got {len(args)} arguments")
     if kind is Kind.STRING and len(args) > 1 and all(isinstance(a, str) for a in args):
         return " ".join(args)  # Max sends `a red cat` as three symbols
     if len(args) != 1:
@@ -178,8 +185,9 @@ def action_args(spec: ActionSpec, args: Sequence[Any]) -> tuple[Any, ...] | None
         try:
             return () if _fires(spec.name, args) else None
         except ParamError:
-            raise ActionError(f"{spec.signature}: a button sends no argument or one number, "
-                              f"got {_describe(args)}") from None
+            raise ActionError(
+                f"{spec.signature}: a button sends no argument or one number, got {_describe(args)}"
+            ) from None
     values = list(args)
     last = len(spec.args) - 1
     if spec.args[last].type == "text" and len(values) > last and all(_is_word(v) for v in values[last:]):
@@ -212,8 +220,12 @@ def encode_message(address: str, param: Param, value: Any) -> bytes:
 
 
 Parsed = tuple[str, list[Any]]  # (address, arguments)
-_FIXED = {ord("i"): struct.Struct(">i"), ord("f"): struct.Struct(">f"), ord("d"): struct.Struct(">d"),
-          ord("h"): struct.Struct(">q")}
+_FIXED = {
+    ord("i"): struct.Struct(">i"),
+    ord("f"): struct.Struct(">f"),
+    ord("d"): struct.Struct(">d"),
+    ord("h"): struct.Struct(">q"),
+}
 _CONSTANTS = {ord("T"): True, ord("F"): False, ord("N"): None}
 
 
@@ -278,4 +290,3 @@ def parse_plain_message(packet: bytes) -> Parsed | None:
         else:
             return None
     return (address, args) if i <= len(packet) else None
-

@@ -43,8 +43,9 @@ class Feedback:
         except socket.gaierror as exc:
             raise ValueError(f"OSC feedback host {self.host!r} does not resolve: {exc.strerror}") from None
         target_ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if self.port == own_port and (target_ip.is_loopback or own_host in ("", "0.0.0.0", "::")
-                                      or info[4][0] == own_host):
+        if self.port == own_port and (
+            target_ip.is_loopback or own_host in ("", "0.0.0.0", "::") or info[4][0] == own_host
+        ):
             raise ValueError(f"OSC feedback to {self.host}:{self.port} would come back in: that is this server")
         sock = socket.socket(info[0], socket.SOCK_DGRAM)
         sock.setblocking(False)  # the render thread sends: a full buffer is a skipped message, not a wait

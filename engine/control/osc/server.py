@@ -22,14 +22,25 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from engine.control.access import Access
 from engine.control.actions import ActionError, Actions
-from engine.control.osc.address import (MALFORMED, PREFIX, SKIP, action_args, address_collisions, has_pattern,
-                                        compile_pattern, messages_in, normalised_value, param_value,
-                                        encode_message)
+from engine.control.osc.address import (
+    MALFORMED,
+    PREFIX,
+    SKIP,
+    action_args,
+    address_collisions,
+    compile_pattern,
+    encode_message,
+    has_pattern,
+    messages_in,
+    normalised_value,
+    param_value,
+)
 from engine.control.osc.feedback import Feedback
 from engine.control.osc.tcp import OscTcpServer
 from engine.logsetup import RateLimitedLog
@@ -82,9 +93,17 @@ class OscServer:
 
     name = "osc"
 
-    def __init__(self, registry: ParamRegistry, actions: Actions, host: str = "127.0.0.1",
-                 port: int = DEFAULT_OSC_PORT, allow: list[str] | None = None,
-                 feedback: tuple[str, int] | None = None, prefix: str = PREFIX, tcp: bool = False) -> None:
+    def __init__(
+        self,
+        registry: ParamRegistry,
+        actions: Actions,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_OSC_PORT,
+        allow: list[str] | None = None,
+        feedback: tuple[str, int] | None = None,
+        prefix: str = PREFIX,
+        tcp: bool = False,
+    ) -> None:
         if not prefix.startswith("/") or prefix.endswith("/"):
             raise ValueError(f"OSC prefix {prefix!r} must look like /name")
         self.registry = registry
@@ -155,8 +174,11 @@ class OscServer:
         except OSError as exc:
             sock.close()
             self._close_feedback()
-            raise OSError(exc.errno, f"OSC cannot listen on {self.host}:{self.port}: {exc.strerror or exc} "
-                                     "(is another program using this port?)") from exc
+            raise OSError(
+                exc.errno,
+                f"OSC cannot listen on {self.host}:{self.port}: {exc.strerror or exc} "
+                "(is another program using this port?)",
+            ) from exc
         except ValueError:
             sock.close()
             self._close_feedback()
@@ -167,8 +189,7 @@ class OscServer:
             self._listening = True
         self._thread = threading.Thread(target=self._serve_udp, args=(sock,), name="osc udp", daemon=True)
         self._thread.start()
-        log.info("OSC listening on udp%s %s:%d under %s", "+tcp" if self.tcp else "", self.host, self.port,
-                 self.prefix)
+        log.info("OSC listening on udp%s %s:%d under %s", "+tcp" if self.tcp else "", self.host, self.port, self.prefix)
 
     def stop(self) -> None:
         self._stop.set()
@@ -314,13 +335,13 @@ class OscServer:
         """Parameters first, then the reserved addresses, actions, and wildcard patterns."""
         if not address.startswith(self.prefix + "/"):
             raise ParamError(f"not under {self.prefix}/")
-        rest = address[len(self.prefix):]
+        rest = address[len(self.prefix) :]
         if rest in self.registry:
             self._plan_value(self.registry.param(rest), args, plan)
         elif rest == "/get":
             plan.gets.extend(self._get_paths(args))
         elif rest.startswith("/norm/"):
-            for path in self._params_at(rest[len("/norm"):]):
+            for path in self._params_at(rest[len("/norm") :]):
                 plan.values[path] = normalised_value(self.registry.param(path), args)
         elif rest[1:] in self.actions.specs:
             action_args = self._action_args(rest[1:], args)
@@ -368,7 +389,7 @@ class OscServer:
             self._expansions = {}
 
     def _strip_prefix(self, path: str) -> str:
-        return path[len(self.prefix):] if path.startswith(self.prefix + "/") else path
+        return path[len(self.prefix) :] if path.startswith(self.prefix + "/") else path
 
     def _get_paths(self, args: Sequence[Any]) -> list[str]:
         """/get with no argument: every value; else each argument is a path or a pattern."""
@@ -431,8 +452,9 @@ class OscServer:
     def _start_tcp(self, family: socket.AddressFamily) -> None:
         server = OscTcpServer((self.host, self.port), family, self)
         self._tcp_server = server
-        self._tcp_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL},
-                                            name="osc tcp", daemon=True)
+        self._tcp_thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": POLL_INTERVAL}, name="osc tcp", daemon=True
+        )
         self._tcp_thread.start()
 
 
@@ -461,7 +483,10 @@ def _grow_receive_buffer(sock: socket.socket) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
     granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     if granted < RECEIVE_BUFFER:
-        log.info("OSC receive buffer is %d KiB (capped by net.core.rmem_max): a large burst may lose "
-                 "messages; `sysctl -w net.core.rmem_max=%d` raises the cap", granted // 1024, RECEIVE_BUFFER)
+        log.info(
+            "OSC receive buffer is %d KiB (capped by net.core.rmem_max): a large burst may lose "
+            "messages; `sysctl -w net.core.rmem_max=%d` raises the cap",
+            granted // 1024,
+            RECEIVE_BUFFER,
+        )
     return granted
-

@@ -7,7 +7,8 @@ import logging
 import socket
 import socketserver
 import struct
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from engine.control.osc.server import OscServer
