@@ -110,6 +110,8 @@ def test_build_show_makes_the_whole_show_and_every_part_works(tmp_path: Path, mo
 
             SimpleUDPClient("127.0.0.1", show.parts["osc"].port).send_message("/dreamdeck/fx/kaleido/segments", 11)
             step_until(show, lambda: app.params.get("/fx/kaleido/segments") == 11, "OSC reaching the registry")
+            host_info = get_json(f"http://127.0.0.1:{show.parts['oscquery'].port}/?HOST_INFO")
+            assert host_info["OSC_PORT"] == show.parts["osc"].port != 0, "OSCQuery advertises the bound OSC port"
             served = get_json(f"http://127.0.0.1:{show.status_page.port}/api/params")
             assert {"path": "/fx/kaleido/segments", "value": 11}.items() <= next(
                 p for p in served if p["path"] == "/fx/kaleido/segments"

@@ -25,7 +25,7 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -201,7 +201,7 @@ class OscQueryServer:
     def __init__(
         self,
         registry: ParamRegistry,
-        osc_port: int,
+        osc_port: int | Callable[[], int],
         host: str = "127.0.0.1",
         port: int = DEFAULT_OSCQUERY_PORT,
         name: str = "dreamdeck",
@@ -211,7 +211,8 @@ class OscQueryServer:
         prefix: str = PREFIX,
     ) -> None:
         self.registry = registry
-        self.osc_port = osc_port
+        # a callable reads the OSC server's bound port when asked (port 0 binds a free one at start)
+        self._osc_port = osc_port
         self.host = host
         self.port = port  # the bound port once started (port=0 picks a free one)
         self.service_name = name
@@ -229,6 +230,11 @@ class OscQueryServer:
         self.advertised = False
 
     # -- life cycle ------------------------------------------------------------------------
+    @property
+    def osc_port(self) -> int:
+        """The UDP port OSC messages go to, as HOST_INFO and zeroconf advertise it."""
+        return self._osc_port() if callable(self._osc_port) else self._osc_port
+
     def start(self) -> None:
         if self._http is not None:
             return

@@ -79,7 +79,7 @@ def install_controls(app, config: ControlConfig) -> dict[str, object]:
             made["oscquery"] = app.add_control(
                 OscQueryServer(
                     app.params,
-                    config.osc_port,
+                    lambda: osc.port,  # the bound port: with osc_port 0 it is known only once OSC started
                     host=config.osc_host,
                     port=config.oscquery_port,
                     advertise=config.advertise,
