@@ -13,7 +13,9 @@ A page asks for a generated block with a marker on a line of its own:
 Since the blocks are made from the registry, the CLI and the benchmark files at build time,
 no generated page can go stale. What cannot be generated is checked: every parameter path
 the prose names in backticks must exist, so `mkdocs build --strict` fails on a renamed
-parameter as it fails on a broken link. The same functions run without MkDocs:
+parameter as it fails on a broken link. A page whose example declares parameters of its own
+(a plugin's) lists them in its front matter: `example_params: [/scene/invert/amount]`.
+The same functions run without MkDocs:
 
     python3 docs/hooks/generated.py PAGE.md      # print the page with its blocks filled in
 """
@@ -50,7 +52,28 @@ class GenerationError(Exception):
 
 def _reference(markdown: str) -> str:
     """Inside a div the stylesheet knows (docs/stylesheets/extra.css: paths stay on one line)."""
-    return f'<div class="reference-table" markdown>\n\n{markdown}\n\n</div>'
+    return f'<div class="reference-table" markdown>\n\n{_code_pipes(markdown)}\n\n</div>'
+
+
+_CODE_SPAN = re.compile(r"`([^`\n]*)`")  # left to right, so backticks pair as Markdown pairs them
+
+
+def _code_pipes(markdown: str) -> str:
+    """Table cells with ``|`` inside code (``scene/select(ref: str\\|int)``) as HTML code.
+
+    engine.paramdoc escapes the pipe so that a row keeps its columns, as GitHub's Markdown
+    wants; Python-Markdown keeps the backslash inside a code span, so the site would show
+    ``str\\|int``. ``<code>`` with ``&#124;`` shows ``str|int`` and splits no cell.
+    """
+
+    def html(match: re.Match) -> str:
+        code = match.group(1)
+        if "\\|" not in code:
+            return match.group(0)
+        code = code.replace("\\|", "|").replace("&", "&amp;").replace("<", "&lt;")
+        return "<code>" + code.replace("|", "&#124;") + "</code>"
+
+    return _CODE_SPAN.sub(html, markdown)
 
 
 def params_block() -> str:
@@ -197,33 +220,69 @@ def bench_osc(*names: str) -> str:
     return "\n".join(_table(header, rows) + _caption(reports))
 
 
+def _baselines(r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A case's diffusers baselines, as (own VAE, same TAESD) records with ``ratio`` in each.
+
+    Runs from before the bench had two baselines have one, ``baseline`` (the model's own VAE)
+    with one ``ratio``: it fills the own-VAE column, and the TAESD one stays empty."""
+    if "baselines" in r:
+        ratios = r.get("ratios") or {}
+        return tuple(
+            dict(r["baselines"].get(name) or {}, ratio=ratios.get(name))  # type: ignore[return-value]
+            for name in ("own_vae", "taesd")
+        )
+    return (dict(r["baseline"], ratio=r.get("ratio")) if r.get("baseline") else {}), {}
+
+
+def _against(b: dict[str, Any]) -> str:
+    if not b.get("fps"):
+        return "–"
+    ratio = f", {_num(b['ratio'])}x" if b.get("ratio") else ""
+    return f"{_num(b['fps'], 2)} ({_num(b.get('p50_ms'), 0)} ms{ratio})"
+
+
 def bench_diffusion(*names: str) -> str:
     """``dreamdeck bench diffusion --json`` results, or a ``scripts/bench_diffusion.py`` summary
-    (``{"cases": [...]}``; its slow-scene and LoRA cases have tables of their own)."""
+    (``{"cases": [...]}``): a row per bench case, a line per in-app case; the slow-scene and
+    LoRA cases have tables of their own. A backend that fell back is marked FELL BACK."""
     reports = [(n, load_bench(n)) for n in names]
-    rows, commands = [], []
+    rows, commands, in_app = [], [], []
     for name, report in reports:
         for r in report.get("cases", [report]):
             case = r.get("case", name)
-            if "error" in r:
-                rows.append((f"`{case}`", f"failed: {r['error']}", "", "", "", "", ""))
+            if r.get("status") == "failed" or "error" in r:
+                rows.append((f"`{case}`", f"failed: {r.get('error')}", "", "", "", "", ""))
+                continue
+            if r.get("status") == "skipped" or "skipped" in r:
+                rows.append((f"`{case}`", f"skipped: {r.get('skipped')}", "", "", "", "", ""))
+                continue
+            backend = r.get("accel", "?")
+            if r.get("fell_back"):
+                backend += f" (**FELL BACK** from {r.get('accel_requested')})"
+            if r.get("kind") == "inapp":
+                ratio = f", {_num(r['ratio'], 2)}x the `{r['compare_to']}` bench" if r.get("ratio") is not None else ""
+                in_app.append(
+                    f"- `{case}`, the show headless: the realtime scene at "
+                    f"{_num(r['scene_fps'])} images/s (cap {_num(r['cap_fps'], 0)}), render "
+                    f"{_num(r['render_fps'])} fps, {backend}, {r.get('device', '?')}{ratio}."
+                )
                 continue
             if "engine" not in r:
                 continue
-            e, b = r["engine"], r["baseline"] or {}
-            where = r["gpu_name"] or r["device"]
+            e = r["engine"]
+            own, taesd = _baselines(r)
+            where = r.get("gpu_name") or r["device"]
             what = f"{r['arch']} {r['size']}², {r['steps']} step{'s' if r['steps'] > 1 else ''}, {r['dtype']}"
             stages = " / ".join(_num(e["stages_ms"].get(k), 0) for k in ("encode", "unet", "decode"))
-            base = f"{_num(b.get('fps'), 2)} ({_num(b.get('p50_ms'), 0)})" if b else "–"
             first = r["startup"]["first_frame_s"]
             rows.append(
                 (
                     f"`{case}`",
-                    f"{what}, {r['accel']}, {where}",
+                    f"{what}, {backend}, {where}",
                     f"{_num(e['fps'], 2)} ({_num(e['p50_ms'], 0)})",
                     stages,
-                    base,
-                    f"{_num(r['ratio'])}x" if r["ratio"] else "–",
+                    _against(own),
+                    _against(taesd),
                     f"{_num(first)} s",
                 )
             )
@@ -234,11 +293,16 @@ def bench_diffusion(*names: str) -> str:
         "what, backend, device",
         "hot path fps (p50 ms)",
         "encode / unet / decode ms",
-        "diffusers fps (p50 ms)",
-        "ratio",
+        "diffusers, own VAE: fps (p50, ratio)",
+        "diffusers, same TAESD: fps (p50, ratio)",
         "first frame",
     )
-    return "\n".join(_table(header, rows) + ["", "Commands:", "", *commands] + _caption(reports))
+    lines = _table(header, rows)
+    if in_app:
+        lines += ["", "In the show:", "", *in_app]
+    if commands:
+        lines += ["", "Commands:", "", *commands]
+    return "\n".join(lines + _caption(reports))
 
 
 def bench_slow_scenes(frames: str, ddpm: str, vqgan_clip: str) -> str:
@@ -372,10 +436,12 @@ def _known() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
     return paths, groups, actions
 
 
-def unknown_paths(markdown: str) -> list[str]:
+def unknown_paths(markdown: str, examples: tuple[str, ...] = ()) -> list[str]:
     """Parameter paths named in backticks (`/fx/kaleido/segments`, `/dreamdeck/norm/...`) that
-    neither the registry nor the actions have."""
+    neither the registry nor the actions have. ``examples``: paths a page's example declares
+    (a plugin's parameters: the registry has them only where the plugin is installed)."""
     paths, groups, actions = _known()
+    paths = paths | frozenset(examples)
     unknown = []
     for code in _CODE.findall(markdown):
         found = _PATH.match(code)
@@ -405,7 +471,9 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         markdown = fill(markdown, where)
     except GenerationError as exc:
         raise PluginError(str(exc)) from None
-    for word in unknown_paths(markdown):
+    # a page whose example declares parameters says so in its front matter (example_params: [...])
+    examples = tuple(str(path) for path in (page.meta or {}).get("example_params", ()))
+    for word in unknown_paths(markdown, examples):
         log.warning("%s: `%s` is not a parameter or an action (renamed?)", where, word)
     return markdown
 

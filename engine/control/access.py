@@ -76,7 +76,8 @@ def check_binding(
         if token is None and not is_loopback(host):
             raise ValueError(
                 f"{what} on {host!r} is reachable from the network: give an allowlist of "
-                "sender addresses or networks (e.g. allow=['192.168.1.20', '10.0.0.0/24'])"
+                "sender addresses or networks, e.g. 192.168.1.20 or 10.0.0.0/24 (dreamdeck run: --osc-allow, "
+                "--status-allow)"
             )
         return None
     return parse_allowlist(allow, what)

@@ -6,7 +6,7 @@ and whose value is its class::
     [project.entry-points."dreamdeck.scenes"]
     tint = "dreamdeck_scene_tint:Tint"
 
-The catalog order (F1..F12, the index of ``scene/select`` and of ``/scene/active`` from
+The catalog order (F1..F9, the index of ``scene/select`` and of ``/scene/active`` from
 MIDI) is: dreamdeck's own scenes by their ``order``, then every other package's scenes by
 ``(order, name)``. So installing a plugin never moves a built-in scene's key.
 
