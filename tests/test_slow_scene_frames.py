@@ -41,8 +41,8 @@ class Stuck(Scene):
     gate = threading.Event()  # the test lets it finish
     made: list[Stuck] = []
 
-    def __init__(self, params) -> None:
-        super().__init__(params)
+    def __init__(self, params, torch=None) -> None:
+        super().__init__(params, torch=torch)
         self.calls = 0
         self.gave_up = False  # the gate never opened: the test was stuck too, i.e. the loop waited on us
         Stuck.made.append(self)
