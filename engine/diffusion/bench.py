@@ -169,7 +169,7 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
     # 1. the engine: hot path, host frames in and out
     stream = StreamImg2Img(engine_model, choice, StreamConfig(size=(options.size, options.size), steps=steps),
                            LiveSettings(strength=0.5, similarity_threshold=0.0), prompts=[(PROMPT, 1.0)],
-                           accelerator=choose_accelerator(options.accel, choice.device))
+                           accelerator=choose_accelerator(options.accel, choice.device), timing=True)
     stream.prompts.wait()
     # the first image, as a show gets it: eager frames while a compiled or TensorRT build starts
     # in the background (the first frame starts it), timed from the loaded weights
