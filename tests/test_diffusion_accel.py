@@ -2,9 +2,10 @@
 
 - torch.compile: built on a background thread while frames run eager, then switched in.
   Inductor on this 2-core CPU takes 70-170 s cold for even the tiny model, so the default
-  test compiles with dynamo's ``eager`` backend and ``fullgraph=True``: the same dynamo
-  tracing (and proof that no stage has a graph break, which would split CUDA graphs) and the
-  same build-then-switch machinery, without code generation. (``aot_eager`` trips over the
+  test compiles with dynamo's ``eager`` backend (the frame is always compiled with
+  ``fullgraph=True``): the same dynamo tracing (and proof that the frame has no graph break,
+  which would split its CUDA graph) and the same build-then-switch machinery, without code
+  generation (test_diffusion_graph.py proves the rest of what a compiled frame promises). (``aot_eager`` trips over the
   VAE's group norm in torch 2.13 on the CPU.) DREAMDECK_SLOW_TESTS=1 also runs real
   inductor, cold then warm from its disk cache.
 - TensorRT: the ONNX export it builds from is run with onnxruntime against torch. The
