@@ -303,3 +303,24 @@ def test_a_frame_that_would_recompile_falls_back_to_eager_and_says_so(lcm, limit
     assert stream.accel_state == "compile (fell back to eager: a frame needed a recompile)"
     assert stream.accel_error.startswith("compile fell back to eager: the frame needed a recompile")
     assert stream(frame) is not None and stream.accel_state.startswith("compile (fell back")  # it stays said
+
+
+def test_a_show_can_rebuild_more_often_than_dynamo_compiles_one_function():
+    """dynamo compiles one code object at most ``accumulated_recompile_limit`` times per process
+    (256), then refuses; a show rebuilds for every new step count, size or LoRA slot, for weeks.
+    Each build compiles its own copy of the frame's code (the limit is lowered here to see it)."""
+    from engine.diffusion.hotpath import FrameInputs
+    from engine.diffusion.schedule import StageCoefficients
+
+    class Frame(torch.nn.Module):
+        def frame(self, pixels, buffer, text, noise, c, timestep_cond):
+            return pixels + 1, buffer
+
+    example = FrameInputs(torch.zeros((4, 4, 3), dtype=torch.uint8), torch.zeros((0, 4, 2, 2)), torch.zeros((1, 77, 8)),
+                          torch.zeros((1, 4, 2, 2)), StageCoefficients(*(torch.zeros(1) for _ in range(8))), None)
+    with torch._dynamo.config.patch(accumulated_recompile_limit=3):
+        for _ in range(5):
+            backend = CompileAccelerator(backend="eager").build(Frame(), example)
+            with torch.inference_mode():
+                image, _ = backend.frame(*example)
+            assert image.sum() == 4 * 4 * 3

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Protocol
@@ -112,6 +113,19 @@ def describe_inputs(inputs: FrameInputs) -> list[tuple[str, Any]]:
             for name, t in named]
 
 
+def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The bound method with a private copy of its code object.
+
+    dynamo keeps its compiled graphs, and counts compiles, per code object: 256 compiles of
+    one function per process and it compiles no more. A show builds again for each new step
+    count, size or LoRA slot, so each build compiles its own copy, freed with its stream.
+    """
+    function = method.__func__
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
 def compile_limits_supported() -> bool:
     """torch.compile takes ``recompile_limit`` and ``isolate_recompiles`` (torch 2.13 does)."""
     return {"recompile_limit", "isolate_recompiles"} <= set(inspect.signature(torch.compile).parameters)
@@ -180,7 +194,7 @@ class CompileAccelerator:
             if mode is None:
                 mode = "reduce-overhead" if cuda else "default"
         limits = compile_limits_supported()
-        compiled = torch.compile(hot.frame, backend=self.backend, mode=mode, dynamic=False, fullgraph=True,
+        compiled = torch.compile(own_code(hot.frame), backend=self.backend, mode=mode, dynamic=False, fullgraph=True,
                                  **(dict(recompile_limit=1, isolate_recompiles=True) if limits else {}))
         backend = Backend("compile", CompiledFrame(compiled, example, dynamo_refuses=limits),
                           cudagraphs=mode == "reduce-overhead")
