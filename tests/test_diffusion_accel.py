@@ -2,9 +2,10 @@
 
 - torch.compile: built on a background thread while frames run eager, then switched in.
   Inductor on this 2-core CPU takes 70-170 s cold for even the tiny model, so the default
-  test compiles with dynamo's ``eager`` backend and ``fullgraph=True``: the same dynamo
-  tracing (and proof that no stage has a graph break, which would split CUDA graphs) and the
-  same build-then-switch machinery, without code generation. (``aot_eager`` trips over the
+  test compiles with dynamo's ``eager`` backend (the frame is always compiled with
+  ``fullgraph=True``): the same dynamo tracing (and proof that the frame has no graph break,
+  which would split its CUDA graph) and the same build-then-switch machinery, without code
+  generation (test_diffusion_graph.py proves the rest of what a compiled frame promises). (``aot_eager`` trips over the
   VAE's group norm in torch 2.13 on the CPU.) DREAMDECK_SLOW_TESTS=1 also runs real
   inductor, cold then warm from its disk cache.
 - TensorRT: the ONNX export it builds from is run with onnxruntime against torch. The
@@ -69,7 +70,7 @@ def test_compile_builds_in_the_background_then_switches(tiny, backend, tmp_path,
     images = frames(3)
     reference = stream_on(tiny, EagerAccelerator())
     expected = [reference(f) for f in images]
-    compiled = stream_on(tiny, CompileAccelerator(backend=backend, cache_dir=tmp_path / "inductor", fullgraph=True))
+    compiled = stream_on(tiny, CompileAccelerator(backend=backend, cache_dir=tmp_path / "inductor"))
     assert compiled.accel == "eager"  # frames start at once, on eager
     assert compiled.accel_state == "eager, compile from the first frame"
     compiled(images[0])
@@ -178,8 +179,8 @@ def test_layers_changed_during_a_build_make_it_stale_and_it_builds_again(tiny):
 def test_auto_policy():
     assert choose_accelerator("auto", torch.device("cpu")).name == "eager"
     assert choose_accelerator("auto", torch.device("cuda")).name == "compile"
-    with pytest.raises(ValueError, match="CUDA"):
-        choose_accelerator("tensorrt", torch.device("cpu"))
+    tensorrt = choose_accelerator("tensorrt", torch.device("cpu"))  # experimental: with its fallback
+    assert tensorrt.name == "tensorrt" and "CUDA" in tensorrt.unavailable
     with pytest.raises(ValueError, match="not one of"):
         choose_accelerator("fast", torch.device("cpu"))
 
@@ -188,8 +189,7 @@ def test_auto_is_what_dreamdeck_run_chose():
     show = TorchDefaults(accel="compile")  # dreamdeck run --accel compile
     assert choose_accelerator(show.pick().accel, torch.device("cpu")).name == "compile"
     assert choose_accelerator(show.pick(accel="eager").accel, torch.device("cpu")).name == "eager"  # the scene's wins
-    with pytest.raises(ValueError, match="CUDA"):
-        choose_accelerator(TorchDefaults(accel="tensorrt").pick().accel, torch.device("cpu"))
+    assert choose_accelerator(TorchDefaults(accel="tensorrt").pick().accel, torch.device("cpu")).name == "tensorrt"
     with pytest.raises(ValueError, match="not one of"):
         TorchDefaults(accel="fast")
 

@@ -28,10 +28,9 @@ from diffusers import (  # noqa: E402
 from engine.diffusion.configs import build_random_model  # noqa: E402
 from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.options import TorchDefaults  # noqa: E402
-from engine.diffusion.hotpath import fit_to  # noqa: E402
 from engine.diffusion.prompts import blend, slerp  # noqa: E402
 from engine.diffusion.schedule import build_schedule  # noqa: E402
-from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
+from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img, fit_into  # noqa: E402
 from diffusion_fixtures import one_torch_thread  # noqa: E402,F401  (fixtures)
 
 SIZE = 32  # pixels; the tiny VAE halves it: 16x16 latents
@@ -257,11 +256,19 @@ def test_similarity_filter_lets_the_stream_batch_empty_before_skipping(lcm):
     assert [r is None for r in results] == [True, True, False, True, True]
 
 
-def test_camera_frames_are_cropped_not_stretched():
-    image = torch.zeros(1, 3, 40, 80)
-    image[..., :, 20:60] = 1.0  # a centred square: what a square crop of a wide frame keeps
-    fitted = fit_to(image, 20, 20)
-    assert fitted.shape == (1, 3, 20, 20) and torch.allclose(fitted, torch.ones_like(fitted))
+@pytest.mark.parametrize("shape", [(40, 80), (80, 40), (10, 30)])  # wide, tall, and smaller than the model
+def test_camera_frames_are_cropped_not_stretched(shape):
+    h, w = shape
+    frame = np.zeros((h, w, 3), np.uint8)
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    frame[top:top + side, left:left + side] = 255  # a centred square: what a square crop keeps
+    fitted = np.zeros((20, 20, 3), np.uint8)
+    fit_into(frame, fitted)
+    assert (fitted == 255).all()
+    frame[top:top + side, left:left + side // 2] = 0  # its left half black: so is the fitted left half
+    fit_into(frame, fitted)
+    assert (fitted[:, :9] == 0).all() and (fitted[:, 11:] == 255).all()
 
 
 def test_device_choice():

@@ -273,7 +273,8 @@ def bench_diffusion(*names: str) -> str:
             own, taesd = _baselines(r)
             where = r.get("gpu_name") or r["device"]
             what = f"{r['arch']} {r['size']}², {r['steps']} step{'s' if r['steps'] > 1 else ''}, {r['dtype']}"
-            stages = " / ".join(_num(e["stages_ms"].get(k), 0) for k in ("encode", "unet", "decode"))
+            # the stages as timed: encode / unet / decode before one graph per frame, then upload / diffuse / download
+            stages = ", ".join(f"{name} {_num(ms, 0)}" for name, ms in e["stages_ms"].items())
             first = r["startup"]["first_frame_s"]
             rows.append(
                 (
@@ -292,7 +293,7 @@ def bench_diffusion(*names: str) -> str:
         "case",
         "what, backend, device",
         "hot path fps (p50 ms)",
-        "encode / unet / decode ms",
+        "stages ms",
         "diffusers, own VAE: fps (p50, ratio)",
         "diffusers, same TAESD: fps (p50, ratio)",
         "first frame",

@@ -10,12 +10,12 @@ Nothing here imports GL: the benchmark runs on a GPU machine with no display.
     device.py       device and precision: auto (cuda fp16, mps fp16, cpu fp32) or chosen
     schedule.py     the per-stage numbers of a stream batch (Euler / Euler ancestral / LCM)
     prompts.py      prompt embeddings encoded off the frame path, blended by slerp
-    hotpath.py      the three per-frame stages as one torch module (encode, denoise, decode)
+    hotpath.py      one frame as one pure tensor function (encode, denoise, decode): one graph
     similarity.py   skip frames that show nothing new
-    timing.py       per-stage timing (CUDA events on a GPU)
+    timing.py       per-stage timing, off in a show (CUDA events on a GPU, read a frame late)
     stream.py       StreamImg2Img: host frame in, host image out, one UNet call per frame
     lora.py         LoRA slots on the UNet: files read in the background, hot-swapped, blended live
-    accel.py        eager / torch.compile / TensorRT stages, built in the background
+    accel.py        eager / torch.compile / TensorRT frame, built in the background
     onnx_export.py  the UNet as ONNX with a dynamic batch (verified with onnxruntime)
     tensorrt.py     TensorRT engine build (cached) and runner: written, never run here
     bench.py        ``dreamdeck bench diffusion``

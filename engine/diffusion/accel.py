@@ -1,4 +1,4 @@
-"""Acceleration backends: the same three stages, eager, compiled, or with a TensorRT UNet.
+"""Acceleration backends: the same frame function, eager, compiled, or around a TensorRT UNet.
 
 A backend's ``build`` is slow (torch.compile: 86 s cold on an H200; a TensorRT engine:
 minutes), so the stream calls it on a background thread while frames run eager, and
@@ -6,49 +6,74 @@ switches with one assignment when it returns. ``choose_accelerator("auto")`` is 
 policy: ``compile`` on CUDA (measured there), ``eager`` elsewhere (on a CPU the compiler
 would take the cores the show is using; MPS support in inductor is experimental).
 ``tensorrt`` is opt-in: it is written but has never run on any machine this project has.
+
+A compiled frame is one dynamo graph (``fullgraph=True``: a graph break fails the build,
+and says where) that never compiles again on the frame path: ``recompile_limit=1``, so a
+frame whose inputs would need another graph raises ``RecompileRefused`` instead of
+compiling for tens of seconds, or of dynamo silently running eager once its limit is hit.
+The stream then falls back to eager and says so. Each build is its own region
+(``isolate_recompiles``): a rebuilt stream's graph does not count against an older one's.
+A torch without those two options (before 2.13) gets the same policy a step later: the
+frame's inputs are checked against the graph's before it runs, and a frame that compiled
+anyway (a guard on global state) raises ``RecompileRefused`` after its compile.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 
-from engine.diffusion.hotpath import HotPath
+from engine.diffusion.hotpath import FrameInputs, HotPath
 from engine.diffusion.options import ACCEL_CHOICES
 
 log = logging.getLogger(__name__)
 
+FrameFunction = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # FrameInputs -> (uint8 image, next buffer)
 
-class Stages(NamedTuple):
+
+class Backend(NamedTuple):
     name: str
-    encode: Callable[..., torch.Tensor]
-    denoise: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    decode: Callable[..., torch.Tensor]
+    frame: FrameFunction
     cudagraphs: bool = False  # the stream marks each frame as a new CUDA-graph step
-
-
-@dataclass(frozen=True)
-class StageExample:
-    """Arguments of the right shapes for each stage (tracing and warm-up)."""
-
-    encode: tuple[Any, ...]
-    denoise: tuple[Any, ...]
-    decode: tuple[Any, ...]
 
 
 class Accelerator(Protocol):
     name: str
 
-    def build(self, hot: HotPath, example: StageExample) -> Stages: ...
+    def build(self, hot: HotPath, example: FrameInputs) -> Backend: ...
 
 
-def eager_stages(hot: HotPath) -> Stages:
-    return Stages("eager", hot.encode, hot.denoise, hot.decode)
+class RecompileRefused(RuntimeError):
+    """A frame's inputs did not match the compiled graph's: it would have compiled again on the frame path."""
+
+
+@dataclass(frozen=True)
+class CompileCounts:
+    """dynamo's process-wide counters; the difference of two tells what happened in between."""
+
+    graphs: int  # graphs dynamo captured (each compile, recompile, or piece after a graph break)
+    graph_breaks: int
+
+    def __sub__(self, other: "CompileCounts") -> "CompileCounts":
+        return CompileCounts(self.graphs - other.graphs, self.graph_breaks - other.graph_breaks)
+
+
+def compile_counts() -> CompileCounts:
+    from torch._dynamo.utils import counters
+
+    return CompileCounts(graphs=counters["stats"]["unique_graphs"],
+                         graph_breaks=sum(counters["graph_break"].values()))
+
+
+def eager_backend(hot: HotPath) -> Backend:
+    return Backend("eager", hot.frame)
 
 
 def dreamdeck_cache_dir() -> Path:
@@ -76,12 +101,69 @@ def configure_inductor_cache(cache_dir: Path | None) -> str:
 class EagerAccelerator:
     name = "eager"
 
-    def build(self, hot: HotPath, example: StageExample) -> Stages:
-        return eager_stages(hot)
+    def build(self, hot: HotPath, example: FrameInputs) -> Backend:
+        return eager_backend(hot)
+
+
+def describe_inputs(inputs: FrameInputs) -> list[tuple[str, Any]]:
+    """(name, what a compiled graph guards on) for each input tensor: shape, dtype, device, inference."""
+    named = [(name, value) for name, value in zip(inputs._fields, inputs) if name != "coefficients"]
+    named += [(f"coefficients.{name}", value) for name, value in zip(inputs.coefficients._fields, inputs.coefficients)]
+    return [(name, None if t is None else (tuple(t.shape), t.dtype, t.device.type, t.is_inference()))
+            for name, t in named]
+
+
+def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The bound method with a private copy of its code object.
+
+    dynamo keeps its compiled graphs, and counts compiles, per code object: 256 compiles of
+    one function per process and it compiles no more. A show builds again for each new step
+    count, size or LoRA slot, so each build compiles its own copy, freed with its stream.
+    """
+    function = method.__func__
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
+def compile_limits_supported() -> bool:
+    """torch.compile takes ``recompile_limit`` and ``isolate_recompiles`` (torch 2.13 does)."""
+    return {"recompile_limit", "isolate_recompiles"} <= set(inspect.signature(torch.compile).parameters)
+
+
+class CompiledFrame:
+    """A compiled frame function that refuses to compile again (see the module docstring)."""
+
+    def __init__(self, compiled: FrameFunction, example: FrameInputs, dynamo_refuses: bool) -> None:
+        self.compiled = compiled
+        self.built_for = describe_inputs(example)
+        self.dynamo_refuses = dynamo_refuses  # False: checked here, before and after the call
+
+    def __call__(self, *inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        if self.dynamo_refuses:
+            try:
+                return self.compiled(*inputs)
+            except FailOnRecompileLimitHit as exc:
+                raise RecompileRefused(self._why(FrameInputs(*inputs))) from exc
+        if describe_inputs(FrameInputs(*inputs)) != self.built_for:
+            raise RecompileRefused(self._why(FrameInputs(*inputs)))
+        graphs = compile_counts().graphs
+        result = self.compiled(*inputs)
+        if compile_counts().graphs != graphs:
+            raise RecompileRefused(self._why(FrameInputs(*inputs)))
+        return result
+
+    def _why(self, inputs: FrameInputs) -> str:
+        differ = [f"{name} is {now}, built for {then}"
+                  for (name, now), (_, then) in zip(describe_inputs(inputs), self.built_for) if now != then]
+        return ("the frame needed a recompile (" + ("; ".join(differ) if differ else
+                "its inputs look the same: TORCH_LOGS=recompiles says which guard failed") + ")")
 
 
 class CompileAccelerator:
-    """torch.compile of each stage; ``mode`` defaults to "reduce-overhead" (CUDA graphs) on CUDA.
+    """torch.compile of the whole frame; ``mode`` defaults to "reduce-overhead" (CUDA graphs) on CUDA.
 
     Inductor's FX-graph and AOTAutograd caches are kept under ``cache_dir`` (default
     ~/.cache/dreamdeck/inductor), so a second start reuses them (86 s cold, 21 s warm on the
@@ -90,43 +172,44 @@ class CompileAccelerator:
     a moment (``frames_dropped``) instead of failing them. A warm build loads from the
     caches and traces nothing (measured: no fx trace at all on the tiny model), so frames
     flow through it. CUDA graphs are per thread in torch: the kernels are built here, the
-    worker records its graphs on its first frames after the switch.
+    worker records its graph on its first frames after the switch.
+
+    ``example`` must be made as the frames' inputs are (the same shapes, dtypes, and
+    inference-mode or not: a graph guards on each), or every frame would need a recompile.
     """
 
     name = "compile"
 
-    def __init__(self, mode: str | None = None, backend: str = "inductor", cache_dir: Path | str | None = None,
-                 fullgraph: bool = False) -> None:
+    def __init__(self, mode: str | None = None, backend: str | Callable[..., Any] = "inductor",
+                 cache_dir: Path | str | None = None) -> None:
         self.mode = mode
-        self.backend = backend
-        self.fullgraph = fullgraph  # True: a graph break is an error (tests prove the stages have none)
+        self.backend = backend  # a name, or a dynamo backend function (tests count the graphs with one)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
-    def build(self, hot: HotPath, example: StageExample) -> Stages:
-        cuda = example.decode[0].is_cuda
+    def build(self, hot: HotPath, example: FrameInputs) -> Backend:
+        cuda = example.pixels.is_cuda
         mode = self.mode
         if self.backend == "inductor":
             log.info("torch.compile: inductor cache in %s", configure_inductor_cache(self.cache_dir))
             if mode is None:
                 mode = "reduce-overhead" if cuda else "default"
-        options: dict[str, Any] = {"backend": self.backend, "mode": mode, "dynamic": False,
-                                   "fullgraph": self.fullgraph}
-        stages = Stages("compile", torch.compile(hot.encode, **options), torch.compile(hot.denoise, **options),
-                        torch.compile(hot.decode, **options), cudagraphs=mode == "reduce-overhead")
+        limits = compile_limits_supported()
+        compiled = torch.compile(own_code(hot.frame), backend=self.backend, mode=mode, dynamic=False, fullgraph=True,
+                                 **(dict(recompile_limit=1, isolate_recompiles=True) if limits else {}))
+        backend = Backend("compile", CompiledFrame(compiled, example, dynamo_refuses=limits),
+                          cudagraphs=mode == "reduce-overhead")
         with torch.inference_mode():
-            # one call compiles; CUDA graphs are recorded later by the thread that replays them
-            if stages.cudagraphs:
+            # one call compiles; the CUDA graph is recorded later by the thread that replays it
+            if backend.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            first = stages.encode(*example.encode)
-            stages.denoise(first, *example.denoise[1:])
-            stages.decode(*example.decode)
+            compiled(*example)
             if cuda:
                 torch.cuda.synchronize()
-        return stages
+        return backend
 
 
 class TensorRTAccelerator:
-    """ONNX export of the UNet -> TensorRT engine (cached on disk) -> the same stages around it."""
+    """ONNX export of the UNet -> TensorRT engine (cached on disk) -> the same frame around it."""
 
     name = "tensorrt"
 
@@ -134,16 +217,16 @@ class TensorRTAccelerator:
         self.cache_dir = cache_dir or dreamdeck_cache_dir() / "tensorrt"
         self.fp16 = fp16
 
-    def build(self, hot: HotPath, example: StageExample) -> Stages:
+    def build(self, hot: HotPath, example: FrameInputs) -> Backend:
         from engine.diffusion.tensorrt import TrtUNet, build_cached_engine
 
-        first, buffer, text, noise, coefficients, timestep_cond = example.denoise
-        steps = noise.shape[0]
-        sample = torch.cat([first, buffer]) if buffer.shape[0] else first
-        unet_inputs = (sample, coefficients.timesteps, text.expand(steps, -1, -1).contiguous(), timestep_cond)
+        steps = example.noise.shape[0]
+        first = torch.zeros_like(example.noise[:1])
+        sample = torch.cat([first, example.buffer]) if example.buffer.shape[0] else first
+        unet_inputs = (sample, example.coefficients.timesteps, example.text.expand(steps, -1, -1).contiguous(),
+                       example.timestep_cond)
         engine_path = build_cached_engine(hot.unet, unet_inputs, self.cache_dir, fp16=self.fp16)
-        trt_hot = hot.with_unet(TrtUNet(engine_path, sample.device))
-        return Stages("tensorrt", trt_hot.encode, trt_hot.denoise, trt_hot.decode)
+        return Backend("tensorrt", hot.with_unet(TrtUNet(engine_path, sample.device)).frame)
 
 
 def choose_accelerator(name: str, device: torch.device) -> Accelerator:
@@ -158,8 +241,8 @@ def choose_accelerator(name: str, device: torch.device) -> Accelerator:
         return EagerAccelerator()
     if name == "compile":
         return CompileAccelerator()
-    if name == "tensorrt":
-        if device.type != "cuda":
-            raise ValueError("the tensorrt backend needs a CUDA device")
-        return TensorRTAccelerator()
+    if name == "tensorrt":  # experimental: with its named fallback to compile where it cannot run
+        from engine.diffusion.tensorrt import tensorrt_or_compile
+
+        return tensorrt_or_compile(device.type)
     raise ValueError(f"accel {name!r} is not one of {', '.join(ACCEL_CHOICES)}")

@@ -267,7 +267,7 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
     compiled_before = _dynamo_frames()
     stream = StreamImg2Img(engine_model, choice, StreamConfig(size=(options.size, options.size), steps=steps),
                            LiveSettings(strength=STRENGTH, similarity_threshold=0.0), prompts=[(PROMPT, 1.0)],
-                           accelerator=accelerator)
+                           accelerator=accelerator, timing=True)
     stream.prompts.wait()
     # 2. the first image, as a show gets it: eager frames while a compiled or TensorRT build starts
     #    in the background (the first frame starts it), timed from the loaded weights

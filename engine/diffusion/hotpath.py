@@ -1,21 +1,34 @@
-"""The three per-frame stages, tensors in and tensors out, as one torch module.
+"""One frame of img2img as one pure tensor function: what torch.compile captures as one graph.
 
-``HotPath`` holds no per-frame state: the stream (``stream.py``) owns the noise, the stage
-buffer and the prompt embeddings and passes them in. That keeps each stage a pure function
-of its inputs, which is what ``torch.compile`` (CUDA graphs) and TensorRT need, and lets
-a prompt or strength change swap a tensor instead of rebuilding anything.
+``HotPath.frame(*FrameInputs)`` holds no per-frame state: the stream (``stream.py``) owns
+the inputs, fixed tensors that live changes write into (a prompt, a strength, a seed is a
+tensor write), so a compiled graph sees the same tensors, of the same shapes, every frame.
 
-    encode   uint8 frame (H, W, 3) -> latents noised to the first stage's timestep
+    encode   uint8 frame (H, W, 3), already at the model's size -> latents noised to the first stage
     denoise  all stages in one UNet call (the stream batch) -> finished latents + next buffer
-    decode   finished latents -> float image (h, w, 3) in [0, 1]
+    decode   finished latents -> uint8 image (h, w, 3)
+
+With ``steps = 1`` (SD-turbo, SDXS) and torch.compile(mode="reduce-overhead") the whole
+frame is one CUDA graph. What a frame does in Python outside that graph (``StreamImg2Img``),
+host work and tensor copies only:
+
+    1. LoRA weights changed: written into the adapters' scaling tensors (``lora.py``)
+    2. the similarity filter: a 32x32 copy of the frame on the host
+    3. new prompt embeddings: copied into the fixed text tensor
+    4. noise drift (only when > 0): fresh noise blended into the fixed noise tensor in place
+    5. the frame fitted (centre crop + resize) on the host into the one pinned upload buffer,
+       then one non-blocking copy to the device
+    6. ``HotPath.frame`` (the graph)
+    7. the stream batch's hand-on copied into the fixed buffer (steps > 1)
+    8. one non-blocking copy of the image into pinned host memory, and the frame's only
+       host synchronisation: waiting for it
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from engine.diffusion.schedule import StageCoefficients
 
@@ -53,18 +66,15 @@ def split_prediction(kind: str, output: torch.Tensor, x: torch.Tensor, sqrt_alph
     return x0, eps
 
 
-def fit_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Centre-crop (N, C, H, W) to the target aspect, then resize: a camera frame never stretches."""
-    h, w = image.shape[-2:]
-    if (h, w) == (height, width):
-        return image
-    if h * width > w * height:  # too tall
-        crop = round(w * height / width)
-        image = image[..., (h - crop) // 2:(h - crop) // 2 + crop, :]
-    elif h * width < w * height:  # too wide
-        crop = round(h * width / height)
-        image = image[..., :, (w - crop) // 2:(w - crop) // 2 + crop]
-    return F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+class FrameInputs(NamedTuple):
+    """Everything a frame reads, as fixed device tensors (live changes write into them)."""
+
+    pixels: torch.Tensor  # (H, W, 3) uint8, the frame fitted to the model's size
+    buffer: torch.Tensor  # (k-1, 4, h, w): the stream batch's frames in flight
+    text: torch.Tensor  # (1, 77, D) prompt embeddings
+    noise: torch.Tensor  # (k, 4, h, w): one fixed noise image per stage
+    coefficients: StageCoefficients
+    timestep_cond: torch.Tensor | None  # (k, D) guidance embedding, for UNets that take one
 
 
 class HotPath(torch.nn.Module):
@@ -80,18 +90,30 @@ class HotPath(torch.nn.Module):
         self.tiny_vae = type(vae).__name__ == "AutoencoderTiny"
 
     def with_unet(self, unet: UNetCall) -> "HotPath":
-        """The same stages around another UNet runner (a TensorRT engine)."""
+        """The same frame around another UNet runner (a TensorRT engine)."""
         return HotPath(unet, self.vae, prediction_type=self.prediction_type, size=(self.height, self.width),
                        dtype=self.dtype)
 
+    def frame(self, pixels: torch.Tensor, buffer: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
+              c: StageCoefficients, timestep_cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame: uint8 (H, W, 3) -> (uint8 image (h, w, 3), the next stream-batch buffer).
+
+        While the stream batch fills (its first k - 1 frames) the image is not one yet; the
+        stream throws it away.
+        """
+        first = self.encode(pixels, noise[:1], c.sqrt_alpha[:1], c.sqrt_one_minus_alpha[:1])
+        finished, handed_on = self.denoise(first, buffer, text, noise, c, timestep_cond)
+        # 9. to uint8 on the device: a quarter of the bytes to download
+        return self.decode(finished).mul(255).round().to(torch.uint8), handed_on
+
     def encode(self, frame: torch.Tensor, noise: torch.Tensor, sqrt_alpha: torch.Tensor,
                sqrt_one_minus_alpha: torch.Tensor) -> torch.Tensor:
-        """uint8 (H, W, 3) on the device -> latents at the first stage's noise level (1, 4, h, w)."""
-        # 1. uint8 HWC -> float NCHW in [-1, 1], at the model's size (resized in float32: the
-        #    antialiased resize has no bfloat16 kernel on CPUs, and it is a sliver of the frame's work)
-        image = frame.permute(2, 0, 1).unsqueeze(0).to(torch.float32, memory_format=torch.contiguous_format)
-        image = image / 127.5 - 1.0
-        image = fit_to(image, self.height, self.width).to(self.dtype)
+        """uint8 (H, W, 3) at the model's size -> latents at the first stage's noise level (1, 4, h, w)."""
+        if tuple(frame.shape) != (self.height, self.width, 3):
+            raise ValueError(f"the frame is {tuple(frame.shape)}, the model takes ({self.height}, {self.width}, 3): "
+                             "fit it first (stream.fit_into)")
+        # 1. uint8 HWC -> float NCHW in [-1, 1] (in float32, as diffusers' image processor does)
+        image = (frame.permute(2, 0, 1).unsqueeze(0).to(torch.float32) / 127.5 - 1.0).to(self.dtype)
         # 2. VAE encode: the posterior mean (deterministic: the same frame gives the same latents)
         if self.tiny_vae:
             latents = self.vae.encode(image).latents

@@ -18,7 +18,7 @@ Weights: peft's ``set_adapters`` / ``set_scale`` rebind each layer's scaling to 
 float, which a compiled graph guards on (one recompile per weight change). So the bank
 writes ``weight * alpha / rank`` into those scaling tensors in place instead. A new adapter
 changes the UNet's layers: ``apply`` says so (``restructured``), and the stream rebuilds
-its compiled stages in the background while frames run eager.
+its compiled frame in the background while frames run eager.
 
 Text-encoder LoRA weights are skipped with a log line: prompt embeddings are encoded once
 per prompt change, and diffusers cannot hot-swap text-encoder adapters.

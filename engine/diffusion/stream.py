@@ -3,17 +3,22 @@
 StreamDiffusion's ideas in one small class:
 
 - prompt embeddings are computed once per prompt change, off the frame path (``PromptBank``);
-- the frame goes to the device once, through a pinned host buffer and a non-blocking copy,
-  and the image comes back the same way; everything between stays on the device;
+- the frame is fitted to the model's size on the host, into one pinned buffer, and goes to
+  the device with one non-blocking copy; the image comes back the same way, and waiting for
+  it is the frame's only host synchronisation; everything between stays on the device;
+- every tensor a frame reads is fixed for the stream's life (``FrameInputs``): a prompt, a
+  strength, a seed or a guidance change writes into it, so a compiled graph sees one shape
+  per stream, whatever the camera's size, and never compiles again on the frame path;
 - the noise is fixed per seed, so a still camera gives a still image (``noise_drift`` lets
   it wander); ``strength`` only changes a few coefficients;
 - multi-step models run as a stream batch: ``k`` stages in one UNet call, each frame
   entering at stage 0 and leaving ``k - 1`` calls later, so every call finishes one frame;
 - a similarity filter skips frames that show nothing new, without sleeping;
-- the stages run eager at once, while a compiled or TensorRT build of them is made in the
-  background; the switch is one reference assignment between two frames;
+- the frame runs eager at once, while a compiled or TensorRT build of it is made in the
+  background; the switch is one reference assignment between two frames. A compiled frame
+  that would need a recompile falls back to eager instead, and ``accel_state`` says so;
 - LoRA slots (``lora.py``) swap files in and write weights between two frames; when a
-  slot's adapter layers are new, the compiled stages are rebuilt in the background. (While a cold
+  slot's adapter layers are new, the compiled frame is rebuilt in the background. (While a cold
   torch.compile traces, torch.fx patches every module's ``__call__`` process-wide: frames
   that meet it are dropped and counted, never failed.)
 
@@ -26,16 +31,18 @@ import logging
 import math
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 
-from engine.diffusion.accel import Accelerator, EagerAccelerator, StageExample, Stages, eager_stages
+from engine.diffusion.accel import (Accelerator, Backend, EagerAccelerator, RecompileRefused, compile_counts,
+                                    eager_backend)
 from engine.diffusion.device import DeviceChoice
-from engine.diffusion.hotpath import DiffusersUNet, HotPath
+from engine.diffusion.hotpath import DiffusersUNet, FrameInputs, HotPath
 from engine.diffusion.loading import DiffusionModel
 from engine.diffusion.lora import AdapterBank
 from engine.diffusion.prompts import PromptBank
@@ -87,15 +94,50 @@ def fixed_noise(seed: int, steps: int, shape: tuple[int, int, int]) -> torch.Ten
     return torch.cat([torch.randn((1, *shape), generator=generator) for _ in range(steps)])
 
 
+def fit_into(frame: np.ndarray, out: np.ndarray) -> None:
+    """Centre-crop an RGB uint8 frame to ``out``'s aspect and resize it into ``out``: never stretched.
+
+    Area averaging when shrinking (no aliasing), bilinear when growing. On the host, before
+    the graph: a camera of any size, or the 640x360 fallback pattern, is one shape to it.
+    """
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"a frame is RGB uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
+    h, w = frame.shape[:2]
+    height, width = out.shape[:2]
+    if (h, w) == (height, width):
+        np.copyto(out, frame)
+        return
+    if h * width > w * height:  # too tall
+        crop = round(w * height / width)
+        frame = frame[(h - crop) // 2:(h - crop) // 2 + crop]
+    elif h * width < w * height:  # too wide
+        crop = round(h * width / height)
+        frame = frame[:, (w - crop) // 2:(w - crop) // 2 + crop]
+    shrinking = frame.shape[0] >= height and frame.shape[1] >= width
+    cv2.resize(frame, (width, height), dst=out, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+@dataclass(frozen=True)
+class FrameReport:
+    """One frame checked (``StreamImg2Img.check_frame``), for the benchmark to print."""
+
+    image: np.ndarray | None = field(repr=False)
+    graphs: int  # dynamo graphs captured during the frame: 0 once compiled (no recompile)
+    graph_breaks: int  # graph breaks dynamo met during the frame
+    syncs_checked: bool  # CUDA only: run under torch.cuda.set_sync_debug_mode("error") up to the download
+    sync_error: str | None  # the host synchronisation met before the download, if any
+
+
 class StreamImg2Img:
     """``stream(frame)`` -> image or None. Build one per (model, size, steps); change the rest live."""
 
     def __init__(self, model: DiffusionModel, choice: DeviceChoice, config: StreamConfig = StreamConfig(),
                  settings: LiveSettings | None = None, prompts: Sequence[tuple[str, float]] = (("", 1.0),),
                  accelerator: Accelerator | None = None, bank: PromptBank | None = None,
-                 adapters: AdapterBank | None = None) -> None:
+                 adapters: AdapterBank | None = None, timing: bool = False) -> None:
         """``bank``: a PromptBank of the same model to share (a rebuilt stream keeps its embeddings).
-        ``adapters``: the LoRA slots on this model's UNet (applied between frames)."""
+        ``adapters``: the LoRA slots on this model's UNet (applied between frames).
+        ``timing``: time each stage (``timer``; the benchmark turns it on, a show runs without)."""
         self.started = time.monotonic()  # the weights are loaded by now: the first image is timed from here
         self.first_image_s: float | None = None  # seconds from ``started`` to the first image out
         self.model = model
@@ -119,31 +161,44 @@ class StreamImg2Img:
         self.prompts = bank or PromptBank(model.tokenizer, model.text_encoder, choice)
         self.adapters = adapters
         self.filter = SimilarityFilter(self.settings.similarity_threshold)
-        self.timer = StageTimer(choice.device)
+        self.timer = StageTimer(choice.device, enabled=timing)
         self.frames_in = 0  # frames that went through the UNet
         self.frames_out = 0
         self.accel_error: str | None = None
+        self.accel_fallback: str | None = None  # why a compiled frame went back to eager, if it did
         self.adapter_error: str | None = None  # a LoRA file that could not play (the previous one plays on)
         self.accel_ready_s: float | None = None
-        self._stages: Stages = eager_stages(self.hot)
+        self._backend: Backend = eager_backend(self.hot)
         self._cuda_stream = torch.cuda.Stream(choice.device) if choice.is_cuda else None
-        self._host_in: torch.Tensor | None = None
-        self._device_in: torch.Tensor | None = None
-        self._host_out: torch.Tensor | None = None
         self._done = torch.cuda.Event() if choice.is_cuda else None
-        self._uploaded = torch.cuda.Event() if choice.is_cuda else None  # the pinned input was read
-        with self._on_frame_stream():  # (see set_strength)
-            self._buffer = torch.zeros((config.steps - 1, *self.latent_shape), device=choice.device,
-                                       dtype=choice.dtype)
         self._drift_generator = torch.Generator(choice.device)
+        self._checking_syncs = False
+        self._image: torch.Tensor | None = None  # the frame's image on the host, once its download is done
+        # the frame's inputs: made once, outside inference mode (a compiled graph guards on that),
+        # on the frame's CUDA stream (see set_strength); live changes write into them
+        with self._on_frame_stream():
+            device_in = torch.empty((height, width, 3), dtype=torch.uint8, device=choice.device)
+            self._inputs = FrameInputs(
+                pixels=device_in,
+                buffer=torch.zeros((config.steps - 1, *self.latent_shape), device=choice.device, dtype=choice.dtype),
+                text=torch.empty(0),  # sized by the first embeddings (see _take_new_prompt)
+                noise=self._build_noise(self.settings.seed),
+                coefficients=self._build_coefficients(self.settings.strength),
+                timestep_cond=self._build_timestep_cond(self.settings.guidance_scale))
+            self.prompts.request(prompts)
+        # the host's side of the two copies: pinned (page-locked) on CUDA, so that they do not block
+        self._host_out: torch.Tensor | None = None
+        if choice.is_cuda:
+            self._host_in = torch.empty((height, width, 3), dtype=torch.uint8, pin_memory=True)
+            self._host_out = torch.empty((height, width, 3), dtype=torch.uint8, pin_memory=True)
+        elif choice.device.type == "cpu":
+            self._host_in = device_in  # the CPU's upload is the fit itself
+        else:
+            self._host_in = torch.empty((height, width, 3), dtype=torch.uint8)
+        self._text_version = 0  # the prompt embeddings version now in the text input
         self._changed = True
         self._seen_prompts = 0
         self._flush_left = 0
-        with self._on_frame_stream():
-            self._coefficients = self._build_coefficients(self.settings.strength)
-            self._timestep_cond = self._build_timestep_cond(self.settings.guidance_scale)
-            self._noise = self._build_noise(self.settings.seed)
-            self.prompts.request(prompts)
         self.frames_dropped = 0  # frames that met torch.fx tracing during a background build
         self._accel_thread: threading.Thread | None = None
         self._accel_started: float | None = None  # when the background build in progress began
@@ -154,7 +209,7 @@ class StreamImg2Img:
         self._layers_version = 0  # bumped when LoRA layers are added: a build of an older version is stale
         self._building = False  # a background build is under way (it ends by switching, or asking again)
         self._accel_lock = threading.Lock()  # a build's switch and a LoRA rebuild never interleave
-        # built from the first frame's shape (a camera's size is known only then)
+        # built with the first frame (the prompt embeddings' size is known only then)
         self._accelerator: Accelerator | None = accelerator if accelerator.name != "eager" else None
 
     # -- live settings (worker thread) -------------------------------------------------------
@@ -166,19 +221,20 @@ class StreamImg2Img:
     def set_strength(self, strength: float) -> None:
         """Raises ValueError (and keeps the old strength) when the schedule cannot be built.
 
-        Like every setter, it makes its tensors on the frame's CUDA stream: frames read them in
+        Like every setter, it writes its tensors on the frame's CUDA stream: frames read them in
         stream order, with no synchronisation (the worker's default stream is not ordered with it).
         """
         if strength != self.settings.strength:
             with self._on_frame_stream():
-                self._coefficients = self._build_coefficients(strength)
+                for fixed, new in zip(self._inputs.coefficients, self._build_coefficients(strength)):
+                    fixed.copy_(new)
             self.settings.strength = strength
             self._changed = True
 
     def set_seed(self, seed: int) -> None:
         if seed != self.settings.seed:
             with self._on_frame_stream():
-                self._noise = self._build_noise(seed)
+                self._inputs.noise.copy_(self._build_noise(seed))
             self.settings.seed = seed
             self._changed = True
 
@@ -187,8 +243,9 @@ class StreamImg2Img:
 
     def set_guidance_scale(self, scale: float) -> None:
         if scale != self.settings.guidance_scale:
-            with self._on_frame_stream():
-                self._timestep_cond = self._build_timestep_cond(scale)
+            if self._inputs.timestep_cond is not None:
+                with self._on_frame_stream():
+                    self._inputs.timestep_cond.copy_(self._build_timestep_cond(scale))
             self.settings.guidance_scale = scale
             self._changed = True
 
@@ -196,14 +253,22 @@ class StreamImg2Img:
         self.settings.similarity_threshold = self.filter.threshold = threshold
 
     @property
+    def inputs(self) -> FrameInputs:
+        """The frame function's fixed inputs, as the last frame left them (tests, benchmarks)."""
+        return self._inputs
+
+    @property
     def accel(self) -> str:
         """The backend the frames run on now (eager until a background build is ready)."""
-        return self._stages.name
+        return self._backend.name
 
     @property
     def accel_state(self) -> str:
-        """For the HUD: "compile", "eager, compile building 12 s" or "eager, compile failed"."""
+        """For the HUD: "compile", "eager, compile building 12 s", "eager, compile failed" or
+        "compile (fell back to eager: a frame needed a recompile)"."""
         now, wanted = self.accel, self.accel_requested
+        if self.accel_fallback is not None:
+            return f"{wanted} (fell back to eager: a frame needed a recompile)"
         if now == wanted:
             return now
         if self.accel_error is not None:
@@ -223,62 +288,106 @@ class StreamImg2Img:
 
     # -- the frame (worker thread) -------------------------------------------------------------
     def __call__(self, frame: np.ndarray) -> np.ndarray | None:
-        """RGB uint8 (H, W, 3) -> RGB uint8 (h, w, 3), or None (nothing new, or the batch still filling)."""
+        """RGB uint8 (H, W, 3), any size -> RGB uint8 (h, w, 3) at the stream's size, or None
+        (nothing new, the batch still filling, or a frame dropped while torch.fx traces)."""
+        # 0-6. everything up to the download, without waiting for the device (check_frame proves it)
+        with self._sync_check():
+            if not self._launch(frame):
+                return None
+        # 7. wait for the download: the frame's one host synchronisation
+        if self._done is not None:
+            self._done.synchronize()
+        self.timer.finish()
+        result = self._image.numpy().copy()  # the buffer is reused by the next frame
+        self.frames_in += 1
+        if self.frames_in < self.config.steps:  # the stream batch is still filling
+            return None
+        self.frames_out += 1
+        if self.first_image_s is None:
+            self.first_image_s = time.monotonic() - self.started
+        return result
+
+    def _launch(self, frame: np.ndarray) -> bool:
+        """Everything of a frame up to its download, without waiting for the device; False: no frame."""
         # 0. LoRA slots: files swapped in, weights written, between two frames
         if self.adapters is not None:
             self._apply_adapters()
         # 1. similarity filter: a frame that shows nothing new costs nothing
         if self.prompts.version == 0 or self._skip(frame):  # (version 0: the first prompt is still encoding)
-            return None
+            return False
+        self._take_new_prompt()
         if self._accelerator is not None:
-            self._start_accelerated_build(frame.shape)
+            self._start_accelerated_build()
         building = self._building
         if building and fx_is_tracing():
             self.frames_dropped += 1  # modules cannot run while torch.fx traces (see CompileAccelerator)
-            return None
+            return False
         try:
-            return self._run(frame)
+            self._run(frame)
         except Exception:
+            self.timer.discard()
             if building and fx_is_tracing():
-                self.timer.discard()
                 self.frames_dropped += 1
-                return None
+                return False
             raise
+        return True
 
-    def _run(self, frame: np.ndarray) -> np.ndarray | None:
-        stages = self._stages  # read once: a backend switch lands between frames, never inside one
-        text = self.prompts.current
-        c = self._coefficients
+    def _run(self, frame: np.ndarray) -> None:
+        backend = self._backend  # read once: a backend switch lands between frames, never inside one
+        inputs = self._inputs
         if self.settings.noise_drift > 0:
             self._drift_noise(self.settings.noise_drift)
         with torch.inference_mode(), self._on_frame_stream():
-            if stages.cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            # 2. upload: once, from a pinned buffer, without blocking the host
+            # 2. upload: fitted to the model's size into the pinned buffer, then one non-blocking copy
             with self.timer.stage("upload"):
-                pixels = self._upload(frame)
-            # 3. encode: VAE, then noise to the first stage
-            with self.timer.stage("encode"):
-                first = stages.encode(pixels, self._noise[:1], c.sqrt_alpha[:1], c.sqrt_one_minus_alpha[:1])
-            # 4. denoise: every stage in one UNet call
-            with self.timer.stage("unet"):
-                finished, handed_on = stages.denoise(first, self._buffer, text, self._noise, c, self._timestep_cond)
-                self._buffer.copy_(handed_on)  # a copy: compiled graphs reuse their output memory
-            self.frames_in += 1
-            if self.frames_in < self.config.steps:  # the stream batch is still filling
-                self.timer.discard()
-                return None
-            # 5. decode, to uint8 on the device (a quarter of the bytes to download)
-            with self.timer.stage("decode"):
-                image = stages.decode(finished).mul(255).round_().to(torch.uint8)
-            # 6. download: the one synchronisation of the frame
+                fit_into(frame, self._host_in.numpy())
+                if inputs.pixels is not self._host_in:
+                    inputs.pixels.copy_(self._host_in, non_blocking=self.choice.is_cuda)
+            # 3-5. the frame function: encode, every stage in one UNet call, decode to uint8
+            with self.timer.stage("diffuse"):
+                image, handed_on = self._diffuse(backend, inputs)
+                if handed_on.shape[0]:
+                    inputs.buffer.copy_(handed_on)  # a copy: a compiled graph reuses its output memory
+            # 6. download: one non-blocking copy into pinned memory (waited for in __call__)
             with self.timer.stage("download"):
-                result = self._download(image)
-        self.timer.finish()
-        self.frames_out += 1
-        if self.first_image_s is None:
-            self.first_image_s = time.monotonic() - self.started
-        return result
+                if self._host_out is not None:
+                    self._host_out.copy_(image, non_blocking=True)
+                    self._image = self._host_out
+                else:
+                    self._image = image.cpu()
+            if self._done is not None:
+                self._done.record()
+
+    def _diffuse(self, backend: Backend, inputs: FrameInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if backend.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return backend.frame(*inputs)
+        except RecompileRefused as exc:  # the named fallback: eager for this stream's life, said in the HUD
+            self._fall_back_to_eager(backend, str(exc))
+            return self.hot.frame(*inputs)
+
+    def check_frame(self, frame: np.ndarray) -> FrameReport:
+        """Run one frame and report what a benchmark checks: dynamo graphs captured and graph breaks
+        met during it, and on CUDA whether anything before its download synchronised the host
+        (``torch.cuda.set_sync_debug_mode("error")`` around it). A sync found fails that frame only.
+
+        The debug mode is process-wide: run it while nothing else in the process uses CUDA.
+        """
+        before = compile_counts()
+        self._checking_syncs = self.choice.is_cuda
+        image, sync_error = None, None
+        try:
+            image = self(frame)
+        except RuntimeError as exc:
+            if not self._checking_syncs or "synchronizing" not in str(exc):
+                raise
+            sync_error = str(exc).strip().splitlines()[0]
+            self.timer.discard()
+        finally:
+            checked, self._checking_syncs = self._checking_syncs, False
+        counts = compile_counts() - before
+        return FrameReport(image, counts.graphs, counts.graph_breaks, checked, sync_error)
 
     def rebuild_accelerated(self) -> None:
         """The UNet's layers changed (a LoRA adapter was added): compiled graphs no longer fit it.
@@ -290,7 +399,7 @@ class StreamImg2Img:
             return
         with self._accel_lock:
             self._layers_version += 1
-            self._stages = eager_stages(self.hot)
+            self._backend = eager_backend(self.hot)
             if not self._building:  # (a build under way sees the new version when it ends, and asks again)
                 self._accelerator = self._accel_choice
 
@@ -311,6 +420,20 @@ class StreamImg2Img:
             return False
         return True
 
+    def _take_new_prompt(self) -> None:
+        """Newly published prompt embeddings: copied into the text input (on the frame's stream)."""
+        version = self.prompts.version  # read before the embeddings: a newer pair is taken next frame
+        if version == self._text_version:
+            return
+        embeds = self.prompts.current
+        with self._on_frame_stream():
+            if self._inputs.text.shape != embeds.shape:  # the first embeddings: the input's size
+                self._inputs = self._inputs._replace(text=torch.empty(embeds.shape, dtype=embeds.dtype,
+                                                                      device=embeds.device))
+            with torch.inference_mode():
+                self._inputs.text.copy_(embeds)
+        self._text_version = version
+
     def _apply_adapters(self) -> None:
         # on the frame's CUDA stream: the next frame reads the weights after these writes
         with self._on_frame_stream():
@@ -328,29 +451,17 @@ class StreamImg2Img:
     def _on_frame_stream(self):
         return torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else nullcontext()
 
-    def _upload(self, frame: np.ndarray) -> torch.Tensor:
-        if not self.choice.is_cuda:
-            return torch.from_numpy(np.ascontiguousarray(frame)).to(self.choice.device)
-        if self._host_in is None or tuple(self._host_in.shape) != frame.shape:
-            self._host_in = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
-            self._device_in = torch.empty(frame.shape, dtype=torch.uint8, device=self.choice.device)
-        # the previous copy out of the pinned buffer must be done before it is overwritten: a frame
-        # that returned no image (the stream batch filling) never synchronised
-        self._uploaded.synchronize()
-        np.copyto(self._host_in.numpy(), frame)
-        self._device_in.copy_(self._host_in, non_blocking=True)
-        self._uploaded.record()
-        return self._device_in
-
-    def _download(self, image: torch.Tensor) -> np.ndarray:
-        if not self.choice.is_cuda:
-            return image.cpu().numpy()
-        if self._host_out is None or self._host_out.shape != image.shape:
-            self._host_out = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
-        self._host_out.copy_(image, non_blocking=True)
-        self._done.record()
-        self._done.synchronize()
-        return self._host_out.numpy().copy()  # the pinned buffer is reused by the next frame
+    @contextmanager
+    def _sync_check(self) -> Iterator[None]:
+        if not self._checking_syncs:
+            yield
+            return
+        before = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
 
     def _build_coefficients(self, strength: float) -> StageCoefficients:
         schedule = build_schedule(self.model.scheduler, self.config.steps, strength)
@@ -368,16 +479,26 @@ class StreamImg2Img:
         return fixed_noise(seed, self.config.steps, self.latent_shape).to(self.choice.device, self.choice.dtype)
 
     def _drift_noise(self, drift: float) -> None:
-        """Rotate the noise towards fresh noise by ``drift`` of a quarter turn (unit variance kept)."""
+        """Rotate the noise towards fresh noise by ``drift`` of a quarter turn (unit variance kept), in place."""
         angle = drift * math.pi / 2
+        noise = self._inputs.noise
         with self._on_frame_stream():
-            fresh = torch.randn(self._noise.shape, generator=self._drift_generator, device=self.choice.device,
-                                dtype=self._noise.dtype)
-            self._noise = math.cos(angle) * self._noise + math.sin(angle) * fresh
+            fresh = torch.randn(noise.shape, generator=self._drift_generator, device=self.choice.device,
+                                dtype=noise.dtype)
+            noise.mul_(math.cos(angle)).add_(fresh, alpha=math.sin(angle))
 
-    def _start_accelerated_build(self, frame_shape: tuple[int, ...]) -> None:
+    def _fall_back_to_eager(self, backend: Backend, reason: str) -> None:
+        with self._accel_lock:
+            if self._backend is backend:
+                self._backend = eager_backend(self.hot)
+        self.accel_fallback = reason
+        self.accel_error = f"{backend.name} fell back to eager: {reason}"
+        log.warning("%s", self.accel_error)
+
+    def _start_accelerated_build(self) -> None:
         accelerator, self._accelerator = self._accelerator, None
-        example = self._example(frame_shape)
+        with self._on_frame_stream():
+            example = self._example()
         self._accel_started = time.monotonic()
         self.builds_started += 1
         with self._accel_lock:
@@ -387,35 +508,35 @@ class StreamImg2Img:
                                               name=f"{accelerator.name} build", daemon=True)
         self._accel_thread.start()
 
-    def _example(self, frame_shape: tuple[int, ...]) -> StageExample:
-        """Inputs of the frames' shapes for a background build to trace and warm up with."""
-        pixels = torch.zeros(frame_shape, dtype=torch.uint8, device=self.choice.device)
-        c = self._coefficients
-        first = torch.zeros((1, *self.latent_shape), device=self.choice.device, dtype=self.choice.dtype)
-        return StageExample(
-            encode=(pixels, self._noise[:1], c.sqrt_alpha[:1], c.sqrt_one_minus_alpha[:1]),
-            denoise=(first, self._buffer.clone(), self.prompts.current, self._noise, c, self._timestep_cond),
-            decode=(first,))
+    def _example(self) -> FrameInputs:
+        """The frame's inputs for a background build to trace and warm up with: copies of them
+        (the frames keep writing theirs), made as they were (outside inference mode)."""
+        inputs = self._inputs
+        return FrameInputs(
+            inputs.pixels.clone(), inputs.buffer.clone(), inputs.text.clone(), inputs.noise.clone(),
+            StageCoefficients(*(t.clone() for t in inputs.coefficients)),
+            None if inputs.timestep_cond is None else inputs.timestep_cond.clone())
 
-    def _build_accelerated(self, accelerator: Accelerator, example: StageExample, version: int) -> None:
+    def _build_accelerated(self, accelerator: Accelerator, example: FrameInputs, version: int) -> None:
         """Background thread: build and warm up, then switch with one assignment (under the lock,
         so a LoRA rebuild lands either before the switch, making this build stale, or after it)."""
         started = time.monotonic()
         error: str | None = None
+        if self._cuda_stream is not None:  # the example was copied on the frame's stream
+            torch.cuda.current_stream(self.choice.device).wait_stream(self._cuda_stream)
         try:
-            stages = accelerator.build(self.hot, example)
+            backend = accelerator.build(self.hot, example)
         except Exception as exc:  # named fallback policy: the show stays on eager, the error is reported
-            stages, error = None, f"{accelerator.name} failed, staying on eager: {type(exc).__name__}: {exc}"
+            backend, error = None, f"{accelerator.name} failed, staying on eager: {type(exc).__name__}: {exc}"
             log.exception("accelerator %s failed", accelerator.name)
         with self._accel_lock:
             self._building = False
             if version != self._layers_version:  # the layers changed under the build: again, from the next frame
                 self._accelerator = accelerator
                 return
-            if stages is None:
+            if backend is None:
                 self.accel_error = error
                 return
             self.accel_ready_s = time.monotonic() - started
-            self._stages = stages
-        log.info("frames now run on %s (built in %.1f s)", stages.name, self.accel_ready_s)
-
+            self._backend = backend
+        log.info("frames now run on %s (built in %.1f s)", backend.name, self.accel_ready_s)
