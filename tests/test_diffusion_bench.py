@@ -17,7 +17,6 @@ pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 from engine.diffusion.bench import main  # noqa: E402
 from diffusion_fixtures import one_torch_thread  # noqa: E402,F401  (fixtures)
 
-ROOT = Path(__file__).resolve().parent.parent
 STAGES = {"upload", "diffuse", "download"}
 
 

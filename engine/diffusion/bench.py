@@ -189,12 +189,12 @@ def _accelerator(options: BenchOptions, device: Any) -> Any:
 
 
 def _dynamo_frames() -> int | None:
-    """Frames dynamo has compiled in this process so far (recompiles show as more)."""
+    """Graphs dynamo has captured in this process so far (recompiles show as more)."""
     if "torch._dynamo" not in sys.modules:  # nothing was compiled: importing it would cost a second
         return 0
-    from torch._dynamo.utils import counters
+    from engine.diffusion.accel import compile_counts
 
-    return int(counters["frames"]["total"])
+    return compile_counts().graphs
 
 
 def count_syncs(stream: Any, frames: list, count: int) -> dict[str, Any]:
