@@ -231,6 +231,9 @@ def test_after_the_switch_nothing_live_recompiles_and_every_frame_comes_out(lcm,
     names = list(looks)
     for before, after in zip(names, names[1:]):  # each change reached the image
         assert not np.array_equal(looks[before], looks[after]), (before, after)
+    report = stream.check_frame(pictures((360, 640), 1, seed=7)[0])  # what the GPU benchmark prints
+    assert report.image is not None and report.graphs == 0 and report.graph_breaks == 0
+    assert not report.syncs_checked and report.sync_error is None  # (host syncs: a CUDA check only)
     stream.close()
     bank.close()
 

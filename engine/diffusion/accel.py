@@ -195,7 +195,7 @@ class CompileAccelerator:
                 mode = "reduce-overhead" if cuda else "default"
         limits = compile_limits_supported()
         compiled = torch.compile(own_code(hot.frame), backend=self.backend, mode=mode, dynamic=False, fullgraph=True,
-                                 **(dict(recompile_limit=1, isolate_recompiles=True) if limits else {}))
+                                 **({"recompile_limit": 1, "isolate_recompiles": True} if limits else {}))
         backend = Backend("compile", CompiledFrame(compiled, example, dynamo_refuses=limits),
                           cudagraphs=mode == "reduce-overhead")
         with torch.inference_mode():

@@ -6,22 +6,23 @@ tensor write), so a compiled graph sees the same tensors, of the same shapes, ev
 
     encode   uint8 frame (H, W, 3), already at the model's size -> latents noised to the first stage
     denoise  all stages in one UNet call (the stream batch) -> finished latents + next buffer
-    decode   finished latents -> uint8 image (h, w, 3)
+    decode   finished latents -> image (h, w, 3) in [0, 1]; ``frame`` returns it as uint8
 
-With ``steps = 1`` (SD-turbo, SDXS) and torch.compile(mode="reduce-overhead") the whole
-frame is one CUDA graph. What a frame does in Python outside that graph (``StreamImg2Img``),
-host work and tensor copies only:
+The whole frame is one dynamo graph, whatever the step count; compiled with
+mode="reduce-overhead" on CUDA it is one CUDA graph (SD-turbo, SDXS: one UNet call in it).
+What a frame does in Python outside that graph (``StreamImg2Img``) is host work and tensor
+copies, and, only while noise drifts, one small in-place blend:
 
-    1. LoRA weights changed: written into the adapters' scaling tensors (``lora.py``)
-    2. the similarity filter: a 32x32 copy of the frame on the host
-    3. new prompt embeddings: copied into the fixed text tensor
-    4. noise drift (only when > 0): fresh noise blended into the fixed noise tensor in place
-    5. the frame fitted (centre crop + resize) on the host into the one pinned upload buffer,
-       then one non-blocking copy to the device
-    6. ``HotPath.frame`` (the graph)
-    7. the stream batch's hand-on copied into the fixed buffer (steps > 1)
-    8. one non-blocking copy of the image into pinned host memory, and the frame's only
-       host synchronisation: waiting for it
+    - LoRA weights changed: written into the adapters' scaling tensors (``lora.py``)
+    - the similarity filter: a 32x32 copy of the frame on the host
+    - new prompt embeddings: copied into the fixed text tensor
+    - noise drift (only when > 0): fresh noise blended into the fixed noise tensor in place
+    - the frame fitted (centre crop + resize) on the host into the one pinned upload buffer,
+      then one non-blocking copy to the device
+    - ``HotPath.frame`` (the graph)
+    - the stream batch's hand-on copied into the fixed buffer (steps > 1)
+    - one non-blocking copy of the image into pinned host memory, and the frame's only
+      host synchronisation: waiting for it
 """
 
 from __future__ import annotations

@@ -174,9 +174,9 @@ class StreamImg2Img:
         self._drift_generator = torch.Generator(choice.device)
         self._checking_syncs = False
         self._image: torch.Tensor | None = None  # the frame's image on the host, once its download is done
-        # the frame's inputs: made once, outside inference mode (a compiled graph guards on that),
-        # on the frame's CUDA stream (see set_strength); live changes write into them
-        with self._on_frame_stream():
+        # the frame's inputs: made once, outside inference mode whatever the caller's (a compiled
+        # graph guards on that), on the frame's CUDA stream (see set_strength); live changes write into them
+        with self._on_frame_stream(), torch.inference_mode(False):
             device_in = torch.empty((height, width, 3), dtype=torch.uint8, device=choice.device)
             self._inputs = FrameInputs(
                 pixels=device_in,
@@ -428,8 +428,9 @@ class StreamImg2Img:
         embeds = self.prompts.current
         with self._on_frame_stream():
             if self._inputs.text.shape != embeds.shape:  # the first embeddings: the input's size
-                self._inputs = self._inputs._replace(text=torch.empty(embeds.shape, dtype=embeds.dtype,
-                                                                      device=embeds.device))
+                with torch.inference_mode(False):  # (as the other inputs are made)
+                    text = torch.empty(embeds.shape, dtype=embeds.dtype, device=embeds.device)
+                self._inputs = self._inputs._replace(text=text)
             with torch.inference_mode():
                 self._inputs.text.copy_(embeds)
         self._text_version = version
@@ -497,7 +498,7 @@ class StreamImg2Img:
 
     def _start_accelerated_build(self) -> None:
         accelerator, self._accelerator = self._accelerator, None
-        with self._on_frame_stream():
+        with self._on_frame_stream(), torch.inference_mode(False):  # copies made as the inputs were
             example = self._example()
         self._accel_started = time.monotonic()
         self.builds_started += 1
