@@ -25,6 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
+from diffusion_fixtures import one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
 from engine.diffusion.accel import CompileAccelerator, EagerAccelerator, choose_accelerator  # noqa: E402
 from engine.diffusion.configs import build_random_model  # noqa: E402
 from engine.diffusion.device import choose_device  # noqa: E402
@@ -32,7 +33,6 @@ from engine.diffusion.hotpath import DiffusersUNet  # noqa: E402
 from engine.diffusion.options import TorchDefaults  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
 from engine.diffusion.tensorrt import engine_key, module_fingerprint  # noqa: E402
-from diffusion_fixtures import one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
 
 CPU = choose_device("cpu")
 SLOW = os.environ.get("DREAMDECK_SLOW_TESTS") == "1"
@@ -44,8 +44,14 @@ def frames(count: int) -> list[np.ndarray]:
 
 
 def stream_on(model, accelerator, steps: int = 1) -> StreamImg2Img:
-    stream = StreamImg2Img(model, CPU, StreamConfig(size=(32, 32), steps=steps),
-                           LiveSettings(similarity_threshold=0.0), prompts=[("a cat", 1.0)], accelerator=accelerator)
+    stream = StreamImg2Img(
+        model,
+        CPU,
+        StreamConfig(size=(32, 32), steps=steps),
+        LiveSettings(similarity_threshold=0.0),
+        prompts=[("a cat", 1.0)],
+        accelerator=accelerator,
+    )
     assert stream.prompts.wait(30)
     return stream
 
@@ -63,8 +69,18 @@ def run_until_switched(stream: StreamImg2Img, images: list[np.ndarray], timeout:
     return produced
 
 
-@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.skipif(
-    not SLOW, reason="inductor on this CPU takes minutes cold; set DREAMDECK_SLOW_TESTS=1"))])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "eager",
+        pytest.param(
+            "inductor",
+            marks=pytest.mark.skipif(
+                not SLOW, reason="inductor on this CPU takes minutes cold; set DREAMDECK_SLOW_TESTS=1"
+            ),
+        ),
+    ],
+)
 def test_compile_builds_in_the_background_then_switches(tiny, backend, tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the backend chooses a persistent one
     images = frames(3)
@@ -119,8 +135,9 @@ def test_a_warm_inductor_cache_builds_without_tracing(tmp_path):
     import sys
 
     def start() -> list[str]:
-        done = subprocess.run([sys.executable, "-c", WARM_START, str(tmp_path / "inductor")],
-                              capture_output=True, text=True, timeout=1200)
+        done = subprocess.run(
+            [sys.executable, "-c", WARM_START, str(tmp_path / "inductor")], capture_output=True, text=True, timeout=1200
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout.split()
 
@@ -205,8 +222,12 @@ def test_onnx_export_with_dynamic_batch_runs_like_torch(tmp_path):
 
     def inputs(batch: int):
         generator = torch.Generator().manual_seed(batch)
-        return (torch.randn(batch, 4, 16, 16, generator=generator), torch.linspace(999.0, 259.0, batch),
-                torch.randn(batch, 77, 32, generator=generator), torch.randn(batch, 32, generator=generator))
+        return (
+            torch.randn(batch, 4, 16, 16, generator=generator),
+            torch.linspace(999.0, 259.0, batch),
+            torch.randn(batch, 77, 32, generator=generator),
+            torch.randn(batch, 32, generator=generator),
+        )
 
     path = export_unet_onnx(unet, inputs(2), tmp_path / "unet.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -240,9 +261,12 @@ def test_tensorrt_engine_matches_torch(tmp_path):
     gpu = choose_device("cuda")
     model = build_random_model("tiny").to(gpu)
     unet = DiffusersUNet(model.unet).eval()
-    args = (torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16),
-            torch.tensor([499.0, 249.0], device="cuda"),
-            torch.randn(2, 77, 32, device="cuda", dtype=torch.float16), None)
+    args = (
+        torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16),
+        torch.tensor([499.0, 249.0], device="cuda"),
+        torch.randn(2, 77, 32, device="cuda", dtype=torch.float16),
+        None,
+    )
     path = build_cached_engine(unet, args, tmp_path)
     assert build_cached_engine(unet, args, tmp_path) == path  # the second time from the cache
     with torch.no_grad():

@@ -14,16 +14,31 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
-from engine.diffusion.bench import main  # noqa: E402
 from diffusion_fixtures import one_torch_thread  # noqa: E402,F401  (fixtures)
+from engine.diffusion.bench import main  # noqa: E402
 
 STAGES = {"upload", "diffuse", "download"}
 
 
 def check_result(result: dict, steps: int, accel: str = "eager", requested: str = "eager") -> None:
     """Every key of a tiny CPU result, with the values that describe what ran."""
-    for key in ("device", "gpu_name", "arch", "size", "steps", "accel", "accel_requested", "fell_back",
-                "fallback_reason", "engine", "baselines", "ratios", "recompiles", "syncs", "startup"):
+    for key in (
+        "device",
+        "gpu_name",
+        "arch",
+        "size",
+        "steps",
+        "accel",
+        "accel_requested",
+        "fell_back",
+        "fallback_reason",
+        "engine",
+        "baselines",
+        "ratios",
+        "recompiles",
+        "syncs",
+        "startup",
+    ):
         assert key in result, key
     assert result["device"] == "cpu" and result["gpu_name"] is None
     assert result["arch"] == "tiny" and result["steps"] == steps
@@ -53,8 +68,24 @@ def check_result(result: dict, steps: int, accel: str = "eager", requested: str 
 
 def test_bench_tiny_json_has_every_key(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["--tiny", "--device", "cpu", "--frames", "3", "--warmup", "1", "--baseline-frames", "2",
-                 "--json", str(path)]) == 0
+    assert (
+        main(
+            [
+                "--tiny",
+                "--device",
+                "cpu",
+                "--frames",
+                "3",
+                "--warmup",
+                "1",
+                "--baseline-frames",
+                "2",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
     result = json.loads(path.read_text())
     check_result(result, steps=1)
     assert result["recompiles"]["by_build"] == 0  # eager: dynamo never ran
@@ -67,8 +98,28 @@ def test_bench_tiny_json_has_every_key(tmp_path, capsys):
 def test_bench_tensorrt_on_cpu_falls_back_to_compile_and_says_so(tmp_path, capsys):
     """No TensorRT here: the policy's fallback runs, and the result says which backend ran."""
     path = tmp_path / "bench.json"
-    assert main(["--tiny", "--device", "cpu", "--frames", "2", "--warmup", "1", "--baseline-frames", "1",
-                 "--accel", "tensorrt", "--compile-backend", "eager", "--json", str(path)]) == 0
+    assert (
+        main(
+            [
+                "--tiny",
+                "--device",
+                "cpu",
+                "--frames",
+                "2",
+                "--warmup",
+                "1",
+                "--baseline-frames",
+                "1",
+                "--accel",
+                "tensorrt",
+                "--compile-backend",
+                "eager",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
     result = json.loads(path.read_text())
     check_result(result, steps=1, accel="compile", requested="tensorrt")
     assert "CUDA" in result["fallback_reason"] and result["compile_backend"] == "eager"

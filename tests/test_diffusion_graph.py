@@ -32,17 +32,24 @@ pytest.importorskip("peft", reason="the diffusion extra is not installed")
 
 from torch._dynamo.utils import counters  # noqa: E402
 
+from diffusion_fixtures import offline, one_torch_thread  # noqa: E402,F401  (fixtures)
 from engine.diffusion.accel import CompileAccelerator  # noqa: E402
 from engine.diffusion.configs import build_random_model  # noqa: E402
 from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.lora import AdapterBank, random_lora, save_lora  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread  # noqa: E402,F401  (fixtures)
 
 CPU = choose_device("cpu")
 SLOW = os.environ.get("DREAMDECK_SLOW_TESTS") == "1"
-BACKENDS = ["eager", pytest.param("inductor", marks=pytest.mark.skipif(
-    not SLOW, reason="inductor on this CPU takes minutes cold; set DREAMDECK_SLOW_TESTS=1"))]
+BACKENDS = [
+    "eager",
+    pytest.param(
+        "inductor",
+        marks=pytest.mark.skipif(
+            not SLOW, reason="inductor on this CPU takes minutes cold; set DREAMDECK_SLOW_TESTS=1"
+        ),
+    ),
+]
 FRAME_THREAD = threading.current_thread().name  # the tests' own thread plays the scene worker
 CAMERAS = [(32, 32), (48, 64), (360, 640)]  # the model's size, a 4:3 camera, the fallback pattern
 
@@ -95,8 +102,10 @@ def lcm():
 @pytest.fixture(scope="module")
 def loras(lcm, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("loras")
-    return {name: str(save_lora(random_lora(lcm.unet, rank=rank, seed=seed), root / f"{name}.safetensors"))
-            for name, rank, seed in (("a", 4, 1), ("b", 8, 2), ("c", 4, 3))}
+    return {
+        name: str(save_lora(random_lora(lcm.unet, rank=rank, seed=seed), root / f"{name}.safetensors"))
+        for name, rank, seed in (("a", 4, 1), ("b", 8, 2), ("c", 4, 3))
+    }
 
 
 def fresh_model(model):
@@ -115,8 +124,9 @@ def play(bank: AdapterBank, slot: int, source: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_one_step_frame_is_one_graph_and_gives_the_eager_image(tiny_vae, backend):
     model = build_random_model("tiny", tiny_vae=tiny_vae)
-    stream = StreamImg2Img(model, CPU, StreamConfig(size=(32, 32)), LiveSettings(similarity_threshold=0.0),
-                           prompts=[("a cat", 1.0)])
+    stream = StreamImg2Img(
+        model, CPU, StreamConfig(size=(32, 32)), LiveSettings(similarity_threshold=0.0), prompts=[("a cat", 1.0)]
+    )
     assert stream.prompts.wait(60)
     frame = pictures((32, 32), 1)[0]
     want = stream(frame)  # eager; it also fills the frame's inputs
@@ -143,19 +153,30 @@ def limits(request, monkeypatch):
 
 
 # -- nothing live recompiles --------------------------------------------------------------------
-@pytest.mark.parametrize("backend, limits", [("eager", True), ("eager", False), ("inductor", True)],
-                         indirect=["limits"], ids=["eager", "eager-older-torch", "inductor"])
-def test_after_the_switch_nothing_live_recompiles_and_every_frame_comes_out(lcm, loras, backend, limits, tmp_path,
-                                                                          monkeypatch):
+@pytest.mark.parametrize(
+    "backend, limits",
+    [("eager", True), ("eager", False), ("inductor", True)],
+    indirect=["limits"],
+    ids=["eager", "eager-older-torch", "inductor"],
+)
+def test_after_the_switch_nothing_live_recompiles_and_every_frame_comes_out(
+    lcm, loras, backend, limits, tmp_path, monkeypatch
+):
     """Inductor too (its one cold compile: about 3.5 minutes on this 2-core machine)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = fresh_model(lcm)
     bank = AdapterBank(model.unet, target_rank=8)
     play(bank, 1, loras["a"])  # the slot's first file: its layers are there before the first build
     counting = CountingBackend(backend)
-    stream = StreamImg2Img(model, CPU, StreamConfig(size=(32, 32), steps=1),
-                           LiveSettings(strength=0.5, guidance_scale=8.0, similarity_threshold=0.0),
-                           prompts=[("a cat", 1.0)], accelerator=CompileAccelerator(backend=counting), adapters=bank)
+    stream = StreamImg2Img(
+        model,
+        CPU,
+        StreamConfig(size=(32, 32), steps=1),
+        LiveSettings(strength=0.5, guidance_scale=8.0, similarity_threshold=0.0),
+        prompts=[("a cat", 1.0)],
+        accelerator=CompileAccelerator(backend=counting),
+        adapters=bank,
+    )
     assert stream.prompts.wait(60)
     run_until_switched(stream, pictures((32, 32), 1)[0])
     assert stream.accel_state == "compile" and counting.threads == ["compile build"]
@@ -182,8 +203,11 @@ def test_after_the_switch_nothing_live_recompiles_and_every_frame_comes_out(lcm,
         with torch.inference_mode():  # the same inputs, eager: the compiled image within rounding
             eager, _ = stream.hot.frame(*stream.inputs)
         assert np.abs(eager.numpy().astype(int) - looks["start"].astype(int)).max() <= 1
-        for text in (("a forest", 1.0),), (("a forest", 0.7), ("fog", 0.3)), (("a forest", 1), ("fog", 0.5),
-                                                                               ("a cat", 0.25)):
+        for text in (
+            (("a forest", 1.0),),
+            (("a forest", 0.7), ("fog", 0.3)),
+            (("a forest", 1), ("fog", 0.5), ("a cat", 0.25)),
+        ):
             stream.set_prompts(text)  # a prompt; a prompt mix; weighted prompts
             assert stream.prompts.wait(60)
             frame(), frame()
@@ -246,10 +270,16 @@ def test_a_new_lora_slot_the_step_count_and_the_size_rebuild_in_the_background(l
 
     def stream_of(steps: int, size: int, old: StreamImg2Img | None = None) -> StreamImg2Img:
         """What the realtime scene does for a new step count or resolution: a new stream on the loaded model."""
-        stream = StreamImg2Img(model, CPU, StreamConfig(size=(size, size), steps=steps),
-                               LiveSettings(strength=0.6, similarity_threshold=0.0), prompts=[("a cat", 1.0)],
-                               accelerator=CompileAccelerator(backend=counting),
-                               bank=old.prompts if old else None, adapters=bank)
+        stream = StreamImg2Img(
+            model,
+            CPU,
+            StreamConfig(size=(size, size), steps=steps),
+            LiveSettings(strength=0.6, similarity_threshold=0.0),
+            prompts=[("a cat", 1.0)],
+            accelerator=CompileAccelerator(backend=counting),
+            bank=old.prompts if old else None,
+            adapters=bank,
+        )
         assert stream.prompts.wait(60)
         return stream
 
@@ -288,8 +318,14 @@ def test_a_frame_that_would_recompile_falls_back_to_eager_and_says_so(lcm, limit
     for seconds (an older torch compiles once, then falls back) nor let dynamo run eager
     silently while the HUD says ``compile``."""
     counting = CountingBackend("eager")
-    stream = StreamImg2Img(lcm, CPU, StreamConfig(size=(32, 32)), LiveSettings(similarity_threshold=0.0),
-                           prompts=[("a cat", 1.0)], accelerator=CompileAccelerator(backend=counting))
+    stream = StreamImg2Img(
+        lcm,
+        CPU,
+        StreamConfig(size=(32, 32)),
+        LiveSettings(similarity_threshold=0.0),
+        prompts=[("a cat", 1.0)],
+        accelerator=CompileAccelerator(backend=counting),
+    )
     assert stream.prompts.wait(60)
     frame = pictures((32, 32), 1)[0]
     run_until_switched(stream, frame)
@@ -319,8 +355,14 @@ def test_a_show_can_rebuild_more_often_than_dynamo_compiles_one_function():
         def frame(self, pixels, buffer, text, noise, c, timestep_cond):
             return pixels + 1, buffer
 
-    example = FrameInputs(torch.zeros((4, 4, 3), dtype=torch.uint8), torch.zeros((0, 4, 2, 2)), torch.zeros((1, 77, 8)),
-                          torch.zeros((1, 4, 2, 2)), StageCoefficients(*(torch.zeros(1) for _ in range(8))), None)
+    example = FrameInputs(
+        torch.zeros((4, 4, 3), dtype=torch.uint8),
+        torch.zeros((0, 4, 2, 2)),
+        torch.zeros((1, 77, 8)),
+        torch.zeros((1, 4, 2, 2)),
+        StageCoefficients(*(torch.zeros(1) for _ in range(8))),
+        None,
+    )
     with torch._dynamo.config.patch(accumulated_recompile_limit=3):
         for _ in range(5):
             backend = CompileAccelerator(backend="eager").build(Frame(), example)

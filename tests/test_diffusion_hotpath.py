@@ -17,21 +17,21 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
-from PIL import Image  # noqa: E402  (diffusers brings Pillow)
 from diffusers import (  # noqa: E402
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LatentConsistencyModelImg2ImgPipeline,
     LCMScheduler,
 )
+from PIL import Image  # noqa: E402  (diffusers brings Pillow)
 
+from diffusion_fixtures import one_torch_thread  # noqa: E402,F401  (fixtures)
 from engine.diffusion.configs import build_random_model  # noqa: E402
 from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.options import TorchDefaults  # noqa: E402
 from engine.diffusion.prompts import blend, slerp  # noqa: E402
 from engine.diffusion.schedule import build_schedule  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img, fit_into  # noqa: E402
-from diffusion_fixtures import one_torch_thread  # noqa: E402,F401  (fixtures)
 
 SIZE = 32  # pixels; the tiny VAE halves it: 16x16 latents
 ROUNDING = 0.5 / 255 + 1e-4  # the hot path returns uint8; the pipeline float32 in [0, 1]
@@ -74,11 +74,17 @@ def frames(count: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def make_stream(model, steps: int = 1, strength: float = 0.5, seed: int = 3, prompts=(("a cat", 1.0),),
-                **settings) -> StreamImg2Img:
+def make_stream(
+    model, steps: int = 1, strength: float = 0.5, seed: int = 3, prompts=(("a cat", 1.0),), **settings
+) -> StreamImg2Img:
     settings.setdefault("similarity_threshold", 0.0)
-    stream = StreamImg2Img(model, CPU, StreamConfig(size=(SIZE, SIZE), steps=steps),
-                           LiveSettings(strength=strength, seed=seed, **settings), prompts=prompts)
+    stream = StreamImg2Img(
+        model,
+        CPU,
+        StreamConfig(size=(SIZE, SIZE), steps=steps),
+        LiveSettings(strength=strength, seed=seed, **settings),
+        prompts=prompts,
+    )
     assert stream.prompts.wait(30)
     return stream
 
@@ -88,6 +94,7 @@ def as_float(image: np.ndarray) -> np.ndarray:
 
 
 # -- schedules ------------------------------------------------------------------------------------
+
 
 def test_turbo_schedule_is_the_trailing_schedule_diffusers_runs(turbo):
     reference = EulerDiscreteScheduler.from_config(turbo.scheduler.config)
@@ -115,6 +122,7 @@ def test_schedule_refuses_what_it_cannot_do(turbo, lcm):
 
 # -- equivalence with diffusers ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("scheduler_cls", [EulerDiscreteScheduler, EulerAncestralDiscreteScheduler])
 @pytest.mark.parametrize("steps", [1, 2])
 def test_euler_matches_stable_diffusion_img2img_pipeline(turbo, posterior_mean, scheduler_cls, steps):
@@ -129,8 +137,15 @@ def test_euler_matches_stable_diffusion_img2img_pipeline(turbo, posterior_mean, 
     assert all(o is None for o in outputs[: steps - 1])  # the stream batch fills first
 
     def reference(image: np.ndarray) -> np.ndarray:
-        return pipe("a cat", image=Image.fromarray(image), num_inference_steps=2 * steps, strength=0.5,
-                    guidance_scale=0.0, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+        return pipe(
+            "a cat",
+            image=Image.fromarray(image),
+            num_inference_steps=2 * steps,
+            strength=0.5,
+            guidance_scale=0.0,
+            generator=torch.Generator().manual_seed(3),
+            output_type="np",
+        ).images[0]
 
     first = reference(images[0])
     assert outputs[steps - 1].shape == (SIZE, SIZE, 3) and outputs[steps - 1].dtype == np.uint8
@@ -142,8 +157,15 @@ def test_euler_matches_stable_diffusion_img2img_pipeline(turbo, posterior_mean, 
 def test_lcm_stream_batch_matches_lcm_img2img_pipeline(lcm, posterior_mean):
     """4 LCM steps as one batch: frame i comes out of call i + 3, equal to the pipeline's image of frame i."""
     pipe = LatentConsistencyModelImg2ImgPipeline(
-        vae=lcm.vae, text_encoder=lcm.text_encoder, tokenizer=lcm.tokenizer, unet=lcm.unet, scheduler=lcm.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=lcm.vae,
+        text_encoder=lcm.text_encoder,
+        tokenizer=lcm.tokenizer,
+        unet=lcm.unet,
+        scheduler=lcm.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     images = frames(6)
     stream = make_stream(lcm, steps=4, strength=0.6, seed=5, guidance_scale=6.0)
@@ -151,8 +173,15 @@ def test_lcm_stream_batch_matches_lcm_img2img_pipeline(lcm, posterior_mean):
     assert [o is None for o in outputs] == [True, True, True, False, False, False]
 
     def reference(image: np.ndarray) -> np.ndarray:
-        return pipe("a cat", image=Image.fromarray(image), num_inference_steps=4, strength=0.6, guidance_scale=6.0,
-                    generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+        return pipe(
+            "a cat",
+            image=Image.fromarray(image),
+            num_inference_steps=4,
+            strength=0.6,
+            guidance_scale=6.0,
+            generator=torch.Generator().manual_seed(5),
+            output_type="np",
+        ).images[0]
 
     expected = [reference(images[i]) for i in range(3)]
     for i in range(3):
@@ -161,6 +190,7 @@ def test_lcm_stream_batch_matches_lcm_img2img_pipeline(lcm, posterior_mean):
 
 
 # -- live controls ------------------------------------------------------------------------------------
+
 
 def test_prompt_change_and_blend_change_the_output(turbo):
     image = frames(1)[0]
@@ -262,11 +292,11 @@ def test_camera_frames_are_cropped_not_stretched(shape):
     frame = np.zeros((h, w, 3), np.uint8)
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    frame[top:top + side, left:left + side] = 255  # a centred square: what a square crop keeps
+    frame[top : top + side, left : left + side] = 255  # a centred square: what a square crop keeps
     fitted = np.zeros((20, 20, 3), np.uint8)
     fit_into(frame, fitted)
     assert (fitted == 255).all()
-    frame[top:top + side, left:left + side // 2] = 0  # its left half black: so is the fitted left half
+    frame[top : top + side, left : left + side // 2] = 0  # its left half black: so is the fitted left half
     fit_into(frame, fitted)
     assert (fitted[:, :9] == 0).all() and (fitted[:, 11:] == 255).all()
 
@@ -306,8 +336,13 @@ def test_bfloat16_on_the_cpu_is_the_same_diffusion_in_less_precision(turbo):
     reference = as_float(make_stream(turbo, strength=0.3)(image))
     bf16 = choose_device("cpu", "bfloat16")
     model = build_random_model("tiny").to(bf16)  # the same seed: the same weights as ``turbo``
-    stream = StreamImg2Img(model, bf16, StreamConfig(size=(SIZE, SIZE)),
-                           LiveSettings(strength=0.3, seed=3, similarity_threshold=0.0), prompts=(("a cat", 1.0),))
+    stream = StreamImg2Img(
+        model,
+        bf16,
+        StreamConfig(size=(SIZE, SIZE)),
+        LiveSettings(strength=0.3, seed=3, similarity_threshold=0.0),
+        prompts=(("a cat", 1.0),),
+    )
     assert stream.prompts.wait(30)
     assert stream.prompts.current.dtype is torch.bfloat16
     close = np.abs(as_float(stream(image)) - reference).max()

@@ -20,12 +20,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
+from diffusion_fixtures import offline, one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
 from engine.diffusion.configs import TINY_TAESD, build_random_model  # noqa: E402
 from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.errors import ModelNotFound  # noqa: E402
 from engine.diffusion.loading import ModelSpec, load_model  # noqa: E402
 from engine.diffusion.single_file import save_single_file  # noqa: E402
-from diffusion_fixtures import offline, one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = choose_device("cpu")
@@ -81,9 +81,15 @@ def test_hub_id_from_the_standard_cache_and_a_missing_one(saved, tmp_path):
         "try:\n"
         "    load_model(ModelSpec(model='dreamdeck-test/not-downloaded'), choose_device('cpu'))\n"
         "except ModelNotFound as exc:\n"
-        "    print('missing', exc)\n")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
+        "    print('missing', exc)\n"
+    )
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("HF_HUB_CACHE", None)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -127,8 +133,9 @@ def test_lcm_lora_is_fused_and_selects_lcm(tiny, saved, tmp_path):
     from peft.utils import get_peft_model_state_dict
 
     adapted = build_random_model("tiny")  # the same weights as ``tiny`` (seeded), plus a LoRA
-    adapted.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    adapted.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     lora_folder = tmp_path / "tiny-lcm-lora"
     StableDiffusionPipeline.save_lora_weights(lora_folder, unet_lora_layers=get_peft_model_state_dict(adapted.unet))
 

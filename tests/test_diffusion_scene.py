@@ -20,12 +20,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
+from diffusion_fixtures import StillFeed, offline, one_torch_thread, set_params, wait_for  # noqa: E402,F401  (fixtures)
 from engine.diffusion.configs import build_random_model  # noqa: E402
 from engine.params import ParamRegistry  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.passthrough import Passthrough  # noqa: E402
 from engine.scenes.realtime import RealtimeScene  # noqa: E402
-from diffusion_fixtures import StillFeed, offline, one_torch_thread, set_params, wait_for  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 P = "/scene/realtime"
@@ -39,15 +39,22 @@ def model_folders(tmp_path_factory) -> tuple[Path, Path]:
     return root / "tiny-a", root / "tiny-b"
 
 
-
-
 @pytest.fixture
 def show(model_folders):
     """A worker playing passthrough, with the realtime scene set up for the tiny model."""
     params = ParamRegistry()
     params.declare_all(RealtimeScene.PARAMS)
-    set_params(params, {f"{P}/model": str(model_folders[0]), f"{P}/vae": "", f"{P}/resolution": 32,
-                        f"{P}/device": "cpu", f"{P}/accel": "eager", f"{P}/similarity_threshold": 0.0})
+    set_params(
+        params,
+        {
+            f"{P}/model": str(model_folders[0]),
+            f"{P}/vae": "",
+            f"{P}/resolution": 32,
+            f"{P}/device": "cpu",
+            f"{P}/accel": "eager",
+            f"{P}/similarity_threshold": 0.0,
+        },
+    )
     worker = SceneWorker(SceneCatalog((Passthrough, RealtimeScene)), params, StillFeed(), error_backoff=0.05)
     worker.start()
     worker.request("passthrough")
@@ -113,14 +120,41 @@ def test_dreamdeck_run_device_dtype_and_accel_reach_the_scene(model_folders, tmp
     presets.mkdir()
     (presets / "tiny.toml").write_text(
         f'[preset]\ndescription = "tiny realtime"\n\n[scene]\nactive = "realtime"\n\n'
-        f'[scene.realtime]\nmodel = "{model_folders[0]}"\nvae = ""\nresolution = 32\n', encoding="utf-8")
+        f'[scene.realtime]\nmodel = "{model_folders[0]}"\nvae = ""\nresolution = 32\n',
+        encoding="utf-8",
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "engine", "--no-log-file", "run", "--headless", "--fresh", "--no-status", "--no-osc",
-         "--presets-dir", str(presets), "--preset", "tiny", "--frames", "600", "--device", "cpu",
-         "--dtype", "bfloat16", "--accel", "eager"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "--no-log-file",
+            "run",
+            "--headless",
+            "--fresh",
+            "--no-status",
+            "--no-osc",
+            "--presets-dir",
+            str(presets),
+            "--preset",
+            "tiny",
+            "--frames",
+            "600",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--accel",
+            "eager",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"realtime: {model_folders[0]} on cpu (bfloat16), 32x32, 1 step(s), accel eager" in done.stderr
     assert "realtime: first diffused frame" in done.stderr, done.stderr[-3000:]
@@ -149,7 +183,7 @@ def test_any_resolution_a_fader_sends_is_rounded_to_one_the_model_takes(show):
     newest(worker)
     for asked, made in ((45, 44), (1, 8)):  # the tiny test model takes multiples of 4, from 8 (SD: of 64, from 128)
         set_params(params, {f"{P}/resolution": asked})
-        assert wait_for(lambda: newest(worker).image.shape == (made, made, 3)), newest(worker).image.shape
+        assert wait_for(lambda made=made: newest(worker).image.shape == (made, made, 3)), newest(worker).image.shape
     assert worker.last_error is None and worker.active.warning is None
 
 

@@ -14,10 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
+from diffusion_fixtures import one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
 from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
 from engine.diffusion.timing import STAGES, StageTimer  # noqa: E402
-from diffusion_fixtures import one_torch_thread, tiny  # noqa: E402,F401  (fixtures)
 
 CPU = torch.device("cpu")
 
@@ -33,7 +33,7 @@ class FakeGpu:
     def reach(self) -> None:
         self.reached = self.recorded
 
-    def event(self) -> "GpuEvent":
+    def event(self) -> GpuEvent:
         return GpuEvent(self)
 
 
@@ -49,7 +49,7 @@ class GpuEvent:
     def query(self) -> bool:
         return self.number is not None and self.number < self.gpu.reached
 
-    def elapsed_time(self, end: "GpuEvent") -> float:
+    def elapsed_time(self, end: GpuEvent) -> float:
         if not (self.query() and end.query()):
             raise RuntimeError("Both events must be completed before calculating elapsed time.")
         self.gpu.reads += 1
@@ -92,7 +92,7 @@ class LyingEvent(GpuEvent):
     def query(self) -> bool:
         return True
 
-    def elapsed_time(self, end: "GpuEvent") -> float:
+    def elapsed_time(self, end: GpuEvent) -> float:
         raise RuntimeError("Both events must be completed before calculating elapsed time.")
 
 
@@ -108,8 +108,13 @@ def test_an_error_reading_events_turns_timing_off_and_never_escapes():
 
 def test_a_stream_times_only_when_asked_and_its_frames_survive_a_timer_that_fails(tiny):
     frames = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(4)]
-    stream = StreamImg2Img(tiny, choose_device("cpu"), StreamConfig(size=(32, 32)),
-                           LiveSettings(similarity_threshold=0.0), prompts=[("a cat", 1.0)])
+    stream = StreamImg2Img(
+        tiny,
+        choose_device("cpu"),
+        StreamConfig(size=(32, 32)),
+        LiveSettings(similarity_threshold=0.0),
+        prompts=[("a cat", 1.0)],
+    )
     assert stream.prompts.wait(60)
     assert stream(frames[0]) is not None and stream.timer.frames == 0  # a show runs untimed
     gpu = FakeGpu()
@@ -117,8 +122,14 @@ def test_a_stream_times_only_when_asked_and_its_frames_survive_a_timer_that_fail
     images = [stream(frame) for frame in frames]
     assert all(image is not None for image in images)  # every frame came out
     assert not stream.timer.enabled and stream.timer.error.startswith("stage timing off")
-    timed = StreamImg2Img(tiny, choose_device("cpu"), StreamConfig(size=(32, 32)),
-                          LiveSettings(similarity_threshold=0.0), prompts=[("a cat", 1.0)], timing=True)
+    timed = StreamImg2Img(
+        tiny,
+        choose_device("cpu"),
+        StreamConfig(size=(32, 32)),
+        LiveSettings(similarity_threshold=0.0),
+        prompts=[("a cat", 1.0)],
+        timing=True,
+    )
     assert timed.prompts.wait(60)
     for frame in frames:
         timed(frame)

@@ -24,9 +24,10 @@ import inspect
 import logging
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -61,15 +62,14 @@ class CompileCounts:
     graphs: int  # graphs dynamo captured (each compile, recompile, or piece after a graph break)
     graph_breaks: int
 
-    def __sub__(self, other: "CompileCounts") -> "CompileCounts":
+    def __sub__(self, other: CompileCounts) -> CompileCounts:
         return CompileCounts(self.graphs - other.graphs, self.graph_breaks - other.graph_breaks)
 
 
 def compile_counts() -> CompileCounts:
     from torch._dynamo.utils import counters
 
-    return CompileCounts(graphs=counters["stats"]["unique_graphs"],
-                         graph_breaks=sum(counters["graph_break"].values()))
+    return CompileCounts(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
 
 
 def eager_backend(hot: HotPath) -> Backend:
@@ -109,8 +109,9 @@ def describe_inputs(inputs: FrameInputs) -> list[tuple[str, Any]]:
     """(name, what a compiled graph guards on) for each input tensor: shape, dtype, device, inference."""
     named = [(name, value) for name, value in zip(inputs._fields, inputs) if name != "coefficients"]
     named += [(f"coefficients.{name}", value) for name, value in zip(inputs.coefficients._fields, inputs.coefficients)]
-    return [(name, None if t is None else (tuple(t.shape), t.dtype, t.device.type, t.is_inference()))
-            for name, t in named]
+    return [
+        (name, None if t is None else (tuple(t.shape), t.dtype, t.device.type, t.is_inference())) for name, t in named
+    ]
 
 
 def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,8 +122,13 @@ def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
     count, size or LoRA slot, so each build compiles its own copy, freed with its stream.
     """
     function = method.__func__
-    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
-                              function.__defaults__, function.__closure__)
+    copy = types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
     return types.MethodType(copy, method.__self__)
 
 
@@ -156,10 +162,20 @@ class CompiledFrame:
         return result
 
     def _why(self, inputs: FrameInputs) -> str:
-        differ = [f"{name} is {now}, built for {then}"
-                  for (name, now), (_, then) in zip(describe_inputs(inputs), self.built_for) if now != then]
-        return ("the frame needed a recompile (" + ("; ".join(differ) if differ else
-                "its inputs look the same: TORCH_LOGS=recompiles says which guard failed") + ")")
+        differ = [
+            f"{name} is {now}, built for {then}"
+            for (name, now), (_, then) in zip(describe_inputs(inputs), self.built_for)
+            if now != then
+        ]
+        return (
+            "the frame needed a recompile ("
+            + (
+                "; ".join(differ)
+                if differ
+                else "its inputs look the same: TORCH_LOGS=recompiles says which guard failed"
+            )
+            + ")"
+        )
 
 
 class CompileAccelerator:
@@ -180,8 +196,12 @@ class CompileAccelerator:
 
     name = "compile"
 
-    def __init__(self, mode: str | None = None, backend: str | Callable[..., Any] = "inductor",
-                 cache_dir: Path | str | None = None) -> None:
+    def __init__(
+        self,
+        mode: str | None = None,
+        backend: str | Callable[..., Any] = "inductor",
+        cache_dir: Path | str | None = None,
+    ) -> None:
         self.mode = mode
         self.backend = backend  # a name, or a dynamo backend function (tests count the graphs with one)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -194,10 +214,17 @@ class CompileAccelerator:
             if mode is None:
                 mode = "reduce-overhead" if cuda else "default"
         limits = compile_limits_supported()
-        compiled = torch.compile(own_code(hot.frame), backend=self.backend, mode=mode, dynamic=False, fullgraph=True,
-                                 **({"recompile_limit": 1, "isolate_recompiles": True} if limits else {}))
-        backend = Backend("compile", CompiledFrame(compiled, example, dynamo_refuses=limits),
-                          cudagraphs=mode == "reduce-overhead")
+        compiled = torch.compile(
+            own_code(hot.frame),
+            backend=self.backend,
+            mode=mode,
+            dynamic=False,
+            fullgraph=True,
+            **({"recompile_limit": 1, "isolate_recompiles": True} if limits else {}),
+        )
+        backend = Backend(
+            "compile", CompiledFrame(compiled, example, dynamo_refuses=limits), cudagraphs=mode == "reduce-overhead"
+        )
         with torch.inference_mode():
             # one call compiles; the CUDA graph is recorded later by the thread that replays it
             if backend.cudagraphs:
@@ -223,8 +250,12 @@ class TensorRTAccelerator:
         steps = example.noise.shape[0]
         first = torch.zeros_like(example.noise[:1])
         sample = torch.cat([first, example.buffer]) if example.buffer.shape[0] else first
-        unet_inputs = (sample, example.coefficients.timesteps, example.text.expand(steps, -1, -1).contiguous(),
-                       example.timestep_cond)
+        unet_inputs = (
+            sample,
+            example.coefficients.timesteps,
+            example.text.expand(steps, -1, -1).contiguous(),
+            example.timestep_cond,
+        )
         engine_path = build_cached_engine(hot.unet, unet_inputs, self.cache_dir, fp16=self.fp16)
         return Backend("tensorrt", hot.with_unet(TrtUNet(engine_path, sample.device)).frame)
 

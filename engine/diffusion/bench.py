@@ -77,13 +77,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=100, help="timed frames (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed frames first (default 10)")
     parser.add_argument("--baseline-frames", type=int, default=30, help="timed frames per baseline; 0 skips them")
-    parser.add_argument("--sync-frames", type=int, default=5,
-                        help="frames run under torch.cuda.set_sync_debug_mode to count syncs (CUDA; default 5)")
-    parser.add_argument("--accel", choices=ACCEL_CHOICES, default="auto",
-                        help=f"{ACCEL_HELP}; auto: compile on CUDA, eager elsewhere. Here tensorrt falls back to "
-                             "compile where TensorRT cannot run, and the result says so (fell_back)")
-    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
-                        help="torch.compile backend (default inductor; eager: dynamo tracing alone, for CPU checks)")
+    parser.add_argument(
+        "--sync-frames",
+        type=int,
+        default=5,
+        help="frames run under torch.cuda.set_sync_debug_mode to count syncs (CUDA; default 5)",
+    )
+    parser.add_argument(
+        "--accel",
+        choices=ACCEL_CHOICES,
+        default="auto",
+        help=f"{ACCEL_HELP}; auto: compile on CUDA, eager elsewhere. Here tensorrt falls back to "
+        "compile where TensorRT cannot run, and the result says so (fell_back)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        choices=COMPILE_BACKENDS,
+        default="inductor",
+        help="torch.compile backend (default inductor; eager: dynamo tracing alone, for CPU checks)",
+    )
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | mps | cpu")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--vae", choices=("tiny", "full"), default="tiny", help="engine VAE (default tiny = TAESD)")
@@ -102,11 +114,23 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     size = args.size or (32 if args.tiny else 512)
     if not 16 <= size <= 2048:
         raise ValueError("--size must be between 16 and 2048")
-    return BenchOptions(arch=args.arch, weights=weights, model=args.model or DEFAULT_MODELS[args.arch], size=size,
-                        steps=args.steps, frames=args.frames, warmup=args.warmup,
-                        baseline_frames=args.baseline_frames, sync_frames=args.sync_frames, accel=args.accel,
-                        compile_backend=args.compile_backend, device=args.device, dtype=args.dtype, vae=args.vae,
-                        json_path=args.json)
+    return BenchOptions(
+        arch=args.arch,
+        weights=weights,
+        model=args.model or DEFAULT_MODELS[args.arch],
+        size=size,
+        steps=args.steps,
+        frames=args.frames,
+        warmup=args.warmup,
+        baseline_frames=args.baseline_frames,
+        sync_frames=args.sync_frames,
+        accel=args.accel,
+        compile_backend=args.compile_backend,
+        device=args.device,
+        dtype=args.dtype,
+        vae=args.vae,
+        json_path=args.json,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,8 +171,12 @@ def _models(options: BenchOptions, choice: Any) -> tuple[Any, dict[str, Any], st
     else:
         arch = "tiny" if options.weights == "tiny" else options.arch
         lcm = options.arch == "sd15"
-        base = build_random_model(arch, scheduler="lcm" if lcm else "euler", device=choice.device,
-                                  time_cond_proj_dim=LCM_GUIDANCE_DIM[arch] if lcm else None).to(choice)
+        base = build_random_model(
+            arch,
+            scheduler="lcm" if lcm else "euler",
+            device=choice.device,
+            time_cond_proj_dim=LCM_GUIDANCE_DIM[arch] if lcm else None,
+        ).to(choice)
         described = f"random {arch}"
         with torch.device(choice.device):
             torch.manual_seed(0)
@@ -214,7 +242,11 @@ def count_syncs(stream: Any, frames: list, count: int) -> dict[str, Any]:
         total = sum(int(own(frames[i % len(frames)])) for i in range(count))
         return {"per_frame": total / count, "frames": count, "how": "stream.count_syncs"}
     if not stream.choice.is_cuda:
-        return {"per_frame": None, "frames": 0, "how": f"not measured: {stream.choice.device.type} has no CUDA sync check"}
+        return {
+            "per_frame": None,
+            "frames": 0,
+            "how": f"not measured: {stream.choice.device.type} has no CUDA sync check",
+        }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -224,8 +256,12 @@ def count_syncs(stream: Any, frames: list, count: int) -> dict[str, Any]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     flagged = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    return {"per_frame": len(flagged) / count, "frames": count, "how": "torch.cuda.set_sync_debug_mode('warn')",
-            "first": flagged[0][:200] if flagged else None}
+    return {
+        "per_frame": len(flagged) / count,
+        "frames": count,
+        "how": "torch.cuda.set_sync_debug_mode('warn')",
+        "first": flagged[0][:200] if flagged else None,
+    }
 
 
 def _baseline(model: Any, pictures: list, frames: int, steps: int) -> dict[str, Any]:
@@ -237,13 +273,23 @@ def _baseline(model: Any, pictures: list, frames: int, steps: int) -> dict[str, 
     times = []
     for i in range(2 + frames):  # two untimed calls first (allocations, cuDNN choices)
         started = time.perf_counter()
-        out = pipe(PROMPT, image=pictures[i % len(pictures)], num_inference_steps=round(steps / STRENGTH),
-                   strength=STRENGTH, guidance_scale=0.0, generator=torch.Generator().manual_seed(0)).images[0]
+        out = pipe(
+            PROMPT,
+            image=pictures[i % len(pictures)],
+            num_inference_steps=round(steps / STRENGTH),
+            strength=STRENGTH,
+            guidance_scale=0.0,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
         np.asarray(out)
         if i >= 2:
             times.append((time.perf_counter() - started) * 1000.0)
-    return {"pipeline": type(pipe).__name__, "vae": type(model.vae).__name__,
-            "fps": 1000.0 * len(times) / sum(times), "p50_ms": _percentile(times, 50)}
+    return {
+        "pipeline": type(pipe).__name__,
+        "vae": type(model.vae).__name__,
+        "fps": 1000.0 * len(times) / sum(times),
+        "p50_ms": _percentile(times, 50),
+    }
 
 
 def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
@@ -265,9 +311,15 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
     # 1. the engine: hot path, host frames in and out
     accelerator = _accelerator(options, choice.device)
     compiled_before = _dynamo_frames()
-    stream = StreamImg2Img(engine_model, choice, StreamConfig(size=(options.size, options.size), steps=steps),
-                           LiveSettings(strength=STRENGTH, similarity_threshold=0.0), prompts=[(PROMPT, 1.0)],
-                           accelerator=accelerator, timing=True)
+    stream = StreamImg2Img(
+        engine_model,
+        choice,
+        StreamConfig(size=(options.size, options.size), steps=steps),
+        LiveSettings(strength=STRENGTH, similarity_threshold=0.0),
+        prompts=[(PROMPT, 1.0)],
+        accelerator=accelerator,
+        timing=True,
+    )
     stream.prompts.wait()
     # 2. the first image, as a show gets it: eager frames while a compiled or TensorRT build starts
     #    in the background (the first frame starts it), timed from the loaded weights
@@ -295,8 +347,12 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         if image is None:
             raise RuntimeError("the stream produced no image for a new frame")
     compiled_timed = _dynamo_frames()
-    engine = {"fps": 1000.0 * len(times) / sum(times), "p50_ms": _percentile(times, 50),
-              "p99_ms": _percentile(times, 99), "stages_ms": stream.timer.means()}
+    engine = {
+        "fps": 1000.0 * len(times) / sum(times),
+        "p50_ms": _percentile(times, 50),
+        "p99_ms": _percentile(times, 99),
+        "stages_ms": stream.timer.means(),
+    }
     # 4. synchronisations per frame, after the timed frames (the check itself slows a frame)
     syncs = count_syncs(stream, frames, options.sync_frames)
     stream.close()
@@ -331,13 +387,20 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         "startup": {"load_s": load_s, "first_frame_s": stream.first_image_s},
         "frames": options.frames,
         "engine": engine,
-        "recompiles": {"by_build": compiled_built - compiled_before, "in_warmup": compiled_warm - compiled_built,
-                       "in_timed_frames": compiled_timed - compiled_warm,
-                       "per_frame": (compiled_timed - compiled_warm) / options.frames},
+        "recompiles": {
+            "by_build": compiled_built - compiled_before,
+            "in_warmup": compiled_warm - compiled_built,
+            "in_timed_frames": compiled_timed - compiled_warm,
+            "per_frame": (compiled_timed - compiled_warm) / options.frames,
+        },
         "syncs": syncs,
         "baselines": baselines,
         "ratios": {name: engine["fps"] / b["fps"] for name, b in baselines.items()},
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
         "command": "dreamdeck bench diffusion " + " ".join(sys.argv[1:]) if sys.argv else "",
     }
     if options.json_path is not None:
@@ -361,19 +424,23 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'  stages, mean ms':30}{stages}",
     ]
     for name, baseline in result["baselines"].items():
-        lines.append(f"{BASELINES[name]:30}{baseline['fps']:9.1f}{baseline['p50_ms']:10.2f}{'':10}"
-                     f"{result['ratios'][name]:8.1f}x")
+        lines.append(
+            f"{BASELINES[name]:30}{baseline['fps']:9.1f}{baseline['p50_ms']:10.2f}{'':10}{result['ratios'][name]:8.1f}x"
+        )
     startup = result["startup"]
-    lines.append(f"first frame {startup['first_frame_s']:.2f} s after the weights loaded "
-                 f"(weights: {startup['load_s']:.1f} s)")
+    lines.append(
+        f"first frame {startup['first_frame_s']:.2f} s after the weights loaded (weights: {startup['load_s']:.1f} s)"
+    )
     if result["fallback_reason"]:
         lines.append(f"accel: {result['fallback_reason']}")
     elif result["accel_ready_s"] is not None:
         lines.append(f"accel {result['accel']} ready after {result['accel_ready_s']:.1f} s")
     recompiles, syncs = result["recompiles"], result["syncs"]
-    lines.append(f"recompiles: {recompiles['by_build']} by the build, {recompiles['in_timed_frames']} in the timed "
-                 f"frames; syncs per frame: "
-                 + (f"{syncs['per_frame']:.1f} ({syncs['how']})" if syncs["per_frame"] is not None else syncs["how"]))
+    lines.append(
+        f"recompiles: {recompiles['by_build']} by the build, {recompiles['in_timed_frames']} in the timed "
+        f"frames; syncs per frame: "
+        + (f"{syncs['per_frame']:.1f} ({syncs['how']})" if syncs["per_frame"] is not None else syncs["how"])
+    )
     return "\n".join(lines)
 
 

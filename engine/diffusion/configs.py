@@ -25,24 +25,46 @@ import torch
 from engine.diffusion.loading import DiffusionModel
 
 _EULER_TRAILING = {  # stabilityai/sd-turbo scheduler/scheduler_config.json
-    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "interpolation_type": "linear", "steps_offset": 1, "timestep_spacing": "trailing",
-    "timestep_type": "discrete", "use_karras_sigmas": False,
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+    "timestep_type": "discrete",
+    "use_karras_sigmas": False,
 }
 _LCM = {  # SimianLuo/LCM_Dreamshaper_v7 scheduler/scheduler_config.json (also what LCM-LoRA uses)
-    "_class_name": "LCMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "original_inference_steps": 50, "set_alpha_to_one": True, "steps_offset": 1,
-    "timestep_scaling": 10.0, "timestep_spacing": "leading", "clip_sample": False,
+    "_class_name": "LCMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "original_inference_steps": 50,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "timestep_scaling": 10.0,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
 }
 _SD_VAE = {
-    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
 }
 _SD_UNET_BLOCKS = {
-    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "sample_size": 64,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "sample_size": 64,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
@@ -62,12 +84,23 @@ ARCHITECTURES: dict[str, Architecture] = {
     # SD 2.1-base architecture: OpenCLIP ViT-H text encoder (23 layers, width 1024).
     "sd-turbo": Architecture(
         "sd-turbo",
-        unet={**_SD_UNET_BLOCKS, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
-              "use_linear_projection": True},
+        unet={
+            **_SD_UNET_BLOCKS,
+            "attention_head_dim": [5, 10, 20, 20],
+            "cross_attention_dim": 1024,
+            "use_linear_projection": True,
+        },
         vae=_SD_VAE,
-        text_encoder={"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
-                      "num_hidden_layers": 23, "hidden_act": "gelu", "projection_dim": 512,
-                      "vocab_size": 49408, "max_position_embeddings": 77},
+        text_encoder={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 23,
+            "hidden_act": "gelu",
+            "projection_dim": 512,
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+        },
         scheduler=_EULER_TRAILING,
         default_steps=1,
     ),
@@ -76,35 +109,67 @@ ARCHITECTURES: dict[str, Architecture] = {
         "sd15",
         unet={**_SD_UNET_BLOCKS, "attention_head_dim": 8, "cross_attention_dim": 768},
         vae=_SD_VAE,
-        text_encoder={"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-                      "num_hidden_layers": 12, "hidden_act": "quick_gelu", "projection_dim": 768,
-                      "vocab_size": 49408, "max_position_embeddings": 77},
+        text_encoder={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 768,
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+        },
         scheduler=_LCM,
         default_steps=4,
     ),
     # diffusers' own test components (tests/pipelines/stable_diffusion/test_stable_diffusion_img2img.py)
     "tiny": Architecture(
         "tiny",
-        unet={"block_out_channels": [32, 64], "layers_per_block": 2, "sample_size": 32,
-              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 32},
-        vae={"block_out_channels": [32, 64], "latent_channels": 4,
-             "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2},
-        text_encoder={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
-                      "num_hidden_layers": 5, "vocab_size": 1000, "layer_norm_eps": 1e-05,
-                      "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+        unet={
+            "block_out_channels": [32, 64],
+            "layers_per_block": 2,
+            "sample_size": 32,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "cross_attention_dim": 32,
+        },
+        vae={
+            "block_out_channels": [32, 64],
+            "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2,
+        },
+        text_encoder={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 5,
+            "vocab_size": 1000,
+            "layer_norm_eps": 1e-05,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "pad_token_id": 1,
+        },
         scheduler=_EULER_TRAILING,
         default_steps=1,
     ),
 }
 SCHEDULERS = {"euler": _EULER_TRAILING, "lcm": _LCM}
 TAESD = {  # madebyollin/taesd: diffusers' AutoencoderTiny defaults, written out
-    "encoder_block_out_channels": [64, 64, 64, 64], "decoder_block_out_channels": [64, 64, 64, 64],
-    "num_encoder_blocks": [1, 3, 3, 3], "num_decoder_blocks": [3, 3, 3, 1], "latent_channels": 4,
+    "encoder_block_out_channels": [64, 64, 64, 64],
+    "decoder_block_out_channels": [64, 64, 64, 64],
+    "num_encoder_blocks": [1, 3, 3, 3],
+    "num_decoder_blocks": [3, 3, 3, 1],
+    "latent_channels": 4,
     "scaling_factor": 1.0,
 }
-TINY_TAESD = {**TAESD, "encoder_block_out_channels": [8, 8, 8, 8], "decoder_block_out_channels": [8, 8, 8, 8],
-              "num_encoder_blocks": [1, 1, 1, 1], "num_decoder_blocks": [1, 1, 1, 1]}
+TINY_TAESD = {
+    **TAESD,
+    "encoder_block_out_channels": [8, 8, 8, 8],
+    "decoder_block_out_channels": [8, 8, 8, 8],
+    "num_encoder_blocks": [1, 1, 1, 1],
+    "num_decoder_blocks": [1, 1, 1, 1],
+}
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -134,19 +199,24 @@ def byte_level_clip_tokenizer():
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
 
 
-def build_random_model(arch: str, *, scheduler: str | None = None, tiny_vae: bool = False,
-                       time_cond_proj_dim: int | None = None, seed: int = 0,
-                       device: str | torch.device = "cpu") -> DiffusionModel:
+def build_random_model(
+    arch: str,
+    *,
+    scheduler: str | None = None,
+    tiny_vae: bool = False,
+    time_cond_proj_dim: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> DiffusionModel:
     """An architecture with random weights (float32), as diffusers' tests build theirs.
 
     ``scheduler``: "euler" (SD-turbo's trailing Euler) or "lcm"; default: the architecture's.
     ``time_cond_proj_dim``: give the UNet LCM_Dreamshaper's guidance embedding.
     ``device``: where the weights are made (a GPU initialises a full-size UNet in a blink).
     """
+    import diffusers
     from diffusers import AutoencoderKL, AutoencoderTiny, SchedulerMixin, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    import diffusers
 
     spec = ARCHITECTURES[arch]
     sched_config = SCHEDULERS[scheduler] if scheduler else spec.scheduler
@@ -164,5 +234,11 @@ def build_random_model(arch: str, *, scheduler: str | None = None, tiny_vae: boo
     sched = scheduler_cls.from_config({k: v for k, v in sched_config.items() if k != "_class_name"})
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
-    return DiffusionModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=byte_level_clip_tokenizer(),
-                          scheduler=sched, source=f"random {arch}" + (" + random TAESD" if tiny_vae else ""))
+    return DiffusionModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=byte_level_clip_tokenizer(),
+        scheduler=sched,
+        source=f"random {arch}" + (" + random TAESD" if tiny_vae else ""),
+    )

@@ -46,8 +46,10 @@ def choose_device(device: str = "auto", dtype: str = "auto") -> DeviceChoice:
             device = "cpu"
     kind = device.split(":", 1)[0]
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but torch sees no CUDA GPU "
-                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+        raise ValueError(
+            "device cuda was asked for, but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+        )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device mps was asked for, but this torch build or machine has no MPS")
     if kind not in ("cuda", "mps", "cpu"):

@@ -27,7 +27,8 @@ copies, and, only while noise drifts, one small in-place blend:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -46,14 +47,25 @@ class DiffusersUNet(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         timestep_cond=timestep_cond, return_dict=False)[0]
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            return_dict=False,
+        )[0]
 
 
-def split_prediction(kind: str, output: torch.Tensor, x: torch.Tensor, sqrt_alpha: torch.Tensor,
-                     sqrt_one_minus_alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_prediction(
+    kind: str, output: torch.Tensor, x: torch.Tensor, sqrt_alpha: torch.Tensor, sqrt_one_minus_alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted clean latents, predicted noise) from any of the three parameterisations."""
     if kind == "epsilon":
         eps = output
@@ -79,8 +91,9 @@ class FrameInputs(NamedTuple):
 
 
 class HotPath(torch.nn.Module):
-    def __init__(self, unet: UNetCall, vae: torch.nn.Module, *, prediction_type: str, size: tuple[int, int],
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, unet: UNetCall, vae: torch.nn.Module, *, prediction_type: str, size: tuple[int, int], dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.vae = vae
@@ -90,13 +103,21 @@ class HotPath(torch.nn.Module):
         self.scaling_factor = float(vae.config.scaling_factor)
         self.tiny_vae = type(vae).__name__ == "AutoencoderTiny"
 
-    def with_unet(self, unet: UNetCall) -> "HotPath":
+    def with_unet(self, unet: UNetCall) -> HotPath:
         """The same frame around another UNet runner (a TensorRT engine)."""
-        return HotPath(unet, self.vae, prediction_type=self.prediction_type, size=(self.height, self.width),
-                       dtype=self.dtype)
+        return HotPath(
+            unet, self.vae, prediction_type=self.prediction_type, size=(self.height, self.width), dtype=self.dtype
+        )
 
-    def frame(self, pixels: torch.Tensor, buffer: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
-              c: StageCoefficients, timestep_cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def frame(
+        self,
+        pixels: torch.Tensor,
+        buffer: torch.Tensor,
+        text: torch.Tensor,
+        noise: torch.Tensor,
+        c: StageCoefficients,
+        timestep_cond: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One frame: uint8 (H, W, 3) -> (uint8 image (h, w, 3), the next stream-batch buffer).
 
         While the stream batch fills (its first k - 1 frames) the image is not one yet; the
@@ -107,12 +128,15 @@ class HotPath(torch.nn.Module):
         # 9. to uint8 on the device: a quarter of the bytes to download
         return self.decode(finished).mul(255).round().to(torch.uint8), handed_on
 
-    def encode(self, frame: torch.Tensor, noise: torch.Tensor, sqrt_alpha: torch.Tensor,
-               sqrt_one_minus_alpha: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, frame: torch.Tensor, noise: torch.Tensor, sqrt_alpha: torch.Tensor, sqrt_one_minus_alpha: torch.Tensor
+    ) -> torch.Tensor:
         """uint8 (H, W, 3) at the model's size -> latents at the first stage's noise level (1, 4, h, w)."""
         if tuple(frame.shape) != (self.height, self.width, 3):
-            raise ValueError(f"the frame is {tuple(frame.shape)}, the model takes ({self.height}, {self.width}, 3): "
-                             "fit it first (stream.fit_into)")
+            raise ValueError(
+                f"the frame is {tuple(frame.shape)}, the model takes ({self.height}, {self.width}, 3): "
+                "fit it first (stream.fit_into)"
+            )
         # 1. uint8 HWC -> float NCHW in [-1, 1] (in float32, as diffusers' image processor does)
         image = (frame.permute(2, 0, 1).unsqueeze(0).to(torch.float32) / 127.5 - 1.0).to(self.dtype)
         # 2. VAE encode: the posterior mean (deterministic: the same frame gives the same latents)
@@ -124,8 +148,15 @@ class HotPath(torch.nn.Module):
         # 3. forward-diffuse to the first stage with the fixed noise
         return sqrt_alpha * latents + sqrt_one_minus_alpha * noise
 
-    def denoise(self, first: torch.Tensor, buffer: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
-                c: StageCoefficients, timestep_cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def denoise(
+        self,
+        first: torch.Tensor,
+        buffer: torch.Tensor,
+        text: torch.Tensor,
+        noise: torch.Tensor,
+        c: StageCoefficients,
+        timestep_cond: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call over every stage -> (finished latents (1, 4, h, w), next buffer (k-1, 4, h, w))."""
         # 4. the stream batch: the newest frame at stage 0, older frames further along
         x = torch.cat([first, buffer]) if buffer.shape[0] else first
@@ -136,8 +167,7 @@ class HotPath(torch.nn.Module):
         x0, eps = split_prediction(self.prediction_type, output, x, c.sqrt_alpha, c.sqrt_one_minus_alpha)
         denoised = c.c_out * x0 + c.c_skip * x
         # 7. hand stages 0..k-2 on to the next timestep; the last stage is finished
-        handed_on = (c.next_signal[:-1] * denoised[:-1] + c.next_eps[:-1] * eps[:-1]
-                     + c.next_noise[:-1] * noise[1:])
+        handed_on = c.next_signal[:-1] * denoised[:-1] + c.next_eps[:-1] * eps[:-1] + c.next_noise[:-1] * noise[1:]
         return denoised[-1:], handed_on
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

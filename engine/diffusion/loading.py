@@ -60,7 +60,7 @@ class DiffusionModel:
     source: str = ""
     extras: dict[str, str] = field(default_factory=dict)  # what was fused or swapped in, for logs
 
-    def to(self, choice: DeviceChoice) -> "DiffusionModel":
+    def to(self, choice: DeviceChoice) -> DiffusionModel:
         for module in (self.unet, self.vae, self.text_encoder):
             if module.dtype == choice.dtype:  # diffusers warns about dtype casts it did not make itself
                 module.to(device=choice.device)
@@ -73,9 +73,15 @@ class DiffusionModel:
         from diffusers import StableDiffusionImg2ImgPipeline
 
         pipe = StableDiffusionImg2ImgPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -107,10 +113,12 @@ def hub_cache_dir(spec: ModelSpec) -> str:
 
 
 def how_to_get(name: str, spec: ModelSpec) -> str:
-    return (f"it is not in the Hugging Face cache ({hub_cache_dir(spec)}) and downloads are off "
-            f"(HF_HUB_OFFLINE=1). On a machine with network run `hf download {name}` (older "
-            f"huggingface_hub: `huggingface-cli download {name}`) and copy the cache here, or "
-            "point the model at a local diffusers folder or .safetensors file")
+    return (
+        f"it is not in the Hugging Face cache ({hub_cache_dir(spec)}) and downloads are off "
+        f"(HF_HUB_OFFLINE=1). On a machine with network run `hf download {name}` (older "
+        f"huggingface_hub: `huggingface-cli download {name}`) and copy the cache here, or "
+        "point the model at a local diffusers folder or .safetensors file"
+    )
 
 
 def classify_source(name: str) -> Literal["folder", "file", "hub"]:
@@ -162,30 +170,50 @@ def _load_base(spec: ModelSpec, dtype: torch.dtype) -> DiffusionModel:
             if config and classify_source(config) == "hub":
                 require_cached(config, spec, "model_index.json")
             pipe = StableDiffusionPipeline.from_single_file(
-                spec.model, config=config, **dtype_argument(dtype), local_files_only=local_only,
-                cache_dir=spec.cache_dir, safety_checker=None, requires_safety_checker=False)
+                spec.model,
+                config=config,
+                **dtype_argument(dtype),
+                local_files_only=local_only,
+                cache_dir=spec.cache_dir,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
         else:
             if kind == "hub":
                 require_cached(spec.model, spec, "model_index.json")
             pipe = DiffusionPipeline.from_pretrained(
-                spec.model, **dtype_argument(dtype), local_files_only=local_only, cache_dir=spec.cache_dir,
-                safety_checker=None, requires_safety_checker=False)
+                spec.model,
+                **dtype_argument(dtype),
+                local_files_only=local_only,
+                cache_dir=spec.cache_dir,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
     except OSError as exc:  # diffusers reports every missing or partial file as an OSError
         if kind == "file" and not spec.config:
-            how = ("a single-file checkpoint needs the diffusers configs of its architecture: set the "
-                   "config to a local diffusers folder of the same architecture, or cache the default "
-                   f"configs first ({exc})")
+            how = (
+                "a single-file checkpoint needs the diffusers configs of its architecture: set the "
+                "config to a local diffusers folder of the same architecture, or cache the default "
+                f"configs first ({exc})"
+            )
         elif local_only:
             how = f"{how_to_get(spec.model, spec)} ({exc})"
         else:
             how = f"it could not be loaded ({exc})"
         raise ModelNotFound(spec.model, how) from exc
-    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if getattr(pipe, part, None) is None]
+    missing = [
+        part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, part, None) is None
+    ]
     if missing:
         raise ValueError(f"{spec.model} is not an SD 1.5 / 2.1 model: it has no {', '.join(missing)}")
-    return DiffusionModel(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                          scheduler=pipe.scheduler, source=spec.model)
+    return DiffusionModel(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        source=spec.model,
+    )
 
 
 def _fuse_lora(model: DiffusionModel, spec: ModelSpec, dtype: torch.dtype) -> None:
@@ -247,7 +275,8 @@ def load_tiny_vae(spec: ModelSpec, dtype: torch.dtype) -> Any:
     if kind == "file":
         raise ModelNotFound(spec.tiny_vae, "TAESD loads from a diffusers folder or hub id, not a single file")
     try:
-        return AutoencoderTiny.from_pretrained(spec.tiny_vae, **dtype_argument(dtype), local_files_only=offline(),
-                                               cache_dir=spec.cache_dir)
+        return AutoencoderTiny.from_pretrained(
+            spec.tiny_vae, **dtype_argument(dtype), local_files_only=offline(), cache_dir=spec.cache_dir
+        )
     except OSError as exc:
         raise ModelNotFound(spec.tiny_vae, f"the tiny VAE could not be loaded ({exc})") from exc

@@ -26,6 +26,7 @@ per prompt change, and diffusers cannot hot-swap text-encoder adapters.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -96,8 +97,14 @@ def split_source(source: str) -> tuple[str, str | None]:
     return "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
 
 
-def read_lora(source: str, unet: Any, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              cache_dir: str | None = None) -> LoraFile:
+def read_lora(
+    source: str,
+    unet: Any,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | None = None,
+) -> LoraFile:
     """Read and check a LoRA file (any thread; the UNet is only looked at). Raises LoraError."""
     from diffusers import StableDiffusionPipeline
 
@@ -106,7 +113,8 @@ def read_lora(source: str, unet: Any, *, device: torch.device | str = "cpu", dty
     # 1. the file, with kohya (and older diffusers) keys converted by diffusers
     try:
         state_dict, alphas = StableDiffusionPipeline.lora_state_dict(
-            where, weight_name=weight_name, local_files_only=offline(), cache_dir=cache_dir)
+            where, weight_name=weight_name, local_files_only=offline(), cache_dir=cache_dir
+        )
     except (OSError, ValueError, KeyError) as exc:  # missing, not safetensors, or not a LoRA diffusers knows
         raise LoraError(f"{source}: cannot be read as a LoRA ({type(exc).__name__}: {_first_line(exc)})") from exc
     # 2. the UNet part only (see the module docstring for the text encoder)
@@ -136,7 +144,9 @@ def _check_targets(source: str, state_dict: dict[str, torch.Tensor], unet: Any) 
         try:
             layer = unet.get_submodule(name)
         except AttributeError:
-            raise LoraError(f"{source}: targets {name}, which this UNet does not have (another architecture?)")
+            raise LoraError(
+                f"{source}: targets {name}, which this UNet does not have (another architecture?)"
+            ) from None
         layer = getattr(layer, "base_layer", layer)  # a layer that already carries adapters
         fan_in = getattr(layer, "in_features", None) or getattr(layer, "in_channels", None)
         if value.ndim < 2 or value.shape[1] != fan_in:
@@ -159,8 +169,9 @@ class AdapterBank:
     weights runs in ``apply`` on the worker, between two frames.
     """
 
-    def __init__(self, unet: Any, *, slots: int = LORA_SLOTS, target_rank: int = TARGET_RANK,
-                 cache_dir: str | None = None) -> None:
+    def __init__(
+        self, unet: Any, *, slots: int = LORA_SLOTS, target_rank: int = TARGET_RANK, cache_dir: str | None = None
+    ) -> None:
         self.unet = unet
         self.slots = slots
         self.target_rank = target_rank
@@ -187,8 +198,9 @@ class AdapterBank:
             self._pending[slot] = None
             return
         param = next(self.unet.parameters())
-        self._pending[slot] = self._reader.submit(read_lora, source, self.unet, device=param.device,
-                                                  dtype=param.dtype, cache_dir=self.cache_dir)
+        self._pending[slot] = self._reader.submit(
+            read_lora, source, self.unet, device=param.device, dtype=param.dtype, cache_dir=self.cache_dir
+        )
 
     def set_weight(self, slot: int, weight: float) -> None:
         """Takes effect at the next ``apply`` (a tensor write: no reload, no recompile)."""
@@ -206,10 +218,8 @@ class AdapterBank:
         """Block until every requested file is read (tests, benchmarks); ``apply`` then swaps them in."""
         for future in list(self._pending.values()):
             if future is not None:
-                try:
+                with contextlib.suppress(LoraError):  # apply() reports it
                     future.result(timeout)
-                except LoraError:
-                    pass  # apply() reports it
 
     @torch.no_grad()
     def apply(self) -> BankChange:
@@ -269,35 +279,51 @@ class AdapterBank:
         hotswapped = False
         if loaded and lora.rank <= self.target_rank:
             try:
-                unet.load_lora_adapter(lora.state_dict, prefix="unet", network_alphas=lora.network_alphas,
-                                       adapter_name=name, hotswap=True)
+                unet.load_lora_adapter(
+                    lora.state_dict, prefix="unet", network_alphas=lora.network_alphas, adapter_name=name, hotswap=True
+                )
                 hotswapped = True
             except (RuntimeError, ValueError) as exc:  # other target layers, or other dropout / alpha pattern
-                log.info("LoRA slot %d: %s cannot hot-swap (%s); loading it as a new adapter",
-                         slot, lora.source, _first_line(exc))
+                log.info(
+                    "LoRA slot %d: %s cannot hot-swap (%s); loading it as a new adapter",
+                    slot,
+                    lora.source,
+                    _first_line(exc),
+                )
         if not hotswapped:
             # the named fallback: a new adapter (diffusers already removed a failed hot-swap's)
             if name in getattr(unet, "peft_config", {}):
                 unet.delete_adapters(name)
             try:
-                unet.load_lora_adapter(lora.state_dict, prefix="unet", network_alphas=lora.network_alphas,
-                                       adapter_name=name)
+                unet.load_lora_adapter(
+                    lora.state_dict, prefix="unet", network_alphas=lora.network_alphas, adapter_name=name
+                )
             except (RuntimeError, ValueError) as exc:
                 self._forget(slot)
                 raise LoraError(f"{lora.source}: cannot be loaded ({_first_line(exc)}); the slot is empty now") from exc
             unet.set_adapter(list(unet.peft_config))  # every slot plays, each at its own weight
-            prepare_model_for_compiled_hotswap(unet, target_rank=self.target_rank, config=unet.peft_config,
-                                               check_compiled="ignore")
-        self._base[slot] = [(layer, float(layer.scaling[name])) for layer in unet.modules()
-                            if isinstance(getattr(layer, "scaling", None), dict) and name in layer.scaling]
+            prepare_model_for_compiled_hotswap(
+                unet, target_rank=self.target_rank, config=unet.peft_config, check_compiled="ignore"
+            )
+        self._base[slot] = [
+            (layer, float(layer.scaling[name]))
+            for layer in unet.modules()
+            if isinstance(getattr(layer, "scaling", None), dict) and name in layer.scaling
+        ]
         self.sources[slot] = lora.source
-        self.last_swap = SwapTiming(slot, lora.source, lora.read_ms, (time.perf_counter() - started) * 1000,
-                                    hotswapped)
-        log.info("LoRA slot %d: %s %s (rank %d; read %.0f ms, swap %.0f ms)%s", slot, lora.source,
-                 "hot-swapped in" if hotswapped else "loaded as a new adapter", lora.rank, lora.read_ms,
-                 self.last_swap.swap_ms,
-                 f"; {lora.skipped_text_encoder} text-encoder tensors skipped (prompts are encoded once)"
-                 if lora.skipped_text_encoder else "")
+        self.last_swap = SwapTiming(slot, lora.source, lora.read_ms, (time.perf_counter() - started) * 1000, hotswapped)
+        log.info(
+            "LoRA slot %d: %s %s (rank %d; read %.0f ms, swap %.0f ms)%s",
+            slot,
+            lora.source,
+            "hot-swapped in" if hotswapped else "loaded as a new adapter",
+            lora.rank,
+            lora.read_ms,
+            self.last_swap.swap_ms,
+            f"; {lora.skipped_text_encoder} text-encoder tensors skipped (prompts are encoded once)"
+            if lora.skipped_text_encoder
+            else "",
+        )
         return not hotswapped
 
     def _forget(self, slot: int) -> None:
@@ -310,8 +336,9 @@ class AdapterBank:
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def random_lora(unet: Any, *, rank: int, seed: int, targets: tuple[str, ...] = ATTENTION_TARGETS,
-                alpha: float | None = None) -> dict[str, torch.Tensor]:
+def random_lora(
+    unet: Any, *, rank: int, seed: int, targets: tuple[str, ...] = ATTENTION_TARGETS, alpha: float | None = None
+) -> dict[str, torch.Tensor]:
     """A rank-``rank`` LoRA for ``unet``'s architecture with random A and B, made by peft (peft's keys)."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
@@ -319,8 +346,9 @@ def random_lora(unet: Any, *, rank: int, seed: int, targets: tuple[str, ...] = A
 
     with torch.device("meta"):  # a weightless copy of the architecture: only the adapter is made for real
         host = UNet2DConditionModel(**unet.config)
-        host.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets)),
-                         adapter_name="random")
+        host.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets)), adapter_name="random"
+        )
     torch.manual_seed(seed)
     for layer in host.modules():
         if isinstance(layer, LoraLayer):
@@ -330,8 +358,13 @@ def random_lora(unet: Any, *, rank: int, seed: int, targets: tuple[str, ...] = A
     return {k: v.contiguous() for k, v in get_peft_model_state_dict(host, adapter_name="random").items()}
 
 
-def save_lora(lora: dict[str, torch.Tensor], path: str | Path, *, kohya: bool = False,
-              text_encoder: dict[str, torch.Tensor] | None = None) -> Path:
+def save_lora(
+    lora: dict[str, torch.Tensor],
+    path: str | Path,
+    *,
+    kohya: bool = False,
+    text_encoder: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a peft-keyed UNet LoRA as one .safetensors file: diffusers' layout (``unet.`` keys)
     or kohya's (``lora_unet_down_blocks_0_..._to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``).
     ``text_encoder``: peft-keyed text-encoder LoRA weights to include (``text_encoder.`` / ``lora_te_``)."""
@@ -346,6 +379,7 @@ def save_lora(lora: dict[str, torch.Tensor], path: str | Path, *, kohya: bool = 
             tensors.update({f"lora_te_{k}": v for k, v in convert_state_dict_to_kohya(text_encoder).items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     else:
-        StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=lora,
-                                                  text_encoder_lora_layers=text_encoder, weight_name=path.name)
+        StableDiffusionPipeline.save_lora_weights(
+            path.parent, unet_lora_layers=lora, text_encoder_lora_layers=text_encoder, weight_name=path.name
+        )
     return path

@@ -24,8 +24,12 @@ def unet_input_names(has_timestep_cond: bool) -> list[str]:
     return list(INPUT_NAMES if has_timestep_cond else INPUT_NAMES[:3])
 
 
-def export_unet_onnx(unet: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
-                     path: Path, max_batch: int = 8) -> Path:
+def export_unet_onnx(
+    unet: torch.nn.Module,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    path: Path,
+    max_batch: int = 8,
+) -> Path:
     """Write ``unet`` (a ``DiffusersUNet``) to ``path``; the batch axis of every input is dynamic.
 
     ``inputs``: (sample, timestep (B,) float32, encoder_hidden_states, timestep_cond or None).
@@ -36,10 +40,26 @@ def export_unet_onnx(unet: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Te
     with torch.no_grad():
         if importlib.util.find_spec("onnxscript") is not None:
             batch = torch.export.Dim("batch", min=1, max=max_batch)
-            torch.onnx.export(unet, args, str(path), dynamo=True, input_names=names, output_names=[OUTPUT_NAME],
-                              dynamic_shapes=tuple({0: batch} for _ in args), external_data=True)
+            torch.onnx.export(
+                unet,
+                args,
+                str(path),
+                dynamo=True,
+                input_names=names,
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=tuple({0: batch} for _ in args),
+                external_data=True,
+            )
         else:
             log.warning("onnxscript is not installed: exporting with the TorchScript exporter instead")
-            torch.onnx.export(unet, args, str(path), dynamo=False, input_names=names, output_names=[OUTPUT_NAME],
-                              dynamic_axes={name: {0: "batch"} for name in names}, opset_version=17)
+            torch.onnx.export(
+                unet,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=names,
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={name: {0: "batch"} for name in names},
+                opset_version=17,
+            )
     return path

@@ -16,7 +16,7 @@ _DEVICE_SPEC = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def check_device_spec(text: str) -> str:
-    """``auto`` | ``cuda`` | ``cuda:N`` | ``mps`` | ``cpu``, or ValueError (whether it exists is known only to torch)."""
+    """``auto`` | ``cuda`` | ``cuda:N`` | ``mps`` | ``cpu``, or ValueError (whether it exists only torch knows)."""
     if not _DEVICE_SPEC.fullmatch(text.strip()):
         raise ValueError(f"device {text!r} is not one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
     return text.strip()
@@ -41,10 +41,13 @@ class TorchDefaults:
         if self.accel not in ACCEL_CHOICES:
             raise ValueError(f"accel {self.accel!r} is not one of {', '.join(ACCEL_CHOICES)}")
 
-    def pick(self, device: str = "auto", dtype: str = "auto", accel: str = "auto") -> "TorchDefaults":
+    def pick(self, device: str = "auto", dtype: str = "auto", accel: str = "auto") -> TorchDefaults:
         """A scene's own choices, with these defaults where it says "auto"."""
-        return TorchDefaults(self.device if device == "auto" else device, self.dtype if dtype == "auto" else dtype,
-                             self.accel if accel == "auto" else accel)
+        return TorchDefaults(
+            self.device if device == "auto" else device,
+            self.dtype if dtype == "auto" else dtype,
+            self.accel if accel == "auto" else accel,
+        )
 
 
 LORA_SLOTS = 4  # live LoRA slots on the realtime scene (engine/diffusion/lora.py)

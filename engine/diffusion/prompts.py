@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from contextlib import nullcontext
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 
@@ -119,8 +120,9 @@ class PromptBank:
             if text in self._cache:
                 self._cache.move_to_end(text)
                 return self._cache[text]
-        tokens = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
+        tokens = self.tokenizer(
+            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
         device = self.choice.device
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
@@ -170,4 +172,3 @@ class PromptBank:
             version = self.version + 1
             self._published = (embeds, version, prompts)  # one assignment: readers see old or new, never half
         log.debug("prompt embeddings v%d: %r", version, prompts)
-

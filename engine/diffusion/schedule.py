@@ -71,9 +71,12 @@ class StreamSchedule:
             timesteps=torch.tensor(self.timesteps, dtype=torch.float32, device=device),
             sqrt_alpha=column(tuple(math.sqrt(a) for a in self.alphas)),
             sqrt_one_minus_alpha=column(tuple(math.sqrt(1.0 - a) for a in self.alphas)),
-            c_skip=column(self.c_skip), c_out=column(self.c_out),
-            next_signal=column(self.next_signal), next_eps=column(self.next_eps),
-            next_noise=column(self.next_noise))
+            c_skip=column(self.c_skip),
+            c_out=column(self.c_out),
+            next_signal=column(self.next_signal),
+            next_eps=column(self.next_eps),
+            next_noise=column(self.next_noise),
+        )
 
 
 def build_schedule(scheduler: Any, steps: int, strength: float) -> StreamSchedule:
@@ -87,14 +90,18 @@ def build_schedule(scheduler: Any, steps: int, strength: float) -> StreamSchedul
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}")
     if getattr(config, "thresholding", False) or getattr(config, "clip_sample", False):
-        raise ValueError(f"{type(scheduler).__name__} with thresholding or clip_sample is not supported by the hot path")
+        raise ValueError(
+            f"{type(scheduler).__name__} with thresholding or clip_sample is not supported by the hot path"
+        )
     name = type(scheduler).__name__
     if name == "LCMScheduler":
         return _lcm(scheduler, steps, strength)
     if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
         return _euler(scheduler, steps, strength, ancestral=name.startswith("EulerAncestral"))
-    raise ValueError(f"{name} is not supported by the hot path: use EulerDiscreteScheduler, "
-                     "EulerAncestralDiscreteScheduler or LCMScheduler")
+    raise ValueError(
+        f"{name} is not supported by the hot path: use EulerDiscreteScheduler, "
+        "EulerAncestralDiscreteScheduler or LCMScheduler"
+    )
 
 
 def _euler(scheduler: Any, steps: int, strength: float, ancestral: bool) -> StreamSchedule:
@@ -124,9 +131,16 @@ def _euler(scheduler: Any, steps: int, strength: float, ancestral: bool) -> Stre
         next_eps.append(scale * sigma_down)
         next_noise.append(scale * sigma_up)
     return StreamSchedule(
-        kind="euler-ancestral" if ancestral else "euler", timesteps=tuple(float(t) for t in timesteps),
-        alphas=tuple(alphas), c_skip=(0.0,) * steps, c_out=(1.0,) * steps, next_signal=tuple(next_signal),
-        next_eps=tuple(next_eps), next_noise=tuple(next_noise), prediction_type=config.prediction_type)
+        kind="euler-ancestral" if ancestral else "euler",
+        timesteps=tuple(float(t) for t in timesteps),
+        alphas=tuple(alphas),
+        c_skip=(0.0,) * steps,
+        c_out=(1.0,) * steps,
+        next_signal=tuple(next_signal),
+        next_eps=tuple(next_eps),
+        next_noise=tuple(next_noise),
+        prediction_type=config.prediction_type,
+    )
 
 
 def _lcm(scheduler: Any, steps: int, strength: float) -> StreamSchedule:
@@ -142,12 +156,16 @@ def _lcm(scheduler: Any, steps: int, strength: float) -> StreamSchedule:
     scalings = [planner.get_scalings_for_boundary_condition_discrete(t) for t in timesteps]
     next_alphas = alphas[1:] + [None]
     return StreamSchedule(
-        kind="lcm", timesteps=tuple(float(t) for t in timesteps), alphas=tuple(alphas),
-        c_skip=tuple(float(s[0]) for s in scalings), c_out=tuple(float(s[1]) for s in scalings),
+        kind="lcm",
+        timesteps=tuple(float(t) for t in timesteps),
+        alphas=tuple(alphas),
+        c_skip=tuple(float(s[0]) for s in scalings),
+        c_out=tuple(float(s[1]) for s in scalings),
         next_signal=tuple(math.sqrt(a) if a is not None else 0.0 for a in next_alphas),
         next_eps=(0.0,) * steps,
         next_noise=tuple(math.sqrt(1.0 - a) if a is not None else 0.0 for a in next_alphas),
-        prediction_type=planner.config.prediction_type)
+        prediction_type=planner.config.prediction_type,
+    )
 
 
 def guidance_embedding(w: float, dim: int, steps: int) -> torch.Tensor:

@@ -31,16 +31,22 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
 
-from engine.diffusion.accel import (Accelerator, Backend, EagerAccelerator, RecompileRefused, compile_counts,
-                                    eager_backend)
+from engine.diffusion.accel import (
+    Accelerator,
+    Backend,
+    EagerAccelerator,
+    RecompileRefused,
+    compile_counts,
+    eager_backend,
+)
 from engine.diffusion.device import DeviceChoice
 from engine.diffusion.hotpath import DiffusersUNet, FrameInputs, HotPath
 from engine.diffusion.loading import DiffusionModel
@@ -109,10 +115,10 @@ def fit_into(frame: np.ndarray, out: np.ndarray) -> None:
         return
     if h * width > w * height:  # too tall
         crop = round(w * height / width)
-        frame = frame[(h - crop) // 2:(h - crop) // 2 + crop]
+        frame = frame[(h - crop) // 2 : (h - crop) // 2 + crop]
     elif h * width < w * height:  # too wide
         crop = round(h * width / height)
-        frame = frame[:, (w - crop) // 2:(w - crop) // 2 + crop]
+        frame = frame[:, (w - crop) // 2 : (w - crop) // 2 + crop]
     shrinking = frame.shape[0] >= height and frame.shape[1] >= width
     cv2.resize(frame, (width, height), dst=out, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
@@ -131,10 +137,18 @@ class FrameReport:
 class StreamImg2Img:
     """``stream(frame)`` -> image or None. Build one per (model, size, steps); change the rest live."""
 
-    def __init__(self, model: DiffusionModel, choice: DeviceChoice, config: StreamConfig = StreamConfig(),
-                 settings: LiveSettings | None = None, prompts: Sequence[tuple[str, float]] = (("", 1.0),),
-                 accelerator: Accelerator | None = None, bank: PromptBank | None = None,
-                 adapters: AdapterBank | None = None, timing: bool = False) -> None:
+    def __init__(
+        self,
+        model: DiffusionModel,
+        choice: DeviceChoice,
+        config: StreamConfig = StreamConfig(),
+        settings: LiveSettings | None = None,
+        prompts: Sequence[tuple[str, float]] = (("", 1.0),),
+        accelerator: Accelerator | None = None,
+        bank: PromptBank | None = None,
+        adapters: AdapterBank | None = None,
+        timing: bool = False,
+    ) -> None:
         """``bank``: a PromptBank of the same model to share (a rebuilt stream keeps its embeddings).
         ``adapters``: the LoRA slots on this model's UNet (applied between frames).
         ``timing``: time each stage (``timer``; the benchmark turns it on, a show runs without)."""
@@ -152,12 +166,23 @@ class StreamImg2Img:
         if height % multiple or width % multiple or min(height, width) < 2 * multiple:  # a fader gives any number
             asked = (height, width)  # at least 2x2 at the UNet's deepest level (its norms need more than 1x1)
             height, width = (max(2 * multiple, round(side / multiple) * multiple) for side in asked)
-            log.info("size %dx%d rounded to %dx%d, a multiple of %d for this model", asked[1], asked[0], width, height,
-                     multiple)
+            log.info(
+                "size %dx%d rounded to %dx%d, a multiple of %d for this model",
+                asked[1],
+                asked[0],
+                width,
+                height,
+                multiple,
+            )
         self.size = (height, width)
         self.latent_shape = (unet_config.in_channels, height // scale, width // scale)
-        self.hot = HotPath(DiffusersUNet(model.unet), model.vae, prediction_type=model.scheduler.config.prediction_type,
-                           size=self.size, dtype=choice.dtype)
+        self.hot = HotPath(
+            DiffusersUNet(model.unet),
+            model.vae,
+            prediction_type=model.scheduler.config.prediction_type,
+            size=self.size,
+            dtype=choice.dtype,
+        )
         self.prompts = bank or PromptBank(model.tokenizer, model.text_encoder, choice)
         self.adapters = adapters
         self.filter = SimilarityFilter(self.settings.similarity_threshold)
@@ -184,7 +209,8 @@ class StreamImg2Img:
                 text=torch.empty(0),  # sized by the first embeddings (see _take_new_prompt)
                 noise=self._build_noise(self.settings.seed),
                 coefficients=self._build_coefficients(self.settings.strength),
-                timestep_cond=self._build_timestep_cond(self.settings.guidance_scale))
+                timestep_cond=self._build_timestep_cond(self.settings.guidance_scale),
+            )
             self.prompts.request(prompts)
         # the host's side of the two copies: pinned (page-locked) on CUDA, so that they do not block
         self._host_out: torch.Tensor | None = None
@@ -473,7 +499,9 @@ class StreamImg2Img:
         dim = self.model.unet.config.time_cond_proj_dim
         if dim is None:
             return None
-        return guidance_embedding(guidance_scale - 1.0, dim, self.config.steps).to(self.choice.device, self.choice.dtype)
+        return guidance_embedding(guidance_scale - 1.0, dim, self.config.steps).to(
+            self.choice.device, self.choice.dtype
+        )
 
     def _build_noise(self, seed: int) -> torch.Tensor:
         self._drift_generator.manual_seed(seed + 1)
@@ -484,8 +512,9 @@ class StreamImg2Img:
         angle = drift * math.pi / 2
         noise = self._inputs.noise
         with self._on_frame_stream():
-            fresh = torch.randn(noise.shape, generator=self._drift_generator, device=self.choice.device,
-                                dtype=noise.dtype)
+            fresh = torch.randn(
+                noise.shape, generator=self._drift_generator, device=self.choice.device, dtype=noise.dtype
+            )
             noise.mul_(math.cos(angle)).add_(fresh, alpha=math.sin(angle))
 
     def _fall_back_to_eager(self, backend: Backend, reason: str) -> None:
@@ -505,8 +534,12 @@ class StreamImg2Img:
         with self._accel_lock:
             self._building = True
             version = self._layers_version  # the layers this build is for
-        self._accel_thread = threading.Thread(target=self._build_accelerated, args=(accelerator, example, version),
-                                              name=f"{accelerator.name} build", daemon=True)
+        self._accel_thread = threading.Thread(
+            target=self._build_accelerated,
+            args=(accelerator, example, version),
+            name=f"{accelerator.name} build",
+            daemon=True,
+        )
         self._accel_thread.start()
 
     def _example(self) -> FrameInputs:
@@ -514,9 +547,13 @@ class StreamImg2Img:
         (the frames keep writing theirs), made as they were (outside inference mode)."""
         inputs = self._inputs
         return FrameInputs(
-            inputs.pixels.clone(), inputs.buffer.clone(), inputs.text.clone(), inputs.noise.clone(),
+            inputs.pixels.clone(),
+            inputs.buffer.clone(),
+            inputs.text.clone(),
+            inputs.noise.clone(),
             StageCoefficients(*(t.clone() for t in inputs.coefficients)),
-            None if inputs.timestep_cond is None else inputs.timestep_cond.clone())
+            None if inputs.timestep_cond is None else inputs.timestep_cond.clone(),
+        )
 
     def _build_accelerated(self, accelerator: Accelerator, example: FrameInputs, version: int) -> None:
         """Background thread: build and warm up, then switch with one assignment (under the lock,

@@ -26,8 +26,9 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,7 @@ Shape = tuple[int, ...]
 
 # -- pure parts: no torch, no TensorRT -----------------------------------------------------------
 
+
 def engine_key(fingerprint: str, shapes: dict[str, Shape], fp16: bool, trt_version: str) -> str:
     """The cache key: model, input shapes, precision and TensorRT version, hashed."""
     text = json.dumps({"model": fingerprint, "shapes": shapes, "fp16": fp16, "trt": trt_version}, sort_keys=True)
@@ -52,8 +54,9 @@ def engine_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / f"unet-{key}.plan"
 
 
-def stream_unet_shapes(steps: int, latent_shape: Shape, text_shape: Shape,
-                       timestep_cond_dim: int | None) -> dict[str, Shape]:
+def stream_unet_shapes(
+    steps: int, latent_shape: Shape, text_shape: Shape, timestep_cond_dim: int | None
+) -> dict[str, Shape]:
     """The inputs of a stream's one UNet call: every stage of the stream batch at once.
 
     ``latent_shape``: (channels, h, w); ``text_shape``: (tokens, width) of one prompt embedding;
@@ -128,17 +131,20 @@ class TensorRTOrCompile:
         return self.fallback.build(hot, example)
 
 
-def tensorrt_or_compile(device_type: str, fallback: Accelerator | None = None,
-                        cache_dir: Path | None = None) -> TensorRTOrCompile:
+def tensorrt_or_compile(
+    device_type: str, fallback: Accelerator | None = None, cache_dir: Path | None = None
+) -> TensorRTOrCompile:
     """The ``tensorrt`` choice as a show should make it: TensorRT where it can run, else ``fallback``
     (default: ``CompileAccelerator()``)."""
     from engine.diffusion.accel import CompileAccelerator, TensorRTAccelerator
 
-    return TensorRTOrCompile(TensorRTAccelerator(cache_dir=cache_dir), fallback or CompileAccelerator(),
-                             unavailable_reason(device_type))
+    return TensorRTOrCompile(
+        TensorRTAccelerator(cache_dir=cache_dir), fallback or CompileAccelerator(), unavailable_reason(device_type)
+    )
 
 
 # -- torch parts ---------------------------------------------------------------------------------
+
 
 def module_fingerprint(module: torch.nn.Module) -> str:
     """A cheap identity for weights: config, parameter names, shapes, dtypes and a few values each."""
@@ -162,8 +168,13 @@ def tensor_shapes(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
 # -- TensorRT parts (need tensorrt and a CUDA GPU) -----------------------------------------------
 
-def build_cached_engine(unet: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
-                        cache_dir: Path, fp16: bool = True) -> Path:
+
+def build_cached_engine(
+    unet: torch.nn.Module,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    cache_dir: Path,
+    fp16: bool = True,
+) -> Path:
     """The engine file for these inputs' shapes, exported and built only if not cached."""
     import tensorrt as trt
 
@@ -258,8 +269,13 @@ class TrtUNet:
         self.context = self.engine.create_execution_context()
         self.device = device
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         inputs = [sample, timestep, encoder_hidden_states] + ([timestep_cond] if timestep_cond is not None else [])
         names = self._names[timestep_cond is not None]
         keep = [t.contiguous() for t in inputs]  # alive until the launch below has been queued

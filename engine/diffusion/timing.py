@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -34,7 +35,7 @@ class TimingEvent(Protocol):
 
     def query(self) -> bool: ...
 
-    def elapsed_time(self, end: "TimingEvent") -> float: ...
+    def elapsed_time(self, end: TimingEvent) -> float: ...
 
 
 class HostEvent:
@@ -49,7 +50,7 @@ class HostEvent:
     def query(self) -> bool:
         return self._at is not None
 
-    def elapsed_time(self, end: "HostEvent") -> float:
+    def elapsed_time(self, end: HostEvent) -> float:
         if self._at is None or end._at is None:
             raise RuntimeError("Both events must be recorded")
         return (end._at - self._at) * 1000.0
@@ -69,8 +70,9 @@ class StageTimer:
     elsewhere); tests give their own.
     """
 
-    def __init__(self, device: torch.device, *, enabled: bool = False,
-                 event_type: Callable[[], TimingEvent] | None = None) -> None:
+    def __init__(
+        self, device: torch.device, *, enabled: bool = False, event_type: Callable[[], TimingEvent] | None = None
+    ) -> None:
         self.enabled = enabled
         self.error: str | None = None  # why timing turned itself off
         self.last: dict[str, float] = {}  # ms per stage of the last frame read

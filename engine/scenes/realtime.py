@@ -26,11 +26,24 @@ from typing import Any
 
 import numpy as np
 
-from engine.diffusion.options import (ACCEL_CHOICES, DEVICE_CHOICES, DTYPE_CHOICES, LORA_SLOTS, TorchDefaults,
-                                      accel_label)
+from engine.diffusion.options import (
+    ACCEL_CHOICES,
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    LORA_SLOTS,
+    TorchDefaults,
+    accel_label,
+)
 from engine.params import enum_param, float_param, int_param, string_param
-from engine.scenes.base import (BackgroundLoad, LastGood, Scene, SceneNeeds, free_accelerator_memory,
-                                 require_diffusion_extra, reserve_render_core)
+from engine.scenes.base import (
+    BackgroundLoad,
+    LastGood,
+    Scene,
+    SceneNeeds,
+    free_accelerator_memory,
+    require_diffusion_extra,
+    reserve_render_core,
+)
 from engine.scenes.worker import is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -58,18 +71,29 @@ def _parse_prompt_pair(text: tuple[str, str]) -> tuple[list, list]:
     parsed = parse_prompts(text[0]), parse_prompts(text[1])
     negative = next((p for p in (*parsed[0], *parsed[1]) if p.weight < 0), None)
     if negative is not None:
-        raise ValueError(f"{negative.text!r} has a negative weight: this scene blends prompts and "
-                         "cannot push away from one (vqgan_clip can)")
+        raise ValueError(
+            f"{negative.text!r} has a negative weight: this scene blends prompts and "
+            "cannot push away from one (vqgan_clip can)"
+        )
     return parsed
 
 
 def _lora_slot_params(slot: int) -> tuple:
     return (
-        string_param(f"loras/{slot}/file", "",
-                     description=f"LoRA slot {slot}: .safetensors file, folder, hub id or hub id/weights.safetensors "
-                                 "(diffusers or kohya); swapped in live, without reloading the model; empty = off"),
-        float_param(f"loras/{slot}/weight", 1.0, -1.0, 2.0, smoothing=0.05,
-                    description=f"LoRA slot {slot}'s strength: 0 = off, 1 = as trained, negative = the opposite"),
+        string_param(
+            f"loras/{slot}/file",
+            "",
+            description=f"LoRA slot {slot}: .safetensors file, folder, hub id or hub id/weights.safetensors "
+            "(diffusers or kohya); swapped in live, without reloading the model; empty = off",
+        ),
+        float_param(
+            f"loras/{slot}/weight",
+            1.0,
+            -1.0,
+            2.0,
+            smoothing=0.05,
+            description=f"LoRA slot {slot}'s strength: 0 = off, 1 = as trained, negative = the opposite",
+        ),
     )
 
 
@@ -80,40 +104,104 @@ class RealtimeScene(Scene):
     realtime = True
     uses_input = True
     fallback = "ddpm"  # a missing model at the start of a show: the shipped DDPM plays instead
-    needs = SceneNeeds(accelerator_mb=6000, models=(DEFAULT_MODEL, DEFAULT_TINY_VAE),
-                       imports=("torch", "diffusers:UNet2DConditionModel", "diffusers:AutoencoderKL",
-                                "diffusers:AutoencoderTiny", "diffusers:StableDiffusionImg2ImgPipeline",
-                                "transformers:CLIPTextModel", "peft"))
+    needs = SceneNeeds(
+        accelerator_mb=6000,
+        models=(DEFAULT_MODEL, DEFAULT_TINY_VAE),
+        imports=(
+            "torch",
+            "diffusers:UNet2DConditionModel",
+            "diffusers:AutoencoderKL",
+            "diffusers:AutoencoderTiny",
+            "diffusers:StableDiffusionImg2ImgPipeline",
+            "transformers:CLIPTextModel",
+            "peft",
+        ),
+    )
     PARAMS = (
-        string_param("prompt", "a watercolour painting, vivid colours, soft light",
-                     description="What the image becomes; several as 'a forest:1|fog:0.5', blended by slerp"),
-        string_param("prompt_b", "", description="A second prompt (same syntax), blended in by prompt_mix (empty: none)"),
-        float_param("prompt_mix", 0.0, 0.0, 1.0, smoothing=0.3,
-                    description="0 = prompt, 1 = prompt_b; in between a slerp of the two"),
-        float_param("strength", 0.5, 0.05, 1.0,
-                    description="How far the image departs from the source (the noise level)"),
+        string_param(
+            "prompt",
+            "a watercolour painting, vivid colours, soft light",
+            description="What the image becomes; several as 'a forest:1|fog:0.5', blended by slerp",
+        ),
+        string_param(
+            "prompt_b", "", description="A second prompt (same syntax), blended in by prompt_mix (empty: none)"
+        ),
+        float_param(
+            "prompt_mix",
+            0.0,
+            0.0,
+            1.0,
+            smoothing=0.3,
+            description="0 = prompt, 1 = prompt_b; in between a slerp of the two",
+        ),
+        float_param(
+            "strength", 0.5, 0.05, 1.0, description="How far the image departs from the source (the noise level)"
+        ),
         int_param("steps", 1, 1, 4, description="Denoising steps as one stream batch: 1 for SD-turbo, 2-4 for LCM"),
         int_param("seed", 0, 0, 2**31 - 1, description="The fixed noise; a new seed is a new look"),
-        float_param("noise_drift", 0.0, 0.0, 1.0,
-                    description="0 = the same noise every frame (stable); 1 = fresh noise every frame"),
-        float_param("guidance", 8.5, 1.0, 20.0,
-                    description="Guidance of LCM models with a guidance embedding (LCM_Dreamshaper); others ignore it"),
-        float_param("similarity_threshold", 0.98, 0.0, 1.0,
-                    description="Skip frames at least this similar to the last one processed; 0 = off"),
-        int_param("resolution", 0, 0, 1024, unit="px",
-                  description="Square output size, rounded to what the model takes (SD: a multiple of 64, at least 128); 0 = the model's native size"),
-        string_param("model", DEFAULT_MODEL,
-                     description="Hub id, local diffusers folder or .safetensors file (SD 1.5 / 2.1 architecture)"),
+        float_param(
+            "noise_drift",
+            0.0,
+            0.0,
+            1.0,
+            description="0 = the same noise every frame (stable); 1 = fresh noise every frame",
+        ),
+        float_param(
+            "guidance",
+            8.5,
+            1.0,
+            20.0,
+            description="Guidance of LCM models with a guidance embedding (LCM_Dreamshaper); others ignore it",
+        ),
+        float_param(
+            "similarity_threshold",
+            0.98,
+            0.0,
+            1.0,
+            description="Skip frames at least this similar to the last one processed; 0 = off",
+        ),
+        int_param(
+            "resolution",
+            0,
+            0,
+            1024,
+            unit="px",
+            description="Square output size, rounded to what the model takes (SD: a multiple of 64, at least 128); "
+            "0 = the model's native size",
+        ),
+        string_param(
+            "model",
+            DEFAULT_MODEL,
+            description="Hub id, local diffusers folder or .safetensors file (SD 1.5 / 2.1 architecture)",
+        ),
         string_param("lora", "", description="LoRA fused into the model, e.g. latent-consistency/lcm-lora-sdv1-5"),
-        string_param("vae", DEFAULT_TINY_VAE,
-                     description="TAESD (AutoencoderTiny) id or folder in place of the model's VAE; empty = the model's"),
-        enum_param("device", "auto", DEVICE_CHOICES, description="Where it runs (auto: what dreamdeck run --device chose, else CUDA, then MPS, then CPU)",
-                   in_presets=False),
-        enum_param("dtype", "auto", DTYPE_CHOICES, description="Precision (auto: what --dtype chose, else float16 on GPUs, float32 on CPU)",
-                   in_presets=False),
-        enum_param("accel", "auto", ACCEL_CHOICES,
-                   description="eager, compile (torch.compile, built in the background) or tensorrt (experimental, never run on a GPU yet); auto: what --accel chose, else compile on CUDA",
-                   in_presets=False),
+        string_param(
+            "vae",
+            DEFAULT_TINY_VAE,
+            description="TAESD (AutoencoderTiny) id or folder in place of the model's VAE; empty = the model's",
+        ),
+        enum_param(
+            "device",
+            "auto",
+            DEVICE_CHOICES,
+            description="Where it runs (auto: what dreamdeck run --device chose, else CUDA, then MPS, then CPU)",
+            in_presets=False,
+        ),
+        enum_param(
+            "dtype",
+            "auto",
+            DTYPE_CHOICES,
+            description="Precision (auto: what --dtype chose, else float16 on GPUs, float32 on CPU)",
+            in_presets=False,
+        ),
+        enum_param(
+            "accel",
+            "auto",
+            ACCEL_CHOICES,
+            description="eager, compile (torch.compile, built in the background) or tensorrt (experimental, "
+            "never run on a GPU yet); auto: what --accel chose, else compile on CUDA",
+            in_presets=False,
+        ),
         *(param for slot in range(1, LORA_SLOTS + 1) for param in _lora_slot_params(slot)),
     )
 
@@ -171,23 +259,38 @@ class RealtimeScene(Scene):
             self._tell_first_frame(stream)
         self.status = f"{stream.where} {accel_label(stream.accel_state)}"
         self.backend = stream.accel
-        self.warning = (stream.accel_error or stream.adapter_error or self._lora_files.refusal or stream.prompts.error
-                        or self._prompts.refusal or self._stream_shape.refusal or self._strength.refusal)
+        self.warning = (
+            stream.accel_error
+            or stream.adapter_error
+            or self._lora_files.refusal
+            or stream.prompts.error
+            or self._prompts.refusal
+            or self._stream_shape.refusal
+            or self._strength.refusal
+        )
         return image
 
     # -- internals ---------------------------------------------------------------------------------
     def _tell_first_frame(self, stream: Any) -> None:
         """One log line per stream: how long from loaded weights to the first diffused frame."""
         self._first_frame_told = stream
-        log.info("realtime: first diffused frame %.2f s after the weights loaded (%s, accel %s%s)",
-                 stream.first_image_s, stream.where, stream.accel,
-                 f", {stream.accel_requested} building in the background" if stream.accel != stream.accel_requested
-                 else "")
+        log.info(
+            "realtime: first diffused frame %.2f s after the weights loaded (%s, accel %s%s)",
+            stream.first_image_s,
+            stream.where,
+            stream.accel,
+            f", {stream.accel_requested} building in the background" if stream.accel != stream.accel_requested else "",
+        )
 
     def _wanted_load_key(self) -> _LoadKey:
-        return _LoadKey(model=self.param("model").strip() or DEFAULT_MODEL, lora=self.param("lora").strip(),
-                        vae=self.param("vae").strip(), device=self.param("device"), dtype=self.param("dtype"),
-                        accel=self.param("accel"))
+        return _LoadKey(
+            model=self.param("model").strip() or DEFAULT_MODEL,
+            lora=self.param("lora").strip(),
+            vae=self.param("vae").strip(),
+            device=self.param("device"),
+            dtype=self.param("dtype"),
+            accel=self.param("accel"),
+        )
 
     def _wanted_stream_key(self) -> tuple[int, int]:
         return self.param("steps"), self.param("resolution")
@@ -214,12 +317,21 @@ class RealtimeScene(Scene):
             adapters = adapters if adapters is not None else AdapterBank(model.unet)
             steps, resolution = self._wanted_stream_key()
             stream = StreamImg2Img(
-                model, choice, StreamConfig(size=(resolution, resolution) if resolution else None, steps=steps),
-                LiveSettings(strength=self.param("strength"), seed=self.param("seed"),
-                             noise_drift=self.param("noise_drift"), guidance_scale=self.param("guidance"),
-                             similarity_threshold=self.param("similarity_threshold")),
-                prompts=self._weighted_prompts() or [("", 1.0)], accelerator=choose_accelerator(chosen.accel, choice.device), bank=bank,
-                adapters=adapters)
+                model,
+                choice,
+                StreamConfig(size=(resolution, resolution) if resolution else None, steps=steps),
+                LiveSettings(
+                    strength=self.param("strength"),
+                    seed=self.param("seed"),
+                    noise_drift=self.param("noise_drift"),
+                    guidance_scale=self.param("guidance"),
+                    similarity_threshold=self.param("similarity_threshold"),
+                ),
+                prompts=self._weighted_prompts() or [("", 1.0)],
+                accelerator=choose_accelerator(chosen.accel, choice.device),
+                bank=bank,
+                adapters=adapters,
+            )
             stream.prompts.wait()
         except Exception as exc:
             if is_out_of_memory(exc):
@@ -227,8 +339,15 @@ class RealtimeScene(Scene):
                 free_accelerator_memory()
             raise
         self._stream_key = (steps, resolution)
-        log.info("realtime: %s on %s, %dx%d, %d step(s), accel %s", key.model, stream.where,
-                 stream.size[1], stream.size[0], steps, stream.accel_requested)
+        log.info(
+            "realtime: %s on %s, %dx%d, %d step(s), accel %s",
+            key.model,
+            stream.where,
+            stream.size[1],
+            stream.size[0],
+            steps,
+            stream.accel_requested,
+        )
         return model, stream
 
     def _weighted_prompts(self) -> list[tuple[str, float]] | None:
@@ -271,8 +390,9 @@ class RealtimeScene(Scene):
             return
         old = self._stream
         try:
-            self._model, self._stream = self._build(self._active_key, bank=old.prompts, model=self._model,
-                                                    adapters=old.adapters)
+            self._model, self._stream = self._build(
+                self._active_key, bank=old.prompts, model=self._model, adapters=old.adapters
+            )
         except ValueError as exc:
             raise ValueError(f"steps {wanted[0]}, resolution {wanted[1]}: {exc}") from exc
 
@@ -301,8 +421,9 @@ class RealtimeScene(Scene):
             self._lora_bank, self._lora_requested = bank, {}
         if accel == "tensorrt":
             if any(files):
-                raise ValueError("they do not reach a TensorRT engine (its weights are built in); "
-                                 "use accel compile or eager")
+                raise ValueError(
+                    "they do not reach a TensorRT engine (its weights are built in); use accel compile or eager"
+                )
             return
         for slot, source in enumerate(files, start=1):
             if source != self._lora_requested.get(slot, ""):
