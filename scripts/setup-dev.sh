@@ -49,7 +49,7 @@ if [[ "${DREAMDECK_SKIP_APT:-0}" != 1 ]]; then
 fi
 
 "$PYTHON" -m pip install -q "${TORCH_PIP[@]}" "$TORCH_SPEC"
-# docs: mkdocs for `mkdocs build --strict` (an extra pip only warns about until it exists)
+# docs: mkdocs, for `mkdocs build --strict`
 "$PYTHON" -m pip install -q -e ".[dev,diffusion,onnx,docs]"
 # --no-deps: only its torch-only modules are imported (no pytorch-lightning).
 "$PYTHON" -m pip install -q --no-deps taming-transformers-rom1504==0.0.6
