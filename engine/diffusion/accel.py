@@ -27,7 +27,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 
@@ -107,7 +107,12 @@ class EagerAccelerator:
 
 def describe_inputs(inputs: FrameInputs) -> list[tuple[str, Any]]:
     """(name, what a compiled graph guards on) for each input tensor: shape, dtype, device, inference."""
-    named = [(name, value) for name, value in zip(inputs._fields, inputs) if name != "coefficients"]
+    # cast: every field but coefficients is a tensor or None
+    named = [
+        (name, cast("torch.Tensor | None", value))
+        for name, value in zip(inputs._fields, inputs)
+        if name != "coefficients"
+    ]
     named += [(f"coefficients.{name}", value) for name, value in zip(inputs.coefficients._fields, inputs.coefficients)]
     return [
         (name, None if t is None else (tuple(t.shape), t.dtype, t.device.type, t.is_inference())) for name, t in named
@@ -121,7 +126,8 @@ def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
     one function per process and it compiles no more. A show builds again for each new step
     count, size or LoRA slot, so each build compiles its own copy, freed with its stream.
     """
-    function = method.__func__
+    bound = cast(types.MethodType, method)  # a bound method, by contract
+    function = bound.__func__
     copy = types.FunctionType(
         function.__code__.replace(),
         function.__globals__,
@@ -129,7 +135,7 @@ def own_code(method: Callable[..., Any]) -> Callable[..., Any]:
         function.__defaults__,
         function.__closure__,
     )
-    return types.MethodType(copy, method.__self__)
+    return types.MethodType(copy, bound.__self__)
 
 
 def compile_limits_supported() -> bool:
@@ -214,7 +220,7 @@ class CompileAccelerator:
             if mode is None:
                 mode = "reduce-overhead" if cuda else "default"
         limits = compile_limits_supported()
-        compiled = torch.compile(
+        compiled = torch.compile(  # type: ignore[call-overload]  # torch's overloads miss the limits' kwargs
             own_code(hot.frame),
             backend=self.backend,
             mode=mode,
@@ -256,7 +262,8 @@ class TensorRTAccelerator:
             example.text.expand(steps, -1, -1).contiguous(),
             example.timestep_cond,
         )
-        engine_path = build_cached_engine(hot.unet, unet_inputs, self.cache_dir, fp16=self.fp16)
+        unet = cast(torch.nn.Module, hot.unet)  # the stream's hot path calls a DiffusersUNet module
+        engine_path = build_cached_engine(unet, unet_inputs, self.cache_dir, fp16=self.fp16)
         return Backend("tensorrt", hot.with_unet(TrtUNet(engine_path, sample.device)).frame)
 
 

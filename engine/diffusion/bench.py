@@ -191,7 +191,7 @@ def _models(options: BenchOptions, choice: Any) -> tuple[Any, dict[str, Any], st
     return base, baselines, described
 
 
-def _frames(size: int, count: int = 8) -> list:
+def _frames(size: int, count: int = 8) -> list[Any]:
     from engine.sources.pattern import render_pattern
 
     return [render_pattern(i * 0.37, size, size) for i in range(count)]
@@ -216,7 +216,7 @@ def _accelerator(options: BenchOptions, device: Any) -> Any:
     return choose_accelerator(options.accel, device)
 
 
-def _dynamo_frames() -> int | None:
+def _dynamo_frames() -> int:
     """Graphs dynamo has captured in this process so far (recompiles show as more)."""
     if "torch._dynamo" not in sys.modules:  # nothing was compiled: importing it would cost a second
         return 0
@@ -225,7 +225,7 @@ def _dynamo_frames() -> int | None:
     return compile_counts().graphs
 
 
-def count_syncs(stream: Any, frames: list, count: int) -> dict[str, Any]:
+def count_syncs(stream: Any, frames: list[Any], count: int) -> dict[str, Any]:
     """Host synchronisations in ``count`` whole frames (upload to download).
 
     Uses the stream's own check when it has one (``stream.count_syncs(frame) -> int``); else
@@ -264,7 +264,7 @@ def count_syncs(stream: Any, frames: list, count: int) -> dict[str, Any]:
     }
 
 
-def _baseline(model: Any, pictures: list, frames: int, steps: int) -> dict[str, Any]:
+def _baseline(model: Any, pictures: list[Any], frames: int, steps: int) -> dict[str, Any]:
     """diffusers' StableDiffusionImg2ImgPipeline over ``model``: PIL in, PIL out, ``steps`` UNet calls."""
     import numpy as np
     import torch

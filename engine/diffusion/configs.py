@@ -18,11 +18,14 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from engine.diffusion.loading import DiffusionModel
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 _EULER_TRAILING = {  # stabilityai/sd-turbo scheduler/scheduler_config.json
     "_class_name": "EulerDiscreteScheduler",
@@ -183,7 +186,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in codes]
 
 
-def byte_level_clip_tokenizer():
+def byte_level_clip_tokenizer() -> CLIPTokenizer:
     """A CLIPTokenizer over byte symbols only (ids < 514), built without any download."""
     from transformers import CLIPTokenizer
 
@@ -224,15 +227,17 @@ def build_random_model(
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**spec.unet, time_cond_proj_dim=time_cond_proj_dim)
         torch.manual_seed(seed)
+        vae: AutoencoderKL | AutoencoderTiny
         if tiny_vae:
             vae = AutoencoderTiny(**(TINY_TAESD if arch == "tiny" else TAESD))
         else:
             vae = AutoencoderKL(**spec.vae)
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
-    scheduler_cls: type[SchedulerMixin] = getattr(diffusers, sched_config["_class_name"])
+    scheduler_cls: type[SchedulerMixin] = getattr(diffusers, cast(str, sched_config["_class_name"]))
     sched = scheduler_cls.from_config({k: v for k, v in sched_config.items() if k != "_class_name"})
-    for module in (unet, vae, text_encoder):
+    parts: tuple[Any, ...] = (unet, vae, text_encoder)  # Any: diffusers' models are not seen as nn.Modules
+    for module in parts:
         module.eval().requires_grad_(False)
     return DiffusionModel(
         unet=unet,

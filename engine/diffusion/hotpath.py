@@ -28,7 +28,7 @@ copies, and, only while noise drifts, one small in-place blend:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -54,13 +54,14 @@ class DiffusersUNet(torch.nn.Module):
         encoder_hidden_states: torch.Tensor,
         timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.unet(
+        output: torch.Tensor = self.unet(
             sample,
             timestep,
             encoder_hidden_states=encoder_hidden_states,
             timestep_cond=timestep_cond,
             return_dict=False,
         )[0]
+        return output
 
 
 def split_prediction(
@@ -96,11 +97,13 @@ class HotPath(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.unet = unet
-        self.vae = vae
+        # Any: diffusers' VAE classes (encode, decode, config); torch types a Module attribute as Tensor | Module
+        self.vae: Any = vae
         self.prediction_type = prediction_type
         self.height, self.width = size
         self.dtype = dtype
-        self.scaling_factor = float(vae.config.scaling_factor)
+        vae_config: Any = vae.config  # a diffusers FrozenDict
+        self.scaling_factor = float(vae_config.scaling_factor)
         self.tiny_vae = type(vae).__name__ == "AutoencoderTiny"
 
     def with_unet(self, unet: UNetCall) -> HotPath:
@@ -140,6 +143,7 @@ class HotPath(torch.nn.Module):
         # 1. uint8 HWC -> float NCHW in [-1, 1] (in float32, as diffusers' image processor does)
         image = (frame.permute(2, 0, 1).unsqueeze(0).to(torch.float32) / 127.5 - 1.0).to(self.dtype)
         # 2. VAE encode: the posterior mean (deterministic: the same frame gives the same latents)
+        latents: torch.Tensor
         if self.tiny_vae:
             latents = self.vae.encode(image).latents
         else:
@@ -173,5 +177,5 @@ class HotPath(torch.nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Finished latents -> float image (h, w, 3) in [0, 1]."""
         # 8. VAE decode and denormalise
-        image = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+        image: torch.Tensor = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0)

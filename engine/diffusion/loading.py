@@ -68,11 +68,12 @@ class DiffusionModel:
                 module.to(device=choice.device, dtype=choice.dtype)
         return self
 
-    def img2img_pipeline(self):
+    def img2img_pipeline(self) -> Any:
         """diffusers' own StableDiffusionImg2ImgPipeline over these parts (baseline, tests, saving)."""
         from diffusers import StableDiffusionImg2ImgPipeline
 
-        pipe = StableDiffusionImg2ImgPipeline(
+        # Any: the pipeline's mixin methods (progress bar, LoRA, saving) are not seen through diffusers' typing
+        pipe: Any = StableDiffusionImg2ImgPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
@@ -85,7 +86,7 @@ class DiffusionModel:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         """A standard diffusers folder (model_index.json + one subfolder per part)."""
         self.img2img_pipeline().save_pretrained(folder)
 

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -345,16 +345,22 @@ def random_lora(
     from peft.tuners.lora import LoraLayer
 
     with torch.device("meta"):  # a weightless copy of the architecture: only the adapter is made for real
-        host = UNet2DConditionModel(**unet.config)
+        # Any: diffusers' mixins (add_adapter, nn.Module's modules) are not seen through its typing
+        host: Any = UNet2DConditionModel(**unet.config)
+        lora_alpha = alpha or rank  # peft types it as int; its scale is lora_alpha / r, a float works
         host.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets)), adapter_name="random"
+            LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(targets)),  # type: ignore[arg-type]
+            adapter_name="random",
         )
     torch.manual_seed(seed)
     for layer in host.modules():
         if isinstance(layer, LoraLayer):
             # peft's own A init, and a random B in place of its zeros (a trained LoRA's B is not zero)
-            torch.nn.init.kaiming_uniform_(layer.lora_A["random"].to_empty(device="cpu").weight, a=math.sqrt(5))
-            torch.nn.init.normal_(layer.lora_B["random"].to_empty(device="cpu").weight, std=0.05)
+            # cast: the adapters are nn.Linear; torch types a Module attribute as Tensor | Module
+            a_weight = cast(torch.Tensor, layer.lora_A["random"].to_empty(device="cpu").weight)
+            torch.nn.init.kaiming_uniform_(a_weight, a=math.sqrt(5))
+            b_weight = cast(torch.Tensor, layer.lora_B["random"].to_empty(device="cpu").weight)
+            torch.nn.init.normal_(b_weight, std=0.05)
     return {k: v.contiguous() for k, v in get_peft_model_state_dict(host, adapter_name="random").items()}
 
 

@@ -70,7 +70,7 @@ class PromptBank:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt encoder")
         self._requested: WeightedPrompts | None = None
-        self._pending: Future | None = None
+        self._pending: Future[None] | None = None
         self._published: tuple[torch.Tensor, int, WeightedPrompts] | None = None  # (embeds, version, prompts)
 
     # -- any thread -----------------------------------------------------------------------
@@ -128,7 +128,7 @@ class PromptBank:
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(device)
         with torch.inference_mode():
-            embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+            embeds: torch.Tensor = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         embeds = embeds.to(self.choice.dtype)
         with self._lock:
             self._cache[text] = embeds

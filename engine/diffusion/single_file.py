@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +44,8 @@ def _replace_all(text: str, pairs: tuple[tuple[str, str], ...]) -> str:
 def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    direct = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    mapping: Any = DIFFUSERS_TO_LDM_MAPPING  # diffusers types it as dict[str, object]
+    direct: dict[str, str] = mapping["unet"]["layers"]
     per = layers_per_block + 1
     up_with_attention = {int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     out: dict[str, torch.Tensor] = {}
@@ -76,7 +78,8 @@ def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[s
 def vae_to_ldm(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    direct = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    mapping: Any = DIFFUSERS_TO_LDM_MAPPING  # diffusers types it as dict[str, object]
+    direct: dict[str, str] = mapping["vae"]
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key in direct:

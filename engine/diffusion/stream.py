@@ -32,8 +32,9 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -86,8 +87,9 @@ class LiveSettings:
 
 
 def vae_scale_factor(vae: torch.nn.Module) -> int:
-    channels = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels
-    return 2 ** (len(channels) - 1)
+    config: Any = vae.config  # a diffusers FrozenDict; torch types a Module attribute as Tensor | Module
+    channels = getattr(config, "block_out_channels", None) or config.encoder_block_out_channels
+    return int(2 ** (len(channels) - 1))
 
 
 def fixed_noise(seed: int, steps: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -271,7 +273,9 @@ class StreamImg2Img:
         if scale != self.settings.guidance_scale:
             if self._inputs.timestep_cond is not None:
                 with self._on_frame_stream():
-                    self._inputs.timestep_cond.copy_(self._build_timestep_cond(scale))
+                    cond = self._build_timestep_cond(scale)
+                    assert cond is not None  # the input exists: the UNet has a guidance embedding
+                    self._inputs.timestep_cond.copy_(cond)
             self.settings.guidance_scale = scale
             self._changed = True
 
@@ -324,6 +328,7 @@ class StreamImg2Img:
         if self._done is not None:
             self._done.synchronize()
         self.timer.finish()
+        assert self._image is not None  # set by a _launch that returned True
         result = self._image.numpy().copy()  # the buffer is reused by the next frame
         self.frames_in += 1
         if self.frames_in < self.config.steps:  # the stream batch is still filling
@@ -463,6 +468,7 @@ class StreamImg2Img:
 
     def _apply_adapters(self) -> None:
         # on the frame's CUDA stream: the next frame reads the weights after these writes
+        assert self.adapters is not None  # only called when there are adapters
         with self._on_frame_stream():
             change = self.adapters.apply()
         if change.restructured:
@@ -475,7 +481,7 @@ class StreamImg2Img:
         elif change.files:  # a later file played: the old complaint is over
             self.adapter_error = None
 
-    def _on_frame_stream(self):
+    def _on_frame_stream(self) -> AbstractContextManager[object]:
         return torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else nullcontext()
 
     @contextmanager
@@ -527,6 +533,7 @@ class StreamImg2Img:
 
     def _start_accelerated_build(self) -> None:
         accelerator, self._accelerator = self._accelerator, None
+        assert accelerator is not None  # only called when one is waiting to be built
         with self._on_frame_stream(), torch.inference_mode(False):  # copies made as the inputs were
             example = self._example()
         self._accel_started = time.monotonic()

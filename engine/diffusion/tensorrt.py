@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from engine.diffusion.accel import Accelerator, StageExample, Stages
-    from engine.diffusion.hotpath import HotPath
+    from engine.diffusion.accel import Accelerator, Backend
+    from engine.diffusion.hotpath import FrameInputs, HotPath
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class TensorRTOrCompile:
         self.unavailable = unavailable
         self.fell_back: str | None = None
 
-    def build(self, hot: HotPath, example: StageExample) -> Stages:
+    def build(self, hot: HotPath, example: FrameInputs) -> Backend:
         if self.unavailable is not None:
             return self._fall_back(hot, example, self.unavailable)
         try:
@@ -125,7 +125,7 @@ class TensorRTOrCompile:
             log.debug("the TensorRT build failed", exc_info=True)
             return self._fall_back(hot, example, f"the TensorRT build failed: {type(exc).__name__}: {exc}")
 
-    def _fall_back(self, hot: HotPath, example: StageExample, why: str) -> Stages:
+    def _fall_back(self, hot: HotPath, example: FrameInputs, why: str) -> Backend:
         self.fell_back = why
         log.warning("tensorrt (experimental): %s; falling back to %s", why, self.fallback.name)
         return self.fallback.build(hot, example)
@@ -227,7 +227,7 @@ def _progress_monitor(trt: Any) -> Any:
     """A tqdm bar per build phase, through TensorRT's IProgressMonitor."""
     from tqdm.auto import tqdm
 
-    class TqdmProgress(trt.IProgressMonitor):
+    class TqdmProgress(trt.IProgressMonitor):  # type: ignore[misc]  # tensorrt is untyped (Any)
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self._bars: dict[str, Any] = {}

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -57,7 +57,8 @@ class HostEvent:
 
 
 def cuda_timing_event() -> TimingEvent:
-    return torch.cuda.Event(enable_timing=True)
+    # cast: torch types Event.elapsed_time as taking an Event (it is only ever given one)
+    return cast(TimingEvent, torch.cuda.Event(enable_timing=True))
 
 
 Frame = list[tuple[str, TimingEvent, TimingEvent]]
@@ -79,7 +80,9 @@ class StageTimer:
         self.totals: dict[str, float] = {name: 0.0 for name in STAGES}
         self.frames = 0  # frames read into the totals
         self.dropped = 0  # frames whose events never completed
-        self._new_event = event_type or (cuda_timing_event if device.type == "cuda" else HostEvent)
+        # cast: a HostEvent only ever meets HostEvents (one factory makes every event of a timer)
+        host_event = cast("Callable[[], TimingEvent]", HostEvent)
+        self._new_event = event_type or (cuda_timing_event if device.type == "cuda" else host_event)
         self._recording: Frame = []  # the frame in progress
         self._pending: list[Frame] = []  # closed frames not read yet, oldest first
 
