@@ -128,6 +128,7 @@ print(stream.accel, len(traces), stream.frames_dropped, stream.accel_ready_s)
 
 
 @pytest.mark.skipif(not SLOW, reason="inductor on this CPU takes minutes cold; set DREAMDECK_SLOW_TESTS=1")
+@pytest.mark.timeout(2400)  # two processes, a cold and a warm inductor build
 def test_a_warm_inductor_cache_builds_without_tracing(tmp_path):
     """A second start of the show (a new process, the same cache) loads from inductor's disk
     caches: no torch.fx tracing, so no frame is dropped while it builds, and it is faster."""

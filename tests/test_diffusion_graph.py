@@ -120,6 +120,7 @@ def play(bank: AdapterBank, slot: int, source: str) -> None:
 
 
 # -- one graph per frame ------------------------------------------------------------------------
+@pytest.mark.timeout(1800)  # inductor compiles cold: minutes here, more when the machine is shared
 @pytest.mark.parametrize("tiny_vae", [True, False], ids=["taesd", "full-vae"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_one_step_frame_is_one_graph_and_gives_the_eager_image(tiny_vae, backend):
@@ -153,6 +154,7 @@ def limits(request, monkeypatch):
 
 
 # -- nothing live recompiles --------------------------------------------------------------------
+@pytest.mark.timeout(1800)  # (as above)
 @pytest.mark.parametrize(
     "backend, limits",
     [("eager", True), ("eager", False), ("inductor", True)],
@@ -263,6 +265,7 @@ def test_after_the_switch_nothing_live_recompiles_and_every_frame_comes_out(
 
 
 # -- what must rebuild, rebuilds in the background ----------------------------------------------
+@pytest.mark.timeout(900)  # four builds
 def test_a_new_lora_slot_the_step_count_and_the_size_rebuild_in_the_background(lcm, loras):
     model = fresh_model(lcm)
     bank = AdapterBank(model.unet, target_rank=8)

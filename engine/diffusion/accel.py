@@ -61,15 +61,24 @@ class CompileCounts:
 
     graphs: int  # graphs dynamo captured (each compile, recompile, or piece after a graph break)
     graph_breaks: int
+    cudagraph_skips: int  # graphs inductor compiled without CUDA graphs (its log says why)
 
     def __sub__(self, other: CompileCounts) -> CompileCounts:
-        return CompileCounts(self.graphs - other.graphs, self.graph_breaks - other.graph_breaks)
+        return CompileCounts(
+            self.graphs - other.graphs,
+            self.graph_breaks - other.graph_breaks,
+            self.cudagraph_skips - other.cudagraph_skips,
+        )
 
 
 def compile_counts() -> CompileCounts:
     from torch._dynamo.utils import counters
 
-    return CompileCounts(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
+    return CompileCounts(
+        graphs=counters["stats"]["unique_graphs"],
+        graph_breaks=sum(counters["graph_break"].values()),
+        cudagraph_skips=counters["inductor"]["cudagraph_skips"],
+    )
 
 
 def eager_backend(hot: HotPath) -> Backend:

@@ -228,8 +228,9 @@ def _dynamo_frames() -> int:
 def count_syncs(stream: Any, frames: list[Any], count: int) -> dict[str, Any]:
     """Host synchronisations in ``count`` whole frames (upload to download).
 
-    Uses the stream's own check when it has one (``stream.count_syncs(frame) -> int``); else
-    runs the frames under ``torch.cuda.set_sync_debug_mode("warn")`` and counts its warnings.
+    Uses the stream's own check when it has one (``stream.check_frame``: a frame with a sync
+    before its download counts one); else runs the frames under
+    ``torch.cuda.set_sync_debug_mode("warn")`` and counts its warnings.
     A frame's designed wait for its download is an event wait, which that mode does not flag;
     anything it does flag (a ``.item()``, a pageable copy, a stream sync) stalls the frame.
     """
@@ -237,15 +238,23 @@ def count_syncs(stream: Any, frames: list[Any], count: int) -> dict[str, Any]:
 
     if count == 0:
         return {"per_frame": None, "frames": 0, "how": "not measured (--sync-frames 0)"}
-    own = getattr(stream, "count_syncs", None)
-    if callable(own):
-        total = sum(int(own(frames[i % len(frames)])) for i in range(count))
-        return {"per_frame": total / count, "frames": count, "how": "stream.count_syncs"}
     if not stream.choice.is_cuda:
         return {
             "per_frame": None,
             "frames": 0,
             "how": f"not measured: {stream.choice.device.type} has no CUDA sync check",
+        }
+    check = getattr(stream, "check_frame", None)
+    if callable(check):  # the stream's own check: set_sync_debug_mode("error") up to the download
+        reports = [check(frames[i % len(frames)]) for i in range(count)]
+        errors = [r.sync_error for r in reports if r.sync_error is not None]
+        return {
+            "per_frame": len(errors) / count,
+            "frames": count,
+            "how": 'stream.check_frame: set_sync_debug_mode("error") up to the download',
+            "first": errors[0] if errors else None,
+            "graphs_per_frame": sum(r.graphs for r in reports) / count,
+            "graph_breaks_per_frame": sum(r.graph_breaks for r in reports) / count,
         }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
