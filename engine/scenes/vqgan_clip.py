@@ -1,15 +1,23 @@
-"""The VQGAN+CLIP scene: an image that keeps optimising itself toward the prompts, a frame per step.
+"""The CLIP-guided scene: a picture that keeps optimising itself toward the prompts, a frame per step.
 
 Slow and generative: every ``process`` call is one Adam step of ``engine.vqclip`` (the source
 frame is used only to start from, with ``init`` = camera). Everything heavy is imported in
 ``load``: importing this module (to list scenes, print parameters) needs no torch.
 
-- ``load`` (loader thread) loads the VQGAN checkpoint and CLIP; a missing one raises
-  ``ModelNotFound`` in one line, and the app plays the ``fallback`` scene (ddpm) instead.
+What is optimised is the ``drawer`` (``engine.vqclip.drawers``): ``vqgan`` (a VQGAN latent,
+the classic loop), ``pixel`` (a grid of flat colours: pixel art) or ``fft`` (a Fourier
+spectrum: Aphantasia). Only ``vqgan`` needs a checkpoint; the others play with CLIP alone.
+
+- ``load`` (loader thread) loads CLIP, and the VQGAN checkpoint when the drawer is ``vqgan``;
+  a missing one raises ``ModelNotFound`` in one line, and the app plays the ``fallback``
+  scene (ddpm) instead.
 - ``process`` (worker thread) applies the live parameters, then steps. Prompts, ``lr`` and
-  ``step_rate`` steer the running optimisation; ``size`` resizes the latent and carries on;
-  ``restart``, ``seed``, ``init`` and ``cutouts`` start over from noise or the newest frame.
-  A prompt string that does not parse is logged once and the last good prompts stay.
+  ``step_rate`` steer the running optimisation; ``size`` resizes the picture and carries on;
+  a drawer change (or a change of its own parameters) builds the new drawer from the current
+  picture and carries on with the same prompts; a drawer that cannot be had (``vqgan`` without
+  its checkpoint) is said once and the last one plays on. ``restart``, ``seed``, ``init`` and
+  ``cutouts`` start over from noise or the newest frame. A prompt string that does not parse
+  is logged once and the last good prompts stay.
 """
 
 from __future__ import annotations
@@ -33,13 +41,14 @@ from engine.scenes.base import (
 
 log = logging.getLogger(__name__)
 
+DRAWERS = ("vqgan", "pixel", "fft")  # engine.vqclip.drawers.DRAWERS (not imported: it needs torch)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # engine.vqclip.clip.DEFAULT_CLIP (not imported: it needs torch)
 
 
 class VqganClipScene(Scene):
     name = "vqgan_clip"
     order = 50
-    description = "VQGAN+CLIP: a latent optimised toward weighted text prompts, every step a frame"
+    description = "CLIP-guided drawing (VQGAN, pixel grid or Fourier spectrum) toward text prompts, a frame a step"
     realtime = False
     uses_input = False
     fallback = "ddpm"
@@ -65,13 +74,31 @@ class VqganClipScene(Scene):
             "vqgan_imagenet_f16_16384)",
         ),
         string_param("clip", DEFAULT_CLIP, description="CLIP in transformers format: hub id or local folder"),
+        enum_param(
+            "drawer",
+            "vqgan",
+            DRAWERS,
+            description="What CLIP steers: a VQGAN latent, a grid of flat pixels (pixel art) or a "
+            "Fourier spectrum (fft, Aphantasia); pixel and fft need no VQGAN. A change keeps the picture",
+        ),
+        int_param("cells_x", 32, 2, 256, description="pixel drawer: cells across"),
+        int_param("cells_y", 32, 2, 256, description="pixel drawer: cells down"),
+        int_param("palette", 16, 0, 256, description="pixel drawer: colours it may use (0: any colour per cell)"),
+        float_param(
+            "decay",
+            1.0,
+            0.0,
+            3.0,
+            description="fft drawer: the spectrum falls as 1/f^decay (1: natural-image statistics; more: smoother)",
+        ),
         int_param(
             "size",
             256,
             16,
             1024,
             unit="px",
-            description="Square image size (a multiple of 16 for f16 VQGANs); a change resizes the latent",
+            description="Square image size (vqgan: a multiple of 16 for f16 VQGANs; pixel: a multiple of the "
+            "cells); a change resizes the picture",
         ),
         enum_param(
             "init",
@@ -105,6 +132,10 @@ class VqganClipScene(Scene):
             "vqgan_clip: prompt refused, the last good prompts stay", self._parse_prompts, initial=[]
         )
         self._restart_key: tuple[Any, ...] | None = None
+        # the drawer's key (name and its own params) applied when it changes; one that fails is said once
+        self._drawer = LastGood("vqgan_clip: drawer refused, the last one plays on", self._switch_drawer)
+        self._drawer_now: tuple[Any, ...] | None = None  # the key of the running drawer
+        self._device: Any = None
         self._autocast: Any = None
         self._restart = threading.Event()  # set by the render thread when the restart trigger fires
 
@@ -115,23 +146,25 @@ class VqganClipScene(Scene):
 
         from engine.diffusion.device import choose_device
         from engine.vqclip.clip import load_clip
-        from engine.vqclip.vqgan import default_vqgan_path, load_vqgan
 
         choice = choose_device(self.torch.device, self.torch.dtype)
-        vqgan = load_vqgan(self.param("vqgan").strip() or default_vqgan_path())
+        self._device = choice.device
+        if self.param("drawer") == "vqgan":  # the others need no checkpoint: a missing one does not stop them
+            self._load_vqgan()
         clip = load_clip(self.param("clip"))
         if choice.device.type == "cpu":
             reserve_render_core()
-        else:  # half-precision forward passes; z and Adam stay float32
+        else:  # half-precision forward passes; the drawer's parameters and Adam stay float32
             self._autocast = torch.bfloat16 if choice.is_cuda and torch.cuda.is_bf16_supported() else torch.float16
-        self._vqgan, self._clip = vqgan.to(choice.device), clip.to(choice.device)
+        self._clip = clip.to(choice.device)
         self._update_prompts()
         # a trigger is true for one render frame only, shorter than a step: catch it as it lands
         self.params.add_listener(self._on_change)
 
     def unload(self) -> None:
         self.params.remove_listener(self._on_change)
-        self._vqgan = self._clip = self._run = None
+        self._vqgan = self._clip = self._run = self._drawer_now = None
+        self._drawer = LastGood("vqgan_clip: drawer refused, the last one plays on", self._switch_drawer)
         free_accelerator_memory()
 
     def _on_change(self, change: Any) -> None:
@@ -147,6 +180,8 @@ class VqganClipScene(Scene):
         if self._run is None or self._restart.is_set() or restart_key != self._restart_key:
             self._restart.clear()
             self._start(frame, restart_key)
+        self._drawer.update(self._drawer_key())
+        self.warning = self._prompts.refusal or self._drawer.refusal
         run = self._run
         if self.param("size") != run.size:
             run.resize(self.param("size"))
@@ -160,8 +195,9 @@ class VqganClipScene(Scene):
         init, cutouts, seed = key
         if init == "camera" and frame is None:
             log.info("vqgan_clip: init camera but no source frame yet; starting from noise")
+        drawer_key = self._drawer.value or self._drawer_key()  # a refused drawer stays refused at a restart
         self._run = VqganClip(
-            self._vqgan,
+            self._build_drawer(drawer_key),
             self._clip,
             self._prompts.value,
             size=self.param("size"),
@@ -172,11 +208,52 @@ class VqganClipScene(Scene):
             autocast=self._autocast,
         )
         self._restart_key = key
+        self._drawer_now = drawer_key
+
+    def _drawer_key(self) -> tuple[Any, ...]:
+        """The drawer and the parameters it is built from (the others it ignores)."""
+        name = self.param("drawer")
+        if name == "pixel":
+            return (name, self.param("cells_x"), self.param("cells_y"), self.param("palette"))
+        if name == "fft":
+            return (name, self.param("decay"))
+        return (name,)
+
+    def _build_drawer(self, key: tuple[Any, ...]) -> Any:
+        from engine.vqclip.drawers import FftDrawer, PixelDrawer, VqganDrawer
+
+        size, seed = self.param("size"), self.param("seed")
+        if key[0] == "pixel":
+            return PixelDrawer(*key[1:], size=size, seed=seed, device=self._device)
+        if key[0] == "fft":
+            return FftDrawer(size, decay=key[1], seed=seed, device=self._device)
+        return VqganDrawer(self._load_vqgan(), size, seed)
+
+    def _switch_drawer(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        """LastGood's apply: a new drawer, started from the current picture. One that cannot be
+        built (the VQGAN checkpoint missing or broken) is refused: the running one plays on."""
+        if key != self._drawer_now:
+            try:
+                drawer = self._build_drawer(key)
+            except (LookupError, OSError, ValueError) as exc:  # ModelNotFound is a LookupError
+                raise ValueError(str(exc)) from exc
+            self._run.set_drawer(drawer)
+            self._drawer_now = key
+            log.info("vqgan_clip: drawing with %s now, from the picture so far", key[0])
+        return key
+
+    def _load_vqgan(self) -> Any:
+        """The VQGAN, loaded the first time a drawer needs it (at load, or at a switch to ``vqgan``)."""
+        if self._vqgan is None:
+            from engine.vqclip.vqgan import default_vqgan_path, load_vqgan
+
+            self._vqgan = load_vqgan(self.param("vqgan").strip() or default_vqgan_path()).to(self._device)
+        return self._vqgan
 
     def _update_prompts(self) -> None:
         """Parse the prompt params when they change; a bad one is logged once, the last good ones stay."""
         self._prompts.update((self.param("prompt"), self.param("negative_prompt")))
-        self.warning = self._prompts.refusal
+        self.warning = self._prompts.refusal or self._drawer.refusal
 
     def _parse_prompts(self, text: tuple[str, str]) -> list[Any]:
         from engine.prompt_syntax import parse_prompts
