@@ -313,3 +313,28 @@ def test_the_drawer_params_reach_osc_over_a_real_socket():
     finally:
         client._sock.close()
         server.stop()
+
+
+def test_the_pixel_art_preset_draws_its_grid(clip_dir):
+    """presets/pixel-art.toml's scene settings, with the tiny CLIP in place of the hub one."""
+    import tomllib
+
+    from engine.catalog import PRESETS_DIR
+
+    settings = tomllib.loads((PRESETS_DIR / "pixel-art.toml").read_text())["scene"]["vqgan_clip"]
+    params = ParamRegistry()
+    params.declare_all(VqganClipScene.PARAMS)
+    set_params(params, {**{f"{P}/{k}": v for k, v in settings.items()}, f"{P}/clip": str(clip_dir)})
+    worker = SceneWorker(SceneCatalog((VqganClipScene,)), params, StillFeed(), error_backoff=0.05)
+    worker.start()
+    try:
+        worker.request("vqgan_clip")
+        image = newest(worker, 1).image.astype(int)
+    finally:
+        worker.stop()
+    cells_x, cells_y = settings["cells_x"], settings["cells_y"]
+    block = settings["size"] // max(cells_x, cells_y)
+    assert image.shape == (cells_y * block, cells_x * block, 3)
+    blocks = image.reshape(cells_y, block, cells_x, block, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()
+    assert 1 < len(np.unique(image.reshape(-1, 3), axis=0)) <= settings["palette"]

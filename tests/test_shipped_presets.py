@@ -1,5 +1,5 @@
 """The shipped presets run as `dreamdeck run --preset NAME` would, offline on this machine:
-`ddpm` plays its shipped model; `vqgan-clip` and `lora-swap` need hub / downloaded weights,
+`ddpm` plays its shipped model; `vqgan-clip`, `pixel-art` and `lora-swap` need hub / downloaded weights,
 say what to get, and play the shipped DDPM instead.
 
 Real app (headless EGL, real scene worker, real diffusers), HF_HUB_OFFLINE=1, a private
@@ -69,6 +69,7 @@ def test_the_ddpm_preset_plays_the_shipped_model(run_preset) -> None:
     "preset, scene, hint",
     [
         ("vqgan-clip", "vqgan_clip", "heibox.uni-heidelberg.de"),
+        ("pixel-art", "vqgan_clip", "hf download openai/clip-vit-base-patch32"),  # no VQGAN asked for: CLIP only
         ("lora-swap", "realtime", "hf download stabilityai/sd-turbo"),
     ],
 )
@@ -78,3 +79,6 @@ def test_a_hub_preset_offline_says_what_to_get_and_plays_the_shipped_ddpm(run_pr
     assert app.params.get("/scene/active") == "ddpm"
     errors = app.errors_now()
     assert any(f"scene {scene} could not load" in e and hint in e for e in errors), errors
+    if preset == "pixel-art":  # its drawer needs CLIP alone: the missing VQGAN is never the problem
+        assert not any("heibox" in e for e in errors), errors
+        assert app.params.get("/scene/vqgan_clip/drawer") == "pixel"
