@@ -188,6 +188,7 @@ SHAPES = {  # data file -> (the benchmark that writes it, the lists of records i
     "osc-640x360.json": ("scripts/bench_osc.py", ("with_render", "osc_alone")),
     "osc-1280x720.json": ("scripts/bench_osc.py", ("with_render",)),
     "vqgan-clip-cpu.json": ("scripts/bench_vqgan_clip.py", ("results",)),
+    "drawers-cpu.json": ("scripts/bench_vqgan_clip.py", ("results",)),
     "lora-cpu.json": ("scripts/bench_lora.py", ()),
 }
 
