@@ -281,6 +281,13 @@ def test_the_scene_draws_pixels_and_fourier_with_no_vqgan_and_switches_live(clip
         worker.stop()
 
 
+def test_the_scene_offers_every_drawer():
+    from engine.scenes import vqgan_clip
+    from engine.vqclip import drawers
+
+    assert vqgan_clip.DRAWERS == drawers.DRAWERS  # the scene's copy (its module imports no torch)
+
+
 def test_absurd_drawer_values_are_refused_by_their_ranges():
     params = ParamRegistry()
     params.declare_all(VqganClipScene.PARAMS)

@@ -95,10 +95,6 @@ class Drawer(torch.nn.Module):
     def _build(self, hw: tuple[int, int]) -> None:
         raise NotImplementedError
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
 
 class VqganDrawer(Drawer):
     """A VQGAN latent z: nearest codes (straight-through) -> decoder -> [0, 1]."""
