@@ -289,6 +289,19 @@ class ParamRegistry:
         for p in params:
             self.declare(p)
 
+    def remove(self, paths: Iterable[str]) -> None:
+        """Forget parameters (a plugin scene unloading its own); unknown paths are ignored.
+
+        Their queued changes go with them. The views see them go at the next frame boundary
+        (OSC stops resolving them; OSCQuery's WebSocket clients get PATH_REMOVED).
+        """
+        with self._lock:
+            gone = {path for path in paths if path in self._slots}
+            for path in gone:
+                del self._slots[path]
+            if gone:
+                self._pending = [change for change in self._pending if change.path not in gone]
+
     def replace_choices(self, path: str, choices: Iterable[str]) -> None:
         """Update an enum's choices (the scene list grows when plugins register)."""
         with self._lock:

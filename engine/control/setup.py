@@ -85,6 +85,7 @@ def install_controls(app, config: ControlConfig) -> dict[str, object]:
                     advertise=config.advertise,
                     allow=list(config.osc_allow) or None,
                     actions=app.actions,
+                    osc=osc,  # OSC sent over its WebSocket is applied by the OSC server, by its rules
                 )
             )
     if config.hours is not None:
