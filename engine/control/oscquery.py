@@ -252,6 +252,7 @@ class OscQueryServer:
         # The token gates writes only; the binding still needs an allowlist off the loopback.
         self.access = Access(host, check_binding(host, allow, "OSCQuery"), token)
         self._strangers = RateLimitedLog(log)
+        self.counts = StreamCounts()  # the WebSocket side's (kept across stop, for the HUD and tests)
         self._hub: StreamHub | None = None
         self._advertiser: threading.Thread | None = None
         self._zeroconf: Any = None  # zeroconf.Zeroconf while advertised
@@ -269,14 +270,10 @@ class OscQueryServer:
         """The UDP port OSC messages go to, as HOST_INFO and zeroconf advertise it."""
         return self._osc_port() if callable(self._osc_port) else self._osc_port
 
-    @property
-    def counts(self) -> StreamCounts:
-        return self._hub.counts if self._hub is not None else StreamCounts()
-
     def start(self) -> None:
         if self._hub is not None:
             return
-        hub = StreamHub(self)
+        hub = StreamHub(self, self.counts)
         try:
             self.port = hub.start(self.host, self.port)
         except OSError as exc:
@@ -390,7 +387,7 @@ class OscQueryServer:
         if self._hub is None:
             return "oscquery off"
         line = f"oscquery :{self.port}" + (" advertised" if self.advertised else "")
-        counts = self._hub.counts
+        counts = self.counts
         if counts.clients:
             line += f" ws {counts.clients} pushed {counts.pushed}"
         if counts.refused:

@@ -88,9 +88,9 @@ class StreamCounts:
 class StreamHub:
     """The asyncio server thread: HTTP answers, WebSocket sessions, LISTEN fan-out."""
 
-    def __init__(self, query: OscQueryServer) -> None:
+    def __init__(self, query: OscQueryServer, counts: StreamCounts) -> None:
         self.query = query
-        self.counts = StreamCounts()
+        self.counts = counts
         # The union of every client's LISTEN paths, replaced whole (never mutated) by the loop:
         # the render thread reads it without a lock.
         self.listened: frozenset[str] = frozenset()
