@@ -193,7 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     live.add_argument("--osc-tcp", action="store_true", help="also take OSC over TCP on the same port")
     live.add_argument("--no-osc", action="store_true", help="no OSC and no OSCQuery")
-    live.add_argument("--oscquery-port", type=_port, default=9322, help="OSCQuery HTTP port (default 9322)")
+    live.add_argument(
+        "--oscquery-port", type=_port, default=9322, help="OSCQuery HTTP and WebSocket port (default 9322)"
+    )
+    live.add_argument(
+        "--oscquery-token",
+        default=os.environ.get("DREAMDECK_OSCQUERY_TOKEN") or None,
+        metavar="TOKEN",
+        help="OSC sent over OSCQuery's WebSocket is applied only from clients that connect with "
+        "?token=TOKEN (default: $DREAMDECK_OSCQUERY_TOKEN; none: any client the allowlist lets in)",
+    )
     live.add_argument("--no-oscquery", action="store_true", help="no OSCQuery server")
     live.add_argument("--advertise", action="store_true", help="announce OSCQuery by zeroconf (_oscjson._tcp)")
     live.add_argument(
@@ -386,6 +395,7 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
         osc_feedback=args.osc_feedback,
         osc_tcp=args.osc_tcp,
         oscquery_port=None if args.no_oscquery else args.oscquery_port,
+        oscquery_token=args.oscquery_token,
         advertise=args.advertise,
         midi=not args.no_midi and bool(args.midi_in or args.midi_out),
         midi_inputs=tuple(args.midi_in),

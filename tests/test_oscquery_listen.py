@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from pythonosc.osc_message_builder import OscMessageBuilder
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from engine.catalog import build_registry
@@ -380,9 +380,8 @@ def test_the_allowlist_and_the_token_decide_who_may_listen_and_write(registry: P
     )
     query.start()
     try:
-        with pytest.raises(InvalidStatus) as refused:  # from 127.0.0.1: not on the list
+        with pytest.raises((OSError, InvalidHandshake, ConnectionClosed)):  # not on the list: cut off unanswered
             connect_from(query.port, "127.0.0.1")
-        assert refused.value.response.status_code == 403
         with pytest.raises(InvalidStatus) as page:  # a web page elsewhere, open in a browser here
             connect_from(query.port, "127.0.0.2", origin="http://evil.example")
         assert page.value.response.status_code == 403

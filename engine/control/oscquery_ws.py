@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from engine.control.oscquery import OscQueryServer
 
 log = logging.getLogger(__name__)
+# websockets' own log: a line at INFO for every connection, which is every HTTP request here
+_protocol_log = logging.getLogger(__name__ + ".protocol")
+_protocol_log.setLevel(logging.WARNING)
 
 PING_INTERVAL = 5.0  # seconds between keepalive pings: a client that stops answering is dropped
 PING_TIMEOUT = 10.0
@@ -161,6 +164,7 @@ class StreamHub:
                 host or None,
                 port,
                 process_request=self._process_request,
+                create_connection=self._gated_connection(),
                 server_header="dreamdeck-oscquery",
                 compression=None,  # permessage-deflate: CPU per message for a few bytes each
                 ping_interval=PING_INTERVAL,
@@ -169,7 +173,7 @@ class StreamHub:
                 max_size=MAX_MESSAGE,
                 max_queue=64,
                 write_limit=WRITE_LIMIT,
-                logger=logging.getLogger(__name__ + ".protocol"),
+                logger=_protocol_log,
             )
         except OSError as exc:
             ready.set_exception(exc)
@@ -224,11 +228,22 @@ class StreamHub:
         self.listened = frozenset().union(*(client.paths for client in self._clients))
 
     # -- HTTP and the upgrade --------------------------------------------------------------
+    def _gated_connection(self) -> type[ServerConnection]:
+        """Connections that check the allowlist as they are accepted: a sender not on it is cut
+        off before a byte is read, unanswered, as every dreamdeck listener does."""
+        query = self.query
+
+        class Gated(ServerConnection):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                peer = transport.get_extra_info("peername")
+                if not peer or not query.admits(str(peer[0])):
+                    transport.abort()
+
+        return Gated
+
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        """Answer a plain GET with the tree; let an upgrade through if its sender may come in."""
-        ip = str(conn.remote_address[0])
-        if not self.query.admits(ip):
-            return conn.respond(http.HTTPStatus.FORBIDDEN, "not on this server's allowlist\n")
+        """Answer a plain GET with the tree; let an upgrade through unless a foreign page asks."""
         if "websocket" not in request.headers.get("Upgrade", "").lower():
             return await self._answer(conn, request)
         origin = request.headers.get("Origin")

@@ -28,6 +28,7 @@ class ControlConfig:
     osc_feedback: tuple[str, int] | None = None
     osc_tcp: bool = False
     oscquery_port: int | None = DEFAULT_OSCQUERY_PORT  # None: no OSCQuery
+    oscquery_token: str | None = None  # needed for OSC over OSCQuery's WebSocket (None: the allowlist decides)
     advertise: bool = False
     midi_inputs: tuple[str, ...] = ()
     midi_outputs: tuple[str, ...] = ()
@@ -86,6 +87,7 @@ def install_controls(app, config: ControlConfig) -> dict[str, object]:
                     allow=list(config.osc_allow) or None,
                     actions=app.actions,
                     osc=osc,  # OSC sent over its WebSocket is applied by the OSC server, by its rules
+                    token=config.oscquery_token,
                 )
             )
     if config.hours is not None:
