@@ -154,34 +154,75 @@ def _f32(value: float) -> float:
     return struct.unpack(">f", struct.pack(">f", value))[0]
 
 
+def _ws_connect(port: int, paths: list[str]) -> socket.socket:
+    """A WebSocket opened by hand (handshake, masked LISTEN frames): the client must be cheap enough
+    not to be the thing measured, and websockets' client costs ~20 us of Python per message."""
+    import base64
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(4096)
+    if not answer.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"no WebSocket: {answer[:60]!r}")
+    for path in paths:
+        payload = json.dumps({"COMMAND": "LISTEN", "DATA": path}).encode()
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+    sock.setblocking(False)
+    return sock
+
+
 def listen_clients(port: int, paths: list[str], clients: int, ready: Any, stop: Any, results: Any) -> None:
-    """Client process: ``clients`` WebSocket connections, each LISTENing to every path; records
-    (client, path, value, perf_counter at receipt) and sends them back when told to stop."""
-    import asyncio
+    """Client process: ``clients`` WebSocket connections, each LISTENing to every path, read on one
+    thread; records (client, path, value, perf_counter when its bytes were read) and sends them
+    back when told to stop. Frames from the server are unmasked; values are small messages."""
+    import selectors
 
-    from websockets.asyncio.client import connect
-
-    async def one(n: int, got: list[tuple[int, str, float, float]]) -> None:
-        async with connect(f"ws://127.0.0.1:{port}/", compression=None, max_queue=None) as ws:
-            for path in paths:
-                await ws.send(json.dumps({"COMMAND": "LISTEN", "DATA": path}))
-            ready.release()
-            while not stop.is_set():
-                try:
-                    data = await asyncio.wait_for(ws.recv(), 0.2)
-                except TimeoutError:
-                    continue
-                now = time.perf_counter()
-                if isinstance(data, bytes):
-                    end = data.index(b"\0")
-                    got.append((n, data[:end].decode(), struct.unpack(">f", data[-4:])[0], now))
-
-    async def main() -> list[tuple[int, str, float, float]]:
-        got: list[tuple[int, str, float, float]] = []
-        await asyncio.gather(*(one(n, got) for n in range(clients)))
-        return got
-
-    results.send(asyncio.run(main()))
+    selector = selectors.DefaultSelector()
+    buffers: dict[int, bytearray] = {}
+    for n in range(clients):
+        sock = _ws_connect(port, paths)
+        selector.register(sock, selectors.EVENT_READ, n)
+        buffers[n] = bytearray()
+        ready.release()
+    got: list[tuple[int, str, float, float]] = []
+    while not stop.is_set():
+        for key, _ in selector.select(timeout=0.2):
+            try:
+                chunk = key.fileobj.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            now = time.perf_counter()
+            buf = buffers[key.data]
+            buf += chunk
+            i = 0
+            while len(buf) - i >= 2:
+                size, head = buf[i + 1] & 0x7F, 2
+                if size == 126:
+                    if len(buf) - i < 4:
+                        break
+                    size, head = struct.unpack_from(">H", buf, i + 2)[0], 4
+                elif size == 127:
+                    if len(buf) - i < 10:
+                        break
+                    size, head = struct.unpack_from(">Q", buf, i + 2)[0], 10
+                if len(buf) - i < head + size:
+                    break
+                if buf[i] & 0x0F == 2:  # a binary frame: an OSC message /path ,f value
+                    frame = bytes(buf[i + head : i + head + size])
+                    got.append(
+                        (key.data, frame[: frame.index(b"\0")].decode(), struct.unpack(">f", frame[-4:])[0], now)
+                    )
+                i += head + size
+            del buf[:i]
+    results.send(got)
     results.close()
 
 
