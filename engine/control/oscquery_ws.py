@@ -66,6 +66,9 @@ MAX_REPLIES = 1024  # /get replies one client may have waiting
 # values late rather than stale ones later still.
 WRITE_LIMIT = 32 * 1024
 SEND_BUFFER = 32 * 1024
+# The batched write uses websockets' connection internals (send_context, protocol, send_data;
+# websockets 17 tested); without them, every message is sent on its own.
+_BATCHED = all(hasattr(ServerConnection, name) for name in ("send_context", "send_data"))
 NORM_PARAM = float_param("/norm", 0.0, 0.0, 1.0)  # how a 0..1 value is encoded
 
 
@@ -346,11 +349,15 @@ class StreamHub:
                 outbox, client.outbox = client.outbox, {}
                 # One WebSocket message per OSC message (what every client parses), all of them
                 # framed in one go and written in one piece (see Gated.send_data).
-                async with conn.send_context():
-                    for text in notes:
-                        conn.protocol.send_text(text.encode("utf-8"))
-                    for data in (*replies, *outbox.values()):
-                        conn.protocol.send_binary(data)
+                if _BATCHED:
+                    async with conn.send_context():
+                        for text in notes:
+                            conn.protocol.send_text(text.encode("utf-8"))
+                        for data in (*replies, *outbox.values()):
+                            conn.protocol.send_binary(data)
+                else:  # a websockets without them: one send each, slower but the same messages
+                    for message in (*notes, *replies, *outbox.values()):
+                        await conn.send(message)
                 self.counts.pushed += len(outbox)
         except ConnectionClosed:
             pass
