@@ -435,7 +435,9 @@ def test_parameters_added_changed_and_removed_are_announced(registry: ParamRegis
         wait_for(lambda: collector.of("/dreamdeck/scene/plugin/glow") == [pytest.approx(0.2)], "its value")
 
         registry.replace_choices("/scene/plugin/mode", ("a", "b", "c"))
-        registry.remove(["/scene/plugin/glow"])
+        registry.set("/scene/plugin/glow", 0.9)  # queued, then its parameter goes: the change goes too
+        registry.remove(["/scene/plugin/glow", "/scene/plugin/never-was"])
+        assert registry.apply_pending(0.0) == []
         query.frame(0.0)
         wait_for(lambda: len(collector.notes) == 8, "PATH_CHANGED and PATH_REMOVED")
         assert [(note["COMMAND"], note["DATA"]) for note in collector.notes[4:]] == [
@@ -454,3 +456,11 @@ def test_parameters_added_changed_and_removed_are_announced(registry: ParamRegis
         status.request("GET", "/dreamdeck/scene/plugin/glow")
         assert status.getresponse().status == 404, "gone from the tree too"
         status.close()
+
+
+def test_a_taken_port_is_one_clear_error(registry: ParamRegistry, query: OscQueryServer) -> None:
+    second = OscQueryServer(registry, 9, port=query.port)
+    with pytest.raises(OSError, match=f"OSCQuery cannot listen on 127.0.0.1:{query.port}"):
+        second.start()
+    assert second.status == "oscquery off"
+    second.stop()  # harmless when it never started

@@ -260,6 +260,7 @@ class OscQueryServer:
         self.advertised = False
         # render thread only: what the clients were last sent, and the parameters they were told of
         self._params: dict[str, Param] | None = None
+        self._generation = -1
         self._listened: frozenset[str] = frozenset()
         self._targets: dict[str, tuple[Param, Param, bool]] = {}
         self._last: dict[str, Any] = {}
@@ -319,6 +320,10 @@ class OscQueryServer:
             self._send_values(hub, listened)
 
     def _check_paths(self, hub: StreamHub) -> None:
+        generation = self.registry.generation
+        if self._params is not None and generation == self._generation:
+            return  # nothing declared, removed or changed: the common case, one comparison
+        self._generation = generation
         params = {param.path: param for param in self.registry.params()}
         old, self._params = self._params, params
         if old is None or old == params:
