@@ -61,6 +61,7 @@ CLOSE_TIMEOUT = 1.0  # seconds a closing handshake may take (stop, a client that
 MAX_MESSAGE = 65535  # bytes: a WebSocket message as large as a UDP datagram, no larger
 MAX_NOTES = 256  # path notices one client may have waiting; past it, one PATH_CHANGED "/" says it all
 MAX_REPLIES = 1024  # /get replies one client may have waiting
+MAX_INBOX = 600  # frames of values the loop may fall behind by (10 s at 60 fps) before they are skipped
 # Bytes that may wait for one client, in our buffer and the kernel's: past them, sending to that
 # client waits and its outbox coalesces (newest value per path), so a slow reader gets fresh
 # values late rather than stale ones later still.
@@ -94,6 +95,7 @@ class StreamCounts:
     pushed: int = 0  # value messages sent to clients
     refused: int = 0  # OSC packets over the WebSocket refused before the OSC server saw them (no token)
     commands_refused: int = 0  # text messages that were not a LISTEN or IGNORE of a readable path
+    skipped: int = 0  # frames of values not handed over: the server thread was that far behind
 
 
 class StreamHub:
@@ -146,6 +148,9 @@ class StreamHub:
         ("paths", ([(command, full_path)], removed_full_paths))."""
         loop = self._loop
         if loop is None:
+            return
+        if kind == "values" and len(self._inbox) >= MAX_INBOX:  # the loop is stuck: newer values will follow
+            self.counts.skipped += 1
             return
         self._inbox.append((kind, data))
         if not self._scheduled:
