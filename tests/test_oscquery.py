@@ -228,6 +228,12 @@ def test_garbage_requests_do_not_kill_the_server(query: OscQueryServer) -> None:
                 pass
     with socket.create_connection(("127.0.0.1", query.port), timeout=10):
         pass  # connect and hang up without a word
+    for method, status, has_body in (("POST", 405, True), ("HEAD", 200, False), ("GET", 200, True)):
+        conn = http.client.HTTPConnection("127.0.0.1", query.port, timeout=10)
+        conn.request(method, "/?HOST_INFO")
+        response = conn.getresponse()
+        assert response.status == status and bool(response.read()) == has_body, method
+        conn.close()
     assert get(query, "/dreamdeck/fx/kaleido/segments?TYPE") == (200, {"TYPE": "i"})
 
 

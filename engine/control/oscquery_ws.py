@@ -290,6 +290,10 @@ class StreamHub:
         return None
 
     async def _answer(self, conn: ServerConnection, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            refused = conn.respond(http.HTTPStatus.METHOD_NOT_ALLOWED, "OSCQuery is read with GET\n")
+            refused.headers["Allow"] = "GET, HEAD"
+            return refused
         local_ip = str(conn.local_address[0])
         try:  # building the whole tree takes milliseconds: not on the loop, which keeps streaming
             status, body = await asyncio.to_thread(self.query.answer, request.path, local_ip)
@@ -302,7 +306,7 @@ class StreamHub:
             headers["Content-Type"] = "application/json"
         headers["Content-Length"] = str(len(data))
         headers["Connection"] = "close"
-        return Response(status, http.HTTPStatus(status).phrase, headers, data)
+        return Response(status, http.HTTPStatus(status).phrase, headers, b"" if request.method == "HEAD" else data)
 
     def _origin_ok(self, origin: str) -> bool:
         """A browser page may open a WebSocket only from this machine or an allowlisted address.
