@@ -322,3 +322,33 @@ def test_a_real_size_model_on_the_cpu_is_told_it_needs_a_gpu():
     message = needs_gpu(sd15, CPU)
     assert message is not None and message.startswith("a real model needs a GPU") and "\n" not in message
     assert needs_gpu(tiny, CPU) is None
+
+
+def test_an_sdxl_lora_trains_with_both_text_encoders_and_loads_in_diffusers(drawings, tmp_path):
+    """diffusers' tiny SDXL: two text encoders side by side, the pooled embedding and the time ids
+    (the SDXL UNet refuses a call without them), saved by StableDiffusionXLPipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from engine.diffusion.configs import build_random_sdxl
+
+    build_random_sdxl().save_pretrained(tmp_path / "tiny-sdxl")
+    out = tmp_path / "xl" / "sks.safetensors"
+    report = train(
+        config(drawings, out, base=str(tmp_path / "tiny-sdxl"), steps=6, checkpoint_every=0, sample_every=6),
+        CPU,
+        progress=False,
+    )
+    assert len(report.losses) == 6 and all(np.isfinite(report.losses))
+    assert report.samples == [sample_path(out, 6)]
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "tiny-sdxl"))
+    generator = torch.Generator().manual_seed(0)
+    sample, text = torch.randn((1, 4, 16, 16), generator=generator), torch.randn((1, 77, 64), generator=generator)
+    added = {"text_embeds": torch.randn((1, 32), generator=generator), "time_ids": torch.tensor([[32.0] * 6])}
+
+    @torch.no_grad()
+    def output():
+        return pipe.unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+    before = output()
+    pipe.load_lora_weights(str(out.parent), weight_name=out.name)
+    assert (output() - before).abs().max() > 0  # the trained B is not zero any more

@@ -171,11 +171,12 @@ def _square(image: Any, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
 class Trainee:
     """The frozen base model and the training set in the form each step needs."""
 
-    pipe: Any
+    pipe: Any  # None in the benchmark (a UNet alone)
     sampler: Any  # the text-to-image pipeline over the same parts (samples)
     unet: Any
     noise_scheduler: Any
     sdxl: bool
+    scaling_factor: float  # the VAE's latent scale
     latent_mean: torch.Tensor  # N x 4 x h x w (CPU, float32)
     latent_std: torch.Tensor
     text: torch.Tensor  # N x 77 x D caption embeddings (on the device)
@@ -212,21 +213,9 @@ def needs_gpu(unet: Any, choice: DeviceChoice) -> str | None:
 def prepare(pipe: Any, pictures: list[Picture], config: TrainConfig, choice: DeviceChoice) -> Trainee:
     """Add the LoRA to the UNet; encode the pictures and captions once (frozen VAE and text encoders)."""
     from diffusers import AutoPipelineForText2Image, DDPMScheduler
-    from peft import LoraConfig
 
     unet = pipe.unet
-    torch.manual_seed(config.seed)  # peft draws the LoRA's A from torch's global generator
-    unet.add_adapter(
-        LoraConfig(
-            r=config.rank,
-            lora_alpha=config.rank,
-            init_lora_weights="gaussian",
-            target_modules=list(ATTENTION_TARGETS),
-        )
-    )
-    for param in unet.parameters():  # the LoRA trains in float32 whatever the base's precision
-        if param.requires_grad:
-            param.data = param.data.float()
+    add_lora(unet, config.rank, config.seed)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     means, stds = [], []
     with torch.no_grad():
@@ -249,7 +238,23 @@ def prepare(pipe: Any, pictures: list[Picture], config: TrainConfig, choice: Dev
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     sampler = AutoPipelineForText2Image.from_pipe(pipe)  # a base saved as img2img samples from text too
     sampler.set_progress_bar_config(disable=True)
-    return Trainee(pipe, sampler, unet, scheduler, sdxl, torch.cat(means), torch.cat(stds), text, pooled, time_ids)
+    scale = float(pipe.vae.config.scaling_factor)
+    mean, std = torch.cat(means), torch.cat(stds)
+    return Trainee(pipe, sampler, unet, scheduler, sdxl, scale, mean, std, text, pooled, time_ids)
+
+
+def add_lora(unet: Any, rank: int, seed: int) -> None:
+    """diffusers' LoRA: peft on the attention projections, alpha = rank, Gaussian A and zero B
+    (the LoRA starts as the base model), trained in float32 whatever the base's precision."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)  # peft draws A from torch's global generator
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(ATTENTION_TARGETS))
+    )
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
 
 
 def _tokens(tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -282,7 +287,7 @@ def denoising_loss(
     noised to random timesteps, the UNet's prediction against noise / velocity / latents."""
     scheduler = trainee.noise_scheduler
     mean, std = trainee.latent_mean[index], trainee.latent_std[index]
-    latents = (mean + std * torch.randn(mean.shape, generator=generator)) * trainee.pipe.vae.config.scaling_factor
+    latents = (mean + std * torch.randn(mean.shape, generator=generator)) * trainee.scaling_factor
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
     latents, noise, timesteps = latents.to(choice.device), noise.to(choice.device), timesteps.to(choice.device)
@@ -320,6 +325,23 @@ def _autocast(choice: DeviceChoice) -> contextlib.AbstractContextManager[Any]:
 
 def lora_parameters(unet: Any) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def make_optimizer(unet: Any, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(lora_parameters(unet), lr=lr, weight_decay=1e-2)
+
+
+def train_step(
+    trainee: Trainee, optimizer: torch.optim.Optimizer, generator: torch.Generator, batch: int, choice: DeviceChoice
+) -> torch.Tensor:
+    """One optimiser step on a random batch; the loss, still on the device (reading it syncs)."""
+    index = torch.randint(0, len(trainee.text), (batch,), generator=generator)
+    loss = denoising_loss(trainee, index, generator, choice)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
+    optimizer.step()
+    return loss.detach()
 
 
 # -- files --------------------------------------------------------------------------------------------
@@ -462,8 +484,7 @@ def run_loop(
 ) -> TrainReport:
     from tqdm.auto import tqdm
 
-    params = lora_parameters(trainee.unet)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+    optimizer = make_optimizer(trainee.unet, config.lr)
     generator = torch.Generator("cpu").manual_seed(config.seed)
     start, history, losses = 0, list[float](), list[float]()  # history: the losses of the runs before a resume
     checkpoint = checkpoint_path(config.out)
@@ -481,16 +502,9 @@ def run_loop(
     trainee.unet.train()
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, desc="train-lora", unit="step", disable=not progress, mininterval=1.0)
-    count = len(trainee.text)
     with bar:
         for step in range(start + 1, config.steps + 1):
-            index = torch.randint(0, count, (config.batch,), generator=generator)
-            loss = denoising_loss(trainee, index, generator, choice)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            value = float(loss.detach())
+            value = float(train_step(trainee, optimizer, generator, config.batch, choice))
             if not math.isfinite(value):
                 raise TrainError(f"step {step}: the loss is {value}; try a smaller --lr (now {config.lr:g})")
             losses.append(value)
