@@ -643,6 +643,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         return fail(str(exc), 2)
     except OSError as exc:
         return fail(f"cannot write {exc.filename or args.out}: {exc.strerror or exc} (is the disk full?)", 1)
+    except KeyboardInterrupt:
+        return fail("interrupted; the same command with --resume continues from the last checkpoint", 130)
     print(
         f"wrote {report.out} ({report.steps} steps, {report.steps_per_second:.2f} steps/s"
         + (f", last loss {report.losses[-1]:.4f})" if report.losses else ")")

@@ -352,3 +352,13 @@ def test_an_sdxl_lora_trains_with_both_text_encoders_and_loads_in_diffusers(draw
     before = output()
     pipe.load_lora_weights(str(out.parent), weight_name=out.name)
     assert (output() - before).abs().max() > 0  # the trained B is not zero any more
+    # the realtime scene plays SD 1.5 / 2.1: a slot there refuses the SDXL LoRA in one line
+    bank = AdapterBank(build_random_model("tiny").unet, target_rank=8)
+    bank.request(1, str(out))
+    bank.wait(60)
+    change = bank.apply()
+    assert change.error is not None and "\n" not in change.error and str(out) in change.error
+    assert bank.sources == {}
+    bank.close()
+    with pytest.raises(TrainError, match="--kohya: SD 1.5 / 2.1 bases only"):
+        train(config(drawings, out, base=str(tmp_path / "tiny-sdxl"), kohya=True), CPU, progress=False)

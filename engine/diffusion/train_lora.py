@@ -468,6 +468,9 @@ def train(
     reason = check(pipe.unet) if check is not None else None
     if reason:
         raise TrainError(reason)
+    if config.kohya and getattr(pipe, "text_encoder_2", None) is not None:
+        # kohya names SDXL's layers after the original checkpoint's (input_blocks_...), not diffusers'
+        raise TrainError("--kohya: SD 1.5 / 2.1 bases only; diffusers and ComfyUI read the SDXL file as it is")
     trainee = prepare(pipe, pictures, config, choice)
     return run_loop(trainee, config, choice, pictures[0].caption, resumed, progress=progress, on_step=on_step)
 
