@@ -604,12 +604,13 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         return code
 
     try:
-        choice = choose_device(args.device, "auto" if args.device != "cpu" else "float32")
+        choice = choose_device(args.device, "float32")
     except ValueError as exc:
         return fail(str(exc), 2)
-    if choice.device.type == "cuda":
+    if choice.device.type == "cuda":  # the frozen model in half precision; the LoRA trains in float32
         import torch
 
+        torch.backends.cuda.matmul.allow_tf32 = True
         choice = dataclasses.replace(choice, dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     config = TrainConfig(
         images=args.images,

@@ -362,3 +362,22 @@ def test_an_sdxl_lora_trains_with_both_text_encoders_and_loads_in_diffusers(draw
     bank.close()
     with pytest.raises(TrainError, match="--kohya: SD 1.5 / 2.1 bases only"):
         train(config(drawings, out, base=str(tmp_path / "tiny-sdxl"), kohya=True), CPU, progress=False)
+
+
+def test_the_command_trains_writes_and_resumes(base, drawings, tmp_path, capsys):
+    out = tmp_path / "loras" / "ink.safetensors"
+    args = cli(str(drawings), "--base", str(base), "--out", str(out), "--caption", "x", "--rank", "2", "--kohya")
+    assert main([*args, "--sample-every", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {out} (2 steps") and "kohya copy" in printed and "samples" in printed
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == [
+        "ink.checkpoint.pt",
+        "ink.kohya.safetensors",
+        "ink.safetensors",
+        "ink.sample-000001.png",
+        "ink.sample-000002.png",
+    ]
+    assert main([*args, "--sample-every", "0", "--resume", "--steps", "3"]) == 0  # the last --steps wins
+    assert capsys.readouterr().out.startswith(f"wrote {out} (3 steps")
+    assert torch.load(checkpoint_path(out), weights_only=True)["step"] == 3

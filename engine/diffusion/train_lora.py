@@ -420,7 +420,7 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     return state
 
 
-def write_sample(trainee: Trainee, config: TrainConfig, caption: str, step: int) -> Path:
+def write_sample(trainee: Trainee, config: TrainConfig, caption: str, step: int, choice: DeviceChoice) -> Path:
     """One picture from the caption with the LoRA as it is now, fixed seed (the same noise every
     time, so the samples side by side show what training changed)."""
     pipe, unet = trainee.sampler, trainee.unet
@@ -428,7 +428,7 @@ def write_sample(trainee: Trainee, config: TrainConfig, caption: str, step: int)
     guidance = 0.0 if _few_step(config.base) else 7.5
     unet.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(choice):
             image = pipe(
                 caption,
                 num_inference_steps=steps,
@@ -520,7 +520,7 @@ def run_loop(
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
                 save_checkpoint(checkpoint, step, trainee, optimizer, generator, history + losses, config)
             if config.sample_every and (step % config.sample_every == 0 or last):
-                report.samples.append(write_sample(trainee, config, sample_caption, step))
+                report.samples.append(write_sample(trainee, config, sample_caption, step, choice))
     report.seconds = time.perf_counter() - started
     save_lora_file(trainee.unet, config.out, sdxl=trainee.sdxl)
     if config.kohya:
