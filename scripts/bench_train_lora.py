@@ -59,7 +59,7 @@ def build(arch: str, size: int, rank: int, choice: DeviceChoice, pictures: int =
         pooled = torch.randn((pictures, 1280), generator=generator).to(choice.device, choice.dtype)
         time_ids = torch.tensor([[size, size, 0, 0, size, size]] * pictures, device=choice.device, dtype=choice.dtype)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return Trainee(None, None, unet, scheduler, arch == "sdxl", 0.18215, mean, mean.abs() * 0.1, text, pooled, time_ids)
+    return Trainee(None, unet, scheduler, arch == "sdxl", 0.18215, mean, mean.abs() * 0.1, text, pooled, time_ids)
 
 
 def main() -> None:

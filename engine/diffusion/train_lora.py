@@ -171,8 +171,7 @@ def _square(image: Any, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
 class Trainee:
     """The frozen base model and the training set in the form each step needs."""
 
-    pipe: Any  # None in the benchmark (a UNet alone)
-    sampler: Any  # the text-to-image pipeline over the same parts (samples)
+    sampler: Any  # the text-to-image pipeline over the base's parts (samples); None in the benchmark
     unet: Any
     noise_scheduler: Any
     sdxl: bool
@@ -240,7 +239,7 @@ def prepare(pipe: Any, pictures: list[Picture], config: TrainConfig, choice: Dev
     sampler.set_progress_bar_config(disable=True)
     scale = float(pipe.vae.config.scaling_factor)
     mean, std = torch.cat(means), torch.cat(stds)
-    return Trainee(pipe, sampler, unet, scheduler, sdxl, scale, mean, std, text, pooled, time_ids)
+    return Trainee(sampler, unet, scheduler, sdxl, scale, mean, std, text, pooled, time_ids)
 
 
 def add_lora(unet: Any, rank: int, seed: int) -> None:
@@ -382,8 +381,15 @@ def save_kohya_file(unet: Any, path: Path) -> None:
     write_atomic(path, save(tensors, metadata={"format": "pt"}))
 
 
-def save_checkpoint(path: Path, step: int, trainee: Trainee, optimizer: Any, generator: torch.Generator,
-                    losses: list[float], config: TrainConfig) -> None:  # fmt: skip
+def save_checkpoint(
+    path: Path,
+    step: int,
+    trainee: Trainee,
+    optimizer: Any,
+    generator: torch.Generator,
+    losses: list[float],
+    config: TrainConfig,
+) -> None:
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -456,7 +462,6 @@ def train(
     choice: DeviceChoice,
     *,
     progress: bool = True,
-    on_step: Callable[[int, float], None] | None = None,
     check: Callable[[Any], str | None] | None = None,
 ) -> TrainReport:
     """Train, checkpoint, sample, save. Raises TrainError / ModelNotFound for input that cannot
@@ -472,7 +477,7 @@ def train(
         # kohya names SDXL's layers after the original checkpoint's (input_blocks_...), not diffusers'
         raise TrainError("--kohya: SD 1.5 / 2.1 bases only; diffusers and ComfyUI read the SDXL file as it is")
     trainee = prepare(pipe, pictures, config, choice)
-    return run_loop(trainee, config, choice, pictures[0].caption, resumed, progress=progress, on_step=on_step)
+    return run_loop(trainee, config, choice, pictures[0].caption, resumed, progress=progress)
 
 
 def run_loop(
@@ -483,7 +488,6 @@ def run_loop(
     resumed: dict[str, Any] | None = None,
     *,
     progress: bool = True,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainReport:
     from tqdm.auto import tqdm
 
@@ -514,8 +518,6 @@ def run_loop(
             report.steps = step
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
-            if on_step is not None:
-                on_step(step, value)
             last = step == config.steps
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
                 save_checkpoint(checkpoint, step, trainee, optimizer, generator, history + losses, config)
