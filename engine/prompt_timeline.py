@@ -133,7 +133,8 @@ def parse_line(text: str, default_duration: float) -> TimelineLine:
 def parse_timeline(text: str, default_duration: float = 8.0, *, source: str = "timeline") -> Timeline:
     """Lines separated by newlines or ';' -> a Timeline; ValueError naming the bad line.
 
-    Blank lines and lines starting with '#' are skipped (comments, as in Aphantasia's files).
+    Blank lines and lines (or ';' parts) starting with '#' are skipped: comments, as in
+    Aphantasia's files, or a look left out for now.
     """
     lines = []
     for number, row in enumerate(text.splitlines(), start=1):
@@ -141,7 +142,7 @@ def parse_timeline(text: str, default_duration: float = 8.0, *, source: str = "t
             continue
         for part in row.split(";"):
             stripped = part.strip()
-            if not stripped:
+            if not stripped or stripped.startswith("#"):
                 continue
             try:
                 lines.append(parse_line(stripped, default_duration))
