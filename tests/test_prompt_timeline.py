@@ -261,3 +261,49 @@ def test_a_file_plays_is_read_again_when_saved_and_a_broken_one_keeps_the_last(p
     path.unlink()
     assert played.playing(5.0).timeline.texts() == ["the sea"]
     assert "cannot read" in played.refusal
+
+
+# -- the parameters reach every view of the registry ------------------------------------------------
+def test_the_timeline_parameters_reach_osc_oscquery_and_presets(tmp_path) -> None:
+    """Real UDP and HTTP on loopback, a real preset file: nothing declared twice by hand."""
+    import http.client
+    import json
+    import time
+
+    from pythonosc.udp_client import SimpleUDPClient
+
+    from engine.catalog import build_registry
+    from engine.control.actions import Actions
+    from engine.control.osc import OscServer
+    from engine.control.oscquery import OscQueryServer
+    from engine.presets import load_preset
+
+    registry = build_registry()
+    osc = OscServer(registry, Actions(), port=0)
+    osc.start()
+    query = OscQueryServer(registry, osc.port, port=0)
+    query.start()
+    try:
+        address = "/dreamdeck/scene/realtime/timeline/prompts"
+        SimpleUDPClient("127.0.0.1", osc.port).send_message(address, "a forest @4; a city @8")
+        deadline = time.monotonic() + 10.0
+        while registry.get("/scene/realtime/timeline/prompts") != "a forest @4; a city @8":
+            assert time.monotonic() < deadline, "the OSC message never landed"
+            registry.apply_pending(0.0)
+            time.sleep(0.005)
+        conn = http.client.HTTPConnection("127.0.0.1", query.port, timeout=10)
+        conn.request("GET", "/dreamdeck/scene/vqgan_clip/timeline/sync")
+        node = json.loads(conn.getresponse().read())
+        conn.close()
+        assert node["FULL_PATH"] == "/dreamdeck/scene/vqgan_clip/timeline/sync" and "beats" in node["DESCRIPTION"]
+    finally:
+        query.stop()
+        osc.stop()
+
+    preset = tmp_path / "set.toml"
+    preset.write_text(
+        '[scene.vqgan_clip.timeline]\nenabled = true\nsync = true\nprompts = """\na forest @4\na city @8\n"""\n'
+    )
+    values = load_preset(preset, registry).values
+    assert values["/scene/vqgan_clip/timeline/enabled"] is True
+    assert parse_timeline(values["/scene/vqgan_clip/timeline/prompts"]).length == 12.0
