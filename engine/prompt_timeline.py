@@ -328,10 +328,12 @@ class ScenePromptTimeline:
         self._jump_lock = threading.Lock()
         self._file_key: tuple[str, int, int] | tuple[str, str] | None = None
         self._file_checked = -math.inf
+        self._enabled = False
 
     @property
     def refusal(self) -> str | None:
-        return self._timeline.refusal
+        """Why the timeline asked for is not playing (while it is enabled), for the HUD."""
+        return self._timeline.refusal if self._enabled else None
 
     def attach(self) -> None:
         self.params.add_listener(self._on_change)
@@ -356,13 +358,12 @@ class ScenePromptTimeline:
     # -- worker thread ------------------------------------------------------------------------------
     def playing(self, now: float) -> Playing | None:
         """The timeline at ``now`` (``time.monotonic`` seconds), or None: play the prompt."""
-        enabled = self._param("timeline/enabled")
+        self._enabled = enabled = bool(self._param("timeline/enabled"))
         timeline = self._timeline.update(self._source(now)) if enabled else None
-        beats = self._beats(now)
         if timeline is None:
             self._last = None  # off: it starts again where it was when switched back on
             return None
-        self._advance(now, beats, timeline)
+        self._advance(now, self._beats(now), timeline)
         moment = timeline.moment(self.position, loop=self._param("timeline/loop"), morph=self._param("timeline/morph"))
         return Playing(timeline, moment, self.position)
 

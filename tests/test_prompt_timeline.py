@@ -240,6 +240,9 @@ def test_a_bad_timeline_is_said_once_and_the_last_good_one_plays_on(params, capl
     assert len(caplog.records) == 2  # one line per bad text, not one per step
     assert "not a number" in caplog.records[0].getMessage()
     assert "negative weight" in played.refusal
+    land(params, enabled=False)
+    assert played.playing(3.5) is None and played.refusal is None  # off: nothing to warn about
+    land(params, enabled=True)
     land(params, prompts="the sea @2")
     assert played.playing(4.0).timeline.lines[0].text == "the sea @2" and played.refusal is None
 

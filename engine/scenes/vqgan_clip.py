@@ -160,6 +160,7 @@ class VqganClipScene(Scene):
         self.max_fps = self.param("step_rate")  # the worker paces by it
         self._update_prompts()
         playing = self._timeline.playing(t)
+        self.warning = self._prompts.refusal or self._timeline.refusal
         restart_key = (self.param("init"), self.param("cutouts"), self.param("seed"))
         if self._run is None or self._restart.is_set() or restart_key != self._restart_key:
             self._restart.clear()
@@ -195,7 +196,7 @@ class VqganClipScene(Scene):
     def _update_prompts(self) -> None:
         """Parse the prompt params when they change; a bad one is logged once, the last good ones stay."""
         self._prompts.update((self.param("prompt"), self.param("negative_prompt")))
-        self.warning = self._prompts.refusal or self._timeline.refusal
+        self.warning = self._prompts.refusal
 
     def _parse_prompts(self, text: tuple[str, str]) -> tuple[list[WeightedPrompt], list[WeightedPrompt]]:
         from engine.prompt_syntax import parse_prompts
