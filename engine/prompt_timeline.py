@@ -251,8 +251,7 @@ def timeline_params() -> tuple[Param, ...]:
             8.0,
             0.1,
             3600.0,
-            unit="s",
-            description="How long a line without '@ duration' lasts (beats when synced)",
+            description="How long a line without '@ duration' lasts: seconds, or beats when synced",
         ),
         float_param(
             "timeline/morph",
