@@ -667,3 +667,32 @@ def guess_mapping(port: str, events: list[LearnEvent], param: Param, mode: Mode 
             elif param.kind is Kind.BOOL and set(values) <= {0, 127}:
                 mode = Mode.TOGGLE
     return Mapping(port, first.channel, first.type, first.number, param.path, mode)
+
+
+DMX_LEARN_MODES = ("", "absolute", "16bit", "trigger", "preset")  # preset: dmx/learn_presets
+
+
+def guess_dmx_mapping(protocol: str, universe: int, changed: list[int], param: Param, mode: str = "") -> DmxMapping:
+    """The mapping a desk fader moved during DMX learn most likely wants.
+
+    ``changed``: the channels whose level changed while learn looked, in the order they
+    first changed. Two neighbouring channels changing together are a 16-bit pair, coarse
+    first (how desks patch a 16-bit attribute); else the first channel that changed is an
+    8-bit one. ``mode`` forces a reading: "16bit" pairs the lowest channel with the next,
+    "absolute" takes one channel, "preset" makes a preset channel (``param`` is then unused).
+    """
+    if mode not in DMX_LEARN_MODES:
+        raise MappingError(f"mode: {mode!r:.40} is not one of {', '.join(m or '(guess)' for m in DMX_LEARN_MODES)}")
+    channels = sorted(set(changed))
+    if mode == "preset":
+        return DmxMapping(universe, changed[0], "", DmxMode.PRESET, protocol=protocol)
+    first = changed[0]
+    pairs = [c for c in channels if c + 1 in channels]
+    fine: int | None = None
+    if mode == "16bit" or (mode == "" and pairs and param.kind is not Kind.TRIGGER):
+        coarse = pairs[0] if pairs else channels[0]
+        first, fine = coarse, coarse + 1
+        if fine > DMX_CHANNELS:
+            raise MappingError(f"channel {coarse} is the last of the universe: it has no fine channel after it")
+    dmx_mode = DmxMode.TRIGGER if mode == "trigger" else default_dmx_mode(param)
+    return DmxMapping(universe, first, param.path, dmx_mode, fine, protocol=protocol)
