@@ -3,7 +3,7 @@
     ShowConfig ──build_show──► Show
         surface      a window (WindowConfig) or offscreen EGL
         app          sources, scenes (with the show's TorchDefaults), compositor    (engine/app.py)
-        controls     audio, Link, tempo, modulation, MIDI, OSC, OSCQuery, opening hours
+        controls     audio, Link, tempo, modulation, MIDI, DMX, OSC, OSCQuery, opening hours
         outputs      recorder, virtual camera, NDI, Spout, Syphon, state tracker, systemd notifier
         status page  the web page and phone remote
 
@@ -21,6 +21,7 @@ from typing import Literal
 
 from engine.app import App, AppConfig, Surface
 from engine.clock import ManualClock, RealClock
+from engine.control.dmx import parse_inputs
 from engine.control.osc import check_binding
 from engine.control.setup import ControlConfig, install_controls
 from engine.outputs.recorder import DEFAULT_PATTERN, RECORD_PARAM, Recorder
@@ -105,6 +106,12 @@ class ShowConfig:
         if controls.osc_port is not None:
             try:  # opening OSC to the network without saying who may send is refused before the show
                 check_binding(controls.osc_host, controls.osc_allow or None, "OSC")
+            except ValueError as exc:
+                raise ShowError(str(exc)) from None
+        if controls.dmx_inputs:
+            try:  # the same rule as OSC: a desk on the show network needs an allowlist
+                parse_inputs(list(controls.dmx_inputs))
+                check_binding(controls.dmx_host, controls.dmx_allow or None, "DMX")
             except ValueError as exc:
                 raise ShowError(str(exc)) from None
         if not self.outputs.record_fps > 0:
