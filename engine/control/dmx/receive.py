@@ -48,6 +48,7 @@ WARN_EVERY = 10.0  # seconds between two log lines about the same kind of refuse
 ARTNET_ID = b"Art-Net\x00"
 OP_DMX = 0x5000
 ARTNET_MIN_VERSION = 14
+SEQUENCE_WINDOW = 20  # a sequence number this far behind the last is a late packet; further, a restarted desk
 
 LevelsCallback = Callable[[str, int, bytes], None]
 
@@ -301,7 +302,7 @@ class Receiver:
         if not self._wanted(universe, ip):
             return
         last = self._artnet_sequence.get(universe)
-        if sequence and last and 0 < (last - sequence) % 256 < 128:
+        if sequence and last and 0 < (last - sequence) % 256 < SEQUENCE_WINDOW:
             self.counters.ignored += 1  # overtaken on the way: an older frame than the one applied
             return
         self._artnet_sequence[universe] = sequence
