@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.control.access import Access
 from engine.control.actions import ActionError, Actions
-from engine.control.dmx.receive import BURST, RATE_LIMIT, DmxInput, Receiver, parse_inputs
+from engine.control.dmx.receive import BURST, DmxInput, Receiver, parse_inputs
 from engine.control.midimap import (
     DMX,
     DMX_LEARN_MODES,
@@ -78,7 +78,7 @@ class DmxControl:
         allow: Iterable[str] | None = None,
         mappings_path: Path | None = None,
         ports: dict[str, int] | None = None,
-        rate: float = RATE_LIMIT,
+        rate: float | None = None,  # packets/s per protocol; None: receive.RATE_LIMITS
         burst: int = BURST,
     ) -> None:
         given = [inputs] if isinstance(inputs, str) else list(inputs)
