@@ -462,6 +462,9 @@ def test_a_flood_is_rate_limited_coalesced_to_one_value_per_frame_and_counted(ri
         time.sleep(0.2)
     assert counters.flood > 0 and counters.flood + counters.levels == counters.packets
     assert rig.dmx.coalesced == counters.levels - 1, "no frame ran: every level but the newest was replaced"
+    with rig.dmx._slot_lock:  # a receiver storing levels this instant: the frame does not wait for it
+        rig.dmx.frame(0.0)
+    assert rig.dmx.applied == 0
     rig.step()
     rig.step()
     assert len(sets) == 1, "one value per channel per frame"
@@ -610,3 +613,63 @@ def test_dmx_through_build_show_moves_a_parameter_and_the_show_plays_through_a_f
             lambda: show.run(show.app.stats.frames + 1),
         )
         assert dmx.receivers["artnet"].counters.malformed > 0
+
+
+def test_learn_armed_over_osc_maps_a_desk_channel_in_the_show(tmp_path: Path) -> None:
+    from pythonosc.udp_client import SimpleUDPClient
+
+    from engine.app import AppConfig
+    from engine.control.setup import ControlConfig
+    from engine.show import ShowConfig, build_show
+
+    map_path = tmp_path / "midi.toml"
+    controls = ControlConfig(
+        osc_port=0,
+        oscquery_port=None,
+        tempo=False,
+        midi_map=map_path,
+        dmx_inputs=("artnet",),
+        dmx_ports=(("artnet", 0),),
+    )
+    app_config = AppConfig(source="pattern", output_size=(64, 36), hot_reload=False)
+    with build_show(ShowConfig.bare(app_config, controls=controls)).start() as show:
+        dmx, params = show.parts["dmx"], show.app.params
+
+        def frame() -> None:
+            show.run(show.app.stats.frames + 1)
+
+        desk = stupidArtnet.StupidArtnet("127.0.0.1", 0, 512, port=dmx.port("artnet"))
+        try:
+            send_artnet(desk)
+            wait_until(lambda: dmx.applied >= 1, frame, "the baseline")
+            SimpleUDPClient("127.0.0.1", show.parts["osc"].port).send_message(
+                "/dreamdeck/dmx/learn", "/fx/feedback/amount"
+            )
+            wait_until(lambda: dmx.learning == "/fx/feedback/amount", frame, "learn armed over OSC")
+            for level in (30, 80, 120):
+                send_artnet(desk, ch4=level)
+                time.sleep(0.02)
+            wait_until(lambda: dmx.mappings, frame, "the learned channel")
+            assert (dmx.mappings[0].channel, dmx.mappings[0].param) == (4, "/fx/feedback/amount")
+            wait_until(lambda: map_path.exists() and "fx/feedback" in map_path.read_text(), what="the saved mapping")
+            start = params.target("/fx/feedback/amount")
+            applied = dmx.applied
+            send_artnet(desk, ch4=round(start / 0.98 * 255))  # where the parameter is: the fader picks it up
+            wait_until(lambda: dmx.applied > applied, frame, "the fader at the value")
+            send_artnet(desk, ch4=255)
+            wait_until(lambda: params.target("/fx/feedback/amount") == 0.98, frame, "the desk drives the feedback")
+        finally:
+            desk.close()
+
+
+def test_dmx_flags_reach_the_show_config() -> None:
+    from engine.cli import build_parser, show_config
+
+    args = ["run", "--headless", "--fresh", "--dmx", "artnet:0,sacn:2", "--dmx", "sacn"]
+    config = show_config(build_parser().parse_args([*args, "--dmx-host", "0.0.0.0", "--dmx-allow", "10.0.0.0/24"]))
+    controls = config.controls
+    assert controls.dmx_inputs == ("artnet:0,sacn:2", "sacn") and controls.dmx_host == "0.0.0.0"
+    assert controls.dmx_allow == ("10.0.0.0/24",)
+    config.check()
+    defaults = show_config(build_parser().parse_args(["run", "--headless", "--fresh"]))
+    assert defaults.controls.dmx_inputs == () and defaults.controls.dmx_host == "127.0.0.1"
