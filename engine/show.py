@@ -21,7 +21,7 @@ from typing import Literal
 
 from engine.app import App, AppConfig, Surface
 from engine.clock import ManualClock, RealClock
-from engine.control.dmx import parse_inputs
+from engine.control.dmx import SACN_NEEDS, parse_inputs, sacn_available
 from engine.control.osc import check_binding
 from engine.control.setup import ControlConfig, install_controls
 from engine.outputs.recorder import DEFAULT_PATTERN, RECORD_PARAM, Recorder
@@ -110,10 +110,12 @@ class ShowConfig:
                 raise ShowError(str(exc)) from None
         if controls.dmx_inputs:
             try:  # the same rule as OSC: a desk on the show network needs an allowlist
-                parse_inputs(list(controls.dmx_inputs))
+                inputs = parse_inputs(list(controls.dmx_inputs))
                 check_binding(controls.dmx_host, controls.dmx_allow or None, "DMX")
             except ValueError as exc:
                 raise ShowError(str(exc)) from None
+            if any(i.protocol == "sacn" for i in inputs) and not sacn_available():
+                raise ShowError(SACN_NEEDS)
         if not self.outputs.record_fps > 0:
             raise ShowError(f"record fps {self.outputs.record_fps!r} must be positive")
 

@@ -613,6 +613,8 @@ def test_dmx_through_build_show_moves_a_parameter_and_the_show_plays_through_a_f
             lambda: show.run(show.app.stats.frames + 1),
         )
         assert dmx.receivers["artnet"].counters.malformed > 0
+        hud = [line for line in show.app.hud_lines() if line.startswith("dmx in: artnet:0")]
+        assert hud and "malformed" in hud[0], "the HUD shows the refusals"
 
 
 def test_learn_armed_over_osc_maps_a_desk_channel_in_the_show(tmp_path: Path) -> None:
@@ -673,3 +675,20 @@ def test_dmx_flags_reach_the_show_config() -> None:
     config.check()
     defaults = show_config(build_parser().parse_args(["run", "--headless", "--fresh"]))
     assert defaults.controls.dmx_inputs == () and defaults.controls.dmx_host == "127.0.0.1"
+
+
+def test_without_the_sacn_package_sacn_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from engine.control.dmx import SACN_NEEDS
+    from engine.control.setup import ControlConfig
+    from engine.show import ShowConfig, ShowError, build_show
+
+    for name in [n for n in sys.modules if n == "sacn" or n.startswith("sacn.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if the dmx extra were not installed
+    with pytest.raises(ShowError, match="pip install 'dreamdeck\\[dmx\\]'"):
+        build_show(ShowConfig.bare(controls=ControlConfig(osc_port=None, tempo=False, dmx_inputs=("sacn",))))
+    control = DmxControl(make_registry(), Actions(), ["artnet", "sacn"], ports={"artnet": 0, "sacn": 0})
+    with pytest.raises(RuntimeError, match=SACN_NEEDS.replace("[", "\\[").replace("]", "\\]")):
+        control.start()  # (the App reports "dmx not started: ..." and plays on)
+    assert control.receivers["artnet"]._sock is None, "the receiver started before it is stopped again"

@@ -24,6 +24,24 @@ joins its universes' multicast groups only when opened. Mappings share MIDI's fi
 """
 
 from engine.control.dmx.control import ORIGIN, DmxControl
-from engine.control.dmx.receive import ARTNET_PORT, SACN_PORT, DmxInput, parse_artdmx, parse_inputs
+from engine.control.dmx.receive import (
+    ARTNET_PORT,
+    SACN_NEEDS,
+    SACN_PORT,
+    DmxInput,
+    parse_artdmx,
+    parse_inputs,
+    sacn_available,
+)
 
-__all__ = ["ARTNET_PORT", "ORIGIN", "SACN_PORT", "DmxControl", "DmxInput", "parse_artdmx", "parse_inputs"]
+__all__ = [
+    "ARTNET_PORT",
+    "ORIGIN",
+    "SACN_NEEDS",
+    "SACN_PORT",
+    "DmxControl",
+    "DmxInput",
+    "parse_artdmx",
+    "parse_inputs",
+    "sacn_available",
+]

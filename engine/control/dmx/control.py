@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.control.access import Access
 from engine.control.actions import ActionError, Actions
-from engine.control.dmx.receive import BURST, DmxInput, Receiver, parse_inputs
+from engine.control.dmx.receive import BURST, SACN_NEEDS, DmxInput, Receiver, parse_inputs
 from engine.control.midimap import (
     DMX,
     DMX_LEARN_MODES,
@@ -118,11 +118,11 @@ class DmxControl:
             for receiver in self.receivers.values():
                 receiver.start()
                 started.append(receiver)
-        except ImportError as exc:  # sACN without the sacn package: one line, the show goes on
-            raise RuntimeError(f"sACN needs the sacn package (pip install 'dreamdeck[dmx]'): {exc}") from None
-        except BaseException:
+        except BaseException as exc:
             for receiver in started:
                 receiver.stop()
+            if isinstance(exc, ImportError):  # sACN without the sacn package: one line, the show goes on
+                raise RuntimeError(f"{SACN_NEEDS}: {exc}") from None
             raise
         log.info(
             "DMX: %d mappings from %s; listening to %s on %s",

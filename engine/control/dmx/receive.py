@@ -24,6 +24,7 @@ from a bad field end its thread.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import socket
 import threading
@@ -47,6 +48,8 @@ RATE_LIMITS = {"artnet": 10000.0, "sacn": 1000.0}
 BURST = 400  # packets let through at once before the limit bites (a desk sends its universes together)
 POLL = 0.1  # seconds a receiver blocks before it looks whether it should stop
 WARN_EVERY = 10.0  # seconds between two log lines about the same kind of refused packet
+
+SACN_NEEDS = "sACN needs the sacn package: pip install 'dreamdeck[dmx]'"
 
 ARTNET_ID = b"Art-Net\x00"
 OP_DMX = 0x5000
@@ -98,6 +101,10 @@ def parse_inputs(specs: str | list[str] | tuple[str, ...]) -> tuple[DmxInput, ..
     if not found:
         raise ValueError("no DMX input given: use artnet[:UNIVERSE] or sacn[:UNIVERSE]")
     return tuple(found)
+
+
+def sacn_available() -> bool:
+    return importlib.util.find_spec("sacn") is not None
 
 
 def parse_artdmx(data: bytes) -> tuple[int, int, bytes] | None:
@@ -197,7 +204,7 @@ class Receiver:
         self._stopping = threading.Event()
         self._warned: dict[str, float] = {}
         self._artnet_sequence: dict[int, int] = {}
-        self._sacn = _SacnRules(self._sacn_levels) if protocol == "sacn" else None
+        self._sacn: _SacnRules | None = None  # made at start: it imports the sacn package
 
     @property
     def port(self) -> int:
@@ -212,6 +219,8 @@ class Receiver:
         """Bind (OSError if the port is taken) and start the thread."""
         if self._thread is not None:
             return
+        if self.protocol == "sacn" and self._sacn is None:
+            self._sacn = _SacnRules(self._sacn_levels)  # ImportError without the dmx extra
         self._sock = self._open()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name=f"dmx-{self.protocol}", daemon=True)
