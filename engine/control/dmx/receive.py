@@ -13,13 +13,14 @@ decides, in this order, and counts each refusal (``Counters``):
 What is left is one universe's channel levels, which ``on_levels`` takes (the control
 keeps only the newest per universe, for the render thread).
 
-Art-Net's ArtDmx is parsed here (an 18-byte header, Art-Net 4); the Python Art-Net
-receivers bind every interface and die or spawn a thread per packet on bad input. sACN
-(E1.31) is parsed by the ``sacn`` library's own ``DataPacket``, and its ``ReceiverHandler``
-keeps the protocol's rules between packets (the highest-priority source wins, out-of-order
-sequence numbers are dropped, a stream that terminates or times out is let go); only its
-socket is ours, because the library binds every interface on Linux and lets a ValueError
-from a bad field end its thread.
+Art-Net's ArtDmx is parsed here (an 18-byte header, Art-Net 4): the Python Art-Net
+receivers (stupidArtnet, python-artnet) bind every interface, cannot count what they drop,
+and die or start a thread per packet on bad input. sACN (E1.31) is parsed by the ``sacn``
+library, whose ``ReceiverHandler`` keeps the protocol's rules between packets (the
+highest-priority source wins, out-of-order sequence numbers are dropped, a stream that
+terminates or times out is let go). Its socket is ours: the library's binds every
+interface on Linux, drops bad packets without a count, and lets a ValueError from a bad
+field end its thread. Both are IPv4, as the protocols are.
 """
 
 from __future__ import annotations
