@@ -419,11 +419,11 @@ def test_malformed_packets_are_refused_counted_and_the_next_good_one_applies(rig
     for protocol, packets in bad.items():
         for packet in packets:
             rig.raw(protocol, packet)
-    rig.raw("artnet", b"Art-Net\x00\x00\x20\x00\x0e\x00\x00")  # an ArtPoll: valid, not levels
+    rig.raw("artnet", ARTPOLL)  # valid, not levels: answered
     counters = {p: rig.dmx.receivers[p].counters for p in bad}
     wait_until(lambda: sum(c.packets for c in counters.values()) == 12, what="every packet read")
     assert counters["artnet"].malformed == 6 and counters["sacn"].malformed == 5
-    assert counters["artnet"].ignored == 1 and counters["artnet"].levels == counters["sacn"].levels == 0
+    assert counters["artnet"].polls == 1 and counters["artnet"].levels == counters["sacn"].levels == 0
     assert "refused 11 malformed" in rig.dmx.status
     assert "malformed packet from 127.0.0.1 refused" in rig.dmx.status
     rig.raw("artnet", artdmx(data=bytes([255]) + bytes(511)))
@@ -475,6 +475,30 @@ def test_a_flood_is_rate_limited_coalesced_to_one_value_per_frame_and_counted(ri
         lambda: rig.raw("artnet", artdmx(data=bytes([value]) + bytes(511))) or rig.registry.get(LEVEL) == value / 255,
         "a packet after the flood",
     )
+
+
+ARTPOLL = b"Art-Net\x00" + (0x2000).to_bytes(2, "little") + (14).to_bytes(2, "big") + b"\x00\x00"
+
+
+def test_a_desk_polling_for_nodes_is_told_the_universes(rig_factory) -> None:
+    rig = rig_factory(inputs=("artnet:0", "artnet:1", "artnet:17"))  # Sub-Net 0 (0, 1) and Sub-Net 1 (17)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as desk:
+        desk.bind(("127.0.0.1", 0))
+        desk.settimeout(TIMEOUT)
+        desk.sendto(ARTPOLL, ("127.0.0.1", rig.dmx.port("artnet")))
+        replies = sorted((desk.recv(1024) for _ in range(2)), key=lambda r: r[211])
+        desk.sendto(ARTPOLL, ("127.0.0.1", rig.dmx.port("artnet")))  # polled again at once: not answered twice
+        wait_until(lambda: rig.dmx.receivers["artnet"].counters.packets == 2, what="the second poll")
+    for reply in replies:
+        assert len(reply) == 239 and reply[:8] == b"Art-Net\x00"
+        assert int.from_bytes(reply[8:10], "little") == 0x2100, "OpPollReply"
+        assert socket.inet_ntoa(reply[10:14]) == "127.0.0.1" and int.from_bytes(reply[14:16], "little") == 6454
+        assert reply[26:36] == b"dreamdeck\x00"
+    first, second = replies
+    assert (first[18], first[19], int.from_bytes(first[172:174], "big"), list(first[190:192])) == (0, 0, 2, [0, 1])
+    assert (second[19], int.from_bytes(second[172:174], "big"), second[190], second[211]) == (1, 1, 1, 2)
+    counters = rig.dmx.receivers["artnet"].counters
+    assert counters.polls == 1 and counters.malformed == 0
 
 
 def test_listeners_bind_to_loopback_unless_opened_with_an_allowlist(rig_factory, tmp_path: Path) -> None:

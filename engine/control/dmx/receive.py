@@ -7,8 +7,11 @@ decides, in this order, and counts each refusal (``Counters``):
     not allowed    a sender outside the allowlist (a listener opened to the network)
     malformed      not a packet of the protocol, or one that breaks its own rules
     wrong universe a universe dreamdeck was not asked to listen to
-    ignored        valid but not levels: ArtPoll and other Art-Net opcodes, sACN preview
+    ignored        valid but not levels: Art-Net opcodes other than ArtDmx, sACN preview
                    data and non-zero start codes (per-address priority)
+
+An ArtPoll (a desk looking for nodes) is answered with ArtPollReply, once a second per
+desk at most, so that desks that send only to the nodes they found send here.
 
 What is left is one universe's channel levels, which ``on_levels`` takes (the control
 keeps only the newest per universe, for the render thread).
@@ -54,6 +57,10 @@ SACN_NEEDS = "sACN needs the sacn package: pip install 'dreamdeck[dmx]'"
 
 ARTNET_ID = b"Art-Net\x00"
 OP_DMX = 0x5000
+OP_POLL = 0x2000
+OP_POLL_REPLY = 0x2100
+POLL_REPLY_EVERY = 1.0  # seconds: at most one ArtPollReply per poller this often (desks poll every 2.5-3 s)
+NODE_NAME = "dreamdeck"
 ARTNET_MIN_VERSION = 14
 SEQUENCE_WINDOW = 20  # a sequence number this far behind the last is a late packet; further, a restarted desk
 
@@ -133,6 +140,43 @@ def parse_artdmx(data: bytes) -> tuple[int, int, bytes] | None:
     return address, data[12], bytes(data[18 : 18 + length])
 
 
+def artpoll_replies(ip: str, universes: frozenset[int]) -> list[bytes]:
+    """The ArtPollReply packets that tell a desk polling for nodes what dreamdeck listens to.
+
+    One reply describes up to four ports of one Net and Sub-Net (the top 11 bits of the
+    15-bit port-address), so universes are grouped, each group a "bind index" from 1. Every
+    port is an output port in Art-Net's terms: Art-Net in, DMX (here: parameters) out.
+    """
+    groups: dict[int, list[int]] = {}
+    for universe in sorted(universes):
+        groups.setdefault(universe >> 4, []).append(universe)
+    chunks = [(high, group[i : i + 4]) for high, group in groups.items() for i in range(0, len(group), 4)]
+    replies = []
+    for index, (high, chunk) in enumerate(chunks, start=1):
+        reply = bytearray(239)  # Art-Net 4's ArtPollReply, offsets as in its table
+        reply[0:8] = ARTNET_ID
+        reply[8:10] = OP_POLL_REPLY.to_bytes(2, "little")
+        reply[10:14] = socket.inet_aton(ip)
+        reply[14:16] = ARTNET_PORT.to_bytes(2, "little")
+        reply[18], reply[19] = high >> 4, high & 0x0F  # NetSwitch, SubSwitch
+        reply[20:22] = (0x00FF).to_bytes(2, "big")  # OEM: unknown
+        reply[23] = 0xD0  # Status1: indicators normal, port-address set on this node
+        reply[24:26] = (0x7FF0).to_bytes(2, "little")  # ESTA manufacturer: prototyping
+        reply[26:43] = NODE_NAME.encode()[:17].ljust(17, b"\x00")
+        reply[44:107] = b"dreamdeck: DMX to visuals".ljust(63, b"\x00")
+        reply[108:171] = f"#0001 [{index:04}] listening to {len(universes)} universes".encode()[:63].ljust(63, b"\x00")
+        reply[172:174] = len(chunk).to_bytes(2, "big")
+        for port, universe in enumerate(chunk):
+            reply[174 + port] = 0x80  # PortTypes: output (from Art-Net), DMX512
+            reply[182 + port] = 0x80  # GoodOutputA: data is being output
+            reply[190 + port] = universe & 0x0F  # SwOut
+        reply[207:211] = socket.inet_aton(ip)  # BindIp
+        reply[211] = index  # BindIndex
+        reply[212] = 0x08  # Status2: 15-bit port-addresses
+        replies.append(bytes(reply))
+    return replies
+
+
 @dataclass
 class Counters:
     """What one receiver saw (its thread writes, anyone reads: plain ints)."""
@@ -144,6 +188,7 @@ class Counters:
     malformed: int = 0
     wrong_universe: int = 0
     ignored: int = 0
+    polls: int = 0  # ArtPolls answered
 
     def refusals(self) -> dict[str, int]:
         """The refusals that happened, in words, for the status line."""
@@ -205,6 +250,7 @@ class Receiver:
         self._stopping = threading.Event()
         self._warned: dict[str, float] = {}
         self._artnet_sequence: dict[int, int] = {}
+        self._polled: dict[str, float] = {}  # poller address -> when it was last answered
         self._sacn: _SacnRules | None = None  # made at start: it imports the sacn package
 
     @property
@@ -283,12 +329,13 @@ class Receiver:
                 self._stopping.wait(POLL)
                 continue
             try:
-                self._handle(data, sender[0])
+                self._handle(data, sender)
             except Exception:  # a bug here must not deafen the desk for the rest of the show
                 log.exception("DMX %s: handling a packet failed", self.protocol)
                 self.last_problem = f"DMX {self.protocol}: handling a packet failed (see the log)"
 
-    def _handle(self, data: bytes, ip: str) -> None:
+    def _handle(self, data: bytes, sender: tuple[str, int]) -> None:
+        ip = sender[0]
         counters = self.counters
         counters.packets += 1
         if not self._bucket.take():
@@ -300,12 +347,16 @@ class Receiver:
             self._problem("refused", f"DMX {self.protocol}: packet from {ip} refused (not on the allowlist)")
             return
         if self.protocol == "artnet":
-            self._artnet(data, ip)
+            self._artnet(data, sender)
         else:
             assert self._sacn is not None
             self._sacn.packet(self, data, ip)
 
-    def _artnet(self, data: bytes, ip: str) -> None:
+    def _artnet(self, data: bytes, sender: tuple[str, int]) -> None:
+        ip = sender[0]
+        if data[:8] == ARTNET_ID and data[8:10] == OP_POLL.to_bytes(2, "little"):
+            self._answer_poll(sender)
+            return
         try:
             parsed = parse_artdmx(data)
         except MalformedPacket as exc:
@@ -324,6 +375,37 @@ class Receiver:
         self._artnet_sequence[universe] = sequence
         self.counters.levels += 1
         self.on_levels("artnet", universe, levels)
+
+    def _answer_poll(self, sender: tuple[str, int]) -> None:
+        """Tell a desk that polls for nodes what is listened to (desks that send only to the nodes
+        they found need it). Unicast to the poller's address and port (a desk polls from 6454)."""
+        now = time.monotonic()
+        if now - self._polled.get(sender[0], -POLL_REPLY_EVERY) < POLL_REPLY_EVERY:
+            self.counters.ignored += 1
+            return
+        if len(self._polled) >= 256:  # spoofed pollers must not grow memory without bound
+            self._polled.clear()
+        self._polled[sender[0]] = now
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            for reply in artpoll_replies(self._reply_ip(sender[0]), self.universes):
+                sock.sendto(reply, sender)
+        except OSError as exc:
+            self._problem("poll", f"DMX artnet: cannot answer the ArtPoll of {sender[0]}: {exc}")
+            return
+        self.counters.polls += 1
+
+    def _reply_ip(self, poller: str) -> str:
+        """The address of this node as the poller sees it: the bound one, or for the wildcard
+        the one the system routes to the poller from (a UDP connect sends nothing)."""
+        bound = self._sock.getsockname()[0] if self._sock is not None else ""
+        if bound not in ("", "0.0.0.0"):
+            return bound
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((poller, ARTNET_PORT))
+            return probe.getsockname()[0]
 
     def _sacn_levels(self, universe: int, levels: bytes) -> None:
         self.counters.levels += 1
