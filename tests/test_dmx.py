@@ -199,6 +199,22 @@ def test_sacn_packets_from_the_library_sender_move_mapped_parameters(rig_factory
     assert rig.dmx.receivers["sacn"].counters.levels >= 2
 
 
+def test_sacn_the_higher_priority_source_wins(rig_factory, sacn_sender) -> None:
+    rig = rig_factory(
+        {"type": "dmx", "universe": 1, "channel": 1, "param": LEVEL, "takeover": "jump"}, inputs=("sacn",)
+    )
+    main, backup = sacn_sender(rig.dmx.port("sacn")), sacn_sender(rig.dmx.port("sacn"))
+    main[1].priority = 150
+    main[1].dmx_data = levels(ch1=200)
+    rig.until(lambda: rig.registry.get(LEVEL) == pytest.approx(200 / 255), "the main desk")
+    backup[1].dmx_data = levels(ch1=60)  # priority 100: a backup desk, not listened to while the main one sends
+    received = rig.dmx.receivers["sacn"].counters.packets
+    rig.until(lambda: rig.dmx.receivers["sacn"].counters.packets >= received + 3, "the backup's packets")
+    for _ in range(3):
+        rig.step()
+    assert rig.registry.get(LEVEL) == pytest.approx(200 / 255)
+
+
 def test_a_mapping_of_one_protocol_ignores_the_other(rig_factory, sacn_sender) -> None:
     rig = rig_factory(
         {"type": "dmx", "protocol": "artnet", "universe": 1, "channel": 1, "param": LEVEL, "takeover": "jump"},
