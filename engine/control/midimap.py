@@ -466,7 +466,7 @@ def default_dmx_mode(param: Param) -> DmxMode:
 
 
 def _dmx_channel(entry: dict[str, Any], key: str) -> int:
-    channel = _require(entry, key, int)
+    channel: int = _require(entry, key, int)
     if not 1 <= channel <= DMX_CHANNELS:
         raise MappingError(f"{key}: {channel} is out of range 1..{DMX_CHANNELS}")
     return channel

@@ -405,7 +405,8 @@ class Receiver:
             return bound
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect((poller, ARTNET_PORT))
-            return probe.getsockname()[0]
+            address: str = probe.getsockname()[0]
+            return address
 
     def _sacn_levels(self, universe: int, levels: bytes) -> None:
         self.counters.levels += 1
@@ -450,7 +451,7 @@ class _SacnRules:
 
         outer = self
 
-        class Listener(ReceiverHandlerListener):
+        class Listener(ReceiverHandlerListener):  # type: ignore[misc]  # (sacn has no type hints)
             def on_availability_change(self, universe: int, changed: str) -> None:
                 if changed == "timeout":
                     log.info("DMX sacn: universe %d stopped (terminated or timed out)", universe)
