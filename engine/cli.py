@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repeat for more); the token is still needed off the loopback",
     )
     run.add_argument("--no-status", action="store_true", help="no status page")
-    live = run.add_argument_group("live control (OSC, OSCQuery, MIDI, audio)")
+    live = run.add_argument_group("live control (OSC, OSCQuery, MIDI, DMX, audio)")
     live.add_argument("--osc-port", type=_port, default=9321, help="OSC UDP port (default 9321)")
     live.add_argument(
         "--osc-host",
@@ -279,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--midi-map", type=Path, help="MIDI mappings file (default ~/.config/dreamdeck/midi.toml)")
     live.add_argument("--midi-api", default="auto", choices=["auto", "alsa", "jack"], help="MIDI system")
     live.add_argument("--no-midi", action="store_true", help="no MIDI")
+    live.add_argument(
+        "--dmx",
+        action="append",
+        default=[],
+        metavar="PROTO[:UNIVERSE]",
+        help="DMX in from a lighting desk: artnet[:UNIVERSE] or sacn[:UNIVERSE] (repeatable or comma list; "
+        "mappings in the --midi-map file)",
+    )
+    live.add_argument(
+        "--dmx-host",
+        default="127.0.0.1",
+        help="address DMX listens on (default 127.0.0.1; any other needs --dmx-allow; sACN multicast then)",
+    )
+    live.add_argument(
+        "--dmx-allow",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="desk address or network allowed when DMX is open to the network (repeatable)",
+    )
     live.add_argument(
         "--audio", metavar="SPEC", help="audio input: a device name or index, 'default', or file:PATH (a WAV, looped)"
     )
@@ -468,6 +488,9 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
         midi_outputs=tuple(args.midi_out),
         midi_map=args.midi_map,
         midi_api=args.midi_api,
+        dmx_inputs=tuple(args.dmx),
+        dmx_host=args.dmx_host,
+        dmx_allow=tuple(args.dmx_allow),
         audio=None if args.audio is None else ("" if args.audio == "default" else args.audio),
         hours=hours,
     )
