@@ -136,6 +136,14 @@ class VqganClip:
             self._targets = self.clip.encode_text([p.text for p in prompts])
         self._weights = torch.tensor([p.weight for p in prompts], device=self.device)
 
+    def set_targets(self, prompts: list[WeightedPrompt], targets: torch.Tensor, weights: torch.Tensor) -> None:
+        """Text embeddings (N, D) and their weights (N,) given directly, e.g. a prompt timeline's
+        blend of two lines: nothing is encoded; ``prompts`` says what they came from. z and Adam
+        carry on."""
+        self.prompts = list(prompts)
+        self._targets = targets.to(self.device, torch.float32)
+        self._weights = weights.to(self.device, torch.float32)
+
     def resize(self, size: int) -> None:
         """A new image size: z is resampled (nearest) and optimising goes on with a fresh Adam."""
         cells = max(1, size // self.vqgan.factor)
