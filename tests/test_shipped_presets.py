@@ -1,6 +1,6 @@
 """The shipped presets run as `dreamdeck run --preset NAME` would, offline on this machine:
-`ddpm` plays its shipped model; `vqgan-clip`, `pixel-art` and `lora-swap` need hub / downloaded weights,
-say what to get, and play the shipped DDPM instead.
+`ddpm` plays its shipped model; `vqgan-clip`, `pixel-art`, `lora-swap` and `fourier-dream` need hub /
+downloaded weights, say what to get, and play the shipped DDPM instead.
 
 Real app (headless EGL, real scene worker, real diffusers), HF_HUB_OFFLINE=1, a private
 cache folder so no model a developer downloaded can make a test pass.
@@ -21,6 +21,7 @@ from engine.clock import ManualClock  # noqa: E402
 from engine.render.surface import HeadlessSurface  # noqa: E402
 
 TIMEOUT = 120.0  # generous: the build machine is shared; nothing here is a speed test
+DRAWS_WITHOUT_VQGAN = {"pixel-art": "pixel", "fourier-dream": "fft"}  # preset -> its CLIP scene drawer
 
 
 @pytest.fixture
@@ -71,6 +72,7 @@ def test_the_ddpm_preset_plays_the_shipped_model(run_preset) -> None:
         ("vqgan-clip", "vqgan_clip", "heibox.uni-heidelberg.de"),
         ("pixel-art", "vqgan_clip", "hf download openai/clip-vit-base-patch32"),  # no VQGAN asked for: CLIP only
         ("lora-swap", "realtime", "hf download stabilityai/sd-turbo"),
+        ("fourier-dream", "vqgan_clip", "hf download openai/clip-vit-base-patch32"),  # the fft drawer: CLIP only
     ],
 )
 def test_a_hub_preset_offline_says_what_to_get_and_plays_the_shipped_ddpm(run_preset, preset, scene, hint) -> None:
@@ -79,6 +81,6 @@ def test_a_hub_preset_offline_says_what_to_get_and_plays_the_shipped_ddpm(run_pr
     assert app.params.get("/scene/active") == "ddpm"
     errors = app.errors_now()
     assert any(f"scene {scene} could not load" in e and hint in e for e in errors), errors
-    if preset == "pixel-art":  # its drawer needs CLIP alone: the missing VQGAN is never the problem
+    if preset in DRAWS_WITHOUT_VQGAN:  # its drawer needs CLIP alone: the missing VQGAN is never the problem
         assert not any("heibox" in e for e in errors), errors
-        assert app.params.get("/scene/vqgan_clip/drawer") == "pixel"
+        assert app.params.get("/scene/vqgan_clip/drawer") == DRAWS_WITHOUT_VQGAN[preset]

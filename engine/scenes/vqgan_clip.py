@@ -18,6 +18,10 @@ spectrum: Aphantasia). Only ``vqgan`` needs a checkpoint; the others play with C
   its checkpoint) is said once and the last one plays on. ``restart``, ``seed``, ``init`` and
   ``cutouts`` start over from noise or the newest frame. A prompt string that does not parse
   is logged once and the last good prompts stay.
+- ``timeline/*`` plays a prompt timeline (``engine.prompt_timeline``) in place of ``prompt``:
+  each line's text is encoded once, and every step the targets are the slerp of the two
+  lines' embeddings at that moment (``VqganClip.set_targets``), so the image morphs from
+  look to look; ``negative_prompt`` still pushes away throughout.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import numpy as np
 
 from engine.diffusion.options import TorchDefaults
 from engine.params import enum_param, float_param, int_param, string_param, trigger_param
+from engine.prompt_syntax import WeightedPrompt
+from engine.prompt_timeline import Playing, ScenePromptTimeline, blend_targets, timeline_params
 from engine.scenes.base import (
     LastGood,
     Scene,
@@ -43,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DRAWERS = ("vqgan", "pixel", "fft")  # engine.vqclip.drawers.DRAWERS (not imported: it needs torch)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # engine.vqclip.clip.DEFAULT_CLIP (not imported: it needs torch)
+MAX_EMBEDDINGS = 4096  # text embeddings kept for the timeline (a few kB each)
 
 
 class VqganClipScene(Scene):
@@ -120,6 +127,7 @@ class VqganClipScene(Scene):
             unit="steps/s",
             description="At most this many optimisation steps (frames) a second",
         ),
+        *timeline_params(),
     )
 
     def __init__(self, params: Any, torch: TorchDefaults | None = None) -> None:
@@ -129,8 +137,12 @@ class VqganClipScene(Scene):
         self._run: Any = None  # engine.vqclip.optimise.VqganClip
         # (prompt, negative_prompt) parsed once per change; a bad one is said once, the last good ones stay
         self._prompts = LastGood(
-            "vqgan_clip: prompt refused, the last good prompts stay", self._parse_prompts, initial=[]
+            "vqgan_clip: prompt refused, the last good prompts stay", self._parse_prompts, initial=([], [])
         )
+        self._timeline = ScenePromptTimeline(self.name, params, self.path)
+        self._embeddings: dict[str, Any] = {}  # text -> its CLIP embedding (D,), for the timeline's blends
+        self._encoded_for: Any = None  # the timeline whose texts are all in _embeddings
+        self._steering: Any = None  # what the run's targets are now: prompts (a list) or "timeline"
         self._restart_key: tuple[Any, ...] | None = None
         # the drawer's key (name and its own params) applied when it changes; one that fails is said once
         self._drawer = LastGood("vqgan_clip: drawer refused, the last one plays on", self._switch_drawer)
@@ -160,11 +172,15 @@ class VqganClipScene(Scene):
         self._update_prompts()
         # a trigger is true for one render frame only, shorter than a step: catch it as it lands
         self.params.add_listener(self._on_change)
+        self._timeline.attach()
 
     def unload(self) -> None:
         self.params.remove_listener(self._on_change)
+        self._timeline.detach()
         self._vqgan = self._clip = self._run = self._drawer_now = None
         self._drawer = LastGood("vqgan_clip: drawer refused, the last one plays on", self._switch_drawer)
+        self._embeddings.clear()
+        self._encoded_for = None
         free_accelerator_memory()
 
     def _on_change(self, change: Any) -> None:
@@ -176,13 +192,15 @@ class VqganClipScene(Scene):
     def process(self, frame: np.ndarray | None, t: float) -> np.ndarray | None:
         self.max_fps = self.param("step_rate")  # the worker paces by it
         self._update_prompts()
+        playing = self._timeline.playing(t)
         restart_key = (self.param("init"), self.param("cutouts"), self.param("seed"))
         if self._run is None or self._restart.is_set() or restart_key != self._restart_key:
             self._restart.clear()
             self._start(frame, restart_key)
         self._drawer.update(self._drawer_key())
-        self.warning = self._prompts.refusal or self._drawer.refusal
+        self.warning = self._prompts.refusal or self._timeline.refusal or self._drawer.refusal
         run = self._run
+        self._steer(run, playing)
         if self.param("size") != run.size:
             run.resize(self.param("size"))
         run.set_lr(self.param("lr"))
@@ -199,7 +217,7 @@ class VqganClipScene(Scene):
         self._run = VqganClip(
             self._build_drawer(drawer_key),
             self._clip,
-            self._prompts.value,
+            self._plain_prompts(),
             size=self.param("size"),
             init=frame if init == "camera" else None,
             lr=self.param("lr"),
@@ -209,6 +227,7 @@ class VqganClipScene(Scene):
         )
         self._restart_key = key
         self._drawer_now = drawer_key
+        self._steering = self._run.prompts
 
     def _drawer_key(self) -> tuple[Any, ...]:
         """The drawer and the parameters it is built from (the others it ignores)."""
@@ -255,10 +274,45 @@ class VqganClipScene(Scene):
         self._prompts.update((self.param("prompt"), self.param("negative_prompt")))
         self.warning = self._prompts.refusal or self._drawer.refusal
 
-    def _parse_prompts(self, text: tuple[str, str]) -> list[Any]:
+    def _parse_prompts(self, text: tuple[str, str]) -> tuple[list[WeightedPrompt], list[WeightedPrompt]]:
         from engine.prompt_syntax import parse_prompts
 
-        prompts = parse_prompts(text[0]) + parse_prompts(text[1], negative=True)
-        if self._run is not None:
-            self._run.set_prompts(prompts)
-        return prompts
+        return parse_prompts(text[0]), parse_prompts(text[1], negative=True)
+
+    def _plain_prompts(self) -> list[WeightedPrompt]:
+        prompts, negative = self._prompts.value
+        return prompts + negative
+
+    def _steer(self, run: Any, playing: Playing | None) -> None:
+        """The run's targets for this step: the prompts (encoded when they change) or the timeline's blend."""
+        if playing is None:
+            self.status = ""
+            prompts = self._plain_prompts()
+            if self._steering != prompts:
+                run.set_prompts(prompts)
+                self._steering = prompts
+            return
+        self.status = playing.status
+        negative = self._prompts.value[1]
+        targets, weights = self.timeline_targets(playing, negative)
+        run.set_targets([*playing.line_a.prompts, *playing.line_b.prompts, *negative], targets, weights)
+        self._steering = "timeline"
+
+    def timeline_targets(self, playing: Playing, negative: list[WeightedPrompt]) -> tuple[Any, Any]:
+        """((N, D) text embeddings, (N,) weights) at the timeline's moment: the two lines blended."""
+        lines = (list(playing.line_a.prompts) + negative, list(playing.line_b.prompts) + negative)
+        if playing.timeline is not self._encoded_for:  # a new timeline: all its lines at once
+            self._encoded_for = playing.timeline
+            self._encode(playing.timeline.texts())
+        self._encode([p.text for line in lines for p in line])  # a new negative prompt (or a huge timeline)
+        a, b = ([(self._embeddings[p.text], p.weight) for p in line] for line in lines)
+        return blend_targets(a, b, playing.moment.blend)
+
+    def _encode(self, texts: list[str]) -> None:
+        """The texts not encoded yet, in batches (the tokenizer pads every text to the same length)."""
+        texts = [text for text in dict.fromkeys(texts) if text not in self._embeddings][:MAX_EMBEDDINGS]
+        if len(self._embeddings) + len(texts) > MAX_EMBEDDINGS:
+            self._embeddings.clear()
+        for start in range(0, len(texts), 64):
+            batch = texts[start : start + 64]
+            self._embeddings.update(zip(batch, self._clip.encode_text(batch)))

@@ -142,6 +142,14 @@ class VqganClip:
         self.drawer = drawer
         self._new_adam()
 
+    def set_targets(self, prompts: list[WeightedPrompt], targets: torch.Tensor, weights: torch.Tensor) -> None:
+        """Text embeddings (N, D) and their weights (N,) given directly, e.g. a prompt timeline's
+        blend of two lines: nothing is encoded; ``prompts`` says what they came from. The drawer
+        and Adam carry on."""
+        self.prompts = list(prompts)
+        self._targets = targets.to(self.device, torch.float32)
+        self._weights = weights.to(self.device, torch.float32)
+
     def resize(self, size: int) -> None:
         """A new image size: the drawer resamples its parameters; optimising goes on with a fresh Adam."""
         self.drawer.resize(size)
