@@ -345,3 +345,30 @@ def test_the_pixel_art_preset_draws_its_grid(clip_dir):
     blocks = image.reshape(cells_y, block, cells_x, block, 3)
     assert (blocks == blocks[:, :1, :, :1]).all()
     assert 1 < len(np.unique(image.reshape(-1, 3), axis=0)) <= settings["palette"]
+
+
+def test_the_fourier_dream_preset_draws_its_timeline_with_the_fft_drawer(clip_dir):
+    """presets/fourier-dream.toml's scene settings (the timeline included), with the tiny CLIP."""
+    import tomllib
+
+    from engine.catalog import PRESETS_DIR
+
+    settings = tomllib.loads((PRESETS_DIR / "fourier-dream.toml").read_text())["scene"]["vqgan_clip"]
+    timeline = settings.pop("timeline")
+    values = {f"{P}/{k}": v for k, v in settings.items()} | {f"{P}/timeline/{k}": v for k, v in timeline.items()}
+    params = ParamRegistry()
+    params.declare_all(VqganClipScene.PARAMS)
+    set_params(params, {**values, f"{P}/clip": str(clip_dir), f"{P}/cutouts": 4})
+    worker = SceneWorker(SceneCatalog((VqganClipScene,)), params, StillFeed(), error_backoff=0.05)
+    worker.start()
+    try:
+        worker.request("vqgan_clip")
+        first = newest(worker)
+        later = newest(worker, first.index + 2)
+        scene = worker.active
+        assert scene._run.drawer.name == "fft" and scene._vqgan is None
+        assert scene._steering == "timeline" and scene.warning is None, scene.warning
+        assert later.image.shape == (settings["size"], settings["size"], 3)
+        assert not np.array_equal(later.image, first.image)
+    finally:
+        worker.stop()
