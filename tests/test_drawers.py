@@ -26,7 +26,7 @@ from engine.prompt_syntax import WeightedPrompt  # noqa: E402
 from engine.scenes import SceneCatalog, SceneWorker  # noqa: E402
 from engine.scenes.vqgan_clip import VqganClipScene  # noqa: E402
 from engine.vqclip.configs import TINY_CLIP, TINY_VQGAN, build_random_clip, build_random_vqgan  # noqa: E402
-from engine.vqclip.drawers import FftDrawer, PixelDrawer, VqganDrawer  # noqa: E402
+from engine.vqclip.drawers import FftDrawer, PixelDrawer, VqganDrawer, kmeans  # noqa: E402
 from engine.vqclip.optimise import Cutouts, VqganClip  # noqa: E402
 
 P = "/scene/vqgan_clip"
@@ -126,6 +126,16 @@ def test_the_pixel_palette_is_learnt_through_the_straight_through_estimator(clip
         run.step()
     assert not torch.equal(drawer.palette, palette) and not torch.equal(drawer.cells, cells)  # both got gradients
     assert drawer.cells.min() >= 0 and drawer.cells.max() <= 1
+
+
+def test_the_palette_starts_at_the_pictures_own_colours():
+    """k-means: three tight clusters of colours give back their three means."""
+    means = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.2, 0.9]])
+    generator = torch.Generator().manual_seed(0)
+    points = (means.repeat_interleave(50, 0) + 0.01 * torch.randn(150, 3, generator=generator)).clamp(0, 1)
+    centres = kmeans(points[torch.randperm(150, generator=generator)], 3, generator)
+    found = sorted(centres.tolist())
+    assert torch.allclose(torch.tensor(found), torch.tensor(sorted(means.tolist())), atol=0.01)
 
 
 def test_resizing_the_pixel_drawer_keeps_its_cells(clip):

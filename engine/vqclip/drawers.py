@@ -148,15 +148,21 @@ class VqganDrawer(Drawer):
 
 
 def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 8) -> torch.Tensor:
-    """(N, 3) -> (k, 3) centres: k distinct points to start, then a few Lloyd iterations."""
+    """(N, 3) -> (k, 3) centres: farthest-first points to start (a palette spread over the
+    picture's colours, not k from its commonest one), then a few Lloyd iterations."""
     k = max(1, min(k, points.shape[0]))
-    centres = points[torch.randperm(points.shape[0], generator=generator)[:k].to(points.device)].clone()
+    first = int(torch.randint(points.shape[0], (1,), generator=generator))
+    chosen = [first]
+    distance = (points - points[first]).norm(dim=1)
+    for _ in range(k - 1):
+        chosen.append(int(distance.argmax()))
+        distance = torch.minimum(distance, (points - points[chosen[-1]]).norm(dim=1))
+    centres = points[chosen].clone()
     for _ in range(iterations):
         nearest = torch.cdist(points, centres).argmin(1)
-        for i in range(k):
-            members = points[nearest == i]
-            if len(members):
-                centres[i] = members.mean(0)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, points)
+        counts = torch.bincount(nearest, minlength=k).unsqueeze(1)
+        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty cluster stays put
     return centres
 
 
