@@ -165,6 +165,14 @@ class FlowPromptBank:
         else:
             self._pending = self._executor.submit(self._encode_and_publish, wanted)
 
+    def publish_embeddings(self, prompts: Sequence[tuple[str, float]], text: FlowText) -> None:
+        """Embeddings made elsewhere, as these prompts' (the benchmark's random ones, for a model
+        built without text encoders): a later ``request`` of the same prompts keeps them."""
+        wanted = normalise(prompts)
+        with self._lock:
+            self._requested = wanted
+        self._publish(wanted, text)
+
     def wait(self, timeout: float | None = None) -> bool:
         pending = self._pending
         if pending is not None:
