@@ -44,7 +44,7 @@ from engine.scenes.passthrough import Passthrough
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 SNAPSHOT = Path(__file__).resolve().parent / "scene_params_snapshot.json"
-BUILTIN_ORDER = ["reaction_diffusion", "passthrough", "realtime", "sana_sprint", "ddpm", "flow", "vqgan_clip"]
+BUILTIN_ORDER = ["reaction_diffusion", "passthrough", "realtime", "ddpm", "vqgan_clip", "sana_sprint", "flow"]
 NEWER = ("sana_sprint", "flow")  # in pyproject.toml; installed metadata older than them lacks them until
 # `pip install -e .`: the tests below then hold the rest to the same promises
 

@@ -325,7 +325,7 @@ class _FlowScene(Scene):
 
 class SanaSprintScene(_FlowScene):
     name = "sana_sprint"
-    order = 32
+    order = 60  # after the older built-ins: their F-keys and scene/select indices do not move
     description = "SANA-Sprint flow-matching img2img of the source, every frame (one or two steps)"
     realtime = True
     uses_input = True
@@ -364,7 +364,7 @@ class SanaSprintScene(_FlowScene):
 
 class FlowScene(_FlowScene):
     name = "flow"
-    order = 45
+    order = 70
     description = "FLUX.1-schnell / SD3.5 flow matching, one image at a time, morphing (or the flow itself shown)"
     realtime = False
     uses_input = False  # it computes every time; the camera matters only with source = camera
