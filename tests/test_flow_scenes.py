@@ -151,7 +151,7 @@ def test_a_model_over_the_memory_budget_is_refused_with_the_figures(show, folder
     assert worker.active_name == "passthrough"
     error = worker.last_error
     assert "needs about 35800 MB" in error and "the budget is 24000 MB" in error, error
-    assert "text_offload on (26000 MB)" in error, error
+    assert "/scene/memory_budget 35800 or more" in error and "text_offload on (26000 MB)" in error, error
     before = newest(worker, scene="passthrough").index
     newest(worker, before, scene="passthrough")  # and the show plays on
 

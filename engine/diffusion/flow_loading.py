@@ -146,6 +146,8 @@ def check_fits(spec: FlowSpec, budget_mb: int, choice: DeviceChoice) -> int:
     if not limits:
         return need
     fixes = []
+    if budget_mb > 0 and need > budget_mb:
+        fixes.append(f"/scene/memory_budget {need} or more (if the GPU has it)")
     known = footprint(spec)
     if not spec.offload_text and known is not None:
         fixes.append(f"text_offload on ({known.total(True)} MB)")
