@@ -209,3 +209,26 @@ def test_the_flow_parameters_reach_the_registry_with_their_ranges():
         registry.set_many({f"{SANA}/strength": 5.0})
     set_params(registry, {f"{SANA}/strength": 0.8, f"{FLOW}/show": "x0"})
     assert registry.get(f"{SANA}/strength") == 0.8 and registry.get(f"{FLOW}/show") == "x0"
+
+
+def test_a_model_that_is_not_a_flow_model_is_one_line(show, tmp_path):
+    from engine.diffusion.configs import build_random_model
+
+    build_random_model("tiny").save_pretrained(tmp_path / "sd-tiny")
+    worker, params = show
+    set_params(params, {f"{FLOW}/model": str(tmp_path / "sd-tiny")})
+    worker.request("flow")
+    assert wait_for(lambda: worker.failed == "flow")
+    assert "is a StableDiffusionImg2ImgPipeline, not a FLUX, SD3 or SANA-Sprint pipeline" in worker.last_error
+    assert worker.active_name == "passthrough"
+
+
+def test_declared_memory_is_the_published_footprint_or_the_files_on_disk(folders):
+    from engine.diffusion.flow_loading import FlowSpec, declared_mb
+
+    assert declared_mb(FlowSpec("Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers")) == 8650
+    assert declared_mb(FlowSpec("/models/flux1-schnell.safetensors", offload_text=True)) == 26000
+    assert declared_mb(FlowSpec("stabilityai/stable-diffusion-3.5-large-turbo")) == 29700
+    on_disk = declared_mb(FlowSpec(str(folders["sd3"])))  # an unknown folder: its weights + 2000 MB working memory
+    assert 2000 < on_disk < 2100
+    assert declared_mb(FlowSpec("someone/unknown-model")) == 0  # nothing known before loading: not refused

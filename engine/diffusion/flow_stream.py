@@ -92,6 +92,7 @@ class FlowStream:
         self.pipe = pipe
         self.kind: FlowKind = flow_kind(pipe)
         self.choice = choice
+        self.where = choice.describe()  # "NVIDIA H200 (bfloat16)": asked of the driver once, not per frame
         self.config = config
         self.settings = settings or FlowSettings()
         probe = FlowHotPath(self.kind, pipe, size=(64, 64), dtype=choice.dtype)

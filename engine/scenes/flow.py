@@ -238,7 +238,7 @@ class _FlowScene(Scene):
             self.name,
             key.model,
             stream.kind,
-            choice.describe(),
+            stream.where,
             stream.size[1],
             stream.size[0],
             steps,
@@ -312,7 +312,7 @@ class _FlowScene(Scene):
 
     def _report(self) -> None:
         stream = self._stream
-        self.status = f"{stream.choice.describe()} {stream.kind} {accel_label(stream.accel_state)}"
+        self.status = f"{stream.where} {stream.kind} {accel_label(stream.accel_state)}"
         self.backend = stream.accel
         self.warning = (
             stream.accel_error
