@@ -247,3 +247,44 @@ def test_text_encoders_wait_on_the_cpu_between_prompt_changes(pipes):
     assert bank.wait(60)
     assert moves == ["cpu", "cpu"] and bank.current.embeds.shape[1] == 256
     bank.close()
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_sd3_with_classifier_free_guidance_matches_its_pipeline(pipes, posterior_mean, steps):
+    """SD3.5 Medium plays with guidance: the empty negative prompt and the prompt in one batch,
+    as StableDiffusion3Img2ImgPipeline runs them at guidance_scale > 1; the scale stays live."""
+    pipe = pipes["sd3"]
+    stream = FlowStream(
+        pipe,
+        CPU,
+        FlowStreamConfig(size=(SIZE, SIZE), steps=steps, cfg=True),
+        FlowSettings(strength=0.5, seed=3, guidance_scale=3.0, similarity_threshold=0.0),
+        prompts=[("a squirrel eating a burger", 1.0)],
+    )
+    assert stream.prompts.wait(60)
+    images = frames(steps + 1)
+    outputs = [stream(f) for f in images]
+    text, negative = stream.prompts.current, stream.prompts.encode("")
+
+    def reference(image: np.ndarray, scale: float) -> np.ndarray:
+        return pipe(
+            prompt_embeds=text.embeds,
+            pooled_prompt_embeds=text.pooled,
+            negative_prompt_embeds=negative.embeds,
+            negative_pooled_prompt_embeds=negative.pooled,
+            image=Image.fromarray(image),
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=2 * steps,
+            strength=0.5,
+            guidance_scale=scale,
+            generator=torch.Generator().manual_seed(3),
+            output_type="np",
+        ).images[0]
+
+    assert np.abs(as_float(outputs[steps - 1]) - reference(images[0], 3.0)).max() <= ROUNDING
+    assert np.abs(as_float(outputs[steps]) - reference(images[1], 3.0)).max() <= ROUNDING
+    assert np.abs(as_float(outputs[steps]) - reference(images[0], 3.0)).max() > 10 * ROUNDING  # another input
+    stream.set_guidance_scale(5.0)
+    again = [stream(images[0]) for _ in range(steps)][-1]
+    assert np.abs(as_float(again) - reference(images[0], 5.0)).max() <= ROUNDING

@@ -232,3 +232,15 @@ def test_declared_memory_is_the_published_footprint_or_the_files_on_disk(folders
     on_disk = declared_mb(FlowSpec(str(folders["sd3"])))  # an unknown folder: its weights + 2000 MB working memory
     assert 2000 < on_disk < 2100
     assert declared_mb(FlowSpec("someone/unknown-model")) == 0  # nothing known before loading: not refused
+
+
+def test_sd3_guidance_above_one_plays_with_classifier_free_guidance(show, folders):
+    worker, params = show
+    set_params(params, {f"{FLOW}/model": str(folders["sd3"]), f"{FLOW}/guidance": 4.5, f"{FLOW}/show": "image"})
+    worker.request("flow")
+    newest(worker, scene="flow")
+    assert worker.active._stream.cfg is True
+    set_params(params, {f"{FLOW}/guidance": 0.0})  # Large Turbo's setting: a stream without the negative pass
+    assert wait_for(lambda: worker.active._stream.cfg is False)
+    newest(worker, newest(worker, scene="flow").index, scene="flow")
+    assert worker.last_error is None

@@ -224,8 +224,15 @@ class FlowTransformer(torch.nn.Module):
             self.image_ids = flux_image_ids(self.height, self.width, transformer.device, transformer.dtype)
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, text: FlowText, guidance: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: FlowText,
+        guidance: torch.Tensor | None,
+        negative: FlowText | None = None,
     ) -> torch.Tensor:
+        """``negative``: SD3's classifier-free guidance (its pipeline's ``guidance_scale > 1``): the
+        negative and the positive prompt in one batch, ``uncond + guidance * (cond - uncond)``."""
         batch = x.shape[0]
         embeds = text.embeds.expand(batch, -1, -1)
         dtype = self.transformer.dtype
@@ -245,14 +252,26 @@ class FlowTransformer(torch.nn.Module):
             return unpack_latents(output, self.height, self.width)
         if self.kind == "sd3":
             assert text.pooled is not None
+            pooled = text.pooled.expand(batch, -1)
+            if negative is None or guidance is None:
+                output = self.transformer(
+                    hidden_states=x,
+                    timestep=timesteps,
+                    encoder_hidden_states=embeds,
+                    pooled_projections=pooled,
+                    return_dict=False,
+                )[0]
+                return output
+            assert negative.pooled is not None
             output = self.transformer(
-                hidden_states=x,
-                timestep=timesteps,
-                encoder_hidden_states=embeds,
-                pooled_projections=text.pooled.expand(batch, -1),
+                hidden_states=torch.cat([x, x]),
+                timestep=torch.cat([timesteps, timesteps]),
+                encoder_hidden_states=torch.cat([negative.embeds.expand(batch, -1, -1), embeds]),
+                pooled_projections=torch.cat([negative.pooled.expand(batch, -1), pooled]),
                 return_dict=False,
             )[0]
-            return output
+            uncond, cond = output.chunk(2)
+            return uncond + guidance.to(cond.dtype) * (cond - uncond)
         # SANA-Sprint: TrigFlow in, SCM's parameterisation around the transformer (its pipeline's loop)
         assert text.mask is not None
         scm = torch.sin(timesteps) / (torch.cos(timesteps) + torch.sin(timesteps))
@@ -284,7 +303,9 @@ class FlowInputs(NamedTuple):
     embeds: torch.Tensor  # (1, S, D)
     pooled: torch.Tensor | None
     mask: torch.Tensor | None
-    guidance: torch.Tensor | None  # (1,) float32, for guidance-embedding transformers
+    negative_embeds: torch.Tensor | None  # SD3 with classifier-free guidance: the empty prompt's
+    negative_pooled: torch.Tensor | None
+    guidance: torch.Tensor | None  # (1,) float32: a guidance embedding's input, or SD3's CFG scale
     coefficients: FlowCoefficients
 
 
@@ -325,12 +346,15 @@ class FlowHotPath(torch.nn.Module):
         embeds: torch.Tensor,
         pooled: torch.Tensor | None,
         mask: torch.Tensor | None,
+        negative_embeds: torch.Tensor | None,
+        negative_pooled: torch.Tensor | None,
         guidance: torch.Tensor | None,
         c: FlowCoefficients,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (H, W, 3) -> (uint8 image (H, W, 3), the next stream-batch buffer)."""
         first = self.encode(pixels, noise[:1], c.sigmas[:1])
-        finished, handed_on = self.denoise(first, buffer, noise, FlowText(embeds, pooled, mask), guidance, c)
+        negative = None if negative_embeds is None else FlowText(negative_embeds, negative_pooled, None)
+        finished, handed_on = self.denoise(first, buffer, noise, FlowText(embeds, pooled, mask), guidance, c, negative)
         return self.decode(finished).mul(255).round().to(torch.uint8), handed_on
 
     def encode(self, frame: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -362,10 +386,11 @@ class FlowHotPath(torch.nn.Module):
         text: FlowText,
         guidance: torch.Tensor | None,
         c: FlowCoefficients,
+        negative: FlowText | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One transformer call over every stage -> (finished latents, the next buffer)."""
         x = torch.cat([first, buffer]) if buffer.shape[0] else first
-        output = self.velocity(x, c.timesteps, text, guidance)
+        output = self.velocity(x, c.timesteps, text, guidance, negative)
         renoise = torch.cat([noise[1:], noise[:1]])  # SCM: stage i goes on with noise i + 1 (the last: unused)
         x0, x_next = self.step(x, output, renoise, c)
         if self.kind == "sana_sprint":
@@ -404,6 +429,7 @@ class FlowHotPath(torch.nn.Module):
         text: FlowText,
         guidance: torch.Tensor | None,
         c: FlowCoefficients,
+        negative: FlowText | None = None,
     ) -> Iterator[FlowStep]:
         """The same flow one image at a time, stage after stage: each point on the way (the flow scene).
 
@@ -413,7 +439,7 @@ class FlowHotPath(torch.nn.Module):
         x = self.encode(pixels, noise[:1], c.sigmas[:1])
         for i in range(steps):
             stage = FlowCoefficients(c.timesteps[i : i + 1], c.sigmas[i : i + 1], c.next_sigmas[i : i + 1])
-            output = self.velocity(x, stage.timesteps, text, guidance)
+            output = self.velocity(x, stage.timesteps, text, guidance, negative)
             after = (i + 1) % noise.shape[0]  # SCM: stage i re-noises with noise i + 1 (the last: unused)
             x0, x = self.step(x, output, noise[after : after + 1], stage)
             yield FlowStep(i + 1, steps, x, x0)

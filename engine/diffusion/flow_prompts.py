@@ -184,6 +184,7 @@ class FlowPromptBank:
         return published is not None and published[2] == self._requested
 
     def encode(self, text: str) -> FlowText:
+        """One text's FlowText (cached). Call it on the encoder thread, or while nothing else encodes."""
         with self._lock:
             if text in self._cache:
                 self._cache.move_to_end(text)
@@ -208,6 +209,11 @@ class FlowPromptBank:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return encoded
+
+    def encode_on_encoder_thread(self, text: str) -> FlowText:
+        """``encode``, on the bank's one encoder thread, waited for: the tokenizers are not
+        thread-safe (a fast tokenizer's padding settings change per call)."""
+        return self._executor.submit(self.encode, text).result()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -57,6 +57,7 @@ class FlowStreamConfig:
 
     size: tuple[int, int] = (512, 512)  # (height, width), rounded to what the model takes
     steps: int = 1  # transformer calls per image: the stream batch
+    cfg: bool = False  # SD3: classifier-free guidance against the empty prompt (doubles the batch)
 
 
 @dataclass
@@ -95,6 +96,9 @@ class FlowStream:
         self.where = choice.describe()  # "NVIDIA H200 (bfloat16)": asked of the driver once, not per frame
         self.config = config
         self.settings = settings or FlowSettings()
+        if config.cfg and self.kind != "sd3":
+            raise ValueError(f"classifier-free guidance is SD3's here; {self.kind} is guidance-distilled")
+        self.cfg = config.cfg
         probe = FlowHotPath(self.kind, pipe, size=(64, 64), dtype=choice.dtype)
         patch = int(pipe.transformer.config.get("patch_size", 1) or 1)
         multiple = probe.scale * (2 if self.kind == "flux" else patch)
@@ -129,10 +133,17 @@ class FlowStream:
                 embeds=torch.empty(0),  # sized by the first embeddings
                 pooled=None,
                 mask=None,
+                negative_embeds=None,
+                negative_pooled=None,
                 guidance=guidance_tensor(self.settings.guidance_scale, device) if self._has_guidance() else None,
                 coefficients=self.schedule.tensors(device),
             )
             self.prompts.request(prompts)
+            if self.cfg:
+                negative = self.prompts.encode_on_encoder_thread("")  # the pipeline's default negative prompt
+                self._inputs = self._inputs._replace(
+                    negative_embeds=negative.embeds.clone(), negative_pooled=cast(torch.Tensor, negative.pooled).clone()
+                )
         self._host_in = self._inputs.pixels if device.type == "cpu" else torch.empty((*self.size, 3), dtype=torch.uint8)
         self._host_out: torch.Tensor | None = None
         if choice.is_cuda:
@@ -240,7 +251,11 @@ class FlowStream:
             fit_into(frame, self._host_in.numpy())
             pixels = self._host_in.to(self.choice.device)
             text = FlowText(inputs.embeds, inputs.pooled, inputs.mask)
-            for step in self.hot.trajectory(pixels, inputs.noise, text, inputs.guidance, inputs.coefficients):
+            negative = None
+            if inputs.negative_embeds is not None:
+                negative = FlowText(inputs.negative_embeds, inputs.negative_pooled, None)
+            c = inputs.coefficients
+            for step in self.hot.trajectory(pixels, inputs.noise, text, inputs.guidance, c, negative):
                 images = [self._to_host(self.hot.decode(latents)) for latents in (step.x_t, step.x0)]
                 yield step, images[0], images[1]
 
@@ -310,7 +325,7 @@ class FlowStream:
         self._text_version = version
 
     def _has_guidance(self) -> bool:
-        return bool(self.pipe.transformer.config.get("guidance_embeds", False))
+        return self.cfg or bool(self.pipe.transformer.config.get("guidance_embeds", False))
 
     def _build_schedule(self, strength: float) -> FlowSchedule:
         schedule = flow_schedule(self.kind, self.pipe.scheduler, self.config.steps, strength, self.seq_len)
@@ -352,6 +367,8 @@ class FlowStream:
             i.embeds.clone(),
             copy(i.pooled),
             copy(i.mask),
+            copy(i.negative_embeds),
+            copy(i.negative_pooled),
             copy(i.guidance),
             FlowCoefficients(*(t.clone() for t in i.coefficients)),
         )

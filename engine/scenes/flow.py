@@ -92,7 +92,8 @@ def _common_params(model: str, steps: int, max_steps: int, strength: float, guid
             guidance,
             0.0,
             20.0,
-            description="Guidance of transformers with a guidance embedding (SANA-Sprint, FLUX-dev); others ignore it",
+            description="SANA-Sprint's and FLUX-dev's guidance embedding; SD3 / SD3.5: classifier-free guidance "
+            "while above 1 (SD3.5 Medium: 4.5; Large Turbo: 0); FLUX-schnell ignores it",
         ),
         int_param("resolution", 512, 32, 1536, unit="px", description="Square output size, rounded to the model's"),
         string_param(
@@ -143,7 +144,7 @@ class _FlowScene(Scene):
         self._stream: Any = None
         self._load_key: _LoadKey | None = None
         self._active_key: _LoadKey | None = None
-        self._stream_key: tuple[int, int] | None = None
+        self._stream_key: tuple[int, int, bool] | None = None
         self._reload: BackgroundLoad | None = None
         self.declared_mb = 0  # what the loaded model declared (the HUD, tests)
         self._prompts = LastGood(f"{self.name}: prompt refused, the last one plays on", _parse_prompts)
@@ -174,8 +175,12 @@ class _FlowScene(Scene):
             accel=self.param("accel"),
         )
 
-    def _wanted_stream_key(self) -> tuple[int, int]:
-        return int(self.param("steps")), int(self.param("resolution"))
+    def _wanted_stream_key(self, kind: str | None = None) -> tuple[int, int, bool]:
+        """(steps, resolution, classifier-free guidance): what a new stream is built for. CFG is
+        SD3's (SD3.5 Medium), on while ``guidance`` is above 1 (its pipeline's rule)."""
+        kind = kind or (self._stream.kind if self._stream is not None else None)
+        cfg = kind == "sd3" and float(self.param("guidance")) > 1.0
+        return int(self.param("steps")), int(self.param("resolution")), cfg
 
     def _choice(self, key: _LoadKey) -> tuple[Any, str]:
         from engine.diffusion.device import choose_device
@@ -205,9 +210,10 @@ class _FlowScene(Scene):
                 started = time.monotonic()
                 pipe = load_flow(spec, choice)
                 log.info("%s: %s loaded in %.1f s", self.name, key.model, time.monotonic() - started)
-            steps, resolution = self._wanted_stream_key()
+            from engine.diffusion.flow import flow_kind
+
+            steps, resolution, cfg = self._wanted_stream_key(flow_kind(pipe))
             if bank is None:
-                from engine.diffusion.flow import flow_kind
                 from engine.diffusion.flow_prompts import FlowPromptBank, check_text_encoders
 
                 check_text_encoders(flow_kind(pipe), pipe, key.model)
@@ -215,7 +221,7 @@ class _FlowScene(Scene):
             stream = FlowStream(
                 pipe,
                 choice,
-                FlowStreamConfig(size=(resolution, resolution), steps=steps),
+                FlowStreamConfig(size=(resolution, resolution), steps=steps, cfg=cfg),
                 FlowSettings(
                     strength=float(self.param("strength")),
                     seed=int(self.param("seed")),
@@ -232,7 +238,7 @@ class _FlowScene(Scene):
             if is_out_of_memory(exc):
                 free_accelerator_memory()
             raise
-        self._stream_key = (steps, resolution)
+        self._stream_key = (steps, resolution, cfg)
         log.info(
             "%s: %s (%s) on %s, %dx%d, %d step(s)",
             self.name,
@@ -278,7 +284,7 @@ class _FlowScene(Scene):
     def _strength_now(self) -> float:
         return float(self.param("strength"))
 
-    def _rebuild_stream(self, attempt: tuple[tuple[int, int], float, tuple[int, int] | None]) -> None:
+    def _rebuild_stream(self, attempt: tuple[tuple[int, int, bool], float, tuple[int, int, bool] | None]) -> None:
         wanted, _, playing = attempt
         if wanted == playing:
             return
