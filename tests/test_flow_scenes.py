@@ -203,7 +203,13 @@ def test_the_flow_parameters_reach_the_registry_with_their_ranges():
     for path in (f"{SANA}/strength", f"{SANA}/steps", f"{FLOW}/show", f"{FLOW}/step_rate", f"{FLOW}/text_offload"):
         assert path in registry
     assert registry.param(f"{FLOW}/show").choices == ("image", "trajectory", "x0")
+    from engine.control.oscquery import build_tree, find_node
     from engine.params import ParamError
+
+    tree = build_tree(registry, ())
+    node = find_node(tree, "/dreamdeck/scene/flow/show")
+    assert node is not None and node["RANGE"] == [{"VALS": ["image", "trajectory", "x0"]}]  # OSCQuery sees it
+    assert find_node(tree, "/dreamdeck/scene/sana_sprint/strength") is not None
 
     with pytest.raises(ParamError, match="out of range"):  # what OSC and the web page are told
         registry.set_many({f"{SANA}/strength": 5.0})
