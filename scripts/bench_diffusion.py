@@ -37,7 +37,17 @@ costs the same whatever the weights; fp16 on the GPU):
     lcm4-compile         SD 1.5 + LCM, 4 steps as one stream batch, torch.compile
     turbo-tensorrt       --accel tensorrt (experimental): TensorRT where installed, else its
                          fallback to compile, flagged in the summary
+<<<<<<< HEAD
     vqgan-clip, lora     the slow scenes' benches (scripts/bench_vqgan_clip.py: each drawer; bench_lora.py)
+=======
+    vqgan-clip, lora     the slow scenes' benches (scripts/bench_vqgan_clip.py, bench_lora.py)
+    sana-sprint          SANA-Sprint 0.6B 512x512, 1 step, compiled, bf16: fps against
+                         SanaSprintImg2ImgPipeline in the same run (engine.diffusion.flow_bench)
+    flux-schnell         FLUX.1-schnell 512x512, 4 steps, compiled, bf16: seconds per image
+    sd35-turbo           SD3.5 Large Turbo 512x512, 4 steps, compiled, bf16: seconds per image
+                         (the three flow cases come last: past the 8 minutes of the UNet cases,
+                         run them on their own with ``--cases sana-sprint flux-schnell sd35-turbo``)
+>>>>>>> flow
 
 Each bench case reports fps, p50/p99, ratios against both baselines, the first diffused
 frame after the weights loaded, the backend's build time, whether the backend asked for is
@@ -85,6 +95,7 @@ BENCH = ("-m", "engine.diffusion.bench")
 INAPP = (str(SCRIPTS / "bench_inapp.py"),)
 VQGAN_CLIP = (str(SCRIPTS / "bench_vqgan_clip.py"),)
 LORA = (str(SCRIPTS / "bench_lora.py"),)
+FLOW = ("-m", "engine.diffusion.flow_bench")
 TURBO = (*BENCH, "--arch", "sd-turbo", "--random-weights")
 # estimates from the H200 anchors (DESIGN.md): ~20 s of process start, imports and random
 # weights a case, a cold compile 86 s, a warm one 21 s; the first five fit the 8-minute budget
@@ -101,6 +112,9 @@ GPU_CASES = {
         (*VQGAN_CLIP, "--device", "cuda", "--autocast", "bfloat16", "--steps", "20", "--warmup", "3"), 90, "other"
     ),
     "lora": Case((*LORA, "--device", "cuda"), 60, "other"),
+    "sana-sprint": Case((*FLOW, "--case", "sana-sprint", "--device", "cuda"), 120, "other"),
+    "flux-schnell": Case((*FLOW, "--case", "flux-schnell", "--device", "cuda", "--frames", "20"), 200, "other"),
+    "sd35-turbo": Case((*FLOW, "--case", "sd35-turbo", "--device", "cuda", "--frames", "20"), 180, "other"),
 }
 TINY_BENCH = (*BENCH, "--tiny", "--device", "cpu", "--frames", "3", "--warmup", "1", "--baseline-frames", "2")
 TINY_CASES = {
@@ -115,6 +129,12 @@ TINY_CASES = {
     "tiny-lcm4-eager": Case((*TINY_BENCH, "--arch", "sd15", "--accel", "eager"), 5),
     "tiny-turbo-tensorrt": Case((*TINY_BENCH, "--accel", "tensorrt", "--compile-backend", "eager"), 5),
     "tiny-vqgan-clip": Case((*VQGAN_CLIP, "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"), 5, "other"),
+    **{
+        f"tiny-{name}": Case(
+            (*FLOW, "--case", name, "--tiny", "--frames", "3", "--warmup", "1", "--baseline-frames", "2"), 5, "other"
+        )
+        for name in ("sana-sprint", "flux-schnell", "sd35-turbo")
+    },
 }
 
 
