@@ -37,17 +37,13 @@ costs the same whatever the weights; fp16 on the GPU):
     lcm4-compile         SD 1.5 + LCM, 4 steps as one stream batch, torch.compile
     turbo-tensorrt       --accel tensorrt (experimental): TensorRT where installed, else its
                          fallback to compile, flagged in the summary
-<<<<<<< HEAD
     vqgan-clip, lora     the slow scenes' benches (scripts/bench_vqgan_clip.py: each drawer; bench_lora.py)
-=======
-    vqgan-clip, lora     the slow scenes' benches (scripts/bench_vqgan_clip.py, bench_lora.py)
     sana-sprint          SANA-Sprint 0.6B 512x512, 1 step, compiled, bf16: fps against
                          SanaSprintImg2ImgPipeline in the same run (engine.diffusion.flow_bench)
     flux-schnell         FLUX.1-schnell 512x512, 4 steps, compiled, bf16: seconds per image
     sd35-turbo           SD3.5 Large Turbo 512x512, 4 steps, compiled, bf16: seconds per image
                          (the three flow cases come last: past the 8 minutes of the UNet cases,
                          run them on their own with ``--cases sana-sprint flux-schnell sd35-turbo``)
->>>>>>> flow
 
 Each bench case reports fps, p50/p99, ratios against both baselines, the first diffused
 frame after the weights loaded, the backend's build time, whether the backend asked for is
