@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="preset name or 1-based number (default: the last one played, else default)")
     run.add_argument(
         "--source",
-        help="camera:N | camera:/dev/videoN | file:PATH | image:PATH | pattern "
-        "(default: first camera that opens, else pattern)",
+        help="camera:N | camera:/dev/videoN | file:PATH | image:PATH | ndi:NAME | spout:NAME (Windows) | "
+        "syphon:NAME (macOS) | pattern (default: first camera that opens, else pattern)",
     )
     run.add_argument("--fullscreen", action=argparse.BooleanOptionalAction, help="fullscreen on --monitor")
     run.add_argument(

@@ -1,0 +1,250 @@
+"""Video in from other apps: NDI (real senders and receivers over loopback), Spout and Syphon refusals.
+
+The NDI tests run in a network namespace that has only loopback (``unshare -n``), so no
+discovery traffic leaves the machine; NDI is told to look at 127.0.0.1, not multicast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.show import ShowConfig, ShowError, build_show
+from engine.sources import SourceSpecError, parse_source_spec
+from engine.sources.gpu_share import platform_refusal
+from engine.sources.ndi import NdiSource, match_sender
+from engine.sources.receiving import FrameRefused, packed_to_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the picture sent: four solid quadrants, recognised on the far side by their colours
+QUADRANTS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))  # RGB: top-left, top-right, bottom-l, bottom-r
+
+
+def quadrant_image(width: int, height: int) -> np.ndarray:
+    image = np.empty((height, width, 3), np.uint8)
+    h2, w2 = height // 2, width // 2
+    image[:h2, :w2], image[:h2, w2:], image[h2:, :w2], image[h2:, w2:] = QUADRANTS
+    return image
+
+
+def looks_like_quadrants(frame: np.ndarray) -> bool:
+    height, width = frame.shape[:2]
+    h4, w4 = height // 4, width // 4
+    centres = [frame[h4, w4], frame[h4, 3 * w4], frame[3 * h4, w4], frame[3 * h4, 3 * w4]]
+    return all(np.abs(c.astype(int) - np.array(q)).max() < 40 for c, q in zip(centres, QUADRANTS))
+
+
+# -- the parts, without a network ---------------------------------------------------------------
+
+
+def test_ndi_sender_names_match_in_full_by_stream_or_in_part() -> None:
+    names = ["STUDIO (OBS)", "STUDIO (dreamdeck box)", "LAPTOP (obs scene)"]
+    assert match_sender(names, "studio (obs)") == "STUDIO (OBS)"
+    assert match_sender(names, "OBS") == "STUDIO (OBS)"  # the stream name, before a part of another
+    assert match_sender(names, "box") == "STUDIO (dreamdeck box)"
+    assert match_sender(names, "laptop") == "LAPTOP (obs scene)"
+    assert match_sender(names, "resolume") is None
+
+
+def test_packed_frames_of_each_format_read_as_rgb() -> None:
+    rgb = quadrant_image(8, 6)
+    rgba = np.concatenate([rgb, np.full((6, 8, 1), 255, np.uint8)], axis=2)
+    assert np.array_equal(packed_to_rgb(rgba.reshape(-1), 8, 6, 32, "RGBA"), rgb)
+    bgra = rgba[:, :, [2, 1, 0, 3]]
+    assert np.array_equal(packed_to_rgb(bgra.reshape(-1), 8, 6, 32, "BGRX"), rgb)
+    padded = np.zeros((6, 40), np.uint8)  # a stride with 8 bytes of padding a row
+    padded[:, :32] = rgba.reshape(6, 32)
+    assert np.array_equal(packed_to_rgb(padded.reshape(-1), 8, 6, 40, "RGBX"), rgb)
+
+
+@pytest.mark.parametrize(
+    ("fourcc", "size", "reason"),
+    [("P216", (8, 6), "pixel format P216"), ("RGBA", (1, 6), "resolution 1x6"), ("RGBA", (8, 9), "too short")],
+)
+def test_a_frame_we_cannot_read_is_refused_with_its_reason(fourcc, size, reason) -> None:
+    with pytest.raises(FrameRefused, match=reason):
+        packed_to_rgb(np.zeros(8 * 6 * 4, np.uint8), *size, size[0] * 4, fourcc)
+
+
+def test_a_refused_frame_is_one_line_and_the_status_says_why(caplog) -> None:
+    source = NdiSource("nobody")
+    caplog.set_level(logging.WARNING)
+    for _ in range(5):  # a sender that keeps sending the odd format: one line, not one per frame
+        source._refuse("pixel format P216 is not one we read (RGBA, BGRA or UYVY)")
+    assert source.status == "ndi:nobody refused: pixel format P216 is not one we read (RGBA, BGRA or UYVY)"
+    assert len([r for r in caplog.records if "P216" in r.getMessage()]) == 1
+    source._accept(quadrant_image(16, 8))
+    assert source.status.startswith("ndi:nobody ok 16x8")
+    source._accept(quadrant_image(32, 16))  # a new resolution: taken as it comes
+    assert source.size == (32, 16) and source.slot.latest()[0].shape == (16, 32, 3)
+
+
+@pytest.mark.parametrize("kind", ["spout", "syphon"])
+def test_spout_and_syphon_elsewhere_are_refused_in_one_line(kind) -> None:
+    refusal = platform_refusal(kind)
+    if refusal is None:
+        pytest.skip(f"{kind} is this platform's own: the refusal does not apply")
+    with pytest.raises(SourceSpecError, match=f"{kind}: sources run on") as caught:
+        parse_source_spec(f"{kind}:Resolume")
+    assert "\n" not in str(caught.value) and "ndi:NAME" in str(caught.value)
+    with pytest.raises(ShowError, match=f"{kind}: sources run on"):
+        build_show(ShowConfig.bare(app=_app_config(f"{kind}:Resolume")))
+
+
+def test_an_ndi_source_without_a_name_is_refused() -> None:
+    with pytest.raises(SourceSpecError, match="missing the NDI sender's name"):
+        parse_source_spec("ndi:")
+
+
+def _app_config(source: str):
+    from engine.app import AppConfig
+    from engine.catalog import PRESETS_DIR
+
+    return AppConfig(source=source, presets_dir=PRESETS_DIR, output_size=(160, 96), hot_reload=False)
+
+
+# -- NDI over loopback, between processes -------------------------------------------------------
+
+# The sender: dreamdeck's own NDI output (NdiSender) sending the quadrants, at each size in turn
+# for the seconds given ("160x96:3,200x120:0": 0 = until killed).
+NDI_SEND = """
+import sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[3])
+from test_video_in import quadrant_image
+from engine.outputs.sharing import NdiSender
+
+name, phases = sys.argv[1], [p.split(":") for p in sys.argv[2].split(",")]
+sender = NdiSender(name)
+for size, seconds in phases:
+    width, height = (int(v) for v in size.split("x"))
+    rgba = np.concatenate([quadrant_image(width, height), np.full((height, width, 1), 255, np.uint8)], axis=2)
+    sender.open((width, height), 30.0)
+    print("sending", width, height, flush=True)
+    end = time.monotonic() + (float(seconds) or 1e9)
+    while time.monotonic() < end:
+        sender.send(np.ascontiguousarray(rgba))
+        time.sleep(1 / 30)
+    sender.close()
+"""
+
+# The show: an App whose source is ndi:NAME, stepped while the sender comes, changes size,
+# goes away and comes back. It prints what it saw as JSON, one line per stage.
+NDI_SHOW = """
+import json, subprocess, sys, time
+sys.path.insert(0, sys.argv[2])
+from test_video_in import looks_like_quadrants
+from engine.app import App, AppConfig
+from engine.catalog import PRESETS_DIR
+from engine.clock import ManualClock
+from engine.render.hud import hud_lines
+from engine.render.surface import HeadlessSurface
+
+send_script = sys.argv[1]
+def start_sender(phases):
+    return subprocess.Popen([sys.executable, "-c", send_script, "dd-test-sender", phases, sys.argv[2]])
+
+surface = HeadlessSurface()
+app = App(AppConfig(source="ndi:test-sender", presets_dir=PRESETS_DIR, output_size=(160, 96), hot_reload=False,
+                    source_max_age=1.0), surface, ManualClock(60.0))
+app.input.primary.backoff.first = app.input.primary.backoff.cap = 0.3
+app.input.primary.watchdog = 1.0
+app.start()
+
+def until(condition, timeout=40):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        app.step()
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+def seen(size):
+    frame = app.input.primary.slot.latest()[0]
+    return (not app.input.fallback_active and frame is not None and frame.shape[:2] == size[::-1]
+            and looks_like_quadrants(frame))
+
+def stage(name, ok):
+    app.step()
+    print(json.dumps({"stage": name, "ok": ok, "source": app.status.source, "fallback": app.status.source_fallback,
+                      "hud": [l for l in hud_lines(app.status) if "ndi:" in l]}), flush=True)
+
+before = until(lambda: app.status.source_fallback, 5)
+stage("before the sender", before)
+sender = start_sender("160x96:4,200x120:0")
+stage("first picture", until(lambda: seen((160, 96))))
+stage("new resolution", until(lambda: seen((200, 120))))
+sender.kill(); sender.wait()
+stage("sender gone", until(lambda: app.status.source_fallback and "lost" in app.status.source))
+sender = start_sender("160x96:0")
+stage("sender back", until(lambda: seen((160, 96)) and not app.status.source_fallback))
+sender.kill(); sender.wait()
+app.close()
+surface.close()
+"""
+
+
+def ndi_namespace_env(tmp_path: Path) -> dict[str, str]:
+    """Skip unless NDI can run inside a loopback-only namespace; the environment that keeps it there."""
+    pytest.importorskip("cyndilib", reason="cyndilib not installed (the optional NDI extra)")
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode != 0:
+        pytest.skip("needs `unshare -n` (root) to keep NDI inside a loopback-only network namespace")
+    config = tmp_path / ".ndi"
+    config.mkdir()
+    (config / "ndi-config.v1.json").write_text(
+        json.dumps(
+            {"ndi": {"networks": {"ips": "127.0.0.1", "discovery": ""}, "multicast": {"send": {"enable": False}}}}
+        )
+    )
+    return {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "NDI_CONFIG_DIR": str(config),
+        "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), *sys.path] if p),
+    }
+
+
+def in_loopback_namespace(script: str, args: list[str], env: dict[str, str], timeout: float = 240):
+    quoted = " ".join(f'"${i + 1}"' for i in range(len(args)))
+    return subprocess.run(
+        ["unshare", "-n", "sh", "-c", f'ip link set lo up && exec {sys.executable} -c "$0" {quoted}', script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_ndi_round_trip_recognised_survives_resolution_change_and_sender_restart(tmp_path: Path) -> None:
+    env = ndi_namespace_env(tmp_path)
+    result = in_loopback_namespace(NDI_SHOW, [NDI_SEND, str(Path(__file__).parent)], env)
+    stages = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_name = {s["stage"]: s for s in stages}
+    assert [s["stage"] for s in stages] == [
+        "before the sender",
+        "first picture",
+        "new resolution",
+        "sender gone",
+        "sender back",
+    ], result.stderr[-3000:]
+    assert all(s["ok"] for s in stages), json.dumps(stages, indent=1)
+    assert "showing pattern" in by_name["before the sender"]["source"]
+    assert by_name["first picture"]["source"].startswith("ndi:test-sender ok 160x96")
+    assert by_name["new resolution"]["source"].startswith("ndi:test-sender ok 200x120")
+    gone = by_name["sender gone"]
+    assert gone["fallback"] and "lost" in gone["source"] and "showing pattern" in gone["source"], gone
+    assert any("lost" in line for line in gone["hud"]), gone  # the HUD says so, as /health does (same snapshot)
+    back = by_name["sender back"]
+    assert not back["fallback"] and back["source"].startswith("ndi:test-sender ok 160x96"), back
