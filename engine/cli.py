@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these senders may use the status page (an IP or a network like 192.168.1.0/24; "
         "repeat for more); the token is still needed off the loopback",
     )
+    run.add_argument(
+        "--status-https",
+        action="store_true",
+        help="serve the status page over HTTPS with a self-signed certificate (kept in the state folder): "
+        "browsers give the camera (--source webrtc) only to https pages off localhost",
+    )
+    run.add_argument("--status-cert", type=Path, help="serve HTTPS with this PEM certificate (with --status-key)")
+    run.add_argument("--status-key", type=Path, help="the private key of --status-cert (PEM)")
     run.add_argument("--no-status", action="store_true", help="no status page")
     live = run.add_argument_group("live control (OSC, OSCQuery, MIDI, audio)")
     live.add_argument("--osc-port", type=_port, default=9321, help="OSC UDP port (default 9321)")
@@ -409,6 +417,7 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
             saved, source=source, fullscreen=fullscreen, monitor=monitor, window_size=size, output_size=output
         )
     )
+    cert, key = _status_tls(args)
     status = (
         None
         if args.no_status
@@ -418,6 +427,8 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
                 DEFAULT_STATUS_PORT if args.status_port is None else args.status_port,
                 args.status_token,
                 allow=tuple(args.status_allow) or None,
+                cert=cert,
+                key=key,
             ),
             required=args.status_port is not None,
         )
@@ -437,6 +448,23 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
         state=state,
         status=status,
     )
+
+
+def _status_tls(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The status page's certificate and key: given, self-signed (--status-https), or none (HTTP)."""
+    if args.status_cert is not None:
+        if args.status_key is None and not args.status_cert.is_file():
+            raise ValueError(f"--status-cert {args.status_cert}: no such file")
+        return str(args.status_cert), None if args.status_key is None else str(args.status_key)
+    if args.status_key is not None:
+        raise ValueError("--status-key needs --status-cert")
+    if not args.status_https:
+        return None, None
+    from engine.state import state_dir
+    from engine.web.tls import self_signed
+
+    cert_path, key_path = self_signed(state_dir(), (args.status_host,))
+    return str(cert_path), str(key_path)
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:

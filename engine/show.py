@@ -221,5 +221,7 @@ def _add_status_page(show: Show, page: StatusPageConfig) -> StatusServer | None:
         # a port that is taken (another dreamdeck?) when none was asked for: the show matters more than the page
         log.warning("status page off: %s: %s (choose a port with --status-port)", where, exc)
         return None
+    if getattr(show.app.input.primary, "kind", "") == "webrtc":
+        server.webrtc = show.app.input.primary  # the camera page's offers go to it
     show.parts["status"] = server
     return server

@@ -6,22 +6,29 @@ discovery traffic leaves the machine; NDI is told to look at 127.0.0.1, not mult
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.show import ShowConfig, ShowError, build_show
+from engine.show import ShowConfig, ShowError, StatusPageConfig, build_show
 from engine.sources import SourceSpecError, parse_source_spec
 from engine.sources.gpu_share import platform_refusal
 from engine.sources.ndi import NdiSource, match_sender
 from engine.sources.receiving import FrameRefused, packed_to_rgb
+from engine.web import StatusConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,3 +255,187 @@ def test_ndi_round_trip_recognised_survives_resolution_change_and_sender_restart
     assert any("lost" in line for line in gone["hud"]), gone  # the HUD says so, as /health does (same snapshot)
     back = by_name["sender back"]
     assert not back["fallback"] and back["source"].startswith("ndi:test-sender ok 160x96"), back
+
+
+# -- a browser's camera over WebRTC ---------------------------------------------------------------
+
+
+class ShowThread:
+    """A show built by build_show (as `dreamdeck run` builds it), stepped on its own thread
+    (its GL context belongs to that thread), with the status page on a free port."""
+
+    def __init__(self, source: str, token: str | None = "secret") -> None:
+        self.source = source
+        self.token = token
+        self.error: BaseException | None = None
+        self.steps = 0
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test show", daemon=True)
+
+    def __enter__(self) -> ShowThread:
+        self._thread.start()
+        assert self._ready.wait(60) and self.error is None, f"the show did not start: {self.error!r}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            page = StatusPageConfig(StatusConfig(port=0, token=self.token), required=True)
+            show = build_show(ShowConfig.bare(app=_app_config(self.source), status=page))
+        except BaseException as exc:
+            self.error = exc
+            self._ready.set()
+            return
+        self.show = show
+        try:
+            show.start()
+            self._ready.set()
+            while not self._stop.is_set():
+                show.app.step()
+                self.steps += 1
+                time.sleep(0.005)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            show.close()
+
+    @property
+    def base(self) -> str:
+        assert self.show.status_page is not None
+        return f"http://127.0.0.1:{self.show.status_page.port}"
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"{self.base}/health?token={self.token}", timeout=10) as reply:
+            return json.loads(reply.read())
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.error is None, f"the show failed: {self.error!r}"
+            if condition():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{what}: not within {timeout} s; source: {self.show.app.status.source}")
+
+
+def post(url: str, body: object, token: str | None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=15) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture
+def webrtc_show():
+    pytest.importorskip("aiortc", reason="aiortc not installed (the webrtc extra)")
+    with ShowThread("webrtc") as show:
+        yield show
+
+
+def test_a_malformed_offer_or_a_wrong_token_is_refused_and_the_show_plays_on(webrtc_show, caplog) -> None:
+    show = webrtc_show
+    url = f"{show.base}/api/webrtc/offer"
+    status, body = post(url, {"type": "offer", "sdp": "v=0\r\nthis is not SDP"}, "secret")
+    assert status == 400 and body["error"].startswith(("malformed offer", "the offer has no video")), body
+    assert "\n" not in body["error"]
+    status, body = post(url, {"sdp": 5}, "secret")
+    assert status == 400 and "expected" in body["error"], body
+    status, body = post(url, {"type": "offer", "sdp": "v=0"}, "wrong")
+    assert status == 401, body
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{show.base}/camera?token=wrong", timeout=10)
+    assert refused.value.code == 401
+    steps = show.steps
+    show.wait_for(lambda: show.steps > steps + 10, "the show to play on")
+    assert show.health()["source_fallback"] is True and "webrtc" in show.health()["source"]
+    assert len([r for r in caplog.records if "webrtc offer refused" in r.getMessage()]) == 2
+
+
+def test_an_offer_to_a_show_without_the_webrtc_source_is_a_404() -> None:
+    with ShowThread("pattern") as show:
+        status, body = post(f"{show.base}/api/webrtc/offer", {"type": "offer", "sdp": "v=0"}, "secret")
+    assert status == 404 and "--source webrtc" in body["error"]
+
+
+def test_browser_camera_reaches_the_show_over_webrtc(webrtc_show, tmp_path: Path) -> None:
+    browser = _chromium(tmp_path, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
+    show = webrtc_show
+    try:
+        browser.get(f"{show.base}/camera?token=secret")
+        show.wait_for(lambda: show.health()["source"].startswith("webrtc ok"), "the browser's frames in /health")
+        health = show.health()
+        assert health["source_fallback"] is False, health
+        frame = show.show.app.input.primary.slot.latest()[0]
+        assert frame is not None and frame.ndim == 3 and frame.std() > 5  # Chromium's fake camera, not black
+        assert browser.execute_script("return document.querySelector('#state').textContent") == "connected"
+    finally:
+        browser.quit()
+    show.wait_for(lambda: show.health()["source_fallback"], "the fallback once the browser has gone")
+
+
+def _chromium(tmp_path: Path, *extra: str):
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    if importlib.util.find_spec("selenium") is None or browser is None or driver is None:
+        pytest.skip("needs selenium, chromium and chromedriver (scripts/setup-dev.sh)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        *extra,
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver), options=options)
+    driver.set_page_load_timeout(30)
+    return driver
+
+
+def test_the_status_page_serves_https_with_a_self_signed_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    from engine.web import StatusFeed, StatusServer
+    from engine.web.tls import self_signed
+
+    pytest.importorskip("cryptography", reason="cryptography not installed (comes with the webrtc extra)")
+    cert, key = self_signed(tmp_path / "state", ("127.0.0.1",))
+    assert self_signed(tmp_path / "state") == (cert, key)  # kept: a phone's exception survives a restart
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    with ShowThread("pattern") as show:
+        app = show.show.app
+    server = StatusServer(app, StatusFeed(), StatusConfig(port=0, token="secret", cert=str(cert), key=str(key)))
+    server.start()
+    try:
+        assert server.url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        url = f"https://127.0.0.1:{server.port}/camera?token=secret"
+        with urllib.request.urlopen(url, timeout=10, context=context) as reply:
+            assert reply.status == 200 and b"getUserMedia" in reply.read()
+    finally:
+        server.stop()
+
+
+def test_a_missing_certificate_is_one_line_at_start(tmp_path: Path, capsys) -> None:
+    from engine.cli import main
+
+    code = main(["--no-log-file", "run", "--headless", "--fresh", "--status-cert", str(tmp_path / "none.pem")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dreamdeck run: --status-cert") and "\n" not in err

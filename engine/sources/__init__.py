@@ -43,7 +43,7 @@ __all__ = [
     "render_pattern",
 ]
 
-SPEC_FORMS = "camera:N, camera:/dev/videoN, file:PATH, image:PATH, ndi:NAME, spout:NAME, syphon:NAME or pattern"
+SPEC_FORMS = "camera:N, camera:/dev/videoN, file:PATH, image:PATH, ndi:NAME, spout:NAME, syphon:NAME, webrtc or pattern"
 DEFAULT_CAMERA_DEVICE = Path("/dev/video0")
 
 
@@ -86,6 +86,12 @@ def parse_source_spec(spec: str) -> SourceSpec:
         if not path.is_file():
             raise SourceSpecError(f"source spec {spec!r}: {path} is not a file")
         return SourceSpec(kind, str(path))
+    if kind == "webrtc":
+        if rest:
+            raise SourceSpecError(f"source spec {spec!r}: 'webrtc' takes no argument (browsers open /camera)")
+        if importlib.util.find_spec("aiortc") is None:
+            raise SourceSpecError(f"source spec {spec!r}: WebRTC needs aiortc (pip install 'dreamdeck[webrtc]')")
+        return SourceSpec("webrtc")
     if kind in ("ndi", "spout", "syphon"):
         return SourceSpec(kind, _sender_target(spec, kind, rest))
     if not sep:
@@ -147,6 +153,10 @@ def open_source(
         return ImageSource(parsed.target)
     if parsed.kind in ("ndi", "spout", "syphon"):
         return _RECEIVERS[parsed.kind](str(parsed.target))
+    if parsed.kind == "webrtc":
+        from engine.sources.webrtc import WebRtcSource
+
+        return WebRtcSource()
     return PatternSource(size, fps, params)
 
 
