@@ -244,7 +244,46 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"realtime scene backend: {ACCEL_HELP} (default auto: compile on CUDA, eager elsewhere)",
     )
     run.add_argument(
+        "--fallback-scene",
+        metavar="SCENE",
+        help="play this scene while the source is lost (e.g. a local scene while the GPU box is away)",
+    )
+    run.add_argument(
         "--hours", help='opening hours, e.g. "Mon-Fri 10:00-18:00, Sat 12:00-20:00": black and paused outside them'
+    )
+
+    serve = sub.add_parser(
+        "serve",
+        help="GPU box: a headless show from an NDI (or WebRTC) source, sent back over NDI",
+        description="Run a headless show on a GPU box for the venue: frames in from --from, the result out "
+        "over NDI as --ndi-name. Control (OSC, OSCQuery, the web page) stays on this machine unless --allow "
+        "names who may use it across the LAN; then a token is needed too (given, or generated and printed).",
+    )
+    serve.add_argument(
+        "--from",
+        dest="source_name",
+        required=True,
+        metavar="NDI_NAME|webrtc",
+        help="the NDI sender to take frames from (name or part of it), or 'webrtc'",
+    )
+    serve.add_argument("--ndi-name", default="dreamdeck-box", help="the NDI name the result is sent as")
+    serve.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="open OSC, OSCQuery and the web page to this address or network (repeatable)",
+    )
+    serve.add_argument(
+        "--token",
+        default=os.environ.get("DREAMDECK_STATUS_TOKEN"),
+        help="the web page's token (default $DREAMDECK_STATUS_TOKEN, else generated)",
+    )
+    serve.add_argument(
+        "run_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- RUN FLAGS",
+        help="more `dreamdeck run` flags, e.g. -- --preset realtime --device cuda:1 --osc-port 9421",
     )
 
     service = sub.add_parser(
@@ -447,6 +486,7 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
         outputs=outputs,
         state=state,
         status=status,
+        fallback_scene=args.fallback_scene,
     )
 
 
@@ -465,6 +505,28 @@ def _status_tls(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
     cert_path, key_path = self_signed(state_dir(), (args.status_host,))
     return str(cert_path), str(key_path)
+
+
+def serve_run_args(args: argparse.Namespace) -> list[str]:
+    """`dreamdeck serve` flags -> the `dreamdeck run` flags they stand for."""
+    source = "webrtc" if args.source_name == "webrtc" else f"ndi:{args.source_name}"
+    run_args = ["run", "--headless", "--source", source, "--ndi", args.ndi_name]
+    if args.allow:  # open to the LAN only for the senders named, and with a token for the page
+        run_args += ["--osc-host", "0.0.0.0", "--status-host", "0.0.0.0"]
+        for address in args.allow:
+            run_args += ["--osc-allow", address, "--status-allow", address]
+    if args.token:
+        run_args += ["--status-token", args.token]
+    extra = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+    return run_args + extra
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    run_args = serve_run_args(args)
+    if not args.allow:
+        log.info("serve: control stays on this machine (give --allow ADDR to control it across the LAN)")
+    log.info("serve: dreamdeck %s", " ".join(run_args))
+    return cmd_run(build_parser().parse_args(run_args))
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -543,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.logsetup import setup_logging
 
     # the file is for the show (and its post-mortem); `dreamdeck params` need not touch the disk
-    setup_logging(args.log_level, args.log_file, to_file=args.command == "run" and not args.no_log_file)
+    to_file = args.command in ("run", "serve") and not args.no_log_file
+    setup_logging(args.log_level, args.log_file, to_file=to_file)
     commands = {
         "run": cmd_run,
         "params": cmd_params,
@@ -551,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         "doctor": cmd_doctor,
         "bench": cmd_bench,
         "install-service": cmd_install_service,
+        "serve": cmd_serve,
     }
     from engine.scenes.plugins import ScenesNotFound
 

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -439,3 +440,93 @@ def test_a_missing_certificate_is_one_line_at_start(tmp_path: Path, capsys) -> N
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dreamdeck run: --status-cert") and "\n" not in err
+
+
+# -- a GPU box serving the venue: `dreamdeck serve`, and the laptop's fallback scene ------------------
+
+
+def test_serve_stands_for_a_headless_run_with_nothing_open_by_default() -> None:
+    from engine.cli import build_parser, serve_run_args, show_config
+
+    closed = serve_run_args(build_parser().parse_args(["serve", "--from", "laptop", "--", "--preset", "box"]))
+    assert closed == ["run", "--headless", "--source", "ndi:laptop", "--ndi", "dreamdeck-box", "--preset", "box"]
+    config = show_config(build_parser().parse_args(closed))
+    assert config.window is None and config.app.source == "ndi:laptop" and config.outputs.ndi == "dreamdeck-box"
+    assert config.controls.osc_host == "127.0.0.1" and config.status.server.host == "127.0.0.1"
+
+    args = ["serve", "--from", "webrtc", "--ndi-name", "box1", "--allow", "192.168.1.0/24", "--token", "t0k3n"]
+    opened = show_config(build_parser().parse_args(serve_run_args(build_parser().parse_args(args))))
+    assert opened.app.source == "webrtc" and opened.outputs.ndi == "box1"
+    assert opened.controls.osc_host == "0.0.0.0" and opened.controls.osc_allow == ("192.168.1.0/24",)
+    server = opened.status.server
+    assert (server.host, server.allow, server.token) == ("0.0.0.0", ("192.168.1.0/24",), "t0k3n")
+
+
+def test_an_unknown_fallback_scene_is_refused() -> None:
+    with pytest.raises(ShowError, match="fallback scene 'nope'"):
+        build_show(ShowConfig.bare(app=_app_config("pattern"), fallback_scene="nope"))
+
+
+# The laptop: a show (build_show) whose source is the box's NDI stream, with a local fallback
+# scene; the box: `dreamdeck serve`, passthrough, sent back over NDI. The box's own source is
+# the quadrants as an image (given after --): NDI discovery inside a loopback-only namespace
+# (no mDNS daemon there) sees one sending process at a time, and here that is the box. The
+# NDI leg into a show is the round-trip test above.
+BOX_LAPTOP = """
+import json, os, subprocess, sys, time
+tests, presets, image = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path.insert(0, tests)
+from test_video_in import looks_like_quadrants
+from engine.app import AppConfig
+from engine.show import ShowConfig, build_show
+
+box_cmd = [sys.executable, "-m", "engine", "--no-log-file", "serve", "--from", "laptop-cam", "--ndi-name", "dd-box",
+           "--", "--source", "image:" + image, "--presets-dir", presets, "--preset", "box", "--output", "160x96",
+           "--fps", "30", "--fresh"]
+box = subprocess.Popen(box_cmd)
+show = build_show(ShowConfig.bare(app=AppConfig(source="ndi:dd-box", presets_dir=presets, preset="box",
+                  output_size=(160, 96), hot_reload=False, source_max_age=1.0), fallback_scene="reaction_diffusion"))
+app = show.app
+app.input.primary.backoff.first = app.input.primary.backoff.cap = 0.3
+app.input.primary.watchdog = 1.0
+show.start()
+
+def until(condition, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        app.step()
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+def box_picture():
+    frame = app.input.primary.slot.latest()[0]
+    return not app.input.fallback_active and frame is not None and looks_like_quadrants(frame)
+
+def stage(name, ok):
+    print(json.dumps({"stage": name, "ok": ok, "source": app.status.source, "scene": app.params.target("/scene/active"),
+                      "fallback": show.parts["fallback"].status}), flush=True)
+
+stage("box picture", until(lambda: box_picture() and app.params.target("/scene/active") == "passthrough"))
+box.kill(); box.wait()
+stage("box gone", until(lambda: app.params.target("/scene/active") == "reaction_diffusion"))
+box = subprocess.Popen(box_cmd)
+stage("box back", until(lambda: box_picture() and app.params.target("/scene/active") == "passthrough"))
+box.kill()
+show.close()
+"""
+
+
+def test_gpu_box_round_trip_and_the_laptops_fallback_scene(tmp_path: Path) -> None:
+    env = ndi_namespace_env(tmp_path)
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "box.toml").write_text('[scene]\nactive = "passthrough"\n\n[layer.source]\nopacity = 0.0\n')
+    image = tmp_path / "quadrants.png"
+    cv2.imwrite(str(image), cv2.cvtColor(quadrant_image(320, 192), cv2.COLOR_RGB2BGR))
+    result = in_loopback_namespace(BOX_LAPTOP, [str(Path(__file__).parent), str(presets), str(image)], env, 400)
+    stages = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert result.returncode == 0 and len(stages) == 3, result.stderr[-3000:]
+    assert all(s["ok"] for s in stages), json.dumps(stages, indent=1) + result.stderr[-2000:]
+    assert stages[1]["fallback"] == "reaction_diffusion standing in for passthrough", stages[1]
