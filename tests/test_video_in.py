@@ -530,3 +530,87 @@ def test_gpu_box_round_trip_and_the_laptops_fallback_scene(tmp_path: Path) -> No
     assert result.returncode == 0 and len(stages) == 3, result.stderr[-3000:]
     assert all(s["ok"] for s in stages), json.dumps(stages, indent=1) + result.stderr[-2000:]
     assert stages[1]["fallback"] == "reaction_diffusion standing in for passthrough", stages[1]
+
+
+# -- several projectors: shows side by side on one box ----------------------------------------------
+
+# Two headless shows, each with its own ports, NDI name and device, as docs/guides/video-in.md
+# sets them up; then a third on the first one's ports, which must be refused in one line.
+TWO_SHOWS = """
+import json, subprocess, sys, time, urllib.request
+presets = sys.argv[1]
+
+def show(n, extra=()):
+    ports = ["--osc-port", str(9321 + 100 * n), "--oscquery-port", str(9322 + 100 * n),
+             "--status-port", str(9330 + 100 * n)]
+    return subprocess.Popen([sys.executable, "-m", "engine", "--no-log-file", "run", "--headless", "--fresh",
+                             "--source", "pattern", "--output", "160x96", "--fps", "30", "--presets-dir", presets,
+                             "--preset", "linked", "--ndi", f"projector-{n}", "--device", "cpu", *ports, *extra],
+                            stderr=subprocess.PIPE, text=True)
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return json.loads(reply.read())
+    except OSError:
+        return None
+
+shows = [show(1), show(2)]
+from pythonosc.udp_client import SimpleUDPClient
+facts, deadline = {}, time.monotonic() + 120
+while time.monotonic() < deadline:
+    for n in (1, 2):  # Link on, over each show's own OSC port (a preset does not hold it)
+        SimpleUDPClient("127.0.0.1", 9321 + 100 * n).send_message("/dreamdeck/link/enabled", True)
+    health = [get(f"http://127.0.0.1:{9330 + 100 * n}/health") for n in (1, 2)]
+    oscquery = [get(f"http://127.0.0.1:{9322 + 100 * n}/?HOST_INFO") for n in (1, 2)]
+    facts = {"health": health, "oscquery": oscquery}
+    if all(h and h["frames"] > 5 and "1 peer" in h["controls"].get("link", "") for h in health) and all(oscquery):
+        break
+    time.sleep(0.5)
+third = show(1)  # the first one's ports again
+try:
+    third.wait(60)
+    facts["third"] = {"code": third.returncode, "stderr": third.stderr.read().strip().splitlines()}
+except subprocess.TimeoutExpired:
+    third.kill()
+    facts["third"] = {"code": None, "stderr": []}
+for s in shows:
+    s.terminate()
+facts["codes"] = [s.wait(30) for s in shows]
+print(json.dumps(facts))
+"""
+
+
+def test_two_shows_side_by_side_keep_their_own_ports_and_share_link_tempo(tmp_path: Path) -> None:
+    env = ndi_namespace_env(tmp_path)
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "linked.toml").write_text('[scene]\nactive = "passthrough"\n')
+    result = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            "sh",
+            "-c",
+            f"ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo && "
+            f'exec {sys.executable} -c "$0" "$1"',
+            TWO_SHOWS,
+            str(presets),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    for n, health in enumerate(facts["health"], 1):
+        assert health is not None and health["frames"] > 5, facts
+        assert f"(projector-{n})'" in health["outputs"]["ndi"], health
+        assert "1 peer" in health["controls"]["link"], health["controls"]  # Link: each sees the other
+    assert all(facts["oscquery"]), facts
+    third = facts["third"]
+    assert third["code"] == 2 and len(third["stderr"]) >= 1, third
+    assert third["stderr"][-1].startswith("dreamdeck run: status page on 127.0.0.1:9430"), third
+    assert facts["codes"] == [0, 0], facts
