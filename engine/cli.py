@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--screenshot", type=Path, help="save the last output frame to this image file")
     run.add_argument("--fps", type=_positive_float, default=60.0, help="frame rate cap (default 60)")
     run.add_argument("--presets-dir", type=Path, default=PRESETS_DIR, help="where presets live")
+    run.add_argument("--shaders-dir", type=Path, help="where the shaders live (default: the project's shaders/)")
     run.add_argument("--no-vsync", action="store_true", help="do not wait for the display's refresh")
     run.add_argument(
         "--status-port",
@@ -285,6 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="-- RUN FLAGS",
         help="more `dreamdeck run` flags, e.g. -- --preset realtime --device cuda:1 --osc-port 9421",
     )
+
+    bundle = sub.add_parser(
+        "bundle",
+        help="gather presets, their models and the wheels for an offline machine",
+        description="Copy the presets, the models they name (from the local Hugging Face cache, in its own "
+        "layout) and the wheels for the target machine into --out; DIR/INSTALL.txt says how to install "
+        "and play there without a network.",
+    )
+    bundle.add_argument("--preset", nargs="+", required=True, metavar="NAME", help="the presets to play offline")
+    bundle.add_argument("--out", type=Path, required=True, metavar="DIR")
+    bundle.add_argument("--presets-dir", type=Path, default=PRESETS_DIR, help="where the presets live")
+    bundle.add_argument("--cache-dir", type=Path, help="the Hugging Face hub cache (default: this user's)")
+    bundle.add_argument(
+        "--platform", help="target platform for the wheels, e.g. manylinux2014_x86_64 (default: this one)"
+    )
+    bundle.add_argument("--python-version", help="target Python for the wheels, e.g. 3.11 (default: this one)")
+    bundle.add_argument("--extras", default="diffusion", help="the dreamdeck extras to install (default diffusion)")
+    bundle.add_argument("--no-deps", action="store_true", help="only dreamdeck's own wheel, not its dependencies")
+    bundle.add_argument("--no-wheels", action="store_true", help="no wheels at all (models and presets only)")
 
     service = sub.add_parser(
         "install-service",
@@ -479,6 +499,7 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
             output_size=output,
             presets_dir=args.presets_dir,
             torch=torch,
+            **({} if args.shaders_dir is None else {"shaders_dir": args.shaders_dir}),
         ),
         window=window,
         fps=args.fps,
@@ -527,6 +548,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("serve: control stays on this machine (give --allow ADDR to control it across the LAN)")
     log.info("serve: dreamdeck %s", " ".join(run_args))
     return cmd_run(build_parser().parse_args(run_args))
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from engine.bundle import human, make_bundle
+    from engine.presets import PresetError
+
+    try:
+        report = make_bundle(
+            args.preset,
+            args.out,
+            args.presets_dir,
+            cache_dir=args.cache_dir,
+            wheels=not args.no_wheels,
+            deps=not args.no_deps,
+            platform=args.platform,
+            python_version=args.python_version,
+            extras=args.extras,
+        )
+    except PresetError as exc:
+        print(f"dreamdeck bundle: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as exc:
+        print(f"dreamdeck bundle: pip failed ({exc.returncode}): {' '.join(exc.cmd[:6])}...", file=sys.stderr)
+        return 1
+    for repo in report.models:
+        print(f"model   {repo}")
+    print(f"wheels  {len(report.wheels)}")
+    print(f"total   {human(report.size_bytes)} in {args.out}")
+    print((args.out / "INSTALL.txt").read_text(encoding="utf-8"), end="")
+    for repo, presets in report.missing.items():
+        print(
+            f"dreamdeck bundle: {', '.join(presets)} needs {repo}, which is not in the Hugging Face cache; "
+            f"fetch it with: hf download {repo}",
+            file=sys.stderr,
+        )
+    return 1 if report.missing else 0
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -615,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_bench,
         "install-service": cmd_install_service,
         "serve": cmd_serve,
+        "bundle": cmd_bundle,
     }
     from engine.scenes.plugins import ScenesNotFound
 

@@ -485,10 +485,9 @@ box_cmd = [sys.executable, "-m", "engine", "--no-log-file", "serve", "--from", "
            "--fps", "30", "--fresh"]
 box = subprocess.Popen(box_cmd)
 show = build_show(ShowConfig.bare(app=AppConfig(source="ndi:dd-box", presets_dir=presets, preset="box",
-                  output_size=(160, 96), hot_reload=False, source_max_age=1.0), fallback_scene="reaction_diffusion"))
+                  output_size=(160, 96), hot_reload=False), fallback_scene="reaction_diffusion"))
 app = show.app
 app.input.primary.backoff.first = app.input.primary.backoff.cap = 0.3
-app.input.primary.watchdog = 1.0
 show.start()
 
 def until(condition, timeout=90):
@@ -510,7 +509,8 @@ def stage(name, ok):
 
 stage("box picture", until(lambda: box_picture() and app.params.target("/scene/active") == "passthrough"))
 box.kill(); box.wait()
-stage("box gone", until(lambda: app.params.target("/scene/active") == "reaction_diffusion"))
+stage("box gone", until(lambda: app.params.target("/scene/active") == "reaction_diffusion"
+                        and "lost" in app.status.source and show.parts["fallback"].standing_in))
 box = subprocess.Popen(box_cmd)
 stage("box back", until(lambda: box_picture() and app.params.target("/scene/active") == "passthrough"))
 box.kill()
@@ -614,3 +614,140 @@ def test_two_shows_side_by_side_keep_their_own_ports_and_share_link_tempo(tmp_pa
     assert third["code"] == 2 and len(third["stderr"]) >= 1, third
     assert third["stderr"][-1].startswith("dreamdeck run: status page on 127.0.0.1:9430"), third
     assert facts["codes"] == [0, 0], facts
+
+
+# -- an offline bundle ----------------------------------------------------------------------------
+
+
+def fake_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    """Put ``folder`` into ``cache`` as the hub would have downloaded it: blobs by hash, a
+    snapshot of relative links to them, refs/main naming the snapshot."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+BUNDLE_PRESET = """[scene]
+active = "realtime"
+
+[scene.realtime]
+model = "dreamdeck-test/tiny-turbo"
+vae = ""
+steps = 1
+"""
+
+
+def test_a_bundle_of_tiny_models_installs_offline_and_plays_its_preset(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
+    from engine.bundle import make_bundle
+    from engine.diffusion.configs import build_random_model
+
+    cache = tmp_path / "cache"
+    build_random_model("tiny").save_pretrained(tmp_path / "tiny-turbo")
+    fake_hub_cache(cache, "dreamdeck-test/tiny-turbo", tmp_path / "tiny-turbo")
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "gallery.toml").write_text(BUNDLE_PRESET)
+    (presets / "elsewhere.toml").write_text(BUNDLE_PRESET.replace("dreamdeck-test/tiny-turbo", "nobody/not-cached"))
+    out = tmp_path / "bundle"
+
+    report = make_bundle(["gallery", "elsewhere"], out, presets, cache_dir=cache, deps=False)
+    assert report.models == ["dreamdeck-test/tiny-turbo"] and report.missing == {"nobody/not-cached": ["elsewhere"]}
+    assert any(name.startswith("dreamdeck-") for name in report.wheels) and report.size_bytes > 10_000
+    assert (out / "hf" / "hub" / "models--dreamdeck-test--tiny-turbo" / "refs" / "main").is_file()
+
+    # the offline machine: a fresh venv (the heavy dependencies from the system's site-packages,
+    # as --no-deps bundles only dreamdeck's wheel), installed from the bundle with no index
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    pip = subprocess.run(
+        [
+            str(venv / "bin" / "pip"),
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--ignore-installed",
+            "--find-links",
+            str(out / "wheels"),
+            "dreamdeck",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HOME", "HF_HUB_CACHE")}
+    env.update(HF_HOME=str(out / "hf"), HF_HUB_OFFLINE="1", HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    shot = tmp_path / "shot.png"
+    run = subprocess.run(
+        [
+            str(venv / "bin" / "dreamdeck"),
+            "--no-log-file",
+            "run",
+            "--headless",
+            "--fresh",
+            "--source",
+            "pattern",
+            "--presets-dir",
+            str(out / "presets"),
+            "--shaders-dir",
+            str(out / "shaders"),
+            "--preset",
+            "gallery",
+            "--output",
+            "64x64",
+            "--frames",
+            "400",
+            "--no-status",
+            "--no-osc",
+            "--device",
+            "cpu",
+            "--screenshot",
+            str(shot),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (
+        str(venv)
+        in subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import engine; print(engine.__file__)"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    assert "scene realtime loaded" in run.stderr, run.stderr[-3000:]
+
+
+def test_bundle_names_a_model_the_cache_lacks_with_the_command_that_fetches_it(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("huggingface_hub")
+    from engine.cli import main
+
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "elsewhere.toml").write_text(BUNDLE_PRESET.replace("dreamdeck-test/tiny-turbo", "nobody/not-cached"))
+    (tmp_path / "cache").mkdir()
+    argv = ["--no-log-file", "bundle", "--preset", "elsewhere", "--out", str(tmp_path / "out"), "--no-wheels"]
+    code = main([*argv, "--presets-dir", str(presets), "--cache-dir", str(tmp_path / "cache")])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "elsewhere needs nobody/not-cached" in captured.err and "hf download nobody/not-cached" in captured.err
+    assert "total " in captured.out and "pip install --no-index --find-links wheels" in captured.out
