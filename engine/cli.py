@@ -167,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="preset name or 1-based number (default: the last one played, else default)")
     run.add_argument(
         "--source",
-        help="camera:N | camera:/dev/videoN | file:PATH | image:PATH | pattern "
-        "(default: first camera that opens, else pattern)",
+        help="camera:N | camera:/dev/videoN | file:PATH | image:PATH | ndi:NAME | spout:NAME (Windows) | "
+        "syphon:NAME (macOS) | pattern (default: first camera that opens, else pattern)",
     )
     run.add_argument("--fullscreen", action=argparse.BooleanOptionalAction, help="fullscreen on --monitor")
     run.add_argument(
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--screenshot", type=Path, help="save the last output frame to this image file")
     run.add_argument("--fps", type=_positive_float, default=60.0, help="frame rate cap (default 60)")
     run.add_argument("--presets-dir", type=Path, default=PRESETS_DIR, help="where presets live")
+    run.add_argument("--shaders-dir", type=Path, help="where the shaders live (default: the project's shaders/)")
     run.add_argument("--no-vsync", action="store_true", help="do not wait for the display's refresh")
     run.add_argument(
         "--status-port",
@@ -236,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these senders may use the status page (an IP or a network like 192.168.1.0/24; "
         "repeat for more); the token is still needed off the loopback",
     )
+    run.add_argument(
+        "--status-https",
+        action="store_true",
+        help="serve the status page over HTTPS with a self-signed certificate (kept in the state folder): "
+        "browsers give the camera (--source webrtc) only to https pages off localhost",
+    )
+    run.add_argument("--status-cert", type=Path, help="serve HTTPS with this PEM certificate (with --status-key)")
+    run.add_argument("--status-key", type=Path, help="the private key of --status-cert (PEM)")
     run.add_argument("--no-status", action="store_true", help="no status page")
     live = run.add_argument_group("live control (OSC, OSCQuery, MIDI, DMX, audio)")
     live.add_argument("--osc-port", type=_port, default=9321, help="OSC UDP port (default 9321)")
@@ -331,8 +340,66 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"realtime scene backend: {ACCEL_HELP} (default auto: compile on CUDA, eager elsewhere)",
     )
     run.add_argument(
+        "--fallback-scene",
+        metavar="SCENE",
+        help="play this scene while the source is lost (e.g. a local scene while the GPU box is away)",
+    )
+    run.add_argument(
         "--hours", help='opening hours, e.g. "Mon-Fri 10:00-18:00, Sat 12:00-20:00": black and paused outside them'
     )
+
+    serve = sub.add_parser(
+        "serve",
+        help="GPU box: a headless show from an NDI (or WebRTC) source, sent back over NDI",
+        description="Run a headless show on a GPU box for the venue: frames in from --from, the result out "
+        "over NDI as --ndi-name. Control (OSC, OSCQuery, the web page) stays on this machine unless --allow "
+        "names who may use it across the LAN; then a token is needed too (given, or generated and printed).",
+    )
+    serve.add_argument(
+        "--from",
+        dest="source_name",
+        required=True,
+        metavar="NDI_NAME|webrtc",
+        help="the NDI sender to take frames from (name or part of it), or 'webrtc'",
+    )
+    serve.add_argument("--ndi-name", default="dreamdeck-box", help="the NDI name the result is sent as")
+    serve.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="open OSC, OSCQuery and the web page to this address or network (repeatable)",
+    )
+    serve.add_argument(
+        "--token",
+        default=os.environ.get("DREAMDECK_STATUS_TOKEN"),
+        help="the web page's token (default $DREAMDECK_STATUS_TOKEN, else generated)",
+    )
+    serve.add_argument(
+        "run_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- RUN FLAGS",
+        help="more `dreamdeck run` flags, e.g. -- --preset realtime --device cuda:1 --osc-port 9421",
+    )
+
+    bundle = sub.add_parser(
+        "bundle",
+        help="gather presets, their models and the wheels for an offline machine",
+        description="Copy the presets, the models they name (from the local Hugging Face cache, in its own "
+        "layout) and the wheels for the target machine into --out; DIR/INSTALL.txt says how to install "
+        "and play there without a network.",
+    )
+    bundle.add_argument("--preset", nargs="+", required=True, metavar="NAME", help="the presets to play offline")
+    bundle.add_argument("--out", type=Path, required=True, metavar="DIR")
+    bundle.add_argument("--presets-dir", type=Path, default=PRESETS_DIR, help="where the presets live")
+    bundle.add_argument("--cache-dir", type=Path, help="the Hugging Face hub cache (default: this user's)")
+    bundle.add_argument(
+        "--platform", help="target platform for the wheels, e.g. manylinux2014_x86_64 (default: this one)"
+    )
+    bundle.add_argument("--python-version", help="target Python for the wheels, e.g. 3.11 (default: this one)")
+    bundle.add_argument("--extras", default="diffusion", help="the dreamdeck extras to install (default diffusion)")
+    bundle.add_argument("--no-deps", action="store_true", help="only dreamdeck's own wheel, not its dependencies")
+    bundle.add_argument("--no-wheels", action="store_true", help="no wheels at all (models and presets only)")
 
     service = sub.add_parser(
         "install-service",
@@ -518,6 +585,7 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
             saved, source=source, fullscreen=fullscreen, monitor=monitor, window_size=size, output_size=output
         )
     )
+    cert, key = _status_tls(args)
     status = (
         None
         if args.no_status
@@ -527,6 +595,8 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
                 DEFAULT_STATUS_PORT if args.status_port is None else args.status_port,
                 args.status_token,
                 allow=tuple(args.status_allow) or None,
+                cert=cert,
+                key=key,
             ),
             required=args.status_port is not None,
         )
@@ -538,6 +608,7 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
             output_size=output,
             presets_dir=args.presets_dir,
             torch=torch,
+            **({} if args.shaders_dir is None else {"shaders_dir": args.shaders_dir}),
         ),
         window=window,
         fps=args.fps,
@@ -545,7 +616,85 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
         outputs=outputs,
         state=state,
         status=status,
+        fallback_scene=args.fallback_scene,
     )
+
+
+def _status_tls(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The status page's certificate and key: given, self-signed (--status-https), or none (HTTP)."""
+    if args.status_cert is not None:
+        if args.status_key is None and not args.status_cert.is_file():
+            raise ValueError(f"--status-cert {args.status_cert}: no such file")
+        return str(args.status_cert), None if args.status_key is None else str(args.status_key)
+    if args.status_key is not None:
+        raise ValueError("--status-key needs --status-cert")
+    if not args.status_https:
+        return None, None
+    from engine.state import state_dir
+    from engine.web.tls import self_signed
+
+    cert_path, key_path = self_signed(state_dir(), (args.status_host,))
+    return str(cert_path), str(key_path)
+
+
+def serve_run_args(args: argparse.Namespace) -> list[str]:
+    """`dreamdeck serve` flags -> the `dreamdeck run` flags they stand for."""
+    source = "webrtc" if args.source_name == "webrtc" else f"ndi:{args.source_name}"
+    run_args = ["run", "--headless", "--source", source, "--ndi", args.ndi_name]
+    if args.allow:  # open to the LAN only for the senders named, and with a token for the page
+        run_args += ["--osc-host", "0.0.0.0", "--status-host", "0.0.0.0"]
+        for address in args.allow:
+            run_args += ["--osc-allow", address, "--status-allow", address]
+    if args.token:
+        run_args += ["--status-token", args.token]
+    extra = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+    return run_args + extra
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    run_args = serve_run_args(args)
+    if not args.allow:
+        log.info("serve: control stays on this machine (give --allow ADDR to control it across the LAN)")
+    log.info("serve: dreamdeck %s", " ".join(run_args))
+    return cmd_run(build_parser().parse_args(run_args))
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from engine.bundle import human, make_bundle
+    from engine.presets import PresetError
+
+    try:
+        report = make_bundle(
+            args.preset,
+            args.out,
+            args.presets_dir,
+            cache_dir=args.cache_dir,
+            wheels=not args.no_wheels,
+            deps=not args.no_deps,
+            platform=args.platform,
+            python_version=args.python_version,
+            extras=args.extras,
+        )
+    except PresetError as exc:
+        print(f"dreamdeck bundle: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as exc:
+        print(f"dreamdeck bundle: pip failed ({exc.returncode}): {' '.join(exc.cmd[:6])}...", file=sys.stderr)
+        return 1
+    for repo in report.models:
+        print(f"model   {repo}")
+    print(f"wheels  {len(report.wheels)}")
+    print(f"total   {human(report.size_bytes)} in {args.out}")
+    print((args.out / "INSTALL.txt").read_text(encoding="utf-8"), end="")
+    for repo, presets in report.missing.items():
+        print(
+            f"dreamdeck bundle: {', '.join(presets)} needs {repo}, which is not in the Hugging Face cache; "
+            f"fetch it with: hf download {repo}",
+            file=sys.stderr,
+        )
+    return 1 if report.missing else 0
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -693,7 +842,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.logsetup import setup_logging
 
     # the file is for the show (and its post-mortem); `dreamdeck params` need not touch the disk
-    setup_logging(args.log_level, args.log_file, to_file=args.command == "run" and not args.no_log_file)
+    to_file = args.command in ("run", "serve") and not args.no_log_file
+    setup_logging(args.log_level, args.log_file, to_file=to_file)
     commands = {
         "run": cmd_run,
         "params": cmd_params,
@@ -702,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_bench,
         "install-service": cmd_install_service,
         "train-lora": cmd_train_lora,
+        "serve": cmd_serve,
+        "bundle": cmd_bundle,
     }
     from engine.scenes.plugins import ScenesNotFound
 

@@ -22,6 +22,7 @@ from typing import Literal
 from engine.app import App, AppConfig, Surface
 from engine.clock import ManualClock, RealClock
 from engine.control.dmx import SACN_NEEDS, parse_inputs, sacn_available
+from engine.control.fallback import FallbackScene
 from engine.control.osc import check_binding
 from engine.control.setup import ControlConfig, install_controls
 from engine.outputs.recorder import DEFAULT_PATTERN, RECORD_PARAM, Recorder
@@ -78,6 +79,7 @@ class ShowConfig:
     outputs: OutputConfig = OutputConfig()
     state: StateConfig | None = StateConfig()  # None: remember nothing
     status: StatusPageConfig | None = StatusPageConfig()  # None: no status page
+    fallback_scene: str | None = None  # this scene plays while the source is lost (engine/control/fallback.py)
 
     @classmethod
     def bare(cls, app: AppConfig = AppConfig(), **overrides: object) -> ShowConfig:
@@ -162,6 +164,8 @@ def build_show(config: ShowConfig, *, catalog: SceneCatalog | None = None) -> Sh
     # 1. check what can be checked before anything opens
     config.check()
     catalog = _pick_scenes(catalog or installed_catalog(), config.scenes)
+    if config.fallback_scene is not None and config.fallback_scene not in catalog.names():
+        raise ShowError(f"fallback scene {config.fallback_scene!r} is not one of {', '.join(catalog.names())}")
 
     # 2. the surface, then the app on it: sources, scenes, compositor
     surface = HeadlessSurface() if config.window is None else WindowSurface(config.window)
@@ -175,6 +179,8 @@ def build_show(config: ShowConfig, *, catalog: SceneCatalog | None = None) -> Sh
     try:
         # 3. the controls, in the order they run at the frame boundary
         show.parts.update(install_controls(app, config.controls))
+        if config.fallback_scene is not None:
+            show.parts["fallback"] = app.add_control(FallbackScene(app, config.fallback_scene))
         # 4. the outputs, in the order they read each frame
         _add_outputs(show)
         # 5. the status page (it reads the frames the outputs above have seen)
@@ -230,5 +236,7 @@ def _add_status_page(show: Show, page: StatusPageConfig) -> StatusServer | None:
         # a port that is taken (another dreamdeck?) when none was asked for: the show matters more than the page
         log.warning("status page off: %s: %s (choose a port with --status-port)", where, exc)
         return None
+    if getattr(show.app.input.primary, "kind", "") == "webrtc":
+        server.webrtc = show.app.input.primary  # the camera page's offers go to it
     show.parts["status"] = server
     return server

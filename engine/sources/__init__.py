@@ -9,6 +9,7 @@ waits.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ import numpy as np
 from engine.params import ParamRegistry
 from engine.sources.base import Source
 from engine.sources.capture import CaptureSource
+from engine.sources.gpu_share import SpoutSource, SyphonSource, platform_refusal
 from engine.sources.image import ImageSource
+from engine.sources.ndi import NdiSource
 from engine.sources.pattern import PatternSource, render_pattern
 
 log = logging.getLogger(__name__)
@@ -28,8 +31,11 @@ __all__ = [
     "CaptureSource",
     "ImageSource",
     "LiveInput",
+    "NdiSource",
     "PatternSource",
     "Source",
+    "SpoutSource",
+    "SyphonSource",
     "SourceSpec",
     "SourceSpecError",
     "open_source",
@@ -37,7 +43,7 @@ __all__ = [
     "render_pattern",
 ]
 
-SPEC_FORMS = "camera:N, camera:/dev/videoN, file:PATH, image:PATH or pattern"
+SPEC_FORMS = "camera:N, camera:/dev/videoN, file:PATH, image:PATH, ndi:NAME, spout:NAME, syphon:NAME, webrtc or pattern"
 DEFAULT_CAMERA_DEVICE = Path("/dev/video0")
 
 
@@ -47,14 +53,14 @@ class SourceSpecError(ValueError):
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """A parsed spec: ``kind`` is camera, file, image or pattern."""
+    """A parsed spec: ``kind`` is camera, file, image, ndi, spout, syphon or pattern."""
 
     kind: str
-    target: int | str | None = None  # camera index or device path, or a file path
+    target: int | str | None = None  # camera index or device path, a file path, or a sender's name
 
 
 def parse_source_spec(spec: str) -> SourceSpec:
-    """Parse ``camera:0 | camera:/dev/video0 | file:PATH | image:PATH | pattern``.
+    """Parse ``camera:0 | camera:/dev/video0 | file:PATH | image:PATH | ndi:NAME | spout:NAME | syphon:NAME | pattern``.
 
     Files and images must exist now: a typo at start-up is an error to report, not an
     outage to ride out. A camera device path need not exist yet (it may be plugged in
@@ -80,6 +86,14 @@ def parse_source_spec(spec: str) -> SourceSpec:
         if not path.is_file():
             raise SourceSpecError(f"source spec {spec!r}: {path} is not a file")
         return SourceSpec(kind, str(path))
+    if kind == "webrtc":
+        if rest:
+            raise SourceSpecError(f"source spec {spec!r}: 'webrtc' takes no argument (browsers open /camera)")
+        if importlib.util.find_spec("aiortc") is None:
+            raise SourceSpecError(f"source spec {spec!r}: WebRTC needs aiortc (pip install 'dreamdeck[webrtc]')")
+        return SourceSpec("webrtc")
+    if kind in ("ndi", "spout", "syphon"):
+        return SourceSpec(kind, _sender_target(spec, kind, rest))
     if not sep:
         raise SourceSpecError(f"unknown source {spec!r}; expected {SPEC_FORMS}")
     raise SourceSpecError(f"unknown source kind {kind!r} in {spec!r}; expected {SPEC_FORMS}")
@@ -102,6 +116,21 @@ def _camera_target(spec: str, rest: str) -> int | str:
     return index
 
 
+def _sender_target(spec: str, kind: str, rest: str) -> str:
+    """Another app's sender: refused now, in one line, where it can never work (platform, package)."""
+    name = rest.strip()
+    if kind == "ndi":
+        if not name:
+            raise SourceSpecError(f"source spec {spec!r}: missing the NDI sender's name (or part of it) after 'ndi:'")
+        if importlib.util.find_spec("cyndilib") is None:
+            raise SourceSpecError(f"source spec {spec!r}: NDI needs cyndilib (pip install 'dreamdeck[ndi]')")
+        return name
+    refusal = platform_refusal(kind)
+    if refusal is not None:
+        raise SourceSpecError(f"source spec {spec!r}: {refusal}")
+    return name
+
+
 def open_source(
     spec: str | None, params: ParamRegistry | None = None, size: tuple[int, int] = (1280, 720), fps: float = 30
 ) -> Source:
@@ -122,7 +151,16 @@ def open_source(
     if parsed.kind == "image":
         assert parsed.target is not None
         return ImageSource(parsed.target)
+    if parsed.kind in ("ndi", "spout", "syphon"):
+        return _RECEIVERS[parsed.kind](str(parsed.target))
+    if parsed.kind == "webrtc":
+        from engine.sources.webrtc import WebRtcSource
+
+        return WebRtcSource()
     return PatternSource(size, fps, params)
+
+
+_RECEIVERS: dict[str, type[Source]] = {"ndi": NdiSource, "spout": SpoutSource, "syphon": SyphonSource}
 
 
 def _default_source(params: ParamRegistry | None, size: tuple[int, int], fps: float) -> Source:

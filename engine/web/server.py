@@ -26,6 +26,12 @@ Routes::
     GET  /api/actions      JSON: the actions this engine has, as declared (name, args, signature)
     POST /api/param        {"path": "/fx/kaleido/segments", "value": 6}
     POST /api/action       {"name": "scene/select", "args": ["passthrough"]}
+    GET  /camera           the page that sends the browser's camera (--source webrtc)
+    POST /api/webrtc/offer {"type": "offer", "sdp": "..."} -> the answer (engine/sources/webrtc.py)
+
+HTTPS (``StatusConfig.cert``/``key``, or a self-signed pair from engine.web.tls): browsers
+give the camera only to https pages or http://localhost, so the camera page off the
+loopback needs it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import math
 import re
 import secrets
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +80,8 @@ class StatusConfig:
     max_body: int = 64 * 1024
     max_connections: int = 32  # more at once are closed unanswered: a phone needs two or three
     request_timeout_s: float = 10.0  # a client that stops sending mid-request is dropped
+    cert: str | None = None  # a PEM certificate (and ``key``): serve HTTPS
+    key: str | None = None
 
 
 class RemoteApp(Protocol):
@@ -118,8 +127,14 @@ class StatusServer:
         self.token = secrets.token_urlsafe(18) if self.token_generated else token
         allow = None if config.allow is None else list(config.allow)
         self.access = Access.for_binding(config.host, allow, "the status page", token=self.token)
-        self.page = (resources.files("engine.web") / "static" / "index.html").read_bytes()
+        static = resources.files("engine.web") / "static"
+        self.page = (static / "index.html").read_bytes()
+        self.camera_page = (static / "camera.html").read_bytes()
+        self.webrtc: Any = None  # the show's WebRtcSource, when its source is ``webrtc``
+        self.scheme = "https" if config.cert else "http"
         self._httpd = _HTTPServer(self, (config.host, config.port))
+        if config.cert:
+            self._httpd.socket = _tls_context(config.cert, config.key).wrap_socket(self._httpd.socket, server_side=True)
         self._thread: threading.Thread | None = None
 
     # -- Control ----------------------------------------------------------------------------
@@ -136,7 +151,7 @@ class StatusServer:
         if ":" in host:
             host = f"[{host}]"
         query = f"?token={self.token}" if self.token else ""
-        return f"http://{host}:{self.port}/{query}"
+        return f"{self.scheme}://{host}:{self.port}/{query}"
 
     @property
     def status(self) -> str:
@@ -218,9 +233,30 @@ class StatusServer:
             raise _Reply(400, str(exc)) from None
         return {"queued": name, "args": list(bound)}
 
+    def webrtc_offer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The camera page's offer, answered by the show's webrtc source (400: one line why not)."""
+        if self.webrtc is None:
+            raise _Reply(404, "this show's source is not webrtc (start it with --source webrtc)")
+        from engine.sources.webrtc import OfferRefused
+
+        try:
+            return dict(self.webrtc.answer(body))
+        except OfferRefused as exc:
+            log.warning("webrtc offer refused: %s (the show plays on)", exc)
+            raise _Reply(400, str(exc)) from None
+
     def authorised(self, query: dict[str, list[str]], authorization: str | None) -> bool:
         given = (query.get("token") or [""])[0] or bearer(authorization)
         return self.access.token_ok(given)
+
+
+def _tls_context(cert: str, key: str | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"HTTPS certificate {cert}: {exc}") from None
+    return context
 
 
 def _plain_arg(value: Any) -> bool:
@@ -397,12 +433,17 @@ class _Handler(BaseHTTPRequestHandler):
             "/api/params": lambda: self._json(200, owner.params_json()),
             "/api/presets": self._presets,
             "/api/actions": lambda: self._json(200, owner.actions_json()),
+            "/camera": self._camera_page,
         }
-        posts = {"/api/param": owner.set_param, "/api/action": owner.post_action}
+        posts = {
+            "/api/param": owner.set_param,
+            "/api/action": owner.post_action,
+            "/api/webrtc/offer": owner.webrtc_offer,
+        }
         if route[0] in ("GET", "HEAD") and route[1] in gets:
             gets[route[1]]()
         elif route[0] == "POST" and route[1] in posts:
-            self._json(200 if route[1] == "/api/param" else 202, posts[route[1]](self._read_json(owner)))
+            self._json(202 if route[1] == "/api/action" else 200, posts[route[1]](self._read_json(owner)))
         elif route[1] in gets or route[1] in posts:
             allow = "GET, HEAD" if route[1] in gets else "POST"
             raise _Reply(405, f"{self.command} is not allowed here; use {allow}", {"Allow": allow})
@@ -421,7 +462,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_json(self, owner: StatusServer) -> dict[str, Any]:
         origin = self.headers.get("Origin")
-        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
+        if origin is not None and origin != f"{owner.scheme}://{self.headers.get('Host', '')}":
             raise _Reply(403, "cross-site requests are not accepted")
         if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
             raise _Reply(415, "send JSON with Content-Type: application/json")
@@ -447,6 +488,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _page(self) -> None:
         self._send(200, self.server.owner.page, "text/html; charset=utf-8", {"Content-Security-Policy": _PAGE_CSP})
+
+    def _camera_page(self) -> None:
+        csp = _PAGE_CSP.replace("img-src", "media-src 'self' blob: mediastream:; img-src")
+        self._send(200, self.server.owner.camera_page, "text/html; charset=utf-8", {"Content-Security-Policy": csp})
 
     def _thumbnail(self) -> None:
         jpeg = self.server.owner.feed.latest_jpeg()
