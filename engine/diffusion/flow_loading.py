@@ -273,7 +273,50 @@ def _load_single_file(kind: FlowKind, spec: FlowSpec, cls: Any, where: dict[str,
             _flux_state_dict(spec.model, config, where), config=config, subfolder="transformer", **where
         )
         return cls.from_pretrained(config, transformer=transformer, **where)
+    if kind == "sd3":  # the transformer, maybe the VAE and text encoders: the rest from config
+        return cls.from_single_file(spec.model, config=config, **_sd3_parts_not_in(spec.model, config, where), **where)
     return cls.from_single_file(spec.model, config=config, **where)
+
+
+SD3_FILE_PARTS = {  # where Stability's single files keep each part, by the pipeline's names
+    "vae": "first_stage_model.",
+    "text_encoder": "text_encoders.clip_l.",
+    "text_encoder_2": "text_encoders.clip_g.",
+    "text_encoder_3": "text_encoders.t5xxl.",
+}
+
+
+def _sd3_parts_not_in(path: str, config: str, where: dict[str, Any]) -> dict[str, Any]:
+    """The parts an SD3 file lacks, loaded from ``config``: diffusers' own fallback looks for the text
+    encoders under diffusers' weight names (``diffusion_pytorch_model.*``), which transformers'
+    folders never have, so an SD3.5 file without them would not load at all."""
+    import importlib
+
+    from diffusers import DiffusionPipeline
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as opened:
+        keys = list(opened.keys())
+    index = DiffusionPipeline.load_config(
+        config, local_files_only=where["local_files_only"], cache_dir=where["cache_dir"]
+    )
+    parts: dict[str, Any] = {}
+    for name, prefix in SD3_FILE_PARTS.items():
+        if any(key.startswith(prefix) for key in keys):
+            continue
+        entry = index.get(name) or [None, None]  # [library, class name]
+        if entry[1] is None:
+            parts[name] = None  # not in the config either: the prompt bank names the missing encoder
+            continue
+        module: Any = getattr(importlib.import_module(str(entry[0])), str(entry[1]))
+        try:
+            parts[name] = module.from_pretrained(config, subfolder=name, **where)
+        except OSError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotFound(
+                path, f"its {name} is neither in the file nor in {config} ({first}): give a config that has it"
+            ) from exc
+    return parts
 
 
 def _flux_state_dict(path: str, config: str, where: dict[str, Any]) -> dict[str, torch.Tensor]:
