@@ -138,6 +138,28 @@ def sd3_to_mmdit(state: dict) -> dict:
     return {MMDIT + k: v.contiguous() for k, v in out.items()}
 
 
+def vae_to_ldm(state: dict, blocks: int) -> dict:
+    """A diffusers AutoencoderKL's state dict in the LDM layout Stability's files keep it in
+    (``first_stage_model.``): the inverse of diffusers' ``convert_ldm_vae_checkpoint``."""
+    out = {}
+    for key, tensor in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        for i in range(blocks):
+            new = new.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
+            new = new.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            new = new.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{blocks - 1 - i}.block.")
+            new = new.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{blocks - 1 - i}.upsample.")
+        new = new.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+        if "mid_block.attentions.0." in new:
+            new = new.replace("mid_block.attentions.0.", "mid.attn_1.").replace("group_norm.", "norm.")
+            new = new.replace("to_q.", "q.").replace("to_k.", "k.").replace("to_v.", "v.")
+            new = new.replace("to_out.0.", "proj_out.")
+            if tensor.ndim == 2:  # LDM's attention projections are 1x1 convolutions
+                tensor = tensor[:, :, None, None]
+        out["first_stage_model." + new] = tensor.contiguous()
+    return out
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """The tiny FLUX and SD3 pipelines, each saved as a diffusers folder."""
@@ -188,11 +210,19 @@ def test_the_bfl_layout_here_is_what_diffusers_converts_and_detects_as_schnell()
     assert infer_diffusers_model_type(guided) == "flux-dev"
 
 
-def test_a_flux_file_in_bfl_layout_loads_to_the_same_model(saved, tmp_path):
-    """flux1-schnell.safetensors is the transformer alone: the rest comes from the config folder."""
+@pytest.mark.parametrize("layout", ["bfl", "comfy", "diffusers"])
+def test_a_flux_file_in_bfl_layout_loads_to_the_same_model(saved, tmp_path, layout):
+    """flux1-schnell.safetensors is the transformer alone: the rest comes from the config folder.
+    Also as ComfyUI saves it (``model.diffusion_model.`` before BFL's names) and in diffusers' names."""
     pipe, folder = saved["flux"]
     path = tmp_path / "tiny-flux1-schnell.safetensors"
-    save_file(flux_to_bfl(pipe.transformer.state_dict()), str(path))
+    state = pipe.transformer.state_dict()
+    written = {
+        "bfl": lambda: flux_to_bfl(state),
+        "comfy": lambda: {MMDIT + k: v for k, v in flux_to_bfl(state).items()},
+        "diffusers": lambda: {k: v.contiguous() for k, v in state.items()},
+    }[layout]()
+    save_file(written, str(path))
     loaded = load_flow(FlowSpec(model=str(path), config=str(folder)), CPU)
     assert type(loaded).__name__ == "FluxImg2ImgPipeline"
     assert_same_weights(loaded.transformer, pipe.transformer)
@@ -212,6 +242,27 @@ def test_an_sd3_file_in_mmdit_layout_loads_to_the_same_model(saved, tmp_path):
     save_file(mmdit, str(path))
     loaded = load_flow(FlowSpec(model=str(path), config=str(folder)), CPU)
     assert type(loaded).__name__ == "StableDiffusion3Img2ImgPipeline"
+    assert_same_weights(loaded.transformer, pipe.transformer)
+    assert_same_weights(loaded.vae, pipe.vae)
+    assert_same_frame(loaded, pipe)
+
+
+def test_an_sd3_file_with_its_vae_in_ldm_layout_loads_both_from_the_file(saved, tmp_path):
+    """sd3.5_large_turbo.safetensors carries the VAE too (``first_stage_model.``): taken from the file,
+    not from the config folder (whose VAE here has other weights, to tell the two apart)."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    pipe, folder = saved["sd3"]
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    torch.manual_seed(7)
+    AutoencoderKL.from_config(pipe.vae.config).save_pretrained(other / "vae")  # not the file's VAE
+    blocks = len(pipe.vae.config.block_out_channels)
+    path = tmp_path / "tiny-sd3.5-with-vae.safetensors"
+    save_file({**sd3_to_mmdit(pipe.transformer.state_dict()), **vae_to_ldm(pipe.vae.state_dict(), blocks)}, str(path))
+    loaded = load_flow(FlowSpec(model=str(path), config=str(other)), CPU)
     assert_same_weights(loaded.transformer, pipe.transformer)
     assert_same_weights(loaded.vae, pipe.vae)
     assert_same_frame(loaded, pipe)
