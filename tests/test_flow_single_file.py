@@ -232,10 +232,16 @@ def test_a_flux_file_in_bfl_layout_loads_to_the_same_model(saved, tmp_path, layo
 def test_an_sd3_file_in_mmdit_layout_loads_to_the_same_model(saved, tmp_path):
     """The transformer in Stability's layout; the VAE and text encoders from the config folder.
     (diffusers cannot tell a tiny MMDiT's type from its keys: ``config`` says what it is.)"""
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_sd3_transformer_checkpoint_to_diffusers,
+        infer_diffusers_model_type,
+    )
 
     pipe, folder = saved["sd3"]
     mmdit = sd3_to_mmdit(pipe.transformer.state_dict())
+    # diffusers tells SD3 from the 9216-wide modulation of SD3 / SD3.5 Medium (then pos_embed's length)
+    # or from SD3.5 Large's 38th block; a tiny MMDiT has neither, and falls through to SD 1.x
+    assert infer_diffusers_model_type(mmdit) == "v1"
     back = convert_sd3_transformer_checkpoint_to_diffusers(dict(mmdit))
     assert all(torch.equal(back[k], v) for k, v in pipe.transformer.state_dict().items())  # the inverse is exact
     path = tmp_path / "tiny-sd3.5.safetensors"
