@@ -289,3 +289,12 @@ def test_a_single_file_whose_other_parts_are_nowhere_is_one_line(saved, tmp_path
         load_flow(FlowSpec(model=str(path), config=str(bare)), CPU)
     text = str(caught.value)
     assert "\n" not in text and "text_encoder_3" in text and str(bare) in text
+
+
+def test_a_sana_sprint_single_file_is_refused_in_one_line(tmp_path):
+    """diffusers has no single-file loader for SANA-Sprint's pipelines: say so, and what loads."""
+    path = tmp_path / "tiny-sana-sprint.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    with pytest.raises(ValueError, match="SANA-Sprint loads from a diffusers folder or hub id") as caught:
+        load_flow(FlowSpec(model=str(path)), CPU)
+    assert "\n" not in str(caught.value)

@@ -7,9 +7,11 @@ bank its own ``encode_prompt``, and the benchmark the pipeline itself.
 - A hub id or a local diffusers folder: ``from_pretrained`` (the family is read from
   ``model_index.json``). Offline (``HF_HUB_OFFLINE=1``) nothing is fetched, and a model that
   is not there is one ``ModelNotFound`` line with the command that gets it.
-- A single file: FLUX is published as the transformer alone (``flux1-schnell.safetensors``),
-  SD3.5 as the whole model (``sd3.5_large_turbo.safetensors``); the rest comes from ``config``
-  (a diffusers folder or hub id of the same model; by default the official one).
+- A single file: FLUX is published as the transformer alone (``flux1-schnell.safetensors``, Black
+  Forest Labs' names), SD3.5 as the transformer and VAE (``sd3.5_large_turbo.safetensors``,
+  Stability's); the rest comes from ``config`` (a diffusers folder or hub id of the same model;
+  by default the official one), which also says what the file is (no guessing from its keys).
+  SANA-Sprint: folders and hub ids only.
 - Gated models (FLUX.1-dev, every SD3.5) need their licence accepted on the Hub and a token:
   without one the load stops with that line, before any download.
 - ``declared_mb`` is what a model takes on the GPU (weights at bf16 plus working memory),
@@ -262,6 +264,11 @@ def absent_parts(cls: Any, index: dict[str, Any] | None) -> dict[str, None]:
 
 
 def _load_single_file(kind: FlowKind, spec: FlowSpec, cls: Any, where: dict[str, Any]) -> Any:
+    if kind == "sana_sprint":  # diffusers' SANA-Sprint pipelines have no from_single_file
+        raise ValueError(
+            f"{spec.model}: SANA-Sprint loads from a diffusers folder or hub id, not a single file "
+            f"(e.g. {DEFAULT_CONFIGS['sana_sprint']})"
+        )
     config = spec.config or DEFAULT_CONFIGS[kind]
     if classify_source(config) == "hub":
         require_token(config)
@@ -275,7 +282,7 @@ def _load_single_file(kind: FlowKind, spec: FlowSpec, cls: Any, where: dict[str,
         return cls.from_pretrained(config, transformer=transformer, **where)
     if kind == "sd3":  # the transformer, maybe the VAE and text encoders: the rest from config
         return cls.from_single_file(spec.model, config=config, **_sd3_parts_not_in(spec.model, config, where), **where)
-    return cls.from_single_file(spec.model, config=config, **where)
+    raise AssertionError(kind)  # every kind is handled above
 
 
 SD3_FILE_PARTS = {  # where Stability's single files keep each part, by the pipeline's names
