@@ -113,7 +113,7 @@ def reference(kind: str, pipe, stream: FlowStream, image: np.ndarray, steps: int
         num_inference_steps=steps,
         strength=1.0,
         max_timesteps=0.5 * TRIGFLOW_MAX,
-        intermediate_timesteps=None,
+        intermediate_timesteps=0.5 * 1.3 if steps == 2 else None,  # the pipeline's default, at strength 0.5
         guidance_scale=4.5,
         use_resolution_binning=False,
         **common,
@@ -125,8 +125,8 @@ def reference(kind: str, pipe, stream: FlowStream, image: np.ndarray, steps: int
 @pytest.mark.parametrize("kind", ["flux", "sd3", "sana_sprint"])
 def test_flow_hot_path_matches_the_diffusers_img2img_pipeline(pipes, posterior_mean, kind, steps):
     """FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline at strength 0.5 and 2k steps (their last k);
-    SanaSprintImg2ImgPipeline at max_timesteps 0.5 * pi / 2 and k steps. Frame i of a stream batch
-    comes out of call i + k - 1."""
+    SanaSprintImg2ImgPipeline at its max_timesteps and (2 steps) intermediate_timesteps times 0.5, and
+    k steps. Frame i of a stream batch comes out of call i + k - 1."""
     pipe = pipes[kind]
     images = frames(steps + 1)
     stream = make_stream(pipe, steps=steps)
@@ -138,6 +138,38 @@ def test_flow_hot_path_matches_the_diffusers_img2img_pipeline(pipes, posterior_m
     assert np.abs(as_float(outputs[steps - 1]) - first).max() <= ROUNDING
     assert np.abs(as_float(outputs[steps]) - second).max() <= ROUNDING
     assert np.abs(as_float(outputs[steps - 1]) - second).max() > 10 * ROUNDING  # a different input: different
+
+
+def test_sana_sprint_at_two_steps_and_full_strength_is_its_pipeline_called_with_its_defaults(pipes):
+    """SanaSprintImg2ImgPipeline's defaults: 2 steps, max_timesteps 1.5708, intermediate_timesteps 1.3
+    (not the evenly spaced 0.785), guidance 4.5; its default strength 0.6 drops no step of 2."""
+    pipe = pipes["sana_sprint"]
+    assert flow_schedule("sana_sprint", pipe.scheduler, 2, 1.0, 1).sigmas == pytest.approx((TRIGFLOW_MAX, 1.3, 0.0))
+    images = frames(3)
+    stream = make_stream(pipe, steps=2, strength=1.0)
+    outputs = [stream(f) for f in images]
+    text = stream.prompts.current
+
+    def defaults(image: np.ndarray, **schedule) -> np.ndarray:
+        return pipe(
+            **schedule,
+            prompt_embeds=text.embeds,
+            prompt_attention_mask=text.mask,
+            image=Image.fromarray(image),
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator().manual_seed(3),
+            output_type="np",
+            use_resolution_binning=False,  # 32 px: no aspect-ratio bin is that small
+        ).images[0]
+
+    assert np.abs(as_float(outputs[1]) - defaults(images[0])).max() <= ROUNDING
+    assert np.abs(as_float(outputs[2]) - defaults(images[1])).max() <= ROUNDING
+    evenly = defaults(images[0], intermediate_timesteps=None)  # the schedule this path used to run
+    assert np.abs(as_float(outputs[1]) - evenly).max() > 10 * ROUNDING
+    assert flow_schedule("sana_sprint", pipe.scheduler, 3, 1.0, 1).sigmas == pytest.approx(
+        (TRIGFLOW_MAX, 2 * TRIGFLOW_MAX / 3, TRIGFLOW_MAX / 3, 0.0)
+    )  # other step counts: evenly spaced (SCM takes an intermediate angle at 2 steps only)
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3", "sana_sprint"])

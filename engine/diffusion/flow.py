@@ -15,9 +15,9 @@ and its consistency step jumps to the predicted ``x_0`` and re-noises it to the 
 
 The numbers are the scheduler's own: ``flow_schedule`` runs ``set_timesteps`` as the
 pipelines do (FLUX's ``calculate_shift`` mu, SD3's dynamic shifting when its config asks for
-it, SCM's ``max_timesteps``) and keeps the stages img2img at this strength would run. Only
-the formulas of ``scale_noise`` and ``step`` are written here, once, for all stages at once;
-the tests hold them to diffusers' pipelines.
+it, SCM's ``max_timesteps`` and ``intermediate_timesteps``) and keeps the stages img2img at
+this strength would run. Only the formulas of ``scale_noise`` and ``step`` are written here,
+once, for all stages at once; the tests hold them to diffusers' pipelines.
 
 Importing this module needs torch but not diffusers; the pipelines' helpers are imported
 where they are used.
@@ -25,6 +25,7 @@ where they are used.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -108,6 +109,17 @@ class FlowSchedule:
         return FlowCoefficients(vector(self.timesteps), vector(self.sigmas[:-1]), vector(self.sigmas[1:]))
 
 
+@functools.cache
+def scm_defaults() -> tuple[float, float]:
+    """SanaSprintImg2ImgPipeline's default ``max_timesteps`` and ``intermediate_timesteps``, from its signature."""
+    import inspect
+
+    from diffusers import SanaSprintImg2ImgPipeline
+
+    parameters = inspect.signature(SanaSprintImg2ImgPipeline.__call__).parameters
+    return float(parameters["max_timesteps"].default), float(parameters["intermediate_timesteps"].default)
+
+
 def image_seq_len(kind: FlowKind, latent_size: tuple[int, int], patch_size: int) -> int:
     """The transformer's image tokens, as the pipelines count them for ``calculate_shift``."""
     height, width = latent_size
@@ -123,9 +135,11 @@ def flow_schedule(
     Flow matching: ``num_inference_steps = round(steps / strength)``, set on a copy of the
     scheduler exactly as the FLUX / SD3 img2img pipelines set it, then the pipelines'
     ``get_timesteps`` tail of ``steps`` stages; so ``strength`` moves in steps of the total
-    (at ``steps / total`` it is exactly the pipeline's call). SANA-Sprint (SCM): the first
-    angle is ``strength * max_timesteps`` and the scheduler spaces ``steps`` stages to 0 (its
-    pipeline's ``max_timesteps`` argument; ``intermediate_timesteps`` off).
+    (at ``steps / total`` it is exactly the pipeline's call). SANA-Sprint (SCM): its pipeline's
+    ``max_timesteps`` and, at 2 steps, ``intermediate_timesteps`` (their defaults, 1.5708 and 1.3,
+    read from the pipeline), both times ``strength``: at strength 1 it is the pipeline's own
+    schedule, below it the same shape from nearer the image (the pipeline's ``strength`` would
+    only drop whole steps, and at 1-2 steps it drops none). Other step counts: evenly spaced.
     Raises ValueError for a strength or step count the schedule cannot give.
     """
     if steps < 1:
@@ -135,7 +149,9 @@ def flow_schedule(
     check_scheduler(kind, scheduler)
     fresh = type(scheduler).from_config(scheduler.config)  # set_timesteps mutates: never the model's own
     if kind == "sana_sprint":
-        fresh.set_timesteps(steps, max_timesteps=strength * TRIGFLOW_MAX, intermediate_timesteps=None, device=device)
+        top, middle = scm_defaults()
+        intermediate = strength * middle if steps == 2 else None  # SCM takes an intermediate angle at 2 steps only
+        fresh.set_timesteps(steps, max_timesteps=strength * top, intermediate_timesteps=intermediate, device=device)
         angles = tuple(float(t) for t in fresh.timesteps)
         return FlowSchedule(kind, angles[:-1], angles, steps)
     total = max(steps, round(steps / strength))

@@ -181,6 +181,8 @@ def time_pipeline(
     import torch
     from PIL import Image
 
+    from engine.diffusion.flow import scm_defaults
+
     text = stream.prompts.current
     height, width = stream.size
     common: dict[str, Any] = {"height": height, "width": width, "output_type": "np"}
@@ -191,7 +193,7 @@ def time_pipeline(
             num_inference_steps=steps,
             strength=1.0,
             max_timesteps=strength * trig_max,
-            intermediate_timesteps=None,
+            intermediate_timesteps=strength * scm_defaults()[1] if steps == 2 else None,  # the hot path's schedule
             use_resolution_binning=False,
         )
     else:

@@ -7,9 +7,11 @@ bank its own ``encode_prompt``, and the benchmark the pipeline itself.
 - A hub id or a local diffusers folder: ``from_pretrained`` (the family is read from
   ``model_index.json``). Offline (``HF_HUB_OFFLINE=1``) nothing is fetched, and a model that
   is not there is one ``ModelNotFound`` line with the command that gets it.
-- A single file: FLUX is published as the transformer alone (``flux1-schnell.safetensors``),
-  SD3.5 as the whole model (``sd3.5_large_turbo.safetensors``); the rest comes from ``config``
-  (a diffusers folder or hub id of the same model; by default the official one).
+- A single file: FLUX is published as the transformer alone (``flux1-schnell.safetensors``, Black
+  Forest Labs' names), SD3.5 as the transformer and VAE (``sd3.5_large_turbo.safetensors``,
+  Stability's); the rest comes from ``config`` (a diffusers folder or hub id of the same model;
+  by default the official one), which also says what the file is (no guessing from its keys).
+  SANA-Sprint: folders and hub ids only.
 - Gated models (FLUX.1-dev, every SD3.5) need their licence accepted on the Hub and a token:
   without one the load stops with that line, before any download.
 - ``declared_mb`` is what a model takes on the GPU (weights at bf16 plus working memory),
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,6 +264,11 @@ def absent_parts(cls: Any, index: dict[str, Any] | None) -> dict[str, None]:
 
 
 def _load_single_file(kind: FlowKind, spec: FlowSpec, cls: Any, where: dict[str, Any]) -> Any:
+    if kind == "sana_sprint":  # diffusers' SANA-Sprint pipelines have no from_single_file
+        raise ValueError(
+            f"{spec.model}: SANA-Sprint loads from a diffusers folder or hub id, not a single file "
+            f"(e.g. {DEFAULT_CONFIGS['sana_sprint']})"
+        )
     config = spec.config or DEFAULT_CONFIGS[kind]
     if classify_source(config) == "hub":
         require_token(config)
@@ -269,12 +277,135 @@ def _load_single_file(kind: FlowKind, spec: FlowSpec, cls: Any, where: dict[str,
         from diffusers import FluxTransformer2DModel
 
         transformer = FluxTransformer2DModel.from_single_file(
-            spec.model, config=config, subfolder="transformer", **where
+            _flux_state_dict(spec.model, config, where), config=config, subfolder="transformer", **where
         )
         return cls.from_pretrained(config, transformer=transformer, **where)
-    return cls.from_single_file(spec.model, config=config, **where)
+    if kind == "sd3":  # the transformer, maybe the VAE and text encoders: the rest from config
+        return cls.from_single_file(spec.model, config=config, **_sd3_parts_not_in(spec.model, config, where), **where)
+    raise AssertionError(kind)  # every kind is handled above
+
+
+SD3_FILE_PARTS = {  # where Stability's single files keep each part, by the pipeline's names
+    "vae": "first_stage_model.",
+    "text_encoder": "text_encoders.clip_l.",
+    "text_encoder_2": "text_encoders.clip_g.",
+    "text_encoder_3": "text_encoders.t5xxl.",
+}
+
+
+def _sd3_parts_not_in(path: str, config: str, where: dict[str, Any]) -> dict[str, Any]:
+    """The parts an SD3 file lacks, loaded from ``config``: diffusers' own fallback looks for the text
+    encoders under diffusers' weight names (``diffusion_pytorch_model.*``), which transformers'
+    folders never have, so an SD3.5 file without them would not load at all."""
+    import importlib
+
+    from diffusers import DiffusionPipeline
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as opened:
+        keys = list(opened.keys())
+    index = DiffusionPipeline.load_config(
+        config, local_files_only=where["local_files_only"], cache_dir=where["cache_dir"]
+    )
+    parts: dict[str, Any] = {}
+    for name, prefix in SD3_FILE_PARTS.items():
+        if any(key.startswith(prefix) for key in keys):
+            continue
+        entry = index.get(name) or [None, None]  # [library, class name]
+        if entry[1] is None:
+            parts[name] = None  # not in the config either: the prompt bank names the missing encoder
+            continue
+        module: Any = getattr(importlib.import_module(str(entry[0])), str(entry[1]))
+        try:
+            parts[name] = module.from_pretrained(config, subfolder=name, **where)
+        except OSError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotFound(
+                path, f"its {name} is neither in the file nor in {config} ({first}): give a config that has it"
+            ) from exc
+    return parts
+
+
+def _flux_state_dict(path: str, config: str, where: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The file's weights in diffusers' names, at the width the config gives (diffusers' own converter
+    assumes the full model's 3072); a file already in diffusers' layout is taken as it is."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(path)
+    if any(key.startswith("transformer_blocks.") for key in checkpoint):
+        return checkpoint
+    found = FluxTransformer2DModel.load_config(
+        config, subfolder="transformer", local_files_only=where["local_files_only"], cache_dir=where["cache_dir"]
+    )
+    return flux_to_diffusers(checkpoint, int(found["num_attention_heads"]) * int(found["attention_head_dim"]))
 
 
 def model_name(path_or_id: str) -> str:
     """A short name for logs and the HUD: the id's or file's last part."""
     return os.path.basename(path_or_id.rstrip("/")) or path_or_id
+
+
+# BFL's FLUX layout -> diffusers' (``convert_flux_transformer_checkpoint_to_diffusers`` without its fixed
+# 3072 width, which only the full-size model has): plain renames (weight and bias alike), then the fused parts.
+_FLUX_RENAMES = (
+    (r"time_in\.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    (r"time_in\.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    (r"vector_in\.in_layer", "time_text_embed.text_embedder.linear_1"),
+    (r"vector_in\.out_layer", "time_text_embed.text_embedder.linear_2"),
+    (r"guidance_in\.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    (r"guidance_in\.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    (r"txt_in", "context_embedder"),
+    (r"img_in", "x_embedder"),
+    (r"double_blocks\.(\d+)\.img_mod\.lin", r"transformer_blocks.\1.norm1.linear"),
+    (r"double_blocks\.(\d+)\.txt_mod\.lin", r"transformer_blocks.\1.norm1_context.linear"),
+    (r"double_blocks\.(\d+)\.img_attn\.norm\.query_norm", r"transformer_blocks.\1.attn.norm_q"),
+    (r"double_blocks\.(\d+)\.img_attn\.norm\.key_norm", r"transformer_blocks.\1.attn.norm_k"),
+    (r"double_blocks\.(\d+)\.txt_attn\.norm\.query_norm", r"transformer_blocks.\1.attn.norm_added_q"),
+    (r"double_blocks\.(\d+)\.txt_attn\.norm\.key_norm", r"transformer_blocks.\1.attn.norm_added_k"),
+    (r"double_blocks\.(\d+)\.img_mlp\.0", r"transformer_blocks.\1.ff.net.0.proj"),
+    (r"double_blocks\.(\d+)\.img_mlp\.2", r"transformer_blocks.\1.ff.net.2"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.0", r"transformer_blocks.\1.ff_context.net.0.proj"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.2", r"transformer_blocks.\1.ff_context.net.2"),
+    (r"double_blocks\.(\d+)\.img_attn\.proj", r"transformer_blocks.\1.attn.to_out.0"),
+    (r"double_blocks\.(\d+)\.txt_attn\.proj", r"transformer_blocks.\1.attn.to_add_out"),
+    (r"single_blocks\.(\d+)\.modulation\.lin", r"single_transformer_blocks.\1.norm.linear"),
+    (r"single_blocks\.(\d+)\.norm\.query_norm", r"single_transformer_blocks.\1.attn.norm_q"),
+    (r"single_blocks\.(\d+)\.norm\.key_norm", r"single_transformer_blocks.\1.attn.norm_k"),
+    (r"single_blocks\.(\d+)\.linear2", r"single_transformer_blocks.\1.proj_out"),
+    (r"final_layer\.linear", "proj_out"),
+)
+_FLUX_FUSED = (  # one tensor in BFL's file, these parts (in this order, along dim 0) in diffusers'
+    (r"double_blocks\.(\d+)\.img_attn\.qkv", "transformer_blocks.{}.attn.", ("to_q", "to_k", "to_v")),
+    (r"double_blocks\.(\d+)\.txt_attn\.qkv", "transformer_blocks.{}.attn.", ("add_q_proj", "add_k_proj", "add_v_proj")),
+    (
+        r"single_blocks\.(\d+)\.linear1",  # q, k, v, then the MLP's input
+        "single_transformer_blocks.{}.",
+        ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    ),
+)
+
+
+def flux_to_diffusers(checkpoint: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+    """A FLUX transformer's state dict in BFL's layout (``flux1-schnell.safetensors``), in diffusers' names.
+
+    ``width``: the model's inner dim (heads x head dim); a single block's ``linear1`` is q, k, v
+    of that width, then the MLP. The final norm's halves are (shift, scale) in BFL's order and
+    (scale, shift) in diffusers'."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in checkpoint.items():
+        name, _, kind = key.removeprefix("model.diffusion_model.").rpartition(".")
+        kind = "weight" if kind == "scale" else kind  # the RMS norms' gains
+        if name == "final_layer.adaLN_modulation.1":
+            shift, scale = tensor.chunk(2, dim=0)
+            converted[f"norm_out.linear.{kind}"] = torch.cat([scale, shift], dim=0)
+        elif fused := next(((m, into, parts) for p, into, parts in _FLUX_FUSED if (m := re.fullmatch(p, name))), None):
+            match, into, parts = fused
+            sizes = [width, width, width, tensor.shape[0] - 3 * width] if len(parts) == 4 else [width] * 3
+            for part, piece in zip(parts, tensor.split(sizes), strict=True):
+                converted[f"{into.format(match.group(1))}{part}.{kind}"] = piece.contiguous()
+        elif renamed := next((re.sub(p, r, name) for p, r in _FLUX_RENAMES if re.fullmatch(p, name)), None):
+            converted[f"{renamed}.{kind}"] = tensor
+        else:
+            raise ValueError(f"{key}: not a FLUX transformer key in Black Forest Labs' layout")
+    return converted
