@@ -120,9 +120,11 @@ def describe_inputs(inputs: FrameInputs) -> list[tuple[str, Any]]:
     named = [
         (name, cast("torch.Tensor | None", value))
         for name, value in zip(inputs._fields, inputs)
-        if name != "coefficients"
+        if name not in ("coefficients", "control")
     ]
     named += [(f"coefficients.{name}", value) for name, value in zip(inputs.coefficients._fields, inputs.coefficients)]
+    if inputs.control is not None:  # (ControlNets)
+        named += [(f"control.{name}", value) for name, value in zip(inputs.control._fields, inputs.control)]
     return [
         (name, None if t is None else (tuple(t.shape), t.dtype, t.device.type, t.is_inference())) for name, t in named
     ]
@@ -262,6 +264,8 @@ class TensorRTAccelerator:
     def build(self, hot: HotPath, example: FrameInputs) -> Backend:
         from engine.diffusion.tensorrt import TrtUNet, build_cached_engine
 
+        if len(hot.controlnets):  # the exported UNet takes no residuals (tensorrt_or_compile compiles instead)
+            raise ValueError("ControlNets are not exported to TensorRT")
         steps = example.noise.shape[0]
         first = torch.zeros_like(example.noise[:1])
         sample = torch.cat([first, example.buffer]) if example.buffer.shape[0] else first

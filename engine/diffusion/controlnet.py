@@ -1,0 +1,250 @@
+"""ControlNets on the real-time hot path: the models, their control images, their scales.
+
+A ControlNet slot is (model, type, scale, start, end). The hot path (``hotpath.py``) calls
+every ControlNet once per frame, on the same stream batch as the UNet, and sums their
+residuals as diffusers' ``MultiControlNetModel`` does; so one ControlNet and one step is
+one ControlNet + one UNet call per frame.
+
+The control image is made on the device, in the frame's CUDA stream, from the frame the
+UNet sees (already fitted to the model's size), by the slot's type:
+
+    canny    edges (``canny``: a torch Canny, held to OpenCV's in the tests)
+    depth    a transformers depth model (Depth Anything V2 Small by default) at its own size
+    tile     the frame itself (tile and recolour ControlNets)
+    source   the same as tile
+    none     a still image from a file (a fixed composition), written once
+
+Scale, start and end are one tensor write each (``stage_scales``): per stream stage ``j``
+of ``k`` the scale is ``scale * keep_j``, with diffusers' ``controlnet_keep`` rule
+``keep_j = not (j / k < start or (j + 1) / k > end)``. Changing them never recompiles;
+adding or removing a ControlNet rebuilds the compiled frame in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+CONTROL_TYPES = ("canny", "depth", "tile", "source", "none")
+CONTROLNET_SLOTS = 3
+DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+
+# the tiny ControlNet of diffusers' own tests (tests/pipelines/controlnet/test_controlnet_img2img.py),
+# for the tiny UNet of configs.ARCHITECTURES["tiny"]
+TINY_CONTROLNET = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "in_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "cross_attention_dim": 32,
+    "conditioning_embedding_out_channels": [16, 32],
+}
+
+
+class ControlNetError(ValueError):
+    """A ControlNet that cannot play (one line: which slot, which model, why)."""
+
+
+def stage_scales(scale: float, start: float, end: float, steps: int) -> list[float]:
+    """The scale of each stream stage: diffusers' ``controlnet_keep`` over the stream's ``steps``."""
+    return [scale * (1.0 - float(j / steps < start or (j + 1) / steps > end)) for j in range(steps)]
+
+
+def random_controlnet(config: dict[str, Any] | None = None, seed: int = 0, std: float = 1.0) -> Any:
+    """A ControlNetModel with random weights everywhere, its zero convolutions too.
+
+    A new ControlNet's output convolutions start at zero (so it changes nothing until
+    trained); a test with those could not fail, so every parameter is drawn here.
+    """
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet: Any = ControlNetModel(**(config or TINY_CONTROLNET))  # Any: not seen as an nn.Module
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return controlnet.eval().requires_grad_(False)
+
+
+def check_fits(controlnet: Any, unet: Any, where: str) -> None:
+    """Raise ControlNetError when the ControlNet was made for another base model (an SD 1.5 one on SDXL)."""
+    cn, un = controlnet.config, unet.config
+    problems = []
+    if cn.cross_attention_dim != un.cross_attention_dim:
+        problems.append(f"text width {cn.cross_attention_dim}, the model's {un.cross_attention_dim}")
+    if list(cn.block_out_channels) != list(un.block_out_channels):
+        problems.append(f"blocks {list(cn.block_out_channels)}, the model's {list(un.block_out_channels)}")
+    if getattr(cn, "addition_embed_type", None) != getattr(un, "addition_embed_type", None):
+        problems.append(f"added embeddings {cn.addition_embed_type}, the model's {un.addition_embed_type}")
+    if problems:
+        raise ControlNetError(f"{where}: made for another base model ({'; '.join(problems)})")
+
+
+def load_controlnet(source: str, unet: Any, dtype: torch.dtype, where: str) -> Any:
+    """A ControlNetModel from a hub id, a local folder or a single file, checked against the UNet."""
+    from diffusers import ControlNetModel
+
+    try:
+        path = Path(source)
+        if path.is_file():
+            controlnet = ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
+        else:
+            controlnet = ControlNetModel.from_pretrained(source, torch_dtype=dtype)
+    except Exception as exc:  # whatever the loader raises, the show gets one line
+        raise ControlNetError(f"{where}: cannot load {source!r}: {type(exc).__name__}: {exc}") from exc
+    check_fits(controlnet, unet, where)
+    return controlnet.eval().requires_grad_(False)
+
+
+# -- preprocessors: uint8 (H, W, 3) on the device -> float (3, H, W) in [0, 1] -----------------------
+Preprocessor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def source_image(pixels: torch.Tensor) -> torch.Tensor:
+    """The frame itself, as diffusers' control image processor makes it (no normalising)."""
+    return pixels.permute(2, 0, 1).to(torch.float32) / 255.0
+
+
+_GRAY = (0.299, 0.587, 0.114)  # cv2.COLOR_RGB2GRAY
+_TAN_22_5 = math.tan(math.pi / 8)
+
+
+def canny(pixels: torch.Tensor, low: float = 100.0, high: float = 200.0, iterations: int = 64) -> torch.Tensor:
+    """Canny edges of an RGB uint8 (H, W, 3) frame as a float (H, W) map of 0 and 1, on its device.
+
+    OpenCV's steps (``cv2.Canny(gray, low, high)``, aperture 3, L1 gradient): 3x3 Sobel,
+    non-maximum suppression along the gradient's direction (4 sectors), double threshold,
+    and hysteresis. Hysteresis grows the strong edges through weak ones for a fixed number
+    of ``iterations`` (a fixed graph, no host synchronisation), so a weak chain longer than
+    that is cut short where OpenCV's flood fill would follow it to the end.
+    """
+    gray = (pixels.to(torch.float32) * torch.tensor(_GRAY, device=pixels.device)).sum(-1).round()
+    image = F.pad(gray[None, None], (1, 1, 1, 1), mode="replicate")  # cv2's BORDER_REPLICATE
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=pixels.device)
+    kernels = torch.stack([sobel_x, sobel_x.T])[:, None]
+    gx, gy = F.conv2d(image, kernels)[0]
+    magnitude = gx.abs() + gy.abs()
+    # non-maximum suppression: compare with the two neighbours along the gradient
+    m = F.pad(magnitude[None, None], (1, 1, 1, 1))[0, 0]
+    height, width = magnitude.shape
+
+    def at(dy: int, dx: int) -> torch.Tensor:
+        return m[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+
+    ax, ay = gx.abs(), gy.abs()
+    horizontal = ay <= ax * _TAN_22_5  # the gradient points along x: compare left and right
+    vertical = ay >= ax / _TAN_22_5
+    same_sign = (gx * gy) > 0
+    # OpenCV: the first neighbour must be strictly less, the second less or equal
+    keep_h = (magnitude > at(0, -1)) & (magnitude >= at(0, 1))
+    keep_v = (magnitude > at(-1, 0)) & (magnitude >= at(1, 0))
+    keep_d1 = (magnitude > at(-1, -1)) & (magnitude > at(1, 1))  # gx, gy of one sign: the main diagonal
+    keep_d2 = (magnitude > at(-1, 1)) & (magnitude > at(1, -1))
+    diagonal = torch.where(same_sign, keep_d1, keep_d2)
+    maximum = torch.where(horizontal, keep_h, torch.where(vertical, keep_v, diagonal))
+    candidate = maximum & (magnitude > low)
+    edges = (candidate & (magnitude > high)).to(torch.float32)
+    weak = candidate.to(torch.float32)
+    for _ in range(iterations):
+        edges = F.max_pool2d(edges[None, None], 3, stride=1, padding=1)[0, 0] * weak
+    # OpenCV leaves the image's outermost pixels unmarked
+    edges = F.pad(edges[1:-1, 1:-1], (1, 1, 1, 1))
+    return edges
+
+
+@dataclass
+class CannyPreprocessor:
+    """Canny edges in three channels (what canny ControlNets are trained on); thresholds live."""
+
+    low: float = 100.0
+    high: float = 200.0
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return canny(pixels, self.low, self.high).expand(3, -1, -1)
+
+
+class StillImage:
+    """A still control image from a file (type ``none``): read and fitted once."""
+
+    def __init__(self, path: str, size: tuple[int, int]) -> None:
+        import cv2
+
+        from engine.diffusion.stream import fit_into
+
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            raise ControlNetError(f"control image {path!r}: missing or unreadable")
+        fitted = np.empty((*size, 3), dtype=np.uint8)
+        fit_into(np.ascontiguousarray(image[..., ::-1]), fitted)
+        self.image = source_image(torch.from_numpy(fitted))
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image.to(pixels.device)
+
+
+class DepthPreprocessor:
+    """A transformers depth model (``AutoModelForDepthEstimation``) as a control image.
+
+    The frame is resized to the model's own input size (its image processor's), normalised
+    as that processor does, and the predicted depth resized back to the frame's size and
+    scaled to [0, 1] (near bright), in three channels: what depth ControlNets are trained on.
+    """
+
+    def __init__(self, model: Any, processor: Any, dtype: torch.dtype) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.dtype = dtype
+        size = processor.size
+        self.input_size = (int(size["height"]), int(size["width"]))
+        device = next(model.parameters()).device
+        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+
+    @classmethod
+    def load(cls, model_id: str, device: torch.device, dtype: torch.dtype) -> DepthPreprocessor:
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_id)
+            model = AutoModelForDepthEstimation.from_pretrained(model_id, torch_dtype=dtype).to(device)
+        except Exception as exc:
+            raise ControlNetError(f"depth model {model_id!r}: {type(exc).__name__}: {exc}") from exc
+        return cls(model, processor, dtype)
+
+    def depth(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model's predicted depth (1, h, w) at its own input size."""
+        image = pixels.permute(2, 0, 1)[None].to(torch.float32) / 255.0
+        if tuple(image.shape[-2:]) != self.input_size:
+            image = F.interpolate(image, self.input_size, mode="bicubic", align_corners=False).clamp(0, 1)
+        image = ((image - self.mean) / self.std).to(self.dtype)
+        predicted: torch.Tensor = self.model(pixel_values=image).predicted_depth
+        return predicted
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        depth = self.depth(pixels).to(torch.float32)[None]
+        depth = F.interpolate(depth, tuple(pixels.shape[:2]), mode="bicubic", align_corners=False)[0, 0]
+        low, high = depth.amin(), depth.amax()
+        return ((depth - low) / (high - low).clamp_min(1e-6)).expand(3, -1, -1)
+
+
+@dataclass
+class ControlUnit:
+    """One playing ControlNet slot: the model, how its control image is made, its scales."""
+
+    slot: int
+    controlnet: Any
+    preprocess: Preprocessor
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
