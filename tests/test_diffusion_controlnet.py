@@ -287,3 +287,82 @@ def test_canny_agrees_with_opencv(low, high):
     # and a different image's edges do not agree
     other = cv2.Canny(cv2.cvtColor(photo_like(9), cv2.COLOR_RGB2GRAY), low, high) > 0
     assert (ours & other).sum() / (ours | other).sum() < 0.5
+
+
+# -- depth against the transformers pipeline ------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_depth():
+    """A Depth Anything of random weights, tiny (a 4-layer DINOv2 of width 32), at 28x28."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    backbone = Dinov2Config(
+        image_size=28,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        patch_size=14,
+        neck_hidden_sizes=[16, 16, 16, 16],
+        fusion_hidden_size=16,
+        head_hidden_size=16,
+    )
+    torch.manual_seed(0)
+    model = DepthAnythingForDepthEstimation(config).eval()
+    processor = DPTImageProcessor(  # Depth Anything V2's preprocessing, at 28x28
+        size={"height": 28, "width": 28},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        resample=3,
+    )
+    return model, processor
+
+
+def test_depth_is_the_transformers_depth_pipelines_at_the_models_size(tiny_depth):
+    from transformers import pipeline
+
+    from engine.diffusion.controlnet import DepthPreprocessor
+
+    model, processor = tiny_depth
+    pipe = pipeline("depth-estimation", model=model, image_processor=processor)
+    depth = DepthPreprocessor(model, processor, torch.float32)
+    images = [photo_like(seed, size=28) for seed in (0, 1)]
+    with torch.inference_mode():
+        ours = [depth.depth(torch.from_numpy(image))[0] for image in images]
+    theirs = [pipe(Image.fromarray(image))["predicted_depth"] for image in images]
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape == (28, 28)
+        assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max())), float((a - b).abs().max())
+    assert (ours[0] - theirs[1]).abs().max() > 0.05 * theirs[1].abs().max()  # another image, another depth
+    with torch.inference_mode():  # the control image: three channels in [0, 1], at the frame's size
+        control = depth(torch.from_numpy(photo_like(0, size=64)))
+    assert control.shape == (3, 64, 64) and float(control.min()) == 0.0 and float(control.max()) == 1.0
+
+
+def test_a_depth_model_that_cannot_load_is_one_clear_error():
+    from engine.diffusion.controlnet import DepthPreprocessor
+
+    with pytest.raises(ControlNetError, match="depth model 'nobody/no-such-depth-model'"):
+        DepthPreprocessor.load("nobody/no-such-depth-model", torch.device("cpu"), torch.float32)
+
+
+def test_controlnets_load_from_a_folder_and_a_wrong_or_missing_one_is_one_clear_error(tmp_path):
+    from engine.diffusion.controlnet import load_controlnet
+
+    unet = build_random_model("tiny").unet
+    random_controlnet(seed=4).save_pretrained(tmp_path / "fits")
+    random_controlnet(_wide_controlnet()).save_pretrained(tmp_path / "wide")
+    loaded = load_controlnet(str(tmp_path / "fits"), unet, torch.float32, "ControlNet 1")
+    assert torch.equal(next(loaded.parameters()), next(random_controlnet(seed=4).parameters()))
+    with pytest.raises(ControlNetError, match="ControlNet 2: made for another base model"):
+        load_controlnet(str(tmp_path / "wide"), unet, torch.float32, "ControlNet 2")
+    with pytest.raises(ControlNetError, match="ControlNet 3: cannot load 'nobody/no-such-controlnet'"):
+        load_controlnet("nobody/no-such-controlnet", unet, torch.float32, "ControlNet 3")

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.diffusion.loading import dtype_argument, offline
+
 log = logging.getLogger(__name__)
 
 CONTROL_TYPES = ("canny", "depth", "tile", "source", "none")
@@ -99,9 +101,9 @@ def load_controlnet(source: str, unet: Any, dtype: torch.dtype, where: str) -> A
     try:
         path = Path(source)
         if path.is_file():
-            controlnet = ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
+            controlnet = ControlNetModel.from_single_file(str(path), **dtype_argument(dtype))
         else:
-            controlnet = ControlNetModel.from_pretrained(source, torch_dtype=dtype)
+            controlnet = ControlNetModel.from_pretrained(source, **dtype_argument(dtype), local_files_only=offline())
     except Exception as exc:  # whatever the loader raises, the show gets one line
         raise ControlNetError(f"{where}: cannot load {source!r}: {type(exc).__name__}: {exc}") from exc
     check_fits(controlnet, unet, where)
@@ -216,8 +218,10 @@ class DepthPreprocessor:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
         try:
-            processor = AutoImageProcessor.from_pretrained(model_id)
-            model = AutoModelForDepthEstimation.from_pretrained(model_id, torch_dtype=dtype).to(device)
+            processor = AutoImageProcessor.from_pretrained(model_id, local_files_only=offline())
+            model = AutoModelForDepthEstimation.from_pretrained(
+                model_id, **dtype_argument(dtype), local_files_only=offline()
+            ).to(device)
         except Exception as exc:
             raise ControlNetError(f"depth model {model_id!r}: {type(exc).__name__}: {exc}") from exc
         return cls(model, processor, dtype)
