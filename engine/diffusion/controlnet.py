@@ -219,9 +219,8 @@ class DepthPreprocessor:
 
         try:
             processor = AutoImageProcessor.from_pretrained(model_id, local_files_only=offline())
-            model = AutoModelForDepthEstimation.from_pretrained(
-                model_id, **dtype_argument(dtype), local_files_only=offline()
-            ).to(device)
+            model: Any = AutoModelForDepthEstimation.from_pretrained(model_id, dtype=dtype, local_files_only=offline())
+            model = model.to(device)
         except Exception as exc:
             raise ControlNetError(f"depth model {model_id!r}: {type(exc).__name__}: {exc}") from exc
         return cls(model, processor, dtype)
