@@ -151,7 +151,7 @@ def test_two_controlnets_match_a_multi_controlnet_pipeline(turbo, controlnets, p
     cv2.imwrite(str(path), still[..., ::-1])
     units = [
         ControlUnit(1, controlnets[0], source_image, scale=0.7),
-        ControlUnit(2, controlnets[1], StillImage(str(path), (SIZE, SIZE)), scale=0.5, start=0.0),
+        ControlUnit(2, controlnets[1], StillImage(str(path)), scale=0.5, start=0.0),
     ]
     stream = make_stream(turbo, units)
     images = frames(2)
@@ -251,7 +251,7 @@ def _wide_controlnet() -> dict:
 
 def test_a_missing_still_image_is_one_clear_error(tmp_path):
     with pytest.raises(ControlNetError, match="missing or unreadable"):
-        StillImage(str(tmp_path / "nope.png"), (SIZE, SIZE))
+        StillImage(str(tmp_path / "nope.png"))
 
 
 # -- canny against OpenCV ---------------------------------------------------------------------------
@@ -366,3 +366,62 @@ def test_controlnets_load_from_a_folder_and_a_wrong_or_missing_one_is_one_clear_
         load_controlnet(str(tmp_path / "wide"), unet, torch.float32, "ControlNet 2")
     with pytest.raises(ControlNetError, match="ControlNet 3: cannot load 'nobody/no-such-controlnet'"):
         load_controlnet("nobody/no-such-controlnet", unet, torch.float32, "ControlNet 3")
+
+
+# -- the realtime scene's slots -------------------------------------------------------------------
+def test_the_scenes_controlnet_slots_load_live_and_a_bad_one_is_one_hud_line(tmp_path):
+    """Through the real scene worker: a ControlNet joins while the scene plays; one made for
+    another base model, or one past the memory budget, is one HUD line and the scene plays on."""
+    from diffusion_fixtures import StillFeed, set_params, wait_for
+    from engine.params import ParamRegistry
+    from engine.scenes import SceneCatalog, SceneWorker
+    from engine.scenes.passthrough import Passthrough
+    from engine.scenes.realtime import RealtimeScene
+
+    P = "/scene/realtime"
+    build_random_model("tiny").save_pretrained(tmp_path / "model")
+    random_controlnet(seed=1).save_pretrained(tmp_path / "fits")
+    random_controlnet(_wide_controlnet()).save_pretrained(tmp_path / "wide")
+    params = ParamRegistry()
+    params.declare_all(RealtimeScene.PARAMS)
+    for name in ("model", "type", "scale", "start", "end", "image"):  # every slot parameter is a registry one
+        assert params.get(f"{P}/controlnets/3/{name}") is not None
+    set_params(
+        params,
+        {
+            f"{P}/model": str(tmp_path / "model"),
+            f"{P}/vae": "",
+            f"{P}/resolution": 32,
+            f"{P}/device": "cpu",
+            f"{P}/accel": "eager",
+            f"{P}/similarity_threshold": 0.0,
+        },
+    )
+    worker = SceneWorker(SceneCatalog((Passthrough, RealtimeScene)), params, StillFeed(), error_backoff=0.05)
+    worker.start()
+    try:
+        worker.request("realtime")
+        assert wait_for(lambda: worker.active_name == "realtime" and worker.output.latest()[0] is not None)
+        scene = worker.active
+
+        def image():
+            frame, _ = worker.output.latest()
+            return frame.image
+
+        plain = image()
+        set_params(params, {f"{P}/controlnets/1/model": str(tmp_path / "fits"), f"{P}/controlnets/1/type": "source"})
+        assert wait_for(lambda: len(scene._stream.controls) == 1), scene.warning
+        assert wait_for(lambda: not np.array_equal(image(), plain))
+        with_control = image()
+        set_params(params, {f"{P}/controlnets/1/scale": 0.0})  # a tensor write: the plain image again
+        assert wait_for(lambda: np.array_equal(image(), plain))
+        set_params(params, {f"{P}/controlnets/1/scale": 1.0, f"{P}/controlnets/2/model": str(tmp_path / "wide")})
+        assert wait_for(lambda: scene.warning is not None and "ControlNet 2: made for another base model" in scene.warning)
+        assert wait_for(lambda: np.array_equal(image(), with_control))  # slot 1 plays on
+        set_params(params, {f"{P}/controlnets/2/model": "", f"{P}/controlnets/memory_mb": 1})
+        set_params(params, {f"{P}/controlnets/1/model": str(tmp_path / "fits") + "/"})  # asks again, over budget
+        assert wait_for(lambda: scene.warning is not None and "MB ControlNet budget" in scene.warning), scene.warning
+        assert "ControlNet 1: " in scene.warning and "needs " in scene.warning
+        assert worker.last_error is None and worker.active_name == "realtime"
+    finally:
+        worker.stop()

@@ -34,12 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.diffusion.loading import dtype_argument, offline
+from engine.diffusion.options import CONTROL_TYPES, DEFAULT_DEPTH_MODEL
 
 log = logging.getLogger(__name__)
 
-CONTROL_TYPES = ("canny", "depth", "tile", "source", "none")
-CONTROLNET_SLOTS = 3
-DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 
 # the tiny ControlNet of diffusers' own tests (tests/pipelines/controlnet/test_controlnet_img2img.py),
 # for the tiny UNet of configs.ARCHITECTURES["tiny"]
@@ -178,22 +176,27 @@ class CannyPreprocessor:
 
 
 class StillImage:
-    """A still control image from a file (type ``none``): read and fitted once."""
+    """A still control image from a file (type ``none``): read once, fitted once per frame size."""
 
-    def __init__(self, path: str, size: tuple[int, int]) -> None:
+    def __init__(self, path: str) -> None:
         import cv2
 
-        from engine.diffusion.stream import fit_into
-
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        image = cv2.imread(path, cv2.IMREAD_COLOR) if path else None
         if image is None:
             raise ControlNetError(f"control image {path!r}: missing or unreadable")
-        fitted = np.empty((*size, 3), dtype=np.uint8)
-        fit_into(np.ascontiguousarray(image[..., ::-1]), fitted)
-        self.image = source_image(torch.from_numpy(fitted))
+        self.path = path
+        self.rgb = np.ascontiguousarray(image[..., ::-1])
+        self._fitted: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image.to(pixels.device)
+        from engine.diffusion.stream import fit_into
+
+        key = (tuple(pixels.shape), pixels.device)
+        if key not in self._fitted:
+            fitted = np.empty(tuple(pixels.shape), dtype=np.uint8)
+            fit_into(self.rgb, fitted)
+            self._fitted[key] = source_image(torch.from_numpy(fitted)).to(pixels.device)
+        return self._fitted[key]
 
 
 class DepthPreprocessor:
@@ -251,3 +254,155 @@ class ControlUnit:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+
+
+def model_mb(module: Any) -> float:
+    """A model's declared size: its parameters' and buffers' bytes, in MB."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return float(sum(t.numel() * t.element_size() for t in tensors)) / 2**20
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """What a slot asks for: a ControlNet and the control image it gets."""
+
+    model: str
+    type: str = "canny"
+    image: str = ""  # type "none": the still control image's file
+    depth_model: str = DEFAULT_DEPTH_MODEL
+
+
+@dataclass
+class _Loaded:
+    spec: ControlSpec
+    unit: ControlUnit
+    mb: float
+
+
+class ControlBank:
+    """The ControlNet slots of one model: loaded on a background thread, swapped in between frames.
+
+    ``request(slot, spec)`` starts loading (the slot's old ControlNet plays until the new one is
+    ready; a bad one is reported and the old one plays on); ``apply(stream)`` between two frames
+    hands the stream the playing set when it changed (the stream rebuilds its compiled frame in
+    the background). ``budget_mb``: the ControlNets and depth models together; a load that would
+    pass it is refused with the figures.
+    """
+
+    def __init__(self, unet: Any, device: torch.device, dtype: torch.dtype, budget_mb: float) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.unet, self.device, self.dtype = unet, device, dtype
+        self.budget_mb = budget_mb
+        self.canny = CannyPreprocessor()  # the thresholds every canny slot shares (live)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="controlnet load")
+        self._wanted: dict[int, ControlSpec | None] = {}
+        self._pending: dict[int, Any] = {}  # slot -> Future of _Loaded | None
+        self._playing: dict[int, _Loaded] = {}
+        self._depth: dict[str, tuple[DepthPreprocessor, float]] = {}
+        self.errors: dict[int, str] = {}
+        self.version = 0  # bumped when the playing set changes
+
+    @property
+    def error(self) -> str | None:
+        return "; ".join(self.errors[slot] for slot in sorted(self.errors)) or None
+
+    @property
+    def used_mb(self) -> float:
+        return float(sum(loaded.mb for loaded in self._playing.values()) + sum(mb for _, mb in self._depth.values()))
+
+    def request(self, slot: int, spec: ControlSpec | None) -> None:
+        """Ask for a slot's ControlNet (None or an empty model: off); nothing if it is asked for already."""
+        if spec is not None and not spec.model:
+            spec = None
+        if self._wanted.get(slot) == spec:
+            return
+        self._wanted[slot] = spec
+        self._pending[slot] = self._executor.submit(self._load, slot, spec)
+
+    def units(self) -> list[ControlUnit]:
+        return [self._playing[slot].unit for slot in sorted(self._playing)]
+
+    def apply(self, stream: Any, scales: dict[int, tuple[float, float, float]]) -> None:
+        """Between two frames: finished loads in, scales written (tensor writes)."""
+        changed = False
+        for slot, future in list(self._pending.items()):
+            if not future.done():
+                continue
+            del self._pending[slot]
+            try:
+                loaded = future.result()
+            except ControlNetError as exc:
+                self.errors[slot] = str(exc)
+                log.warning("%s", exc)
+                continue
+            self.errors.pop(slot, None)
+            if loaded is None:
+                changed |= self._playing.pop(slot, None) is not None
+            else:
+                self._playing[slot] = loaded
+                changed = True
+        for slot, (scale, start, end) in scales.items():
+            if slot in self._playing:
+                unit = self._playing[slot].unit
+                if not changed:
+                    stream.set_control_scale(slot, scale, start, end)
+                else:
+                    unit.scale, unit.start, unit.end = scale, start, end
+        if changed:
+            self.version += 1
+            stream.set_controls(self.units())
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every requested load is done (tests, the first frame of a preset)."""
+        for future in list(self._pending.values()):
+            future.exception(timeout)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the loader thread ----------------------------------------------------------------------
+    def _load(self, slot: int, spec: ControlSpec | None) -> _Loaded | None:
+        if spec is None:
+            return None
+        where = f"ControlNet {slot}"
+        if spec.type not in CONTROL_TYPES:
+            raise ControlNetError(f"{where}: type {spec.type!r} is not one of {', '.join(CONTROL_TYPES)}")
+        controlnet = load_controlnet(spec.model, self.unet, self.dtype, where)
+        mb = model_mb(controlnet)
+        others = sum(loaded.mb for s, loaded in self._playing.items() if s != slot)
+        others += sum(size for _, size in self._depth.values())
+        if others + mb > self.budget_mb:
+            raise ControlNetError(
+                f"{where}: {spec.model} needs {mb:.0f} MB, {others:.0f} of the {self.budget_mb:.0f} MB "
+                "ControlNet budget are in use: refused"
+            )
+        controlnet = controlnet.to(self.device)
+        preprocess: Preprocessor
+        if spec.type == "canny":
+            preprocess = self.canny
+        elif spec.type == "depth":
+            preprocess = self._depth_model(spec.depth_model, where, others + mb)
+        elif spec.type == "none":
+            try:
+                preprocess = StillImage(spec.image)
+            except ControlNetError as exc:
+                raise ControlNetError(f"{where}: {exc}") from exc
+        else:  # tile, source
+            preprocess = source_image
+        return _Loaded(spec, ControlUnit(slot, controlnet, preprocess), mb)
+
+    def _depth_model(self, model_id: str, where: str, used: float) -> DepthPreprocessor:
+        if model_id not in self._depth:
+            try:
+                depth = DepthPreprocessor.load(model_id, self.device, self.dtype)
+            except ControlNetError as exc:
+                raise ControlNetError(f"{where}: {exc}") from exc
+            mb = model_mb(depth.model)
+            if used + mb > self.budget_mb:
+                raise ControlNetError(
+                    f"{where}: the depth model {model_id} needs {mb:.0f} MB, {used:.0f} of the "
+                    f"{self.budget_mb:.0f} MB ControlNet budget are in use: refused"
+                )
+            self._depth[model_id] = (depth, mb)
+        return self._depth[model_id][0]

@@ -15,6 +15,11 @@ this module (to list scenes, validate presets, print parameters) needs no torch.
   two frames (the old one plays until then, a bad one is reported and the last good one
   plays on); a weight change lands at the next frame. A new model starts with the slots
   loaded again. They do not reach a TensorRT engine (its weights are built in).
+- ControlNet slots ``controlnets/<n>/model|type|scale|start|end|image`` (n = 1..3) hold the
+  camera's structure (``engine.diffusion.controlnet``): a model loads in the background and
+  joins between two frames (the compiled frame is rebuilt in the background while frames play
+  eager); scale, start and end are tensor writes. A ControlNet that cannot play (another base
+  model's, missing, over ``controlnets/memory_mb``) is one HUD line; the scene plays without it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import numpy as np
 
 from engine.diffusion.options import (
     ACCEL_CHOICES,
+    CONTROL_TYPES,
+    CONTROLNET_SLOTS,
+    DEFAULT_DEPTH_MODEL,
     DEVICE_CHOICES,
     DTYPE_CHOICES,
     LORA_SLOTS,
@@ -93,6 +101,40 @@ def _lora_slot_params(slot: int) -> tuple:
             2.0,
             smoothing=0.05,
             description=f"LoRA slot {slot}'s strength: 0 = off, 1 = as trained, negative = the opposite",
+        ),
+    )
+
+
+def _controlnet_slot_params(slot: int) -> tuple:
+    return (
+        string_param(
+            f"controlnets/{slot}/model",
+            "",
+            description=f"ControlNet slot {slot}: hub id, local folder or .safetensors file, for the model's "
+            "base (SD 1.5 ControlNets on SD 1.5, SD 2.1 ones on SD-turbo); loaded live; empty = off",
+        ),
+        enum_param(
+            f"controlnets/{slot}/type",
+            "canny",
+            CONTROL_TYPES,
+            description=f"ControlNet slot {slot}'s control image: canny edges, depth (controlnets/depth_model), "
+            "tile / source (the frame itself) or none (the still image controlnets/<n>/image)",
+        ),
+        float_param(f"controlnets/{slot}/scale", 1.0, 0.0, 2.0, description=f"ControlNet slot {slot}'s strength"),
+        float_param(
+            f"controlnets/{slot}/start",
+            0.0,
+            0.0,
+            1.0,
+            description=f"ControlNet slot {slot} acts from this share of the steps on",
+        ),
+        float_param(
+            f"controlnets/{slot}/end", 1.0, 0.0, 1.0, description=f"ControlNet slot {slot} acts up to this share"
+        ),
+        string_param(
+            f"controlnets/{slot}/image",
+            "",
+            description=f"ControlNet slot {slot}'s still control image (type none): an image file",
         ),
     )
 
@@ -206,6 +248,23 @@ class RealtimeScene(Scene):
             in_presets=False,
         ),
         *(param for slot in range(1, LORA_SLOTS + 1) for param in _lora_slot_params(slot)),
+        *(param for slot in range(1, CONTROLNET_SLOTS + 1) for param in _controlnet_slot_params(slot)),
+        float_param("controlnets/canny_low", 100.0, 0.0, 1000.0, description="Canny edges' low threshold"),
+        float_param("controlnets/canny_high", 200.0, 0.0, 1000.0, description="Canny edges' high threshold"),
+        string_param(
+            "controlnets/depth_model",
+            DEFAULT_DEPTH_MODEL,
+            description="The depth model of depth ControlNets (a transformers depth-estimation hub id or folder)",
+        ),
+        int_param(
+            "controlnets/memory_mb",
+            4000,
+            0,
+            100000,
+            unit="MB",
+            description="Memory the ControlNets and depth models may take together; a load past it is refused",
+            in_presets=False,
+        ),
     )
 
     def __init__(self, params: Any, torch: TorchDefaults | None = None) -> None:
@@ -225,6 +284,7 @@ class RealtimeScene(Scene):
         self._lora_bank: int | None = None  # id of the AdapterBank the files below were asked of
         self._lora_requested: dict[int, str] = {}
         self._first_frame_told: Any = None  # the stream whose first image has been logged
+        self._controls: Any = None  # the ControlBank of the loaded model's UNet
 
     @property
     def first_frame_s(self) -> float | None:
@@ -242,7 +302,9 @@ class RealtimeScene(Scene):
         if self._stream is not None:
             self._stream.close()
             self._stream.adapters.close()
-        self._model = self._stream = None
+        if self._controls is not None:
+            self._controls.close()
+        self._model = self._stream = self._controls = None
         free_accelerator_memory()
 
     # -- worker thread ---------------------------------------------------------------------------
@@ -265,6 +327,8 @@ class RealtimeScene(Scene):
         self.warning = (
             stream.accel_error
             or stream.adapter_error
+            or stream.control_error
+            or (self._controls.error if self._controls is not None else None)
             or self._lora_files.refusal
             or stream.prompts.error
             or self._prompts.refusal
@@ -334,6 +398,7 @@ class RealtimeScene(Scene):
                 accelerator=choose_accelerator(chosen.accel, choice.device),
                 bank=bank,
                 adapters=adapters,
+                controls=self._controls.units() if self._controls is not None and model is self._model else (),
             )
             stream.prompts.wait()
         except Exception as exc:
@@ -375,6 +440,7 @@ class RealtimeScene(Scene):
         self._stream_shape.update((self._wanted_stream_key(), self.param("strength"), self._stream_key))
         stream = self._stream
         self._apply_lora_slots(stream)
+        self._apply_controlnet_slots(stream)
         prompts = self._weighted_prompts()
         if prompts is not None:
             stream.set_prompts(prompts)
@@ -417,6 +483,35 @@ class RealtimeScene(Scene):
         for slot in range(1, LORA_SLOTS + 1):
             stream.adapters.set_weight(slot, self.param(f"loras/{slot}/weight"))
 
+    def _apply_controlnet_slots(self, stream: Any) -> None:
+        """Ask for changed ControlNet slots (loaded in the background) and pass the scales on; a new
+        model gets a new bank (its slots asked for again)."""
+        from engine.diffusion.controlnet import ControlBank, ControlSpec
+
+        if self._controls is None or self._controls.unet is not self._model.unet:
+            if self._controls is not None:
+                self._controls.close()
+            self._controls = ControlBank(
+                self._model.unet, stream.choice.device, stream.choice.dtype, self.param("controlnets/memory_mb")
+            )
+        bank = self._controls
+        bank.budget_mb = self.param("controlnets/memory_mb")
+        bank.canny.low, bank.canny.high = self.param("controlnets/canny_low"), self.param("controlnets/canny_high")
+        scales = {}
+        for slot in range(1, CONTROLNET_SLOTS + 1):
+            prefix = f"controlnets/{slot}/"
+            bank.request(
+                slot,
+                ControlSpec(
+                    self.param(prefix + "model").strip(),
+                    self.param(prefix + "type"),
+                    self.param(prefix + "image").strip(),
+                    self.param("controlnets/depth_model").strip() or DEFAULT_DEPTH_MODEL,
+                ),
+            )
+            scales[slot] = (self.param(prefix + "scale"), self.param(prefix + "start"), self.param(prefix + "end"))
+        bank.apply(stream, scales)
+
     def _request_lora_files(self, attempt: tuple[int, str, tuple[str, ...]]) -> None:
         bank, accel, files = attempt
         stream = self._stream
@@ -445,7 +540,7 @@ class RealtimeScene(Scene):
         reloaded = reload.take()  # a failed load raises here: the worker reports it, the old model plays on
         if reloaded is not None:
             old = self._stream
-            self._active_key, self._model, self._stream = reloaded
+            self._active_key, self._model, self._stream = reloaded  # (a new bank of ControlNets follows)
             old.close()
             old.adapters.close()
             free_accelerator_memory()
