@@ -416,7 +416,7 @@ def test_the_scenes_controlnet_slots_load_live_and_a_bad_one_is_one_hud_line(tmp
         set_params(params, {f"{P}/controlnets/1/scale": 0.0})  # a tensor write: the plain image again
         assert wait_for(lambda: np.array_equal(image(), plain))
         set_params(params, {f"{P}/controlnets/1/scale": 1.0, f"{P}/controlnets/2/model": str(tmp_path / "wide")})
-        assert wait_for(lambda: scene.warning is not None and "ControlNet 2: made for another base model" in scene.warning)
+        assert wait_for(lambda: scene.warning is not None and "ControlNet 2: made for another" in scene.warning)
         assert wait_for(lambda: np.array_equal(image(), with_control))  # slot 1 plays on
         set_params(params, {f"{P}/controlnets/2/model": "", f"{P}/controlnets/memory_mb": 1})
         set_params(params, {f"{P}/controlnets/1/model": str(tmp_path / "fits") + "/"})  # asks again, over budget
