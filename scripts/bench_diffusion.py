@@ -38,6 +38,10 @@ costs the same whatever the weights; fp16 on the GPU):
     turbo-tensorrt       --accel tensorrt (experimental): TensorRT where installed, else its
                          fallback to compile, flagged in the summary
     vqgan-clip, lora     the slow scenes' benches (scripts/bench_vqgan_clip.py, bench_lora.py)
+    turbo-canny-compile  SD-turbo + a canny ControlNet (the torch Canny on the device), compiled;
+                         baseline: StableDiffusionControlNetImg2ImgPipeline with cv2.Canny
+    turbo-depth-compile  SD-turbo + a depth ControlNet, Depth Anything V2 Small (random weights)
+                         included; baseline: the same with transformers' depth-estimation pipeline
 
 Each bench case reports fps, p50/p99, ratios against both baselines, the first diffused
 frame after the weights loaded, the backend's build time, whether the backend asked for is
@@ -101,6 +105,8 @@ GPU_CASES = {
         (*VQGAN_CLIP, "--device", "cuda", "--autocast", "bfloat16", "--steps", "20", "--warmup", "3"), 60, "other"
     ),
     "lora": Case((*LORA, "--device", "cuda"), 60, "other"),
+    "turbo-canny-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "canny"), 110),
+    "turbo-depth-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "depth"), 120),
 }
 TINY_BENCH = (*BENCH, "--tiny", "--device", "cpu", "--frames", "3", "--warmup", "1", "--baseline-frames", "2")
 TINY_CASES = {
@@ -115,6 +121,8 @@ TINY_CASES = {
     "tiny-lcm4-eager": Case((*TINY_BENCH, "--arch", "sd15", "--accel", "eager"), 5),
     "tiny-turbo-tensorrt": Case((*TINY_BENCH, "--accel", "tensorrt", "--compile-backend", "eager"), 5),
     "tiny-vqgan-clip": Case((*VQGAN_CLIP, "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"), 5, "other"),
+    "tiny-turbo-canny-eager": Case((*TINY_BENCH, "--accel", "eager", "--controlnet", "canny"), 5),
+    "tiny-turbo-depth-eager": Case((*TINY_BENCH, "--accel", "eager", "--controlnet", "depth"), 5),
 }
 
 

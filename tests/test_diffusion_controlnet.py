@@ -293,37 +293,9 @@ def test_canny_agrees_with_opencv(low, high):
 @pytest.fixture(scope="module")
 def tiny_depth():
     """A Depth Anything of random weights, tiny (a 4-layer DINOv2 of width 32), at 28x28."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+    from engine.diffusion.controlnet import random_depth_model
 
-    backbone = Dinov2Config(
-        image_size=28,
-        patch_size=14,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=37,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        patch_size=14,
-        neck_hidden_sizes=[16, 16, 16, 16],
-        fusion_hidden_size=16,
-        head_hidden_size=16,
-    )
-    torch.manual_seed(0)
-    model = DepthAnythingForDepthEstimation(config).eval()
-    processor = DPTImageProcessor(  # Depth Anything V2's preprocessing, at 28x28
-        size={"height": 28, "width": 28},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-        resample=3,
-    )
-    return model, processor
+    return random_depth_model(tiny=True)
 
 
 def test_depth_is_the_transformers_depth_pipelines_at_the_models_size(tiny_depth):

@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -406,3 +406,60 @@ class ControlBank:
                 )
             self._depth[model_id] = (depth, mb)
         return self._depth[model_id][0]
+
+
+def random_depth_model(tiny: bool, device: torch.device | str = "cpu", seed: int = 0) -> tuple[Any, Any]:
+    """(model, image processor): Depth Anything V2 Small's architecture with random weights (the
+    benchmark: the cost without a download), or a tiny one of 28x28 (tests, ``--tiny``)."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    size = 28 if tiny else 518
+    if tiny:
+        stages: dict[str, Any] = {"out_features": ["stage1", "stage2", "stage3", "stage4"]}
+        backbone = Dinov2Config(
+            image_size=28,
+            patch_size=14,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            reshape_hidden_states=False,
+            **stages,
+        )
+        config = DepthAnythingConfig(
+            backbone_config=backbone,
+            reassemble_hidden_size=32,
+            patch_size=14,
+            neck_hidden_sizes=[16, 16, 16, 16],
+            fusion_hidden_size=16,
+            head_hidden_size=16,
+        )
+    else:  # depth-anything/Depth-Anything-V2-Small-hf config.json
+        backbone = Dinov2Config(
+            image_size=518,
+            patch_size=14,
+            hidden_size=384,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            reshape_hidden_states=False,
+            **cast(dict[str, Any], {"out_indices": [3, 6, 9, 12]}),
+        )
+        config = DepthAnythingConfig(
+            backbone_config=backbone,
+            reassemble_hidden_size=384,
+            patch_size=14,
+            neck_hidden_sizes=[48, 96, 192, 384],
+            fusion_hidden_size=64,
+            head_hidden_size=32,
+        )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DepthAnythingForDepthEstimation(config).eval().requires_grad_(False)
+    processor = DPTImageProcessor(  # Depth Anything V2's preprocessing
+        size={"height": size, "width": size},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        resample=3,
+    )
+    return model, processor
