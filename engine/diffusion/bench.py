@@ -453,7 +453,7 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
 
         for name, model in baseline_models.items():
             if controlnet is not None and vae_scale_factor(model.vae) != vae_scale_factor(engine_model.vae):
-                continue  # (tiny models only: a ControlNet takes one VAE's latent size; full-size VAEs all halve 3 times)
+                continue  # (tiny models: a ControlNet takes one VAE's latent size; full-size VAEs all halve 3x)
             baselines[name] = _baseline(model, pictures, options.baseline_frames, steps, controlnet, user_control)
 
     result = {
