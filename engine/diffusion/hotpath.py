@@ -55,6 +55,7 @@ class DiffusersUNet(torch.nn.Module):
         timestep_cond: torch.Tensor | None = None,
         down_residuals: tuple[torch.Tensor, ...] | None = None,
         mid_residual: torch.Tensor | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         output: torch.Tensor = self.unet(
             sample,
@@ -63,6 +64,7 @@ class DiffusersUNet(torch.nn.Module):
             timestep_cond=timestep_cond,
             down_block_additional_residuals=down_residuals,
             mid_block_additional_residual=mid_residual,
+            added_cond_kwargs=added_cond,
             return_dict=False,
         )[0]
         return output
@@ -117,9 +119,15 @@ class HotPath(torch.nn.Module):
         size: tuple[int, int],
         dtype: torch.dtype,
         controlnets: Sequence[torch.nn.Module] = (),
+        xl_time_ids: torch.Tensor | None = None,
+        pooled_dim: int = 0,
     ) -> None:
+        """``xl_time_ids`` (1, 6) and ``pooled_dim``: an SDXL UNet, its text input packed by
+        ``XLPromptBank`` (the pooled embedding as a last token)."""
         super().__init__()
         self.unet = unet
+        self.xl_time_ids = xl_time_ids
+        self.pooled_dim = pooled_dim
         # diffusers ControlNetModels, summed as MultiControlNetModel sums them
         self.controlnets = torch.nn.ModuleList(controlnets)
         # Any: diffusers' VAE classes (encode, decode, config); torch types a Module attribute as Tensor | Module
@@ -140,6 +148,8 @@ class HotPath(torch.nn.Module):
             size=(self.height, self.width),
             dtype=self.dtype,
             controlnets=list(self.controlnets),
+            xl_time_ids=self.xl_time_ids,
+            pooled_dim=self.pooled_dim,
         )
 
     def with_controlnets(self, controlnets: Sequence[torch.nn.Module]) -> HotPath:
@@ -151,6 +161,8 @@ class HotPath(torch.nn.Module):
             size=(self.height, self.width),
             dtype=self.dtype,
             controlnets=controlnets,
+            xl_time_ids=self.xl_time_ids,
+            pooled_dim=self.pooled_dim,
         )
 
     def frame(
@@ -209,10 +221,16 @@ class HotPath(torch.nn.Module):
         x = torch.cat([first, buffer]) if buffer.shape[0] else first
         steps = x.shape[0]
         texts = text.expand(steps, -1, -1)
+        added: dict[str, torch.Tensor] | None = None
+        if self.xl_time_ids is not None:  # SDXL: the pooled embedding and the time ids go in as added conditions
+            added = {"text_embeds": texts[:, -1, : self.pooled_dim], "time_ids": self.xl_time_ids.expand(steps, -1)}
+            texts = texts[:, :-1]
         # 5. one UNet call for all stages (after one call of each ControlNet, on the same input)
         if len(self.controlnets) and control is not None:
-            down, mid = self.control_residuals(x, c.timesteps, texts, control)
-            output = self.unet(x, c.timesteps, texts, timestep_cond, down, mid)
+            down, mid = self.control_residuals(x, c.timesteps, texts, control, added)
+            output = self.unet(x, c.timesteps, texts, timestep_cond, down, mid, added)
+        elif added is not None:
+            output = self.unet(x, c.timesteps, texts, timestep_cond, None, None, added)
         else:
             output = self.unet(x, c.timesteps, texts, timestep_cond)
         # 6. the scheduler's update, all stages at once
@@ -223,7 +241,12 @@ class HotPath(torch.nn.Module):
         return denoised[-1:], handed_on
 
     def control_residuals(
-        self, x: torch.Tensor, timesteps: torch.Tensor, texts: torch.Tensor, control: ControlInputs
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        texts: torch.Tensor,
+        control: ControlInputs,
+        added: dict[str, torch.Tensor] | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Every ControlNet's residuals, scaled per stage and summed (``MultiControlNetModel``'s sum)."""
         down: tuple[torch.Tensor, ...] = ()
@@ -235,6 +258,7 @@ class HotPath(torch.nn.Module):
                 encoder_hidden_states=texts,
                 controlnet_cond=control.images[i].to(self.dtype),
                 conditioning_scale=control.scales[i],
+                added_cond_kwargs=added,
                 return_dict=False,
             )
             if i == 0:

@@ -53,7 +53,7 @@ from engine.diffusion.device import DeviceChoice
 from engine.diffusion.hotpath import ControlInputs, DiffusersUNet, FrameInputs, HotPath
 from engine.diffusion.loading import DiffusionModel
 from engine.diffusion.lora import AdapterBank
-from engine.diffusion.prompts import PromptBank
+from engine.diffusion.prompts import PromptBank, XLPromptBank
 from engine.diffusion.schedule import StageCoefficients, build_schedule, guidance_embedding
 from engine.diffusion.similarity import SimilarityFilter
 from engine.diffusion.timing import StageTimer
@@ -181,6 +181,10 @@ class StreamImg2Img:
             )
         self.size = (height, width)
         self.latent_shape = (unet_config.in_channels, height // scale, width // scale)
+        xl_time_ids = None
+        if model.xl:  # SDXL-turbo's added time ids: original size, crop (0, 0), target size (no aesthetic score)
+            with torch.inference_mode(False):
+                xl_time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=choice.dtype).to(choice.device)
         self.hot = HotPath(
             DiffusersUNet(model.unet),
             model.vae,
@@ -188,9 +192,13 @@ class StreamImg2Img:
             size=self.size,
             dtype=choice.dtype,
             controlnets=[unit.controlnet for unit in controls],
+            xl_time_ids=xl_time_ids,
+            pooled_dim=int(model.text_encoder_2.config.projection_dim) if model.xl else 0,
         )
         self.controls = list(controls)
         self.control_error: str | None = None  # a control image that could not be made (that ControlNet rests)
+        if bank is None and model.xl:
+            bank = XLPromptBank(model.tokenizer, model.text_encoder, model.tokenizer_2, model.text_encoder_2, choice)
         self.prompts = bank or PromptBank(model.tokenizer, model.text_encoder, choice)
         self.adapters = adapters
         self.filter = SimilarityFilter(self.settings.similarity_threshold)
