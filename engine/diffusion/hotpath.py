@@ -107,6 +107,7 @@ class FrameInputs(NamedTuple):
     coefficients: StageCoefficients
     timestep_cond: torch.Tensor | None  # (k, D) guidance embedding, for UNets that take one
     control: ControlInputs | None = None  # with ControlNets only
+    style: torch.Tensor | None = None  # (1, 1, D) IP-Adapter image embedding, with an IP-Adapter only
 
 
 class HotPath(torch.nn.Module):
@@ -174,6 +175,7 @@ class HotPath(torch.nn.Module):
         c: StageCoefficients,
         timestep_cond: torch.Tensor | None,
         control: ControlInputs | None = None,
+        style: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One frame: uint8 (H, W, 3) -> (uint8 image (h, w, 3), the next stream-batch buffer).
 
@@ -181,7 +183,7 @@ class HotPath(torch.nn.Module):
         stream throws it away.
         """
         first = self.encode(pixels, noise[:1], c.sqrt_alpha[:1], c.sqrt_one_minus_alpha[:1])
-        finished, handed_on = self.denoise(first, buffer, text, noise, c, timestep_cond, control)
+        finished, handed_on = self.denoise(first, buffer, text, noise, c, timestep_cond, control, style)
         # 9. to uint8 on the device: a quarter of the bytes to download
         return self.decode(finished).mul(255).round().to(torch.uint8), handed_on
 
@@ -215,6 +217,7 @@ class HotPath(torch.nn.Module):
         c: StageCoefficients,
         timestep_cond: torch.Tensor | None,
         control: ControlInputs | None = None,
+        style: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call over every stage -> (finished latents (1, 4, h, w), next buffer (k-1, 4, h, w))."""
         # 4. the stream batch: the newest frame at stage 0, older frames further along
@@ -225,9 +228,12 @@ class HotPath(torch.nn.Module):
         if self.xl_time_ids is not None:  # SDXL: the pooled embedding and the time ids go in as added conditions
             added = {"text_embeds": texts[:, -1, : self.pooled_dim], "time_ids": self.xl_time_ids.expand(steps, -1)}
             texts = texts[:, :-1]
+        control_added = added
+        if style is not None:  # IP-Adapter: the image embedding, for the UNet only (as diffusers passes it)
+            added = {**(added or {}), "image_embeds": [style.expand(steps, -1, -1)]}  # type: ignore[dict-item]
         # 5. one UNet call for all stages (after one call of each ControlNet, on the same input)
         if len(self.controlnets) and control is not None:
-            down, mid = self.control_residuals(x, c.timesteps, texts, control, added)
+            down, mid = self.control_residuals(x, c.timesteps, texts, control, control_added)
             output = self.unet(x, c.timesteps, texts, timestep_cond, down, mid, added)
         elif added is not None:
             output = self.unet(x, c.timesteps, texts, timestep_cond, None, None, added)

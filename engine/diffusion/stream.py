@@ -51,6 +51,7 @@ from engine.diffusion.accel import (
 from engine.diffusion.controlnet import ControlUnit, stage_scales
 from engine.diffusion.device import DeviceChoice
 from engine.diffusion.hotpath import ControlInputs, DiffusersUNet, FrameInputs, HotPath
+from engine.diffusion.ip_adapter import StyleBank
 from engine.diffusion.loading import DiffusionModel
 from engine.diffusion.lora import AdapterBank
 from engine.diffusion.prompts import PromptBank, XLPromptBank
@@ -152,10 +153,13 @@ class StreamImg2Img:
         adapters: AdapterBank | None = None,
         timing: bool = False,
         controls: Sequence[ControlUnit] = (),
+        style: StyleBank | None = None,
     ) -> None:
         """``bank``: a PromptBank of the same model to share (a rebuilt stream keeps its embeddings).
         ``adapters``: the LoRA slots on this model's UNet (applied between frames).
         ``controls``: the ControlNets playing (``set_controls`` changes them).
+        ``style``: the IP-Adapter's image embeddings (the UNet holds the adapter); the frame waits
+        for none: until the first is published the style input is zeros.
         ``timing``: time each stage (``timer``; the benchmark turns it on, a show runs without)."""
         self.started = time.monotonic()  # the weights are loaded by now: the first image is timed from here
         self.first_image_s: float | None = None  # seconds from ``started`` to the first image out
@@ -197,6 +201,8 @@ class StreamImg2Img:
         )
         self.controls = list(controls)
         self.control_error: str | None = None  # a control image that could not be made (that ControlNet rests)
+        self.style = style
+        self._style_version = 0
         if bank is None and model.xl:
             bank = XLPromptBank(model.tokenizer, model.text_encoder, model.tokenizer_2, model.text_encoder_2, choice)
         self.prompts = bank or PromptBank(model.tokenizer, model.text_encoder, choice)
@@ -227,6 +233,7 @@ class StreamImg2Img:
                 coefficients=self._build_coefficients(self.settings.strength),
                 timestep_cond=self._build_timestep_cond(self.settings.guidance_scale),
                 control=self._build_control(),
+                style=self._build_style(),
             )
             self.prompts.request(prompts)
         # the host's side of the two copies: pinned (page-locked) on CUDA, so that they do not block
@@ -385,6 +392,8 @@ class StreamImg2Img:
         if self.prompts.version == 0 or self._skip(frame):  # (version 0: the first prompt is still encoding)
             return False
         self._take_new_prompt()
+        if self.style is not None:
+            self._take_new_style()
         if self._accelerator is not None:
             self._start_accelerated_build()
         building = self._building
@@ -582,6 +591,24 @@ class StreamImg2Img:
                     unit.scale = 0.0
                     control.scales[i].zero_()
 
+    def _build_style(self) -> torch.Tensor | None:
+        if self.style is None:
+            return None
+        dim = int(self.model.unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features)
+        return torch.zeros((1, 1, dim), dtype=self.choice.dtype, device=self.choice.device)
+
+    def _take_new_style(self) -> None:
+        """A newly published style embedding: copied into the style input (no recompile)."""
+        assert self.style is not None and self._inputs.style is not None
+        version = self.style.version
+        current = self.style.current
+        if version == self._style_version or current is None:
+            return
+        with self._on_frame_stream(), torch.inference_mode():
+            self._inputs.style.copy_(current)
+        self._style_version = version
+        self._changed = True
+
     def _build_noise(self, seed: int) -> torch.Tensor:
         self._drift_generator.manual_seed(seed + 1)
         return fixed_noise(seed, self.config.steps, self.latent_shape).to(self.choice.device, self.choice.dtype)
@@ -634,6 +661,7 @@ class StreamImg2Img:
             StageCoefficients(*(t.clone() for t in inputs.coefficients)),
             None if inputs.timestep_cond is None else inputs.timestep_cond.clone(),
             None if inputs.control is None else ControlInputs(*(t.clone() for t in inputs.control)),
+            None if inputs.style is None else inputs.style.clone(),
         )
 
     def _build_accelerated(self, accelerator: Accelerator, example: FrameInputs, version: int) -> None:
