@@ -184,3 +184,78 @@ def test_a_missing_style_image_is_one_line_and_the_last_style_plays_on(styled, t
     assert bank.error is not None and "missing.png" in bank.error and "missing or unreadable" in bank.error
     assert np.array_equal(stream(frame), good)
     stream.close(), bank.close()
+
+
+def test_the_scenes_style_parameters_load_the_adapter_and_swap_the_style(styled, tmp_path):
+    """Through the real scene worker: ``style/adapter`` loads an IP-Adapter file (and the image
+    encoder next to it) with the model, in the background; ``style/image`` changes the image;
+    a missing style image is one HUD line and the last style plays on."""
+    from diffusion_fixtures import StillFeed, set_params
+    from engine.diffusion.ip_adapter import save_ip_adapter
+    from engine.params import ParamRegistry
+    from engine.scenes import SceneCatalog, SceneWorker
+    from engine.scenes.passthrough import Passthrough
+    from engine.scenes.realtime import RealtimeScene
+
+    _, encoder, _, _ = styled
+    P = "/scene/realtime"
+    model = build_random_model("tiny")
+    model.save_pretrained(tmp_path / "model")
+    adapter = save_ip_adapter(random_ip_adapter(model.unet, 32, seed=1), tmp_path / "ip" / "ip-adapter.safetensors")
+    encoder.save_pretrained(tmp_path / "ip" / "image_encoder")
+    styles = []
+    for i in range(2):
+        styles.append(tmp_path / f"style{i}.png")
+        cv2.imwrite(str(styles[i]), np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    params = ParamRegistry()
+    params.declare_all(RealtimeScene.PARAMS)
+    set_params(
+        params,
+        {
+            f"{P}/model": str(tmp_path / "model"),
+            f"{P}/vae": "",
+            f"{P}/resolution": 32,
+            f"{P}/device": "cpu",
+            f"{P}/accel": "eager",
+            f"{P}/similarity_threshold": 0.0,
+        },
+    )
+    worker = SceneWorker(SceneCatalog((Passthrough, RealtimeScene)), params, StillFeed(), error_backoff=0.05)
+    worker.start()
+    try:
+        worker.request("realtime")
+        assert wait_for(lambda: worker.active_name == "realtime" and worker.output.latest()[0] is not None)
+        scene = worker.active
+
+        def image():
+            return worker.output.latest()[0].image
+
+        def steady():
+            """The image once two frames in a row agree (the frame a swap lands in may differ)."""
+            seen = []
+
+            def agree() -> bool:
+                frame = worker.output.latest()[0]
+                if not seen or frame.index != seen[-1].index:
+                    seen.append(frame)
+                return len(seen) > 1 and np.array_equal(seen[-1].image, seen[-2].image)
+
+            assert wait_for(agree)
+            return seen[-1].image
+
+        plain = image()
+        set_params(params, {f"{P}/style/adapter": str(adapter), f"{P}/style/scale": 2.0})
+        assert wait_for(lambda: scene._stream.style is not None), (worker.last_error, scene.warning)
+        assert np.array_equal(image(), plain) or wait_for(lambda: np.array_equal(image(), plain))  # no image: off
+        set_params(params, {f"{P}/style/image": str(styles[0])})
+        assert wait_for(lambda: not np.array_equal(image(), plain))
+        first = steady()
+        set_params(params, {f"{P}/style/image": str(styles[1])})
+        assert wait_for(lambda: not np.array_equal(image(), first) and not np.array_equal(image(), plain))
+        second = steady()
+        set_params(params, {f"{P}/style/image": str(tmp_path / "missing.png")})
+        assert wait_for(lambda: scene.warning is not None and "missing or unreadable" in scene.warning)
+        assert np.array_equal(steady(), second)  # the last style plays on
+        assert worker.last_error is None
+    finally:
+        worker.stop()

@@ -115,6 +115,7 @@ class StyleBank:
         self._key: object = None
         self._pending: Future[None] | None = None
         self._published: tuple[torch.Tensor, int] | None = None
+        self.scale: IPAdapterScale | None = None  # the adapter's scale, when the bank came with one (load_ip_adapter)
 
     @property
     def current(self) -> torch.Tensor | None:
@@ -180,3 +181,49 @@ def read_style_image(path: str) -> np.ndarray:
     if image is None:
         raise StyleError(f"{path!r} is missing or unreadable")
     return np.ascontiguousarray(image[..., ::-1])
+
+
+def split_adapter_source(source: str) -> tuple[str, str, str]:
+    """(folder or hub id, subfolder, weight file) of ``hub-id/subfolder/file.safetensors`` or a local file."""
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return str(path.parent), "", path.name
+    parts = source.strip("/").split("/")
+    if len(parts) < 3 or not parts[-1].endswith((".safetensors", ".bin")):
+        raise StyleError(f"IP-Adapter {source!r}: give hub-id/subfolder/file.safetensors or a local file")
+    return "/".join(parts[:2]), "/".join(parts[2:-1]), parts[-1]
+
+
+def save_ip_adapter(state_dict: dict[str, Any], path: Any) -> Any:
+    """An IP-Adapter state dict as the .safetensors file diffusers' ``load_ip_adapter`` reads."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {f"{part}.{key}": value.contiguous() for part in state_dict for key, value in state_dict[part].items()}
+    save_file(flat, str(path))
+    return path
+
+
+def load_ip_adapter(model: Any, source: str, choice: Any) -> StyleBank:
+    """The IP-Adapter (and its image encoder, ``image_encoder`` next to the weights) into the
+    model's UNet, through diffusers' ``load_ip_adapter``; its StyleBank, with ``.scale``.
+    Raises ModelNotFound (one line; the previous scene plays on)."""
+    from engine.diffusion.errors import ModelNotFound
+    from engine.diffusion.loading import offline
+
+    try:
+        folder, subfolder, weight = split_adapter_source(source)
+        pipe = model.img2img_pipeline()
+        pipe.load_ip_adapter(folder, subfolder=subfolder, weight_name=weight, local_files_only=offline())
+    except (OSError, StyleError, ValueError) as exc:
+        raise ModelNotFound(source, f"the IP-Adapter could not be loaded ({exc})") from exc
+    encoder = pipe.image_encoder.to(device=choice.device, dtype=choice.dtype).eval().requires_grad_(False)
+    model.unet.to(device=choice.device, dtype=choice.dtype)
+    bank = StyleBank(encoder, pipe.feature_extractor, choice.device, choice.dtype)
+    bank.scale = IPAdapterScale(model.unet)
+    return bank

@@ -20,6 +20,10 @@ this module (to list scenes, validate presets, print parameters) needs no torch.
   joins between two frames (the compiled frame is rebuilt in the background while frames play
   eager); scale, start and end are tensor writes. A ControlNet that cannot play (another base
   model's, missing, over ``controlnets/memory_mb``) is one HUD line; the scene plays without it.
+- IP-Adapter: ``style/adapter`` (loaded with the model, in the background) takes a style from
+  ``style/image`` (a file; its embedding is computed off the frame path when it changes) at
+  ``style/scale`` (a weight write: no recompile). A missing image is one HUD line; the last
+  style plays on.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class _LoadKey:
     device: str
     dtype: str
     accel: str
+    style_adapter: str = ""
 
 
 def _parse_prompt_pair(text: tuple[str, str]) -> tuple[list, list]:
@@ -256,6 +261,15 @@ class RealtimeScene(Scene):
             DEFAULT_DEPTH_MODEL,
             description="The depth model of depth ControlNets (a transformers depth-estimation hub id or folder)",
         ),
+        string_param(
+            "style/adapter",
+            "",
+            description="IP-Adapter weights as hub-id/subfolder/file.safetensors, e.g. "
+            "h94/IP-Adapter/models/ip-adapter_sd15.safetensors (its image encoder next to it); loaded with the "
+            "model; empty = off",
+        ),
+        string_param("style/image", "", description="The style picture of the IP-Adapter: an image file"),
+        float_param("style/scale", 0.6, 0.0, 2.0, description="How much of the style picture: 0 = none"),
         int_param(
             "controlnets/memory_mb",
             4000,
@@ -329,6 +343,7 @@ class RealtimeScene(Scene):
             or stream.adapter_error
             or stream.control_error
             or (self._controls.error if self._controls is not None else None)
+            or (stream.style.error if stream.style is not None else None)
             or self._lora_files.refusal
             or stream.prompts.error
             or self._prompts.refusal
@@ -357,6 +372,7 @@ class RealtimeScene(Scene):
             device=self.param("device"),
             dtype=self.param("dtype"),
             accel=self.param("accel"),
+            style_adapter=self.param("style/adapter").strip(),
         )
 
     def _wanted_stream_key(self) -> tuple[int, int]:
@@ -381,6 +397,7 @@ class RealtimeScene(Scene):
                 started = time.monotonic()
                 model = load_model(ModelSpec(model=key.model, lora=key.lora, tiny_vae=key.vae), choice)
                 log.info("realtime: %s loaded in %.1f s", key.model, time.monotonic() - started)
+            style = self._style_of(model, key, choice)
             adapters = adapters if adapters is not None else AdapterBank(model.unet)
             steps, resolution = self._wanted_stream_key()
             stream = StreamImg2Img(
@@ -399,6 +416,7 @@ class RealtimeScene(Scene):
                 bank=bank,
                 adapters=adapters,
                 controls=self._controls.units() if self._controls is not None and model is self._model else (),
+                style=style,
             )
             stream.prompts.wait()
         except Exception as exc:
@@ -441,6 +459,7 @@ class RealtimeScene(Scene):
         stream = self._stream
         self._apply_lora_slots(stream)
         self._apply_controlnet_slots(stream)
+        self._apply_style(stream)
         prompts = self._weighted_prompts()
         if prompts is not None:
             stream.set_prompts(prompts)
@@ -482,6 +501,26 @@ class RealtimeScene(Scene):
             return
         for slot in range(1, LORA_SLOTS + 1):
             stream.adapters.set_weight(slot, self.param(f"loras/{slot}/weight"))
+
+    def _style_of(self, model: Any, key: _LoadKey, choice: Any) -> Any:
+        """The model's StyleBank: the IP-Adapter loaded into it the first time (raises ModelNotFound)."""
+        if not key.style_adapter:
+            return None
+        bank = getattr(model, "style_bank", None)
+        if bank is None:
+            from engine.diffusion.ip_adapter import load_ip_adapter
+
+            bank = model.style_bank = load_ip_adapter(model, key.style_adapter, choice)
+        return bank
+
+    def _apply_style(self, stream: Any) -> None:
+        bank = stream.style
+        if bank is None:
+            return
+        image = self.param("style/image").strip()
+        if image:
+            bank.request(image)
+        bank.scale.set(self.param("style/scale") if image else 0.0)
 
     def _apply_controlnet_slots(self, stream: Any) -> None:
         """Ask for changed ControlNet slots (loaded in the background) and pass the scales on; a new
