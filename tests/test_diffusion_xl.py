@@ -217,3 +217,40 @@ def test_an_lcm_lora_fuses_into_sdxl_as_diffusers_fuses_it(xl, tmp_path):
     assert stream.prompts.wait(30)
     outputs = [stream(f) for f in frames(3)]
     assert outputs[0] is None and all(o.shape == (SIZE, SIZE, 3) for o in outputs[1:])
+
+
+def test_the_realtime_scene_plays_an_sdxl_model(xl, tmp_path):
+    """The scene as a show runs it: an SDXL folder as its model (what the sdxl-turbo preset asks for)."""
+    from diffusion_fixtures import StillFeed, set_params, wait_for
+    from engine.params import ParamRegistry
+    from engine.scenes import SceneCatalog, SceneWorker
+    from engine.scenes.passthrough import Passthrough
+    from engine.scenes.realtime import RealtimeScene
+
+    P = "/scene/realtime"
+    xl.save_pretrained(tmp_path / "tiny-xl")
+    params = ParamRegistry()
+    params.declare_all(RealtimeScene.PARAMS)
+    set_params(
+        params,
+        {
+            f"{P}/model": str(tmp_path / "tiny-xl"),
+            f"{P}/vae": "",
+            f"{P}/resolution": 32,
+            f"{P}/device": "cpu",
+            f"{P}/accel": "eager",
+            f"{P}/similarity_threshold": 0.0,
+        },
+    )
+    worker = SceneWorker(SceneCatalog((Passthrough, RealtimeScene)), params, StillFeed(), error_backoff=0.05)
+    worker.start()
+    try:
+        worker.request("realtime")
+        assert wait_for(lambda: worker.active_name == "realtime" and worker.output.latest()[0] is not None)
+        first = worker.output.latest()[0].image
+        assert first.shape == (32, 32, 3) and worker.active._model.xl
+        set_params(params, {f"{P}/prompt": "a dog on the moon"})
+        assert wait_for(lambda: not np.array_equal(worker.output.latest()[0].image, first))
+        assert worker.last_error is None and worker.active.warning is None
+    finally:
+        worker.stop()

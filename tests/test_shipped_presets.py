@@ -72,6 +72,8 @@ def test_the_ddpm_preset_plays_the_shipped_model(run_preset) -> None:
         ("lora-swap", "realtime", "hf download stabilityai/sd-turbo"),
         ("controlnet-canny", "realtime", "hf download stabilityai/sd-turbo"),
         ("controlnet-depth", "realtime", "hf download stabilityai/sd-turbo"),
+        ("sdxl-turbo", "realtime", "hf download stabilityai/sdxl-turbo"),
+        ("style-image", "realtime", "hf download SimianLuo/LCM_Dreamshaper_v7"),
     ],
 )
 def test_a_hub_preset_offline_says_what_to_get_and_plays_the_shipped_ddpm(run_preset, preset, scene, hint) -> None:

@@ -147,7 +147,7 @@ def _controlnet_slot_params(slot: int) -> tuple:
 class RealtimeScene(Scene):
     name = "realtime"
     order = 30
-    description = "Diffusion img2img of the source, every frame (SD-turbo, LCM)"
+    description = "Diffusion img2img of the source, every frame (SD-turbo, SDXL-turbo, LCM)"
     realtime = True
     uses_input = True
     # as fast as the GPU allows: the worker never redoes a source frame, so the camera's rate is
@@ -222,7 +222,8 @@ class RealtimeScene(Scene):
         string_param(
             "model",
             DEFAULT_MODEL,
-            description="Hub id, local diffusers folder or .safetensors file (SD 1.5 / 2.1 architecture)",
+            description="Hub id, local diffusers folder or .safetensors file (SD 1.5 / 2.1 / SDXL; "
+            "an SDXL single file needs an SDXL config folder)",
         ),
         string_param("lora", "", description="LoRA fused into the model, e.g. latent-consistency/lcm-lora-sdv1-5"),
         string_param(
