@@ -42,6 +42,7 @@ costs the same whatever the weights; fp16 on the GPU):
                          baseline: StableDiffusionControlNetImg2ImgPipeline with cv2.Canny
     turbo-depth-compile  SD-turbo + a depth ControlNet, Depth Anything V2 Small (random weights)
                          included; baseline: the same with transformers' depth-estimation pipeline
+    sdxl-turbo-compile   SDXL-turbo 512x512, 1 step, compiled; baselines StableDiffusionXLImg2ImgPipeline
 
 Each bench case reports fps, p50/p99, ratios against both baselines, the first diffused
 frame after the weights loaded, the backend's build time, whether the backend asked for is
@@ -107,6 +108,7 @@ GPU_CASES = {
     "lora": Case((*LORA, "--device", "cuda"), 60, "other"),
     "turbo-canny-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "canny"), 110),
     "turbo-depth-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "depth"), 120),
+    "sdxl-turbo-compile": Case((*BENCH, "--arch", "sdxl-turbo", "--random-weights", "--accel", "compile"), 180),
 }
 TINY_BENCH = (*BENCH, "--tiny", "--device", "cpu", "--frames", "3", "--warmup", "1", "--baseline-frames", "2")
 TINY_CASES = {
@@ -123,6 +125,7 @@ TINY_CASES = {
     "tiny-vqgan-clip": Case((*VQGAN_CLIP, "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"), 5, "other"),
     "tiny-turbo-canny-eager": Case((*TINY_BENCH, "--accel", "eager", "--controlnet", "canny"), 5),
     "tiny-turbo-depth-eager": Case((*TINY_BENCH, "--accel", "eager", "--controlnet", "depth"), 5),
+    "tiny-sdxl-turbo-eager": Case((*TINY_BENCH, "--arch", "sdxl-turbo", "--accel", "eager"), 5),
 }
 
 

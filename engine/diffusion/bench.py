@@ -19,6 +19,7 @@ the timed frames, and synchronisations per frame (CUDA: ``torch.cuda.set_sync_de
     --tiny                 diffusers' tiny test architecture (CI; seconds on a CPU)
     --random-weights       the full-size --arch with random weights: no download, real cost
     --model ID|PATH        real weights (hub id, diffusers folder, .safetensors)
+    --arch sdxl-turbo      SDXL-turbo (two text encoders, added time ids); baselines: StableDiffusionXLImg2ImgPipeline
     --controlnet canny|depth   one ControlNet of the UNet's architecture (random weights), its
                            control image made by the engine's preprocessor; the baselines are
                            then ``StableDiffusionControlNetImg2ImgPipeline`` with the control
@@ -42,9 +43,14 @@ from typing import Any, cast
 
 from engine.diffusion.options import ACCEL_CHOICES, ACCEL_HELP, DTYPE_CHOICES
 
-ARCHS = ("sd-turbo", "sd15")
-DEFAULT_MODELS = {"sd-turbo": "stabilityai/sd-turbo", "sd15": "SimianLuo/LCM_Dreamshaper_v7"}
+ARCHS = ("sd-turbo", "sd15", "sdxl-turbo")
+DEFAULT_MODELS = {
+    "sd-turbo": "stabilityai/sd-turbo",
+    "sd15": "SimianLuo/LCM_Dreamshaper_v7",
+    "sdxl-turbo": "stabilityai/sdxl-turbo",
+}
 TAESD_ID = "madebyollin/taesd"
+TAESDXL_ID = "madebyollin/taesdxl"
 PROMPT = "a watercolour painting of a city at night, vivid colours"
 STRENGTH = 0.5
 BASELINES = {"own_vae": "diffusers, the model's own VAE", "taesd": "diffusers, the same TAESD"}
@@ -179,9 +185,10 @@ def _models(options: BenchOptions, choice: Any) -> tuple[Any, dict[str, Any], st
     if options.weights == "model":
         base = load_model(ModelSpec(model=options.model), choice)
         described = options.model
-        tiny = load_tiny_vae(ModelSpec(tiny_vae=TAESD_ID), choice.dtype)
+        tiny = load_tiny_vae(ModelSpec(tiny_vae=TAESDXL_ID if base.xl else TAESD_ID), choice.dtype)
     else:
-        arch = "tiny" if options.weights == "tiny" else options.arch
+        tiny_arch = "tiny-xl" if options.arch == "sdxl-turbo" else "tiny"
+        arch = tiny_arch if options.weights == "tiny" else options.arch
         lcm = options.arch == "sd15"
         base = build_random_model(
             arch,
@@ -192,7 +199,7 @@ def _models(options: BenchOptions, choice: Any) -> tuple[Any, dict[str, Any], st
         described = f"random {arch}"
         with torch.device(choice.device):
             torch.manual_seed(0)
-            tiny = AutoencoderTiny(**(TINY_TAESD if arch == "tiny" else TAESD))
+            tiny = AutoencoderTiny(**(TINY_TAESD if arch.startswith("tiny") else TAESD))
     tiny = tiny.eval().requires_grad_(False).to(device=choice.device)
     if tiny.dtype != choice.dtype:  # (diffusers warns about a cast to the dtype a model already has)
         tiny = tiny.to(dtype=choice.dtype)
@@ -461,7 +468,7 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         "gpu_name": torch.cuda.get_device_name(choice.device) if choice.is_cuda else None,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "arch": "tiny" if options.weights == "tiny" else options.arch,
+        "arch": ("tiny-xl" if options.arch == "sdxl-turbo" else "tiny") if options.weights == "tiny" else options.arch,
         "weights": weights,
         "size": options.size,
         "steps": steps,

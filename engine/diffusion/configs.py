@@ -187,6 +187,48 @@ ARCHITECTURES["tiny-xl"] = Architecture(
     scheduler=_EULER_TRAILING,
     default_steps=1,
 )
+# stabilityai/sdxl-turbo's config.json files, trimmed (its scheduler is Euler ancestral, trailing;
+# the benchmark runs plain trailing Euler: the same UNet cost)
+ARCHITECTURES["sdxl-turbo"] = Architecture(
+    "sdxl-turbo",
+    unet={
+        "block_out_channels": [320, 640, 1280],
+        "layers_per_block": 2,
+        "sample_size": 64,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [5, 10, 20],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "transformer_layers_per_block": [1, 2, 10],
+        "projection_class_embeddings_input_dim": 2816,
+        "cross_attention_dim": 2048,
+    },
+    vae={**_SD_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+    text_encoder={  # CLIP ViT-L
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+    },
+    text_encoder_2={  # OpenCLIP ViT-bigG
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "hidden_act": "gelu",
+        "projection_dim": 1280,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+    },
+    scheduler=_EULER_TRAILING,
+    default_steps=1,
+)
 SCHEDULERS = {"euler": _EULER_TRAILING, "lcm": _LCM}
 TAESD = {  # madebyollin/taesd: diffusers' AutoencoderTiny defaults, written out
     "encoder_block_out_channels": [64, 64, 64, 64],
@@ -259,7 +301,7 @@ def build_random_model(
         torch.manual_seed(seed)
         vae: AutoencoderKL | AutoencoderTiny
         if tiny_vae:
-            vae = AutoencoderTiny(**(TINY_TAESD if arch == "tiny" else TAESD))
+            vae = AutoencoderTiny(**(TINY_TAESD if arch.startswith("tiny") else TAESD))
         else:
             vae = AutoencoderKL(**spec.vae)
         torch.manual_seed(seed)
