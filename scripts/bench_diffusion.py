@@ -43,6 +43,8 @@ costs the same whatever the weights; fp16 on the GPU):
     turbo-depth-compile  SD-turbo + a depth ControlNet, Depth Anything V2 Small (random weights)
                          included; baseline: the same with transformers' depth-estimation pipeline
     sdxl-turbo-compile   SDXL-turbo 512x512, 1 step, compiled; baselines StableDiffusionXLImg2ImgPipeline
+    turbo-ip-adapter-compile  SD-turbo + an IP-Adapter (random, ViT-H encoder), compiled; baselines
+                         get ip_adapter_image (diffusers encodes the picture each call)
 
 Each bench case reports fps, p50/p99, ratios against both baselines, the first diffused
 frame after the weights loaded, the backend's build time, whether the backend asked for is
@@ -109,6 +111,7 @@ GPU_CASES = {
     "turbo-canny-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "canny"), 110),
     "turbo-depth-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "depth"), 120),
     "sdxl-turbo-compile": Case((*BENCH, "--arch", "sdxl-turbo", "--random-weights", "--accel", "compile"), 180),
+    "turbo-ip-adapter-compile": Case((*TURBO, "--accel", "compile", "--ip-adapter"), 120),
 }
 TINY_BENCH = (*BENCH, "--tiny", "--device", "cpu", "--frames", "3", "--warmup", "1", "--baseline-frames", "2")
 TINY_CASES = {
@@ -126,6 +129,7 @@ TINY_CASES = {
     "tiny-turbo-canny-eager": Case((*TINY_BENCH, "--accel", "eager", "--controlnet", "canny"), 5),
     "tiny-turbo-depth-eager": Case((*TINY_BENCH, "--accel", "eager", "--controlnet", "depth"), 5),
     "tiny-sdxl-turbo-eager": Case((*TINY_BENCH, "--arch", "sdxl-turbo", "--accel", "eager"), 5),
+    "tiny-turbo-ip-adapter-eager": Case((*TINY_BENCH, "--accel", "eager", "--ip-adapter"), 5),
 }
 
 

@@ -84,6 +84,8 @@ def test_the_tiny_plan_runs_every_case(tmp_path):
     xl = cases["tiny-sdxl-turbo-eager"]  # SDXL: against StableDiffusionXLImg2ImgPipeline, both VAEs
     assert xl["status"] == "ok" and xl["arch"] == "tiny-xl" and set(xl["ratios"]) == {"own_vae", "taesd"}
     assert xl["baselines"]["taesd"]["pipeline"] == "StableDiffusionXLImg2ImgPipeline"
+    ip = cases["tiny-turbo-ip-adapter-eager"]
+    assert ip["status"] == "ok" and ip["ip_adapter"] is True and set(ip["ratios"]) == {"own_vae", "taesd"}
     # tensorrt cannot run on a CPU: it fell back to compile, and the summary says so
     trt = cases["tiny-turbo-tensorrt"]
     assert trt["accel_requested"] == "tensorrt" and trt["accel"] == "compile" and trt["fell_back"] is True

@@ -20,6 +20,8 @@ the timed frames, and synchronisations per frame (CUDA: ``torch.cuda.set_sync_de
     --random-weights       the full-size --arch with random weights: no download, real cost
     --model ID|PATH        real weights (hub id, diffusers folder, .safetensors)
     --arch sdxl-turbo      SDXL-turbo (two text encoders, added time ids); baselines: StableDiffusionXLImg2ImgPipeline
+    --ip-adapter           an IP-Adapter of random weights (ViT-H image encoder; tiny ones with --tiny) and a
+                           style picture: its embedding off the frame path; baselines get ip_adapter_image
     --controlnet canny|depth   one ControlNet of the UNet's architecture (random weights), its
                            control image made by the engine's preprocessor; the baselines are
                            then ``StableDiffusionControlNetImg2ImgPipeline`` with the control
@@ -75,6 +77,7 @@ class BenchOptions:
     dtype: str = "auto"
     vae: str = "tiny"  # the engine's VAE: tiny (TAESD) or full; the baselines run both
     controlnet: str | None = None  # canny | depth: one ControlNet on the hot path and in the baselines
+    ip_adapter: bool = False  # an IP-Adapter (random weights) with a style picture, on the hot path and the baselines
     json_path: Path | None = None
 
 
@@ -116,6 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("canny", "depth"),
         help="one ControlNet (random weights) with this control image; baselines: diffusers' ControlNet img2img",
     )
+    parser.add_argument(
+        "--ip-adapter",
+        action="store_true",
+        help="an IP-Adapter (random weights, CLIP ViT-H image encoder) and a style picture; baselines with "
+        "ip_adapter_image",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
@@ -147,6 +156,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         dtype=args.dtype,
         vae=args.vae,
         controlnet=args.controlnet,
+        ip_adapter=args.ip_adapter,
         json_path=args.json,
     )
 
@@ -340,8 +350,41 @@ def _controlnet_case(options: BenchOptions, model: Any, choice: Any) -> tuple[An
     return ControlUnit(1, controlnet, preprocess), controlnet, user_control
 
 
+def _ip_adapter_case(options: BenchOptions, model: Any, choice: Any) -> tuple[Any, Any, Any]:
+    """(StyleBank for the engine, image encoder, feature extractor): a random IP-Adapter in the UNet."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from engine.diffusion.ip_adapter import StyleBank, load_ip_adapter_weights, random_ip_adapter
+
+    tiny = options.weights == "tiny"
+    vision: dict[str, Any] = (
+        {"hidden_size": 32, "image_size": 32, "projection_dim": 32, "intermediate_size": 37}
+        | {"num_attention_heads": 4, "num_hidden_layers": 2, "patch_size": 8}
+        if tiny  # h94/IP-Adapter models/image_encoder: OpenCLIP ViT-H/14
+        else {"hidden_size": 1280, "image_size": 224, "projection_dim": 1024, "intermediate_size": 5120}
+        | {"num_attention_heads": 16, "num_hidden_layers": 32, "patch_size": 14, "hidden_act": "gelu"}
+    )
+    with choice.device:
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)).eval().requires_grad_(False)
+    encoder = encoder.to(dtype=choice.dtype)
+    size = vision["image_size"]
+    extractor = CLIPImageProcessor(crop_size=size, size=size, do_center_crop=True, resample=3)
+    adapter = random_ip_adapter(model.unet, image_embed_dim=int(vision["projection_dim"]))
+    scale = load_ip_adapter_weights(model.unet, adapter)
+    model.unet.to(device=choice.device, dtype=choice.dtype)
+    bank = StyleBank(encoder, extractor, choice.device, choice.dtype)
+    bank.scale = scale
+    return bank, encoder, extractor
+
+
 def _baseline(
-    model: Any, pictures: list[Any], frames: int, steps: int, controlnet: Any = None, user_control: Any = None
+    model: Any,
+    pictures: list[Any],
+    frames: int,
+    steps: int,
+    controlnet: Any = None,
+    user_control: Any = None,
+    style: Any = None,
 ) -> dict[str, Any]:
     """diffusers' StableDiffusionImg2ImgPipeline over ``model``: PIL in, PIL out, ``steps`` UNet calls
     (with a ControlNet: StableDiffusionControlNetImg2ImgPipeline, the control image made each frame)."""
@@ -355,6 +398,11 @@ def _baseline(
 
         pipe = cast(Any, StableDiffusionControlNetImg2ImgPipeline)(**pipe.components, controlnet=controlnet)
         pipe.set_progress_bar_config(disable=True)
+    if style is not None:  # (encoder, extractor, picture): the pipeline encodes the picture each call
+        components = {**pipe.components, "image_encoder": style[0], "feature_extractor": style[1]}
+        pipe = type(pipe)(**components)
+        pipe.set_progress_bar_config(disable=True)
+        extra["ip_adapter_image"] = style[2]
     times = []
     for i in range(2 + frames):  # two untimed calls first (allocations, cuDNN choices)
         started = time.perf_counter()
@@ -400,6 +448,13 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         _controlnet_case(options, engine_model, choice) if options.controlnet else ((), None, None)
     )
 
+    style, style_parts = None, None
+    if options.ip_adapter:
+        style, encoder, extractor = _ip_adapter_case(options, engine_model, choice)
+        style.request(frames[-1], key="style")
+        style.wait()
+        style_parts = (encoder, extractor, Image.fromarray(frames[-1]))
+
     # 1. the engine: hot path, host frames in and out
     accelerator = _accelerator(options, choice.device)
     compiled_before = _dynamo_frames()
@@ -412,6 +467,7 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         accelerator=accelerator,
         timing=True,
         controls=[cast(Any, controls)] if controlnet is not None else (),
+        style=style,
     )
     stream.prompts.wait()
     # 2. the first image, as a show gets it: eager frames while a compiled or TensorRT build starts
@@ -461,7 +517,9 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         for name, model in baseline_models.items():
             if controlnet is not None and vae_scale_factor(model.vae) != vae_scale_factor(engine_model.vae):
                 continue  # (tiny models: a ControlNet takes one VAE's latent size; full-size VAEs all halve 3x)
-            baselines[name] = _baseline(model, pictures, options.baseline_frames, steps, controlnet, user_control)
+            baselines[name] = _baseline(
+                model, pictures, options.baseline_frames, steps, controlnet, user_control, style_parts
+            )
 
     result = {
         "device": choice.device.type,
@@ -475,6 +533,7 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         "dtype": str(choice.dtype).removeprefix("torch."),
         "vae": options.vae,
         "controlnet": options.controlnet,
+        "ip_adapter": options.ip_adapter,
         "accel": stream.accel,  # what ran the timed frames
         "accel_requested": stream.accel_requested,
         "fell_back": fell_back,
@@ -517,7 +576,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"diffusion img2img: {result['arch']} ({result['weights']}) {result['size']}x{result['size']}, "
         f"{result['steps']} step(s), {result['dtype']}, VAE {result['vae']}, accel {accel}, on {device}"
-        + (f", ControlNet {result['controlnet']}" if result.get("controlnet") else ""),
+        + (f", ControlNet {result['controlnet']}" if result.get("controlnet") else "")
+        + (", IP-Adapter" if result.get("ip_adapter") else ""),
         f"{'':30}{'fps':>9}{'p50 ms':>10}{'p99 ms':>10}{'ratio':>9}",
         f"{'engine (hot path)':30}{engine['fps']:9.1f}{engine['p50_ms']:10.2f}{engine['p99_ms']:10.2f}",
         f"{'  stages, mean ms':30}{stages}",
