@@ -108,3 +108,33 @@ def test_v_prediction_and_taesd_match_the_img2img_pipeline(posterior_mean, predi
     else:
         assert other > 10 * ROUNDING, other
     stream.close()
+
+
+def test_an_sdxs_shaped_folder_loads_with_its_own_tiny_vae_and_v_prediction(tmp_path):
+    """SDXS-512 ships as a diffusers folder whose VAE is a TAESD (AutoencoderTiny): loaded as
+    it is, with its scheduler's prediction type, it plays the image the built model plays."""
+    from diffusers import AutoencoderTiny
+
+    from engine.diffusion.configs import TAESD
+    from engine.diffusion.loading import ModelSpec, load_model
+
+    model = build_random_model("tiny")
+    torch.manual_seed(0)
+    model = replace(
+        model,
+        vae=AutoencoderTiny(**TAESD).eval().requires_grad_(False),
+        scheduler=EulerDiscreteScheduler.from_config(model.scheduler.config, prediction_type="v_prediction"),
+    )
+    model.save_pretrained(tmp_path / "sdxs-like")
+    loaded = load_model(ModelSpec(model=str(tmp_path / "sdxs-like")), CPU)
+    assert type(loaded.vae).__name__ == "AutoencoderTiny"
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+
+    def play(m) -> np.ndarray:
+        stream = StreamImg2Img(
+            m, CPU, StreamConfig(size=(SIZE, SIZE)), LiveSettings(seed=3, similarity_threshold=0.0), [("a cat", 1.0)]
+        )
+        assert stream.prompts.wait(30)
+        return stream(frames(1)[0])
+
+    assert np.array_equal(play(loaded), play(model))
