@@ -201,7 +201,7 @@ def _num(value: float | None, width: int, digits: int = 1) -> str:
 
 def table_row(r: dict) -> str:
     """One line of the summary: a bench case, an in-app case, a slow-scene case, or why not."""
-    head = f"{r['case']:22}"
+    head = f"{r['case']:28}"
     if r["status"] in ("failed", "skipped") and "engine" not in r and "scene_fps" not in r:
         return f"{head}{r['status'].upper()}: {r.get('error') or r.get('skipped')}"
     if r["kind"] == "other":
@@ -226,7 +226,7 @@ def table_row(r: dict) -> str:
 
 
 TABLE_HEAD = (
-    f"{'case':22}{'backend':20}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'KL fps':>9}{'ratio':>7}"
+    f"{'case':28}{'backend':20}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'KL fps':>9}{'ratio':>7}"
     f"{'TAESD':>9}{'ratio':>7}{'1st fr s':>9}{'build s':>8}{'recmp':>6}{'syncs':>7}  device"
 )
 
