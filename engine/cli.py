@@ -6,6 +6,7 @@ Usage errors exit with status 2 and a one-line message; the library never calls 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -79,6 +80,71 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
+
+
+def _suffix_safetensors(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.suffix != ".safetensors":
+        raise argparse.ArgumentTypeError(f"{text!r}: the LoRA is written as a .safetensors file")
+    return path
+
+
+def _at_least_one(text: str) -> int:
+    value = _positive_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def add_train_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "images", type=Path, metavar="IMAGES_DIR", help="folder of pictures (any sizes: resized and center-cropped)"
+    )
+    parser.add_argument(
+        "--base", required=True, metavar="MODEL", help="base model: hub id, diffusers folder or .safetensors file"
+    )
+    parser.add_argument(
+        "--out", required=True, type=_suffix_safetensors, metavar="FILE.safetensors", help="the LoRA to write"
+    )
+    parser.add_argument("--steps", type=_at_least_one, default=500, help="training steps (default 500)")
+    parser.add_argument(
+        "--rank", type=_at_least_one, default=16, help="LoRA rank (default 16; the slots play up to 64)"
+    )
+    parser.add_argument(
+        "--size", type=_at_least_one, default=512, help="training resolution, square (default 512; SDXL: 1024)"
+    )
+    parser.add_argument(
+        "--caption",
+        help='caption for every picture without a sidecar NAME.txt, e.g. "a drawing in sks style"',
+    )
+    parser.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default 1e-4)")
+    parser.add_argument("--batch", type=_at_least_one, default=1, help="pictures per step (default 1)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="checkpoint every N steps (default 100; 0: at the end only)",
+    )
+    parser.add_argument(
+        "--sample-every",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="a sample picture beside --out every N steps (default 100; 0: none)",
+    )
+    parser.add_argument(
+        "--sample-steps",
+        type=_at_least_one,
+        help="denoising steps of a sample (default 4 for turbo / LCM bases, else 25)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from FILE.checkpoint.pt beside --out")
+    parser.add_argument("--kohya", action="store_true", help="also write FILE.kohya.safetensors in kohya's layout")
+    parser.add_argument(
+        "--device", type=_device, default="auto", help="auto | cuda | cuda:N | mps | cpu (default auto)"
+    )
+    parser.add_argument("--seed", type=_positive_int, default=0, help="seed of every random choice (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repeat for more); the token is still needed off the loopback",
     )
     run.add_argument("--no-status", action="store_true", help="no status page")
-    live = run.add_argument_group("live control (OSC, OSCQuery, MIDI, audio)")
+    live = run.add_argument_group("live control (OSC, OSCQuery, MIDI, DMX, audio)")
     live.add_argument("--osc-port", type=_port, default=9321, help="OSC UDP port (default 9321)")
     live.add_argument(
         "--osc-host",
@@ -193,7 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     live.add_argument("--osc-tcp", action="store_true", help="also take OSC over TCP on the same port")
     live.add_argument("--no-osc", action="store_true", help="no OSC and no OSCQuery")
-    live.add_argument("--oscquery-port", type=_port, default=9322, help="OSCQuery HTTP port (default 9322)")
+    live.add_argument(
+        "--oscquery-port", type=_port, default=9322, help="OSCQuery HTTP and WebSocket port (default 9322)"
+    )
+    live.add_argument(
+        "--oscquery-token",
+        default=os.environ.get("DREAMDECK_OSCQUERY_TOKEN") or None,
+        metavar="TOKEN",
+        help="OSC sent over OSCQuery's WebSocket is applied only from clients that connect with "
+        "?token=TOKEN (default: $DREAMDECK_OSCQUERY_TOKEN; none: any client the allowlist lets in)",
+    )
     live.add_argument("--no-oscquery", action="store_true", help="no OSCQuery server")
     live.add_argument("--advertise", action="store_true", help="announce OSCQuery by zeroconf (_oscjson._tcp)")
     live.add_argument(
@@ -213,6 +288,26 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--midi-map", type=Path, help="MIDI mappings file (default ~/.config/dreamdeck/midi.toml)")
     live.add_argument("--midi-api", default="auto", choices=["auto", "alsa", "jack"], help="MIDI system")
     live.add_argument("--no-midi", action="store_true", help="no MIDI")
+    live.add_argument(
+        "--dmx",
+        action="append",
+        default=[],
+        metavar="PROTO[:UNIVERSE]",
+        help="DMX in from a lighting desk: artnet[:UNIVERSE] or sacn[:UNIVERSE] (repeatable or comma list; "
+        "mappings in the --midi-map file)",
+    )
+    live.add_argument(
+        "--dmx-host",
+        default="127.0.0.1",
+        help="address DMX listens on (default 127.0.0.1; any other needs --dmx-allow; sACN multicast then)",
+    )
+    live.add_argument(
+        "--dmx-allow",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="desk address or network allowed when DMX is open to the network (repeatable)",
+    )
     live.add_argument(
         "--audio", metavar="SPEC", help="audio input: a device name or index, 'default', or file:PATH (a WAV, looped)"
     )
@@ -267,6 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--presets-dir", type=Path, default=PRESETS_DIR)
 
     sub.add_parser("doctor", help="check this machine: Python, torch, GPU, OpenGL, cameras, MIDI, models")
+
+    add_train_lora_arguments(
+        sub.add_parser(
+            "train-lora",
+            help="train a LoRA on a folder of pictures, to play in the LoRA slots",
+            description="Train a LoRA (diffusers + peft) on the pictures in IMAGES_DIR; it loads in "
+            "the realtime scene's LoRA slots, diffusers' load_lora_weights, ComfyUI and A1111. "
+            "Real models need a GPU; the CPU trains tiny test models.",
+        )
+    )
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT")
@@ -386,12 +491,16 @@ def show_config(args: argparse.Namespace) -> ShowConfig:
         osc_feedback=args.osc_feedback,
         osc_tcp=args.osc_tcp,
         oscquery_port=None if args.no_oscquery else args.oscquery_port,
+        oscquery_token=args.oscquery_token,
         advertise=args.advertise,
         midi=not args.no_midi and bool(args.midi_in or args.midi_out),
         midi_inputs=tuple(args.midi_in),
         midi_outputs=tuple(args.midi_out),
         midi_map=args.midi_map,
         midi_api=args.midi_api,
+        dmx_inputs=tuple(args.dmx),
+        dmx_host=args.dmx_host,
+        dmx_allow=tuple(args.dmx_allow),
         audio=None if args.audio is None else ("" if args.audio == "default" else args.audio),
         hours=hours,
     )
@@ -510,6 +619,75 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    """Usage and input errors (pictures, base model, checkpoint) exit 2, a file that cannot be
+    written exits 1; each with one line. What was written before stays whole."""
+    if args.no_progress:  # and no loading bars from diffusers and transformers either
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    from engine.diffusion.device import choose_device
+    from engine.diffusion.errors import ModelNotFound
+    from engine.diffusion.train_lora import TrainConfig, TrainError, needs_gpu, train
+
+    def fail(message: str, code: int) -> int:
+        print(f"dreamdeck train-lora: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+        return code
+
+    try:
+        choice = choose_device(args.device, "float32")
+    except ValueError as exc:
+        return fail(str(exc), 2)
+    if choice.device.type == "cuda":  # the frozen model in half precision; the LoRA trains in float32
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        choice = dataclasses.replace(choice, dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    config = TrainConfig(
+        images=args.images,
+        base=args.base,
+        out=args.out,
+        steps=args.steps,
+        rank=args.rank,
+        size=args.size,
+        caption=args.caption,
+        lr=args.lr,
+        batch=args.batch,
+        checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every,
+        sample_steps=args.sample_steps,
+        resume=args.resume,
+        seed=args.seed,
+        kohya=args.kohya,
+    )
+
+    def gpu_check(unet: object) -> str | None:
+        message = needs_gpu(unet, choice)
+        if message and args.device == "auto":  # --device cpu: asked for, so it trains
+            return f"{message}; pass --device cpu to train on the CPU anyway"
+        if message:
+            log.warning("train-lora: %s", message)
+        return None
+
+    try:
+        report = train(config, choice, progress=not args.no_progress, check=gpu_check)
+    except (TrainError, ModelNotFound) as exc:
+        return fail(str(exc), 2)
+    except OSError as exc:
+        return fail(f"cannot write {exc.filename or args.out}: {exc.strerror or exc} (is the disk full?)", 1)
+    except KeyboardInterrupt:
+        return fail("interrupted; the same command with --resume continues from the last checkpoint", 130)
+    print(
+        f"wrote {report.out} ({report.steps} steps, {report.steps_per_second:.2f} steps/s"
+        + (f", last loss {report.losses[-1]:.4f})" if report.losses else ")")
+        + (f"; kohya copy {report.kohya}" if report.kohya else "")
+        + (f"; samples {report.samples[0].parent}/{args.out.stem}.sample-*.png" if report.samples else "")
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from engine.logsetup import setup_logging
@@ -523,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         "doctor": cmd_doctor,
         "bench": cmd_bench,
         "install-service": cmd_install_service,
+        "train-lora": cmd_train_lora,
     }
     from engine.scenes.plugins import ScenesNotFound
 

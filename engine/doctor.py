@@ -238,7 +238,11 @@ def probe_scene_models(env: Mapping[str, str] | None = None) -> Row:
         any((vqgan_dir / name).is_file() for name in ("model.ckpt", "last.ckpt"))
         and (vqgan_dir / "model.yaml").is_file()
     )
-    vqgan = f"VQGAN in {vqgan_dir}" if found else f"no VQGAN checkpoint in {vqgan_dir} (vqgan_clip plays the DDPM)"
+    vqgan = (
+        f"VQGAN in {vqgan_dir}"
+        if found
+        else f"no VQGAN checkpoint in {vqgan_dir} (vqgan_clip's vqgan drawer plays the DDPM; pixel and fft need none)"
+    )
     return "scene models", OK if weights.is_file() else MISSING, f"{ddpm}; {vqgan}"
 
 

@@ -266,6 +266,9 @@ class ParamRegistry:
         self._pending: list[Change] = []
         self._listeners: list[Listener] = []
         self.last_change: Change | None = None  # latest change from outside (for the HUD)
+        # Bumped whenever a declaration comes, goes or changes: views that list the parameters
+        # (OSCQuery's PATH_* notices) compare a number per frame instead of every declaration.
+        self.generation = 0
 
     # -- declaration ---------------------------------------------------------------
     def declare(self, param: Param) -> Param:
@@ -283,11 +286,26 @@ class ParamRegistry:
                     raise ParamError(f"{param.path} clashes with {path}: a path is a value or a group")
             value = False if param.kind is Kind.TRIGGER else param.default
             self._slots[param.path] = _Slot(param, value, value)
+            self.generation += 1
         return param
 
     def declare_all(self, params: Iterable[Param]) -> None:
         for p in params:
             self.declare(p)
+
+    def remove(self, paths: Iterable[str]) -> None:
+        """Forget parameters (a plugin scene unloading its own); unknown paths are ignored.
+
+        Their queued changes go with them. The views see them go at the next frame boundary
+        (OSC stops resolving them; OSCQuery's WebSocket clients get PATH_REMOVED).
+        """
+        with self._lock:
+            gone = {path for path in paths if path in self._slots}
+            for path in gone:
+                del self._slots[path]
+            if gone:
+                self.generation += 1
+                self._pending = [change for change in self._pending if change.path not in gone]
 
     def replace_choices(self, path: str, choices: Iterable[str]) -> None:
         """Update an enum's choices (the scene list grows when plugins register)."""
@@ -301,6 +319,7 @@ class ParamRegistry:
             )
             if slot.target not in choices:
                 slot.target = slot.current = default
+            self.generation += 1
 
     # -- reading -------------------------------------------------------------------
     def __contains__(self, path: str) -> bool:

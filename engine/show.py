@@ -3,7 +3,7 @@
     ShowConfig ──build_show──► Show
         surface      a window (WindowConfig) or offscreen EGL
         app          sources, scenes (with the show's TorchDefaults), compositor    (engine/app.py)
-        controls     audio, Link, tempo, modulation, MIDI, OSC, OSCQuery, opening hours
+        controls     audio, Link, tempo, modulation, MIDI, DMX, OSC, OSCQuery, opening hours
         outputs      recorder, virtual camera, NDI, Spout, Syphon, state tracker, systemd notifier
         status page  the web page and phone remote
 
@@ -21,6 +21,7 @@ from typing import Literal
 
 from engine.app import App, AppConfig, Surface
 from engine.clock import ManualClock, RealClock
+from engine.control.dmx import SACN_NEEDS, parse_inputs, sacn_available
 from engine.control.osc import check_binding
 from engine.control.setup import ControlConfig, install_controls
 from engine.outputs.recorder import DEFAULT_PATTERN, RECORD_PARAM, Recorder
@@ -107,6 +108,14 @@ class ShowConfig:
                 check_binding(controls.osc_host, controls.osc_allow or None, "OSC")
             except ValueError as exc:
                 raise ShowError(str(exc)) from None
+        if controls.dmx_inputs:
+            try:  # the same rule as OSC: a desk on the show network needs an allowlist
+                inputs = parse_inputs(list(controls.dmx_inputs))
+                check_binding(controls.dmx_host, controls.dmx_allow or None, "DMX")
+            except ValueError as exc:
+                raise ShowError(str(exc)) from None
+            if any(i.protocol == "sacn" for i in inputs) and not sacn_available():
+                raise ShowError(SACN_NEEDS)
         if not self.outputs.record_fps > 0:
             raise ShowError(f"record fps {self.outputs.record_fps!r} must be positive")
 

@@ -37,7 +37,7 @@ costs the same whatever the weights; fp16 on the GPU):
     lcm4-compile         SD 1.5 + LCM, 4 steps as one stream batch, torch.compile
     turbo-tensorrt       --accel tensorrt (experimental): TensorRT where installed, else its
                          fallback to compile, flagged in the summary
-    vqgan-clip, lora     the slow scenes' benches (scripts/bench_vqgan_clip.py, bench_lora.py)
+    vqgan-clip, lora     the slow scenes' benches (scripts/bench_vqgan_clip.py: each drawer; bench_lora.py)
     turbo-canny-compile  SD-turbo + a canny ControlNet (the torch Canny on the device), compiled;
                          baseline: StableDiffusionControlNetImg2ImgPipeline with cv2.Canny
     turbo-depth-compile  SD-turbo + a depth ControlNet, Depth Anything V2 Small (random weights)
@@ -45,6 +45,12 @@ costs the same whatever the weights; fp16 on the GPU):
     sdxl-turbo-compile   SDXL-turbo 512x512, 1 step, compiled; baselines StableDiffusionXLImg2ImgPipeline
     turbo-ip-adapter-compile  SD-turbo + an IP-Adapter (random, ViT-H encoder), compiled; baselines
                          get ip_adapter_image (diffusers encodes the picture each call)
+    sana-sprint          SANA-Sprint 0.6B 512x512, 1 step, compiled, bf16: fps against
+                         SanaSprintImg2ImgPipeline in the same run (engine.diffusion.flow_bench)
+    flux-schnell         FLUX.1-schnell 512x512, 4 steps, compiled, bf16: seconds per image
+    sd35-turbo           SD3.5 Large Turbo 512x512, 4 steps, compiled, bf16: seconds per image
+                         (the three flow cases come last: past the 8 minutes of the UNet cases,
+                         run them on their own with ``--cases sana-sprint flux-schnell sd35-turbo``)
 
 Each bench case reports fps, p50/p99, ratios against both baselines, the first diffused
 frame after the weights loaded, the backend's build time, whether the backend asked for is
@@ -92,6 +98,7 @@ BENCH = ("-m", "engine.diffusion.bench")
 INAPP = (str(SCRIPTS / "bench_inapp.py"),)
 VQGAN_CLIP = (str(SCRIPTS / "bench_vqgan_clip.py"),)
 LORA = (str(SCRIPTS / "bench_lora.py"),)
+FLOW = ("-m", "engine.diffusion.flow_bench")
 TURBO = (*BENCH, "--arch", "sd-turbo", "--random-weights")
 # estimates from the H200 anchors (DESIGN.md): ~20 s of process start, imports and random
 # weights a case, a cold compile 86 s, a warm one 21 s; the first five fit the 8-minute budget
@@ -105,13 +112,16 @@ GPU_CASES = {
     "lcm4-compile": Case((*BENCH, "--arch", "sd15", "--random-weights", "--steps", "4", "--accel", "compile"), 130),
     "turbo-tensorrt": Case((*TURBO, "--accel", "tensorrt"), 90),
     "vqgan-clip": Case(
-        (*VQGAN_CLIP, "--device", "cuda", "--autocast", "bfloat16", "--steps", "20", "--warmup", "3"), 60, "other"
+        (*VQGAN_CLIP, "--device", "cuda", "--autocast", "bfloat16", "--steps", "20", "--warmup", "3"), 90, "other"
     ),
     "lora": Case((*LORA, "--device", "cuda"), 60, "other"),
     "turbo-canny-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "canny"), 110),
     "turbo-depth-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "depth"), 120),
     "sdxl-turbo-compile": Case((*BENCH, "--arch", "sdxl-turbo", "--random-weights", "--accel", "compile"), 180),
     "turbo-ip-adapter-compile": Case((*TURBO, "--accel", "compile", "--ip-adapter"), 120),
+    "sana-sprint": Case((*FLOW, "--case", "sana-sprint", "--device", "cuda"), 120, "other"),
+    "flux-schnell": Case((*FLOW, "--case", "flux-schnell", "--device", "cuda", "--frames", "20"), 200, "other"),
+    "sd35-turbo": Case((*FLOW, "--case", "sd35-turbo", "--device", "cuda", "--frames", "20"), 180, "other"),
 }
 TINY_BENCH = (*BENCH, "--tiny", "--device", "cpu", "--frames", "3", "--warmup", "1", "--baseline-frames", "2")
 TINY_CASES = {
@@ -130,6 +140,12 @@ TINY_CASES = {
     "tiny-turbo-depth-eager": Case((*TINY_BENCH, "--accel", "eager", "--controlnet", "depth"), 5),
     "tiny-sdxl-turbo-eager": Case((*TINY_BENCH, "--arch", "sdxl-turbo", "--accel", "eager"), 5),
     "tiny-turbo-ip-adapter-eager": Case((*TINY_BENCH, "--accel", "eager", "--ip-adapter"), 5),
+    **{
+        f"tiny-{name}": Case(
+            (*FLOW, "--case", name, "--tiny", "--frames", "3", "--warmup", "1", "--baseline-frames", "2"), 5, "other"
+        )
+        for name in ("sana-sprint", "flux-schnell", "sd35-turbo")
+    },
 }
 
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""VQGAN+CLIP optimisation steps per second, full-size architectures with random weights.
+"""CLIP-guided drawing steps per second for each drawer, full-size architectures with random weights.
 
 A step costs the same whatever the weights are, so this builds ``vqgan_imagenet_f16_16384``
 (ch 128, ch_mult 1-1-2-2-4, 2 res blocks, attention at 16, 16384 x 256 codebook) and CLIP
-ViT-B/32 from their configs and times ``VqganClip.step()`` (decode, cutouts, CLIP image
-forward, backward through both, Adam) at each size. No download, no GL. From the repo root
-(``PYTHONPATH=.`` unless dreamdeck is installed with ``pip install -e .``):
+ViT-B/32 from their configs and times ``VqganClip.step()`` (the drawer's image, cutouts, CLIP
+image forward, backward through both, Adam) for each drawer at each size: ``vqgan`` (decoder
+and all), ``pixel`` (32 x 32 cells, 16 colours) and ``fft`` (a 1/f spectrum). No download,
+no GL. From the repo root (``PYTHONPATH=.`` unless dreamdeck is installed with ``pip install -e .``):
 
-    PYTHONPATH=. python3 scripts/bench_vqgan_clip.py                 # CPU, 256 and 512
+    PYTHONPATH=. python3 scripts/bench_vqgan_clip.py                 # CPU, all drawers, 256 and 512
+    PYTHONPATH=. python3 scripts/bench_vqgan_clip.py --drawers pixel fft --steps 2
     PYTHONPATH=. python3 scripts/bench_vqgan_clip.py --device cuda --autocast bfloat16 --steps 50 --json out.json
     PYTHONPATH=. python3 scripts/bench_vqgan_clip.py --tiny          # the machinery, 32 and 64 px, in seconds
 
@@ -24,12 +26,15 @@ import time
 from pathlib import Path
 
 AUTOCAST = ("none", "bfloat16", "float16")
+DRAWERS = ("vqgan", "pixel", "fft")
+PIXEL_CELLS, PIXEL_PALETTE, FFT_DECAY = 32, 16, 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
     parser.add_argument("--sizes", type=int, nargs="+", help="square image sizes (default 256 512; --tiny: 32 64)")
+    parser.add_argument("--drawers", nargs="+", choices=DRAWERS, default=list(DRAWERS), help="drawers to time")
     parser.add_argument("--cutouts", type=int, default=32, help="cutouts per step (the classic default)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per size")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per size first")
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         build_random_clip,
         build_random_vqgan,
     )
+    from engine.vqclip.drawers import FftDrawer, PixelDrawer, VqganDrawer
     from engine.vqclip.optimise import Cutouts, VqganClip
 
     if args.threads:
@@ -64,8 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     autocast = None if args.autocast == "none" else getattr(torch, args.autocast)
     vq_config, clip_config = (TINY_VQGAN, TINY_CLIP) if args.tiny else (F16_16384, CLIP_VIT_B32)
-    vqgan = build_random_vqgan(vq_config, device=device)
+    vqgan = build_random_vqgan(vq_config, device=device) if "vqgan" in args.drawers else None
     clip = build_random_clip(clip_config, device=device)
+    vqgan_name = "tiny" if args.tiny else "vqgan_imagenet_f16_16384 (random weights)"
+    settings = {
+        "vqgan": vqgan_name,
+        "pixel": f"{PIXEL_CELLS}x{PIXEL_CELLS} cells, {PIXEL_PALETTE} colours",
+        "fft": f"1/f^{FFT_DECAY:g} spectrum, decorrelated colour",
+    }
+
+    def drawer(name: str, size: int):
+        if name == "pixel":
+            return PixelDrawer(PIXEL_CELLS, PIXEL_CELLS, PIXEL_PALETTE, size=size, device=device)
+        if name == "fft":
+            return FftDrawer(size, decay=FFT_DECAY, device=device)
+        return VqganDrawer(vqgan, size)
+
     prompts = [WeightedPrompt("a lighthouse in a storm, oil painting", 1.0), WeightedPrompt("blurry", -0.5)]
 
     def sync() -> None:
@@ -73,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize(device)
 
     rows = []
-    for size in sizes:
-        run = VqganClip(vqgan, clip, prompts, size=size, cutouts=Cutouts(count=args.cutouts), autocast=autocast)
+    for name, size in ((name, size) for name in args.drawers for size in sizes):
+        cutouts = Cutouts(count=args.cutouts)
+        run = VqganClip(drawer(name, size), clip, prompts, size=size, cutouts=cutouts, autocast=autocast)
         for _ in range(args.warmup):
             run.step()
         sync()
@@ -85,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = (time.perf_counter() - started) / max(args.steps, 1)
         rows.append(
             {
+                "drawer": name,
+                "setting": settings[name],
                 "size": size,
                 "image": list(image.shape[:2]),
                 "cutouts": args.cutouts,
@@ -93,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 "steps_per_second": 1.0 / seconds,
             }
         )
-        print(f"  {size}: {1.0 / seconds:.3f} it/s", file=sys.stderr, flush=True)
+        print(f"  {name} {size}: {1.0 / seconds:.3f} it/s", file=sys.stderr, flush=True)
 
     result = {
-        "vqgan": "tiny" if args.tiny else "vqgan_imagenet_f16_16384 (random weights)",
+        "vqgan": vqgan_name,
         "clip": "tiny" if args.tiny else "ViT-B/32 (random weights)",
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -105,16 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "results": rows,
     }
-    print(f"VQGAN+CLIP steps, {result['vqgan']} + {result['clip']}, on {result['device']}, autocast {args.autocast}")
-    print(f"{'size':>6} {'cutouts':>8} {'steps':>6} {'s/step':>9} {'it/s':>8}")
+    print(f"CLIP-guided drawing steps, CLIP {result['clip']}, on {result['device']}, autocast {args.autocast}")
+    print(f"{'drawer':>7} {'size':>6} {'image':>9} {'cutouts':>8} {'steps':>6} {'s/step':>9} {'it/s':>8}")
     for row in rows:
+        image = "x".join(str(n) for n in row["image"])
         print(
-            f"{row['size']:>6} {row['cutouts']:>8} {row['steps']:>6} {row['seconds_per_step']:>9.3f} "
-            f"{row['steps_per_second']:>8.3f}"
+            f"{row['drawer']:>7} {row['size']:>6} {image:>9} {row['cutouts']:>8} {row['steps']:>6} "
+            f"{row['seconds_per_step']:>9.3f} {row['steps_per_second']:>8.3f}"
         )
-    if len(rows) > 1:
-        ratio = rows[0]["steps_per_second"] / rows[-1]["steps_per_second"]
-        print(f"{rows[-1]['size']} vs {rows[0]['size']}: {ratio:.2f}x slower per step")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

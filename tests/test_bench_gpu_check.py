@@ -172,3 +172,22 @@ def test_every_gpu_case_is_a_valid_command_line():
             continue
         checked += 1
     assert checked >= 6
+
+
+def test_the_flow_cases_are_valid_command_lines_and_run_tiny(tmp_path):
+    """The flow benches' GPU command lines parse; their tiny twins run and write their JSON."""
+    import argparse
+
+    from engine.diffusion.flow_bench import add_arguments
+
+    script = check_script()
+    for name in ("sana-sprint", "flux-schnell", "sd35-turbo"):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        parser.parse_args([*script.GPU_CASES[name].args[2:], "--json", "x.json"])
+    done = run_check(tmp_path, "--cases", "tiny-sana-sprint", "--budget-s", "600")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "tiny-sana-sprint.json").exists()
+    result = json.loads((tmp_path / "summary.json").read_text())["cases"][0]
+    assert result["case"] == "tiny-sana-sprint" and result["kind"] == "other" and result["status"] == "ok"
+    assert result["recompiles"]["in_timed_frames"] == 0 and result["ratio"] > 0 and result["steps"] == 1

@@ -98,7 +98,7 @@ def test_the_whole_tree_has_the_attributes_the_spec_requires(query: OscQueryServ
         node = nodes["/dreamdeck" + param.path]
         assert node["TYPE"] == TYPE_OF_KIND[param.kind]
         if param.kind is Kind.TRIGGER:  # a trigger is written, never read (VQGAN+CLIP's restart)
-            assert node["ACCESS"] == 2 and "VALUE" not in node
+            assert node["ACCESS"] == 2 and node["VALUE"] == [None], "null: the spec's placeholder for N"
             continue
         assert node["ACCESS"] == 3
         assert len(node["VALUE"]) == len(node["TYPE"]) == 1
@@ -122,7 +122,7 @@ def test_the_whole_tree_has_the_attributes_the_spec_requires(query: OscQueryServ
 
     for name, spec in ACTIONS.items():  # TYPE and DESCRIPTION come from the action's declaration
         action = nodes[f"/dreamdeck/{name}"]
-        assert action["ACCESS"] == 2 and "VALUE" not in action
+        assert action["ACCESS"] == 2 and action["VALUE"] == [None] * len(action["TYPE"])
         assert action["DESCRIPTION"] == f"{spec.description}: {spec.signature}"
     assert nodes["/dreamdeck/scene/next"]["TYPE"] == "N" and nodes["/dreamdeck/prompt"]["TYPE"] == "s"
     assert nodes["/dreamdeck/midi/learn"]["DESCRIPTION"].endswith("midi/learn(path: path, mode: str = '')")
@@ -150,7 +150,9 @@ def test_host_info_names_the_osc_server(query: OscQueryServer, osc: OscServer) -
     assert info["NAME"] == "dreamdeck"
     extensions = info["EXTENSIONS"]
     assert all(extensions[name] for name in ("ACCESS", "VALUE", "RANGE", "DESCRIPTION"))
-    assert extensions["LISTEN"] is False, "no WebSocket streaming: clients must not try"
+    assert extensions["LISTEN"] is True and extensions["PATH_ADDED"] is True and extensions["PATH_REMOVED"] is True
+    assert extensions["PATH_CHANGED"] is True and extensions["PATH_RENAMED"] is False, "nothing is renamed"
+    assert "WS_PORT" not in info, "absent: the WebSocket is on this port (the spec's default)"
 
 
 def test_unknown_paths_and_attributes(query: OscQueryServer) -> None:
@@ -158,7 +160,7 @@ def test_unknown_paths_and_attributes(query: OscQueryServer) -> None:
     assert status == 404 and "/dreamdeck/fx/nope" in body["ERROR"]
     assert get(query, "/elsewhere")[0] == 404
     assert get(query, "/dreamdeck/fx/kaleido/segments?GABBAGABBAHEY")[0] == 400
-    assert get(query, "/dreamdeck/fx/kaleido/segments?LISTEN")[0] == 400, "not offered in EXTENSIONS"
+    assert get(query, "/dreamdeck/fx/kaleido/segments?LISTEN")[0] == 400, "a WebSocket command, not an attribute"
 
 
 def test_values_are_read_live(query: OscQueryServer, osc: OscServer, registry: ParamRegistry) -> None:
@@ -180,7 +182,8 @@ def test_values_are_read_live(query: OscQueryServer, osc: OscServer, registry: P
 def test_parameters_declared_later_and_triggers_appear(query: OscQueryServer, registry: ParamRegistry) -> None:
     registry.declare(trigger_param("/scene/flash", description="Flash once"))
     status, node = get(query, "/dreamdeck/scene/flash")
-    assert status == 200 and node["TYPE"] == "N" and node["ACCESS"] == 2 and "VALUE" not in node
+    assert status == 200 and node["TYPE"] == "N" and node["ACCESS"] == 2 and node["VALUE"] == [None]
+    assert get(query, "/dreamdeck/scene/flash?VALUE")[0] == 204, "write-only: the value is not shown"
 
 
 def test_listing_only_the_engines_actions(make_query: Callable[..., OscQueryServer]) -> None:
@@ -225,6 +228,12 @@ def test_garbage_requests_do_not_kill_the_server(query: OscQueryServer) -> None:
                 pass
     with socket.create_connection(("127.0.0.1", query.port), timeout=10):
         pass  # connect and hang up without a word
+    for method, status, has_body in (("POST", 405, True), ("HEAD", 200, False), ("GET", 200, True)):
+        conn = http.client.HTTPConnection("127.0.0.1", query.port, timeout=10)
+        conn.request(method, "/?HOST_INFO")
+        response = conn.getresponse()
+        assert response.status == status and bool(response.read()) == has_body, method
+        conn.close()
     assert get(query, "/dreamdeck/fx/kaleido/segments?TYPE") == (200, {"TYPE": "i"})
 
 

@@ -306,10 +306,12 @@ def bench_diffusion(*names: str) -> str:
     return "\n".join(lines + _caption(reports))
 
 
-def bench_slow_scenes(frames: str, ddpm: str, vqgan_clip: str) -> str:
+def bench_slow_scenes(frames: str, ddpm: str, *vqgan_clip: str) -> str:
     """The render loop while a slow scene computes (tests/test_slow_scene_frames.py), DDPM steps
-    (scripts/bench_ddpm.py) and VQGAN+CLIP steps (scripts/bench_vqgan_clip.py --json)."""
-    loop, steps, vq = load_bench(frames), load_bench(ddpm), load_bench(vqgan_clip)
+    (scripts/bench_ddpm.py) and CLIP-guided drawing steps per drawer (scripts/bench_vqgan_clip.py
+    --json: one file or more)."""
+    loop, steps = load_bench(frames), load_bench(ddpm)
+    clip_runs = [(name, load_bench(name)) for name in vqgan_clip]
     rows = [
         (
             "render loop from the cut to the DDPM on, while it loads and computes",
@@ -329,15 +331,18 @@ def bench_slow_scenes(frames: str, ddpm: str, vqgan_clip: str) -> str:
                 f"{_num(per_second, 2 if per_second < 1 else 1)} steps/s ({took})",
             )
         )
-    for r in _field(vq, "results", vqgan_clip):
-        rows.append(
-            (
-                f"VQGAN+CLIP, {r['size']}², {r['cutouts']} cutouts",
-                f"{vq['vqgan']} + {vq['clip']}",
-                f"{r['steps_per_second']:.2g} it/s ({_num(r['seconds_per_step'])} s)",
+    for file, vq in clip_runs:
+        for r in _field(vq, "results", file):
+            drawer = r.get("drawer", "vqgan")  # runs from before the drawers timed the VQGAN only
+            name = "VQGAN+CLIP" if drawer == "vqgan" else f"CLIP, {drawer} drawer"
+            rows.append(
+                (
+                    f"{name}, {r['size']}², {r['cutouts']} cutouts (`{file}`)",
+                    f"{r.get('setting', vq['vqgan'])} + {vq['clip']}",
+                    f"{r['steps_per_second']:.2g} it/s ({_num(r['seconds_per_step'])} s)",
+                )
             )
-        )
-    reports = [(frames, loop), (ddpm, steps), (vqgan_clip, vq)]
+    reports = [(frames, loop), (ddpm, steps), *clip_runs]
     return "\n".join(_table(("what", "setting", "figure"), rows) + _caption(reports))
 
 

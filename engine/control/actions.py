@@ -175,7 +175,7 @@ def declare(*specs: ActionSpec) -> dict[str, ActionSpec]:
 
 
 # The actions every view (keys, OSC, MIDI, web) can use; whoever owns one registers its handler
-# (the app: scenes, presets, prompt; the tempo: tap; MIDI: learn).
+# (the app: scenes, presets, prompt; the tempo: tap; MIDI and DMX: learn).
 ACTIONS: dict[str, ActionSpec] = declare(
     ActionSpec("scene/next", "Switch to the next scene"),
     ActionSpec(
@@ -213,6 +213,20 @@ ACTIONS: dict[str, ActionSpec] = declare(
             ),
         ),
     ),
+    ActionSpec(
+        "dmx/learn",
+        "Arm DMX learn for a parameter path (the next desk channel moved is mapped)",
+        (
+            Arg("path", "path", description="the parameter the next DMX channel moved drives"),
+            Arg(
+                "mode",
+                "str",
+                "",
+                description="absolute (8-bit), 16bit (a coarse/fine pair) or trigger; empty: guess",
+            ),
+        ),
+    ),
+    ActionSpec("dmx/learn_presets", "Arm DMX learn for a preset channel (bands of its levels recall presets)"),
 )
 
 

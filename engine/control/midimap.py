@@ -26,6 +26,28 @@ A mapping file is TOML, written by MIDI learn and meant to be read and edited by
     action = "preset/recall"       # an action of engine.control.actions.ACTIONS, instead of param
     args = [3]                     # its arguments, checked against its declaration when the file loads
 
+    [[map]]                        # a lighting desk's channel (engine.control.dmx), in the same file:
+    type = "dmx"
+    protocol = "artnet"            # optional: artnet | sacn | "*" (default: either)
+    universe = 0                   # artnet 0..32767, sacn 1..63999
+    channel = 10                   # 1..512
+    fine = 11                      # optional: the fine channel of a 16-bit pair (channel is the coarse one)
+    param = "/mix/crossfade"
+    mode = "absolute"              # absolute (default) | trigger (rises through half) | preset
+    takeover = "pickup"            # absolute only: pickup (default) | jump
+
+    [[map]]                        # a channel whose value picks a preset (a "macro" channel):
+    type = "dmx"
+    universe = 0
+    channel = 20
+    mode = "preset"                # 0..width-1 recalls nothing, then each band of width values one preset
+    width = 10                     # optional, default 10: 10-19 = preset 1, 20-29 = preset 2...
+    presets = ["intro", "drop"]    # optional: the presets in band order (default: numbers 1, 2, ...)
+
+MIDI and DMX share the file: each control reads the entries of its own kind, and keeps
+the other kind's as they are on disk when it saves (so a MIDI learn never drops a DMX
+mapping learned in the same session, nor the other way round).
+
 This module is pure: no ports, no threads. It parses and validates entries (a file is
 untrusted input: each bad entry is skipped with a reason, the rest still load), writes
 the file atomically, decodes relative encoders and guesses a mapping from the messages
@@ -36,8 +58,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -53,9 +76,11 @@ log = logging.getLogger(__name__)
 FILE_VERSION = 1
 ANY_PORT = "*"
 FILE_HEADER = (
-    "# dreamdeck MIDI mappings, written by MIDI learn; edit freely while dreamdeck is stopped.\n"
+    "# dreamdeck MIDI and DMX mappings, written by learn; edit freely while dreamdeck is stopped.\n"
     "# Keys of each [[map]]: port, channel (1-16), type (cc, cc14, note, pitchbend, program),\n"
     "# number, param (or action and args), mode, takeover (pickup, jump), step.\n"
+    "# DMX entries (type = dmx): protocol, universe, channel (1-512), fine, param, mode\n"
+    "# (absolute, trigger, preset), takeover, width, presets.\n"
     "# See engine/control/midimap.py.\n\n"
 )
 
@@ -101,6 +126,7 @@ _MODES_FOR_TYPE = {
 _NUMBERED = frozenset({MapType.CC, MapType.CC14, MapType.NOTE})
 _KEYS = frozenset({"port", "channel", "type", "number", "param", "mode", "takeover", "step", "value", "action", "args"})
 MAPPABLE_KINDS = frozenset({Kind.FLOAT, Kind.INT, Kind.BOOL, Kind.ENUM, Kind.TRIGGER})
+PICKUP_TOLERANCE = 2 / 127  # a fader this close to the value (0..1 units) has reached it
 
 
 class MappingError(ValueError):
@@ -279,6 +305,173 @@ def _choice(entry: dict[str, Any], key: str, enum: type[Enum], default: Any) -> 
         raise MappingError(f"{key}: {entry[key]!r:.40} is not one of {allowed}") from None
 
 
+# -- DMX ------------------------------------------------------------------------------------
+
+DMX = "dmx"  # the type of a DMX entry
+DMX_PROTOCOLS = ("artnet", "sacn")
+DMX_UNIVERSES = {"artnet": (0, 32767), "sacn": (1, 63999)}  # Art-Net's 15-bit port-address; E1.31's range
+DMX_CHANNELS = 512
+DEFAULT_PRESET_WIDTH = 10
+_DMX_KEYS = frozenset(
+    {"type", "protocol", "universe", "channel", "fine", "param", "mode", "takeover", "width", "presets"}
+)
+
+
+class DmxMode(str, Enum):
+    ABSOLUTE = "absolute"  # the level (8 bits, or 16 with a fine channel) sets the value over its range
+    TRIGGER = "trigger"  # the level rising through half fires a trigger parameter
+    PRESET = "preset"  # bands of levels recall presets (no param)
+
+
+@dataclass(frozen=True)
+class DmxMapping:
+    """One desk channel (or coarse/fine pair) driving one parameter, or recalling presets.
+
+    ``channel`` and ``fine`` count from 1, as a lighting desk's patch does; ``protocol``
+    "*" takes the universe from either protocol.
+    """
+
+    universe: int
+    channel: int
+    param: str  # "" in preset mode
+    mode: DmxMode = DmxMode.ABSOLUTE
+    fine: int | None = None
+    takeover: Takeover = Takeover.PICKUP
+    protocol: str = ANY_PORT
+    width: int = DEFAULT_PRESET_WIDTH  # preset mode: levels per preset
+    presets: tuple[str | int, ...] = ()  # preset mode: band 1, 2... recall these (empty: numbers 1, 2...)
+
+    @property
+    def control(self) -> tuple[str, int, int]:
+        """What identifies the desk channel: learn replaces a mapping of the same one."""
+        return self.protocol, self.universe, self.channel
+
+    @property
+    def full(self) -> int:
+        """The highest level: 255, or 65535 for a coarse/fine pair."""
+        return 255 if self.fine is None else 65535
+
+    def matches(self, protocol: str) -> bool:
+        return self.protocol in (ANY_PORT, protocol)
+
+    def level(self, data: bytes) -> int | None:
+        """This mapping's level in one universe's channel data, None if the packet is too short for it."""
+        if len(data) < max(self.channel, self.fine or 0):
+            return None
+        coarse = data[self.channel - 1]
+        return coarse if self.fine is None else coarse << 8 | data[self.fine - 1]
+
+    def preset(self, level: int) -> str | int | None:
+        """The preset a level picks in preset mode (None: the band below the first, or past the list)."""
+        band = level // self.width
+        if band < 1:
+            return None
+        if not self.presets:
+            return band
+        return self.presets[band - 1] if band <= len(self.presets) else None
+
+    def describe(self) -> str:
+        where = f"{'dmx' if self.protocol == ANY_PORT else self.protocol} u{self.universe} ch{self.channel}"
+        if self.fine is not None:
+            where += f"+{self.fine}"
+        target = "presets" if self.mode is DmxMode.PRESET else self.param
+        return f"{where} -> {target} [{self.mode.value}]"
+
+    def to_toml(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"type": DMX}
+        if self.protocol != ANY_PORT:
+            entry["protocol"] = self.protocol
+        entry.update(universe=self.universe, channel=self.channel)
+        if self.fine is not None:
+            entry["fine"] = self.fine
+        if self.mode is DmxMode.PRESET:
+            entry["mode"] = self.mode.value
+            if self.width != DEFAULT_PRESET_WIDTH:
+                entry["width"] = self.width
+            if self.presets:
+                entry["presets"] = list(self.presets)
+            return entry
+        entry["param"] = self.param
+        entry["mode"] = self.mode.value
+        if self.mode is DmxMode.ABSOLUTE:
+            entry["takeover"] = self.takeover.value
+        return entry
+
+
+def is_dmx_entry(entry: Any) -> bool:
+    return isinstance(entry, dict) and entry.get("type") == DMX
+
+
+def parse_dmx_mapping(entry: Any, registry: ParamRegistry) -> DmxMapping:
+    """Validate one DMX ``[[map]]`` table against the schema and the registry; raise MappingError."""
+    if not is_dmx_entry(entry):
+        raise MappingError('expected a table with type = "dmx"')
+    unknown = sorted(set(entry) - _DMX_KEYS)
+    if unknown:
+        raise MappingError(f"unknown key {unknown[0]!r} for a dmx mapping (known: {', '.join(sorted(_DMX_KEYS))})")
+    protocol = entry.get("protocol", ANY_PORT)
+    if protocol not in (*DMX_PROTOCOLS, ANY_PORT):
+        raise MappingError(f"protocol: {protocol!r:.40} is not one of artnet, sacn, *")
+    universe = _require(entry, "universe", int)
+    low = min(lo for lo, _ in DMX_UNIVERSES.values()) if protocol == ANY_PORT else DMX_UNIVERSES[protocol][0]
+    high = max(hi for _, hi in DMX_UNIVERSES.values()) if protocol == ANY_PORT else DMX_UNIVERSES[protocol][1]
+    if not low <= universe <= high:
+        raise MappingError(f"universe: {universe} is out of range {low}..{high} for {protocol}")
+    channel = _dmx_channel(entry, "channel")
+    fine = _dmx_channel(entry, "fine") if "fine" in entry else None
+    if fine == channel:
+        raise MappingError("fine: the fine channel must differ from the coarse one")
+    mode = _choice(entry, "mode", DmxMode, None) if "mode" in entry else None
+
+    if mode is DmxMode.PRESET:
+        for key in ("param", "takeover", "fine"):
+            if key in entry:
+                raise MappingError(f"{key}: a preset mapping has no {key} (its level picks a preset)")
+        width = entry.get("width", DEFAULT_PRESET_WIDTH)
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= 128:
+            raise MappingError(f"width: expected levels per preset, 1..128, got {width!r:.40}")
+        presets = entry.get("presets", [])
+        if not isinstance(presets, list) or not all(
+            isinstance(p, (str, int)) and not isinstance(p, bool) and str(p).strip() for p in presets
+        ):
+            raise MappingError(f"presets: expected a list of preset names or numbers, got {presets!r:.60}")
+        if len(presets) > 255 // width:
+            raise MappingError(f"presets: {len(presets)} presets do not fit in 255 levels of width {width}")
+        return DmxMapping(universe, channel, "", mode, protocol=protocol, width=width, presets=tuple(presets))
+
+    for key in ("width", "presets"):
+        if key in entry:
+            raise MappingError(f"{key}: only a preset mapping takes {key}")
+    path = _require(entry, "param", str)
+    if path not in registry:
+        raise MappingError(f"param: unknown parameter {path!r}")
+    param = registry.param(path)
+    if param.kind not in MAPPABLE_KINDS:
+        raise MappingError(f"param: {path} is a {param.kind.value} parameter; DMX cannot drive it")
+    mode = mode or default_dmx_mode(param)
+    if (param.kind is Kind.TRIGGER) != (mode is DmxMode.TRIGGER):
+        raise MappingError(
+            f"mode: {path} is a trigger; use mode trigger"
+            if param.kind is Kind.TRIGGER
+            else f"mode: trigger only fires trigger parameters, {path} is {param.kind.value}"
+        )
+    takeover = _choice(entry, "takeover", Takeover, Takeover.PICKUP)
+    if "takeover" in entry and mode is not DmxMode.ABSOLUTE:
+        raise MappingError("takeover: only an absolute mapping takes over")
+    return DmxMapping(universe, channel, path, mode, fine, takeover, protocol)
+
+
+def default_dmx_mode(param: Param) -> DmxMode:
+    return DmxMode.TRIGGER if param.kind is Kind.TRIGGER else DmxMode.ABSOLUTE
+
+
+def _dmx_channel(entry: dict[str, Any], key: str) -> int:
+    channel: int = _require(entry, key, int)
+    if not 1 <= channel <= DMX_CHANNELS:
+        raise MappingError(f"{key}: {channel} is out of range 1..{DMX_CHANNELS}")
+    return channel
+
+
 # -- the file -----------------------------------------------------------------------------
 
 
@@ -293,25 +486,31 @@ class MappingFile:
     """
 
     path: Path
-    mappings: list[Mapping]
+    mappings: list[Any]  # Mapping for the MIDI kind, DmxMapping for the DMX kind
     kept: list[Any]
     writable: bool = True
+    kind: str = "midi"  # "midi" or "dmx": the entries this file object owns
+    others: list[Any] = field(default_factory=list)  # the other kind's entries, verbatim (see save_mappings)
 
 
-def load_mappings(path: Path, registry: ParamRegistry, actions: dict[str, ActionSpec] | None = None) -> MappingFile:
-    """Read and validate a mapping file; one warning per entry that is skipped."""
+def load_mappings(
+    path: Path, registry: ParamRegistry, actions: dict[str, ActionSpec] | None = None, kind: str = "midi"
+) -> MappingFile:
+    """Read and validate the ``kind`` entries of a mapping file ("midi" or "dmx"); one warning
+    per entry that is skipped. The other kind's entries are kept aside, unread."""
+    what = "DMX" if kind == DMX else "MIDI"
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return MappingFile(path, [], [])
+        return MappingFile(path, [], [], kind=kind)
     except (OSError, UnicodeDecodeError) as exc:
-        log.warning("%s: cannot read MIDI mappings (%s); learn will not overwrite it", path, exc)
-        return MappingFile(path, [], [], writable=False)
+        log.warning("%s: cannot read %s mappings (%s); learn will not overwrite it", path, what, exc)
+        return MappingFile(path, [], [], writable=False, kind=kind)
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        log.warning("%s: TOML syntax error, no MIDI mappings loaded (%s); learn will not overwrite it", path, exc)
-        return MappingFile(path, [], [], writable=False)
+        log.warning("%s: TOML syntax error, no %s mappings loaded (%s); learn will not overwrite it", path, what, exc)
+        return MappingFile(path, [], [], writable=False, kind=kind)
 
     for key in sorted(set(document) - {"version", "map"}):
         log.warning("%s: unknown top-level key %r ignored", path, key)
@@ -319,14 +518,17 @@ def load_mappings(path: Path, registry: ParamRegistry, actions: dict[str, Action
         log.warning("%s: version %r; reading it as version %d", path, document["version"], FILE_VERSION)
     entries = document.get("map", [])
     if not isinstance(entries, list):
-        log.warning("%s: map must be an array of tables ([[map]]); no MIDI mappings loaded", path)
-        return MappingFile(path, [], [], writable=False)
+        log.warning("%s: map must be an array of tables ([[map]]); no %s mappings loaded", path, what)
+        return MappingFile(path, [], [], writable=False, kind=kind)
 
-    result = MappingFile(path, [], [])
-    seen: set[Mapping] = set()
+    result = MappingFile(path, [], [], kind=kind)
+    seen: set[Any] = set()
     for index, entry in enumerate(entries, start=1):
+        if is_dmx_entry(entry) != (kind == DMX):
+            result.others.append(entry)
+            continue
         try:
-            mapping = parse_mapping(entry, registry, actions)
+            mapping = parse_dmx_mapping(entry, registry) if kind == DMX else parse_mapping(entry, registry, actions)
             if mapping in seen:
                 raise MappingError("the same mapping appears twice")
         except MappingError as exc:
@@ -344,13 +546,40 @@ def default_mappings_path() -> Path:
     return Path(base) / "dreamdeck" / "midi.toml"
 
 
+_SAVE_LOCK = threading.Lock()  # MIDI and DMX save from their own threads: one read-merge-write at a time
+
+
 def save_mappings(file: MappingFile) -> None:
-    """Write the file atomically (temp file, fsync, rename): a crash leaves the old one whole."""
+    """Write the file atomically (temp file, fsync, rename): a crash leaves the old one whole.
+
+    The other kind's entries are taken from the file as it is on disk now, not as it was
+    when ``file`` was loaded: MIDI and DMX learn in one session both land. A file that no
+    longer parses (edited by hand meanwhile) is not overwritten.
+    """
     if not file.writable:
         raise OSError(f"{file.path} could not be read at start; not overwriting it")
-    document = {"version": FILE_VERSION, "map": [m.to_toml() for m in file.mappings] + list(file.kept)}
-    file.path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(file.path, (FILE_HEADER + tomli_w.dumps(document)).encode("utf-8"))
+    with _SAVE_LOCK:
+        others = _other_entries_on_disk(file)
+        document = {
+            "version": FILE_VERSION,
+            "map": [m.to_toml() for m in file.mappings] + list(file.kept) + others,
+        }
+        file.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(file.path, (FILE_HEADER + tomli_w.dumps(document)).encode("utf-8"))
+        file.others = others
+
+
+def _other_entries_on_disk(file: MappingFile) -> list[Any]:
+    try:
+        document = tomllib.loads(file.path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return list(file.others)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise OSError(f"{file.path} changed on disk and cannot be read now ({exc}); not overwriting it") from None
+    entries = document.get("map", [])
+    if not isinstance(entries, list):
+        raise OSError(f"{file.path} changed on disk: map is not an array of tables; not overwriting it")
+    return [e for e in entries if is_dmx_entry(e) != (file.kind == DMX)]
 
 
 # -- decoding -------------------------------------------------------------------------------
@@ -388,6 +617,14 @@ def half_step(param: Param) -> float:
     if param.kind is Kind.BOOL:
         return 0.5
     return 0.0
+
+
+def picks_up(before: float | None, x: float, target: float, param: Param) -> bool:
+    """Soft takeover: whether a fader now at ``x`` (0..1; ``before`` where it was last, None if
+    unknown) has reached the parameter's value ``target`` (0..1) and may take it over: close
+    enough, or it crossed the value between two messages (a fast move jumps over it)."""
+    crossed = before is not None and (before - target) * (x - target) < 0
+    return crossed or abs(x - target) <= max(PICKUP_TOLERANCE, half_step(param))
 
 
 # -- learn --------------------------------------------------------------------------------------
@@ -430,3 +667,32 @@ def guess_mapping(port: str, events: list[LearnEvent], param: Param, mode: Mode 
             elif param.kind is Kind.BOOL and set(values) <= {0, 127}:
                 mode = Mode.TOGGLE
     return Mapping(port, first.channel, first.type, first.number, param.path, mode)
+
+
+DMX_LEARN_MODES = ("", "absolute", "16bit", "trigger", "preset")  # preset: dmx/learn_presets
+
+
+def guess_dmx_mapping(protocol: str, universe: int, changed: list[int], param: Param, mode: str = "") -> DmxMapping:
+    """The mapping a desk fader moved during DMX learn most likely wants.
+
+    ``changed``: the channels whose level changed while learn looked, in the order they
+    first changed. Two neighbouring channels changing together are a 16-bit pair, coarse
+    first (how desks patch a 16-bit attribute); else the first channel that changed is an
+    8-bit one. ``mode`` forces a reading: "16bit" pairs the lowest channel with the next,
+    "absolute" takes one channel, "preset" makes a preset channel (``param`` is then unused).
+    """
+    if mode not in DMX_LEARN_MODES:
+        raise MappingError(f"mode: {mode!r:.40} is not one of {', '.join(m or '(guess)' for m in DMX_LEARN_MODES)}")
+    channels = sorted(set(changed))
+    if mode == "preset":
+        return DmxMapping(universe, changed[0], "", DmxMode.PRESET, protocol=protocol)
+    first = changed[0]
+    pairs = [c for c in channels if c + 1 in channels]
+    fine: int | None = None
+    if mode == "16bit" or (mode == "" and pairs and param.kind is not Kind.TRIGGER):
+        coarse = pairs[0] if pairs else channels[0]
+        first, fine = coarse, coarse + 1
+        if fine > DMX_CHANNELS:
+            raise MappingError(f"channel {coarse} is the last of the universe: it has no fine channel after it")
+    dmx_mode = DmxMode.TRIGGER if mode == "trigger" else default_dmx_mode(param)
+    return DmxMapping(universe, first, param.path, dmx_mode, fine, protocol=protocol)

@@ -8,38 +8,37 @@ Follows the Vidvox OSCQuery proposal (github.com/Vidvox/OSCQueryProposal):
     GET /dreamdeck/fx/kaleido/segments?VALUE   {"VALUE": [6]}   (any attribute alone)
     GET /?HOST_INFO                        name, OSC port and transport, supported attributes
 
-A node has FULL_PATH and DESCRIPTION; a container has CONTENTS; a parameter has TYPE (OSC
-type tags: f, i, T for bools, s for text and enums, r for colours, N for triggers), ACCESS
-(3 read/write; 2 write-only for triggers and actions), VALUE (as set, before smoothing and
-modulation), RANGE ([{MIN, MAX}] or [{VALS}]) and UNIT. An unknown path is 404; an attribute
-this server does not know is 400; one it knows that the node lacks is 204 (the spec's rules).
+A node has FULL_PATH and DESCRIPTION; a container has CONTENTS and ACCESS 0; a parameter
+has TYPE (OSC type tags: f, i, T for bools, s for text and enums, r for colours, N for
+triggers), ACCESS (3 read/write; 2 write-only for triggers and actions), VALUE (as set,
+before smoothing and modulation; a null per tag for write-only methods), RANGE ([{MIN, MAX}]
+or [{VALS}]) and UNIT. An unknown path is 404; an attribute this server does not know is 400;
+one it knows that the node lacks, or the VALUE of a write-only method, is 204 (the spec's rules).
 
-The server runs on its own threads (stdlib ThreadingHTTPServer) and only reads the
-registry. No streaming (LISTEN over WebSocket): controllers get changes from OSC feedback.
+The same port serves the WebSocket streams (LISTEN / IGNORE, PATH_ADDED / PATH_REMOVED /
+PATH_CHANGED, OSC in): engine.control.oscquery_ws, on its own thread. The render thread only
+hands it what changed, from ``frame``, without waiting.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from engine.control.access import Access
+from engine.control.access import Access, check_binding
 from engine.control.actions import ACTIONS, Actions, ActionSpec
-from engine.control.osc import POLL_INTERVAL, PREFIX
+from engine.control.osc import PREFIX, OscServer
+from engine.control.oscquery_ws import NORM_PARAM, StreamCounts, StreamHub
 from engine.logsetup import RateLimitedLog
-from engine.params import Kind, Param, ParamRegistry
+from engine.params import Kind, Param, ParamError, ParamRegistry
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OSCQUERY_PORT = 9322  # next to DEFAULT_OSC_PORT (9321)
-REQUEST_TIMEOUT = 10.0  # seconds a connection may sit idle before its thread lets it go
 
 # What this server answers; HOST_INFO advertises it so clients do not ask for more.
 EXTENSIONS = {
@@ -55,13 +54,16 @@ EXTENSIONS = {
     "CRITICAL": False,
     "OVERLOADS": False,
     "HTML": False,
-    "LISTEN": False,
-    "PATH_CHANGED": False,
+    "LISTEN": True,  # and IGNORE, which LISTEN implies (the spec)
+    "PATH_CHANGED": True,
     "PATH_RENAMED": False,
-    "PATH_ADDED": False,
-    "PATH_REMOVED": False,
+    "PATH_ADDED": True,
+    "PATH_REMOVED": True,
 }
-ATTRIBUTES = frozenset({"FULL_PATH", "CONTENTS"} | {name for name, on in EXTENSIONS.items() if on})
+# What a node can be asked for (``?VALUE``): the attributes served, not the streaming commands.
+STREAMING = frozenset({"LISTEN", "PATH_CHANGED", "PATH_RENAMED", "PATH_ADDED", "PATH_REMOVED"})
+ATTRIBUTES = frozenset({"FULL_PATH", "CONTENTS"} | {name for name, on in EXTENSIONS.items() if on} - STREAMING)
+_NORMALISED = (Kind.FLOAT, Kind.INT, Kind.ENUM, Kind.BOOL)  # the kinds with a /norm form
 
 _TYPE_TAGS = {
     Kind.FLOAT: "f",
@@ -94,6 +96,7 @@ def param_node(full_path: str, param: Param, value: Any) -> dict[str, Any]:
     }
     if param.kind is Kind.TRIGGER:
         node["ACCESS"] = 2
+        node["VALUE"] = write_only_value(node["TYPE"])
         return node
     node["ACCESS"] = 3
     node["VALUE"] = [json_value(param, value)]
@@ -119,25 +122,40 @@ def norm_node(full_path: str, param: Param, value: Any) -> dict[str, Any]:
     }
 
 
+def write_only_value(tags: str) -> list[None]:
+    """VALUE of a write-only method (an action, a trigger): one JSON null per type tag.
+
+    Why not leave VALUE out: the spec describes VALUE as one item per TYPE tag, with null as
+    the placeholder for an item that has no value (the N and I tags are nothing but nulls),
+    and ACCESS 2 already tells a client not to read it (``?VALUE`` answers 204). Strict
+    readers need it: python-oscquery takes a method without VALUE for a container, and a
+    container with ACCESS other than 0 is an error to it ("No value(s) given, access must
+    be NO_VALUE for container nodes"). Loose readers go by TYPE and ACCESS and never read
+    the VALUE of a node they may not read, so the nulls cost them nothing.
+    """
+    return [None] * len(tags)
+
+
 def action_node(full_path: str, spec: ActionSpec) -> dict[str, Any]:
     """An action as a write-only method: TYPE is its required arguments' tags ("N", an impulse,
     for none); DESCRIPTION says what it does and its whole signature, optional arguments too."""
-    tags = "".join(_ARG_TAGS[arg.type] for arg in spec.args if arg.required)
+    tags = "".join(_ARG_TAGS[arg.type] for arg in spec.args if arg.required) or "N"
     return {
         "FULL_PATH": full_path,
         "DESCRIPTION": f"{spec.description}: {spec.signature}",
-        "TYPE": tags or "N",
+        "TYPE": tags,
         "ACCESS": 2,
+        "VALUE": write_only_value(tags),
     }
 
 
 def build_tree(registry: ParamRegistry, actions: Iterable[ActionSpec], prefix: str = PREFIX) -> dict[str, Any]:
     """The whole address space as one OSCQuery node (the answer to ``GET /``)."""
-    root: dict[str, Any] = {"FULL_PATH": "/", "DESCRIPTION": "dreamdeck", "CONTENTS": {}}
+    root: dict[str, Any] = {"FULL_PATH": "/", "DESCRIPTION": "dreamdeck", "ACCESS": 0, "CONTENTS": {}}
     for param in registry.params():
         value = None if param.kind is Kind.TRIGGER else registry.target(param.path)
         _insert(root, prefix + param.path, param_node(prefix + param.path, param, value))
-        if param.kind in (Kind.FLOAT, Kind.INT, Kind.ENUM, Kind.BOOL):
+        if param.kind in _NORMALISED:
             full_path = f"{prefix}/norm{param.path}"
             _insert(root, full_path, norm_node(full_path, param, value))
     for spec in actions:
@@ -150,6 +168,7 @@ def build_tree(registry: ParamRegistry, actions: Iterable[ActionSpec], prefix: s
             "FULL_PATH": f"{prefix}/get",
             "TYPE": "s",
             "ACCESS": 2,
+            "VALUE": write_only_value("s"),
             "DESCRIPTION": f"Reply {prefix}<path> <value> to the sender for each path or pattern; "
             "no argument: every value",
         },
@@ -189,11 +208,16 @@ def find_node(tree: dict[str, Any], path: str) -> dict[str, Any] | None:
 
 
 class OscQueryServer:
-    """Serves the OSCQuery tree over HTTP; a Control (start, stop, frame, status).
+    """Serves the OSCQuery tree over HTTP and streams values over WebSocket, on one port; a
+    Control (start, stop, frame, status).
 
     ``actions``: list only the actions that engine registered (an App has no tap yet);
     None lists every known action. ``advertise``: announce ``_oscjson._tcp`` and
     ``_osc._udp`` by zeroconf (needs the zeroconf package) so clients find it by name.
+    ``osc``: the OSC server that applies OSC packets a WebSocket client sends (None: they are
+    refused). ``token``: when given, a WebSocket client must bring it (``?token=`` in its URL
+    or ``Authorization: Bearer``) for its OSC to be applied; reading and LISTEN need only the
+    allowlist, as the HTTP tree does.
     """
 
     name = "oscquery"
@@ -209,6 +233,8 @@ class OscQueryServer:
         allow: list[str] | None = None,
         actions: Actions | None = None,
         prefix: str = PREFIX,
+        osc: OscServer | None = None,
+        token: str | None = None,
     ) -> None:
         self.registry = registry
         # a callable reads the OSC server's bound port when asked (port 0 binds a free one at start)
@@ -218,16 +244,26 @@ class OscQueryServer:
         self.service_name = name
         self.advertise = advertise
         self.prefix = prefix
+        self.osc = osc
         self.last_error: str | None = None
         self._actions = actions
-        self.access = Access.for_binding(host, allow, "OSCQuery")
+        if token is not None and not token.strip():
+            raise ValueError("OSCQuery: the token must not be empty")
+        # The token gates writes only; the binding still needs an allowlist off the loopback.
+        self.access = Access(host, check_binding(host, allow, "OSCQuery"), token)
         self._strangers = RateLimitedLog(log)
-        self._http: _QueryHttpServer | None = None
-        self._thread: threading.Thread | None = None
+        self.counts = StreamCounts()  # the WebSocket side's (kept across stop, for the HUD and tests)
+        self._hub: StreamHub | None = None
         self._advertiser: threading.Thread | None = None
         self._zeroconf: Any = None  # zeroconf.Zeroconf while advertised
         self._zeroconf_lock = threading.Lock()
         self.advertised = False
+        # render thread only: what the clients were last sent, and the parameters they were told of
+        self._params: dict[str, Param] | None = None
+        self._generation = -1
+        self._listened: frozenset[str] = frozenset()
+        self._targets: dict[str, tuple[Param, Param, bool]] = {}
+        self._last: dict[str, Any] = {}
 
     # -- life cycle ------------------------------------------------------------------------
     @property
@@ -236,23 +272,20 @@ class OscQueryServer:
         return self._osc_port() if callable(self._osc_port) else self._osc_port
 
     def start(self) -> None:
-        if self._http is not None:
+        if self._hub is not None:
             return
+        hub = StreamHub(self, self.counts)
         try:
-            self._http = _QueryHttpServer((self.host, self.port), self)
+            self.port = hub.start(self.host, self.port)
         except OSError as exc:
             raise OSError(
                 exc.errno, f"OSCQuery cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
             ) from exc
-        self.port = self._http.server_address[1]
-        self._thread = threading.Thread(
-            target=self._http.serve_forever, kwargs={"poll_interval": POLL_INTERVAL}, name="oscquery http", daemon=True
-        )
-        self._thread.start()
+        self._hub = hub
         if self.advertise:  # mDNS probing takes a second or two: not on the caller's thread
             self._advertiser = threading.Thread(target=self._register, name="oscquery zeroconf", daemon=True)
             self._advertiser.start()
-        log.info("OSCQuery on http://%s:%d/ (OSC port %d)", self.host, self.port, self.osc_port)
+        log.info("OSCQuery on http://%s:%d/ and ws:// (OSC port %d)", self.host, self.port, self.osc_port)
 
     def stop(self) -> None:
         if self._advertiser is not None:
@@ -264,24 +297,109 @@ class OscQueryServer:
         if zc is not None:
             zc.unregister_all_services()
             zc.close()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
-            self._thread = None
+        if self._hub is not None:
+            self._hub.stop()
+            self._hub = None
+        self._params = None
 
     def frame(self, now: float) -> None:
-        """Nothing to do at the frame boundary: every request reads the registry as it is."""
+        """Render thread, frame boundary: tell the WebSocket clients what changed; never waits.
+
+        Values are the ones that play (smoothing and modulation in: a modulated fader moves), one
+        per listened path when it differs from what was last sent; the tree's VALUE stays the
+        value as set. Parameters declared or removed since the last frame become PATH_ADDED /
+        PATH_REMOVED, a changed declaration (an enum's choices) PATH_CHANGED.
+        """
+        hub = self._hub
+        if hub is None or not hub.has_clients:
+            self._params = None  # no one to tell: take the next client's frame as the baseline
+            return
+        self._check_paths(hub)
+        listened = hub.listened
+        if listened:
+            self._send_values(hub, listened)
+
+    def _check_paths(self, hub: StreamHub) -> None:
+        generation = self.registry.generation
+        if self._params is not None and generation == self._generation:
+            return  # nothing declared, removed or changed: the common case, one comparison
+        self._generation = generation
+        params = {param.path: param for param in self.registry.params()}
+        old, self._params = self._params, params
+        if old is None or old == params:
+            return
+        notes: list[tuple[str, str]] = []
+        removed: set[str] = set()
+        for path in sorted(params.keys() | old.keys()):
+            if path not in old:
+                notes += [("PATH_ADDED", full) for full in self._full_paths(params[path])]
+            elif path not in params:
+                gone = self._full_paths(old[path])
+                notes += [("PATH_REMOVED", full) for full in gone]
+                removed.update(gone)
+            elif old[path] != params[path]:
+                notes += [("PATH_CHANGED", full) for full in self._full_paths(params[path])]
+        self._listened = frozenset()  # the targets are looked up again
+        hub.post("paths", (notes, frozenset(removed)))
+
+    def _full_paths(self, param: Param) -> list[str]:
+        paths = [self.prefix + param.path]
+        if param.kind in _NORMALISED:
+            paths.append(f"{self.prefix}/norm{param.path}")
+        return paths
+
+    def _send_values(self, hub: StreamHub, listened: frozenset[str]) -> None:
+        if listened is not self._listened:
+            self._listened = listened
+            self._targets = {path: target for path in listened if (target := self.listen_target(path)) is not None}
+            self._last = {path: value for path, value in self._last.items() if path in self._targets}
+        changed: dict[str, tuple[Param, Any]] = {}
+        get, last = self.registry.get, self._last
+        for path, (param, encoding, norm) in self._targets.items():
+            try:
+                value = get(param.path)
+            except ParamError:  # removed since: the next frame's path check says so
+                continue
+            if norm:
+                value = param.normalise(value)
+            if path not in last or last[path] != value:
+                last[path] = value
+                changed[path] = (encoding, value)
+        if changed:
+            hub.post("values", changed)
+
+    def listen_target(self, full_path: str) -> tuple[Param, Param, bool] | None:
+        """(parameter, how to encode it, 0..1 form?) for a path a client may LISTEN to; None if
+        nothing readable is there (a container, an action, a trigger). Any thread."""
+        if not full_path.startswith(self.prefix + "/"):
+            return None
+        path = full_path[len(self.prefix) :]
+        norm = path.startswith("/norm/")
+        if norm:
+            path = path[len("/norm") :]
+        if path not in self.registry:
+            return None
+        try:
+            param = self.registry.param(path)
+        except ParamError:
+            return None
+        if norm:
+            return (param, NORM_PARAM, True) if param.kind in _NORMALISED else None
+        return None if param.kind is Kind.TRIGGER else (param, param, False)
 
     @property
     def status(self) -> str:
-        if self._http is None:
+        if self._hub is None:
             return "oscquery off"
-        return f"oscquery :{self.port}" + (" advertised" if self.advertised else "")
+        line = f"oscquery :{self.port}" + (" advertised" if self.advertised else "")
+        counts = self.counts
+        if counts.clients:
+            line += f" ws {counts.clients} pushed {counts.pushed}"
+        if counts.refused:
+            line += f" refused {counts.refused}"
+        return line
 
-    # -- answering (HTTP threads) ----------------------------------------------------------
+    # -- answering (the server thread and its workers) -------------------------------------
     def admits(self, client_ip: str) -> bool:
         if self.access.admits(client_ip):
             return True
@@ -289,7 +407,8 @@ class OscQueryServer:
         return False
 
     def host_info(self, osc_ip: str) -> dict[str, Any]:
-        """``osc_ip``: the address the client reached us on (OSC listens on the same host)."""
+        """``osc_ip``: the address the client reached us on (OSC listens on the same host).
+        No WS_IP / WS_PORT: the WebSocket is on this port, which the spec takes when they are absent."""
         return {
             "NAME": self.service_name,
             "OSC_IP": osc_ip,
@@ -317,8 +436,8 @@ class OscQueryServer:
             return 200, node
         if query not in ATTRIBUTES:
             return 400, {"ERROR": f"unsupported attribute {query[:60]!r}"}
-        if query not in node:
-            return 204, None  # a known attribute this node has not got (VALUE of a container)
+        if query not in node or (query == "VALUE" and not node.get("ACCESS", 0) & 1):
+            return 204, None  # a known attribute this node has not got, or a value it does not show
         return 200, {query: node[query]}
 
     # -- zeroconf --------------------------------------------------------------------------
@@ -370,51 +489,3 @@ def _advertised_addresses(host: str, all_addresses: Any) -> list[str]:
         return [socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]]
     found = [a for a in all_addresses() if not a.startswith("127.")]
     return found or ["127.0.0.1"]
-
-
-class _QueryHttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], query: OscQueryServer) -> None:
-        self.address_family = socket.getaddrinfo(address[0] or "0.0.0.0", None, type=socket.SOCK_STREAM)[0][0]
-        self.query = query
-        super().__init__(address, _QueryHandler)
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        return self.query.admits(client_address[0])
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that hangs up mid-answer is routine; anything else is a bug worth a traceback."""
-        if isinstance(sys.exc_info()[1], OSError):
-            log.debug("OSCQuery: connection from %s ended: %s", client_address[0], sys.exc_info()[1])
-        else:
-            log.exception("OSCQuery: request from %s failed", client_address[0])
-
-
-class _QueryHandler(BaseHTTPRequestHandler):
-    server: _QueryHttpServer
-    protocol_version = "HTTP/1.1"  # keep-alive: browsers poll the tree repeatedly
-    timeout = REQUEST_TIMEOUT
-    server_version = "dreamdeck-oscquery"
-
-    def do_GET(self) -> None:
-        try:
-            status, body = self.server.query.answer(self.path, self.connection.getsockname()[0])
-        except Exception:  # a bug in one answer must not take the server down; the log has the traceback
-            log.exception("OSCQuery: answering %r failed", self.path[:200])
-            status, body = 500, {"ERROR": "internal error (see the dreamdeck log)"}
-        self._send(status, body)
-
-    def _send(self, status: int, body: dict[str, Any] | None) -> None:
-        data = b"" if body is None else json.dumps(body).encode("utf-8")
-        self.send_response(status)
-        if body is not None:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if data:
-            self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("OSCQuery %s: " + format, self.client_address[0], *args)

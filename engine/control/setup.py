@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.control.audio import AudioInput
+from engine.control.dmx import DmxControl
 from engine.control.link import LinkSession
 from engine.control.midi import MidiControl
 from engine.control.modulation import ModulationMatrix, build_sources
@@ -28,12 +29,17 @@ class ControlConfig:
     osc_feedback: tuple[str, int] | None = None
     osc_tcp: bool = False
     oscquery_port: int | None = DEFAULT_OSCQUERY_PORT  # None: no OSCQuery
+    oscquery_token: str | None = None  # needed for OSC over OSCQuery's WebSocket (None: the allowlist decides)
     advertise: bool = False
     midi_inputs: tuple[str, ...] = ()
     midi_outputs: tuple[str, ...] = ()
     midi_map: Path | None = None
     midi_api: str = "auto"
     midi: bool = False  # on: MIDI in and out on the ports above (it waits for ports that are not there yet)
+    dmx_inputs: tuple[str, ...] = ()  # "artnet:0", "sacn:1"...; empty: no DMX (its mappings share midi_map's file)
+    dmx_host: str = "127.0.0.1"  # any other needs dmx_allow; sACN joins multicast only then
+    dmx_allow: tuple[str, ...] = ()
+    dmx_ports: tuple[tuple[str, int], ...] = ()  # ("artnet", port) to move a protocol off its own port (tests)
     audio: str | None = None  # None: no audio input; "" the default device; "file:PATH"; a device name
     tempo: bool = True  # the tempo, Ableton Link and the modulation matrix (their parameters come with them)
     hours: WeeklyHours | None = None  # opening hours: black and the scenes paused outside them; None: always open
@@ -64,6 +70,18 @@ def install_controls(app, config: ControlConfig) -> dict[str, object]:
                 clock_callback=None if tempo is None else tempo.on_midi_clock,
             )
         )
+    if config.dmx_inputs:
+        made["dmx"] = app.add_control(
+            DmxControl(
+                app.params,
+                app.actions,
+                config.dmx_inputs,
+                host=config.dmx_host,
+                allow=list(config.dmx_allow) or None,
+                mappings_path=config.midi_map,
+                ports=dict(config.dmx_ports),
+            )
+        )
     if config.osc_port is not None:
         osc = OscServer(
             app.params,
@@ -85,6 +103,8 @@ def install_controls(app, config: ControlConfig) -> dict[str, object]:
                     advertise=config.advertise,
                     allow=list(config.osc_allow) or None,
                     actions=app.actions,
+                    osc=osc,  # OSC sent over its WebSocket is applied by the OSC server, by its rules
+                    token=config.oscquery_token,
                 )
             )
     if config.hours is not None:

@@ -14,6 +14,10 @@ say (no audio BPM yet, MIDI clock lost, Link off) leaves the tempo where it was,
 and ``status`` says why.
 
 The LFOs run here too, so that a synced LFO is locked to the same beat the tempo shows.
+
+Scenes run on their own thread and never hold the Tempo: each frame it publishes its beat on
+the registry's ``BeatClock`` (``beat_clock(params)``), which a scene reads, extrapolated to its
+own moment (a prompt timeline counting beats).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import logging
 import math
 import random
 import threading
+import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,6 +52,7 @@ SNAP_BEATS = 0.5  # a reference further than this is jumped to (a restart, a new
 PULSE_SHARPNESS = 8.0  # tempo/beat: exp(-8 * phase) is gone within a quarter of a beat
 
 BPM_RANGE = (20.0, 300.0)
+EXTRAPOLATE_S = 0.5  # a reader is at most this far ahead of the last published beat (a stalled frame)
 
 TEMPO_PARAMS: tuple[Param, ...] = (
     float_param(
@@ -103,6 +110,38 @@ def lfo_shape(shape: str, phase: float, cycle: int = 0, seed: int = 0) -> float:
     raise ValueError(f"unknown LFO shape {shape!r}; shapes: {', '.join(LFO_SHAPES)}")
 
 
+class BeatClock:
+    """The tempo's beat for other threads: the last frame's (beat, BPM), stamped with
+    ``time.monotonic`` (the scene worker's clock), read ahead to the reader's moment."""
+
+    def __init__(self) -> None:
+        self._reading: tuple[float, float, float] | None = None  # (beat, bpm, monotonic stamp)
+
+    def publish(self, beat: float, bpm: float) -> None:
+        self._reading = (beat, bpm, time.monotonic())  # one assignment: readers see old or new
+
+    def beat_at(self, now: float) -> float | None:
+        """The beat at ``now`` (``time.monotonic`` seconds); None while no tempo has published one."""
+        reading = self._reading
+        if reading is None:
+            return None
+        beat, bpm, stamp = reading
+        return beat + min(max(now - stamp, 0.0), EXTRAPOLATE_S) * bpm / 60.0
+
+
+_BEAT_CLOCKS: weakref.WeakKeyDictionary[ParamRegistry, BeatClock] = weakref.WeakKeyDictionary()
+_BEAT_CLOCKS_LOCK = threading.Lock()
+
+
+def beat_clock(params: ParamRegistry) -> BeatClock:
+    """The beat clock of the show that ``params`` belongs to (made on first ask)."""
+    with _BEAT_CLOCKS_LOCK:
+        clock = _BEAT_CLOCKS.get(params)
+        if clock is None:
+            clock = _BEAT_CLOCKS[params] = BeatClock()
+        return clock
+
+
 @dataclass(frozen=True)
 class _MidiClock:
     bpm: float | None
@@ -134,6 +173,7 @@ class Tempo:
         self._midi: _MidiClock | None = None
         self._midi_seen: tuple[int, float] = (0, 0.0)  # (serial, render time it arrived)
         self._held: tuple[str, float] | None = None  # (source, its last BPM): held while it is silent
+        self.clock = beat_clock(params)  # the beat as scenes read it
 
     # -- the Control protocol ----------------------------------------------------------------
     @property
@@ -203,6 +243,7 @@ class Tempo:
         if not exact:
             self.bar_phase = (self.beat % beats_per_bar) / beats_per_bar
         self._update_lfos(dt)
+        self.clock.publish(self.beat, self.bpm)
 
     def _steer(self, source: str, now: float, beats_per_bar: int) -> tuple[float | None, bool]:
         """Set ``bpm`` and ``driver`` from the source; return the beat the source says it is

@@ -20,6 +20,13 @@ Nothing here imports GL: the benchmark runs on a GPU machine with no display.
     tensorrt.py     TensorRT engine build (cached) and runner: written, never run here
     bench.py        ``dreamdeck bench diffusion``
     options.py      the choices offered to the scene and the CLI (no torch)
+
+    flow.py         flow matching (FLUX, SD3 / SD3.5, SANA-Sprint): schedule, transformer call, hot path
+    flow_prompts.py their prompt embeddings (T5 + CLIP, Gemma) by each pipeline's encode_prompt, off the frame path
+    flow_stream.py  FlowStream: the flow hot path as a stream (stream batch, fixed noise, background compile)
+    flow_loading.py hub id / folder / single file, gated models, declared memory and the budget check
+    flow_configs.py diffusers' tiny test components and the full-size architectures, random weights
+    flow_bench.py   the sana-sprint / flux-schnell / sd35-turbo benchmark cases
 """
 
 from engine.diffusion.errors import ModelNotFound

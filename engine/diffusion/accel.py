@@ -114,19 +114,22 @@ class EagerAccelerator:
         return eager_backend(hot)
 
 
-def describe_inputs(inputs: FrameInputs) -> list[tuple[str, Any]]:
-    """(name, what a compiled graph guards on) for each input tensor: shape, dtype, device, inference."""
-    # cast: every field but coefficients is a tensor or None
-    named = [
-        (name, cast("torch.Tensor | None", value))
-        for name, value in zip(inputs._fields, inputs)
-        if name not in ("coefficients", "control")
-    ]
-    named += [(f"coefficients.{name}", value) for name, value in zip(inputs.coefficients._fields, inputs.coefficients)]
-    if inputs.control is not None:  # (ControlNets)
-        named += [(f"control.{name}", value) for name, value in zip(inputs.control._fields, inputs.control)]
+def describe_inputs(inputs: Any) -> list[tuple[str, Any]]:
+    """(name, what a compiled graph guards on) for each input tensor: shape, dtype, device, inference.
+
+    ``inputs``: a frame's inputs, a NamedTuple of tensors, None and NamedTuples of tensors
+    (``FrameInputs``, or the flow frame's ``FlowInputs``)."""
+    named: list[tuple[str, torch.Tensor | None]] = []
+    nested: list[tuple[str, torch.Tensor | None]] = []
+    for name, value in zip(inputs._fields, inputs):
+        if isinstance(value, tuple):  # the coefficients: their tensors, after the others
+            fields: tuple[str, ...] = getattr(value, "_fields")  # noqa: B009  (a NamedTuple's, untyped here)
+            nested += [(f"{name}.{field}", tensor) for field, tensor in zip(fields, value)]
+        else:
+            named.append((name, cast("torch.Tensor | None", value)))
     return [
-        (name, None if t is None else (tuple(t.shape), t.dtype, t.device.type, t.is_inference())) for name, t in named
+        (name, None if t is None else (tuple(t.shape), t.dtype, t.device.type, t.is_inference()))
+        for name, t in named + nested
     ]
 
 
@@ -159,6 +162,7 @@ class CompiledFrame:
 
     def __init__(self, compiled: FrameFunction, example: FrameInputs, dynamo_refuses: bool) -> None:
         self.compiled = compiled
+        self.kind: Any = type(example)  # FrameInputs, or a flow frame's FlowInputs
         self.built_for = describe_inputs(example)
         self.dynamo_refuses = dynamo_refuses  # False: checked here, before and after the call
 
@@ -169,16 +173,16 @@ class CompiledFrame:
             try:
                 return self.compiled(*inputs)
             except FailOnRecompileLimitHit as exc:
-                raise RecompileRefused(self._why(FrameInputs(*inputs))) from exc
-        if describe_inputs(FrameInputs(*inputs)) != self.built_for:
-            raise RecompileRefused(self._why(FrameInputs(*inputs)))
+                raise RecompileRefused(self._why(self.kind(*inputs))) from exc
+        if describe_inputs(self.kind(*inputs)) != self.built_for:
+            raise RecompileRefused(self._why(self.kind(*inputs)))
         graphs = compile_counts().graphs
         result = self.compiled(*inputs)
         if compile_counts().graphs != graphs:
-            raise RecompileRefused(self._why(FrameInputs(*inputs)))
+            raise RecompileRefused(self._why(self.kind(*inputs)))
         return result
 
-    def _why(self, inputs: FrameInputs) -> str:
+    def _why(self, inputs: Any) -> str:
         differ = [
             f"{name} is {now}, built for {then}"
             for (name, now), (_, then) in zip(describe_inputs(inputs), self.built_for)

@@ -326,3 +326,66 @@ def build_random_model(
         text_encoder_2=text_encoder_2,
         tokenizer_2=byte_level_clip_tokenizer() if text_encoder_2 is not None else None,
     )
+
+
+# -- SDXL (train-lora; the realtime scene plays SD 1.5 / 2.1 only) -----------------------------------
+SDXL_UNETS: dict[str, dict[str, Any]] = {
+    # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, trimmed as above
+    "sdxl": {
+        "block_out_channels": [320, 640, 1280],
+        "layers_per_block": 2,
+        "sample_size": 128,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [5, 10, 20],
+        "transformer_layers_per_block": [1, 2, 10],
+        "cross_attention_dim": 2048,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + the 1280 pooled text
+    },
+    # diffusers' own test components (tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py)
+    "tiny-sdxl": {
+        "block_out_channels": [2, 4],
+        "layers_per_block": 2,
+        "sample_size": 32,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [2, 4],
+        "transformer_layers_per_block": [1, 2],
+        "cross_attention_dim": 64,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 80,  # 6 x 8 + 32
+        "norm_num_groups": 1,
+    },
+}
+
+
+def build_random_sdxl(seed: int = 0) -> Any:
+    """diffusers' tiny SDXL test pipeline (two text encoders, added time ids), random weights,
+    byte-level tokenizers: a ``StableDiffusionXLPipeline`` to save and train on."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SDXL_UNETS["tiny-sdxl"])
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**{**ARCHITECTURES["tiny"].vae, "sample_size": 128})
+    text = CLIPTextConfig(**{**ARCHITECTURES["tiny"].text_encoder, "hidden_act": "gelu", "projection_dim": 32})
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text)
+    text_encoder_2 = CLIPTextModelWithProjection(text)
+    scheduler = EulerDiscreteScheduler.from_config({k: v for k, v in _EULER_TRAILING.items() if k != "_class_name"})
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=byte_level_clip_tokenizer(),
+        tokenizer_2=byte_level_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )

@@ -185,7 +185,9 @@ def load_model(spec: ModelSpec, choice: DeviceChoice) -> DiffusionModel:
     return model.to(choice)
 
 
-def _load_base(spec: ModelSpec, dtype: torch.dtype) -> DiffusionModel:
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
+    """``spec.model`` as diffusers loads it (any pipeline class its model_index.json names;
+    a single file as SD 1.5 / 2.1), on the CPU. Raises ModelNotFound with the way to get it."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     kind = classify_source(spec.model)
@@ -232,6 +234,11 @@ def _load_base(spec: ModelSpec, dtype: torch.dtype) -> DiffusionModel:
         else:
             how = f"it could not be loaded ({exc})"
         raise ModelNotFound(spec.model, how) from exc
+    return pipe
+
+
+def _load_base(spec: ModelSpec, dtype: torch.dtype) -> DiffusionModel:
+    pipe = load_pipeline(spec, dtype)
     missing = [
         part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, part, None) is None
     ]

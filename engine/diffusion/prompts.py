@@ -100,6 +100,17 @@ class PromptBank:
         else:
             self._pending = self._executor.submit(self._encode_and_publish, wanted)
 
+    def prefetch(self, texts: Sequence[str]) -> None:
+        """Encode these texts in the background, into the cache, publishing nothing (a prompt
+        timeline's next lines): a later request of them blends on the spot. Returns at once."""
+        with self._lock:
+            missing = [text for text in dict.fromkeys(texts) if text not in self._cache]
+            for text in texts:  # the ones already here are the most recently wanted
+                if text in self._cache:
+                    self._cache.move_to_end(text)
+        if missing:
+            self._executor.submit(self._encode_ahead, missing)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the latest request is published (start-up, tests); False on timeout.
 
@@ -120,6 +131,11 @@ class PromptBank:
             if text in self._cache:
                 self._cache.move_to_end(text)
                 return self._cache[text]
+        embeds = self._run_encoder(text)
+        self._remember(text, embeds)
+        return embeds
+
+    def _run_encoder(self, text: str) -> torch.Tensor:
         tokens = self.tokenizer(
             text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         )
@@ -129,12 +145,13 @@ class PromptBank:
             mask = tokens.attention_mask.to(device)
         with torch.inference_mode():
             embeds: torch.Tensor = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-        embeds = embeds.to(self.choice.dtype)
+        return embeds.to(self.choice.dtype)
+
+    def _remember(self, text: str, embeds: torch.Tensor) -> None:
         with self._lock:
             self._cache[text] = embeds
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return embeds
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -166,6 +183,20 @@ class PromptBank:
         self.error = None
         if prompts == self._requested:
             self._publish(prompts, embeds)
+
+    def _encode_ahead(self, texts: list[str]) -> None:
+        """Background thread: into the cache only; a failure is reported like a request's."""
+        try:
+            stream = torch.cuda.Stream(self.choice.device) if self.choice.is_cuda else None
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                encoded = [(text, self._run_encoder(text)) for text in texts]
+            if stream is not None:
+                stream.synchronize()  # in the cache, the frame's stream may read them at once
+            for text, embeds in encoded:
+                self._remember(text, embeds)
+        except Exception as exc:  # the request that needs the text tries again and says so
+            self.error = f"prompt encoding failed: {type(exc).__name__}: {exc}"
+            log.exception("prompt encoding failed for %r", texts)
 
     def _publish(self, prompts: WeightedPrompts, embeds: torch.Tensor) -> None:
         with self._lock:

@@ -24,6 +24,10 @@ this module (to list scenes, validate presets, print parameters) needs no torch.
   ``style/image`` (a file; its embedding is computed off the frame path when it changes) at
   ``style/scale`` (a weight write: no recompile). A missing image is one HUD line; the last
   style plays on.
+- ``timeline/*`` plays a prompt timeline (``engine.prompt_timeline``) in place of ``prompt``:
+  the lines around the playing one are encoded ahead in the background, and each frame asks
+  for the two lines' prompts weighted by the blend, which the prompt bank slerps on the spot
+  (a small elementwise operation, copied into the frame's fixed text input: no recompile).
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ from engine.diffusion.options import (
     accel_label,
 )
 from engine.params import enum_param, float_param, int_param, string_param
+from engine.prompt_timeline import (
+    Playing,
+    ScenePromptTimeline,
+    refuse_negative_weights,
+    timeline_params,
+    weighted_mix,
+)
 from engine.scenes.base import (
     BackgroundLoad,
     LastGood,
@@ -280,6 +291,7 @@ class RealtimeScene(Scene):
             description="Memory the ControlNets and depth models may take together; a load past it is refused",
             in_presets=False,
         ),
+        *timeline_params(),
     )
 
     def __init__(self, params: Any, torch: TorchDefaults | None = None) -> None:
@@ -300,6 +312,8 @@ class RealtimeScene(Scene):
         self._lora_requested: dict[int, str] = {}
         self._first_frame_told: Any = None  # the stream whose first image has been logged
         self._controls: Any = None  # the ControlBank of the loaded model's UNet
+        self._timeline = ScenePromptTimeline(self.name, params, self.path, check=refuse_negative_weights)
+        self._prefetched: tuple[Any, ...] | None = None  # (bank, timeline, line): its window is encoding
 
     @property
     def first_frame_s(self) -> float | None:
@@ -312,8 +326,10 @@ class RealtimeScene(Scene):
         key = self._wanted_load_key()
         self._model, self._stream = self._build(key)
         self._load_key = self._active_key = key
+        self._timeline.attach()
 
     def unload(self) -> None:
+        self._timeline.detach()
         if self._stream is not None:
             self._stream.close()
             self._stream.adapters.close()
@@ -327,7 +343,8 @@ class RealtimeScene(Scene):
         if frame is None:
             return None
         self._take_reloaded_model()
-        self._apply_params()
+        playing = self._timeline.playing(t)
+        self._apply_params(playing)
         try:
             image = self._stream(frame)
         except Exception as exc:
@@ -337,7 +354,7 @@ class RealtimeScene(Scene):
         stream = self._stream
         if image is not None and self._first_frame_told is not stream:
             self._tell_first_frame(stream)
-        self.status = f"{stream.where} {accel_label(stream.accel_state)}"
+        self.status = f"{stream.where} {accel_label(stream.accel_state)}" + (f", {playing.status}" if playing else "")
         self.backend = stream.accel
         self.warning = (
             stream.accel_error
@@ -348,6 +365,7 @@ class RealtimeScene(Scene):
             or self._lora_files.refusal
             or stream.prompts.error
             or self._prompts.refusal
+            or self._timeline.refusal
             or self._stream_shape.refusal
             or self._strength.refusal
         )
@@ -437,20 +455,38 @@ class RealtimeScene(Scene):
         )
         return model, stream
 
-    def _weighted_prompts(self) -> list[tuple[str, float]] | None:
-        """``prompt`` and ``prompt_b``, each in the weighted syntax (``a forest:1|fog:0.5``), mixed
-        by ``prompt_mix``; text that cannot be read is refused (said once, and in the HUD) and the
-        last good text plays on; None while no text has been good yet."""
+    def _weighted_prompts(self, playing: Playing | None = None) -> list[tuple[str, float]] | None:
+        """``prompt`` (or the timeline's two lines, blended) and ``prompt_b``, each in the weighted
+        syntax (``a forest:1|fog:0.5``), mixed by ``prompt_mix``; text that cannot be read is
+        refused (said once, and in the HUD) and the last good text plays on; None while no text
+        has been good yet."""
         parsed = self._prompts.update((self.param("prompt"), self.param("prompt_b")))
-        if parsed is None:
+        if parsed is None and playing is None:
             return None
-        first, second = parsed
+        first, second = parsed if parsed is not None else ([], [])
+        if playing is not None:
+            prompts = weighted_mix(playing.line_a.prompts, playing.line_b.prompts, playing.moment.blend)
+        else:
+            prompts = [(p.text, p.weight) for p in first]
         if not second:
-            return [(p.text, p.weight) for p in first]
+            return prompts
         mix = self.param("prompt_mix")
-        return [(p.text, p.weight * (1.0 - mix)) for p in first] + [(p.text, p.weight * mix) for p in second]
+        return [(text, weight * (1.0 - mix)) for text, weight in prompts] + [(p.text, p.weight * mix) for p in second]
 
-    def _apply_params(self) -> None:
+    def _prefetch(self, stream: Any, playing: Playing | None) -> None:
+        """The playing line, the next and the one after encoded ahead, in the background: the
+        frame that first needs one blends it on the spot."""
+        if playing is None:
+            return
+        key = (id(stream.prompts), playing.timeline, playing.moment.a)
+        if key == self._prefetched:
+            return
+        self._prefetched = key
+        lines = playing.timeline.lines
+        window = [lines[(playing.moment.a + step) % len(lines)] for step in range(3)]
+        stream.prompts.prefetch([p.text for line in window for p in line.prompts])
+
+    def _apply_params(self, playing: Playing | None = None) -> None:
         key = self._wanted_load_key()
         if key != self._load_key and self._reload is None:
             self._start_reload(key)
@@ -461,7 +497,8 @@ class RealtimeScene(Scene):
         self._apply_lora_slots(stream)
         self._apply_controlnet_slots(stream)
         self._apply_style(stream)
-        prompts = self._weighted_prompts()
+        self._prefetch(stream, playing)
+        prompts = self._weighted_prompts(playing)
         if prompts is not None:
             stream.set_prompts(prompts)
         stream.set_seed(self.param("seed"))

@@ -1,16 +1,17 @@
 """The classic VQGAN+CLIP loop, one Adam step at a time; every step's image is a frame.
 
-    z (pre-quantisation latent, the only thing optimised)
+    a drawer's parameters (the only thing optimised; the classic one is a VQGAN latent z
       -> nearest codebook vectors, straight-through gradient
-      -> VQGAN decoder -> image in [0, 1] (clamped, gradient kept where it points back in)
+      -> VQGAN decoder -> image in [0, 1], clamped, gradient kept where it points back in)
       -> N random cutouts (random sizes and offsets, flips, noise) at CLIP's input size
       -> CLIP image embeddings
       -> per prompt: weight x mean spherical distance to its text embedding (negative: push away)
-      -> Adam on z; z is kept inside the codebook's range
+      -> Adam on the drawer's parameters; the drawer keeps them in range (z: the codebook's)
 
 This is the loop of Katherine Crowson's VQGAN+CLIP notebook (the one most users know), with
 transformers' CLIP and diffusers' VQModel under it. A live prompt change only re-encodes the
-text: z and Adam's moments carry on, so the image morphs instead of starting over.
+text: the parameters and Adam's moments carry on, so the image morphs instead of starting over.
+The other drawers (pixel grid, Fourier spectrum: ``engine.vqclip.drawers``) share all of it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from engine.prompt_syntax import WeightedPrompt
 from engine.vqclip.clip import Clip
+from engine.vqclip.drawers import Drawer, VqganDrawer
 from engine.vqclip.vqgan import Vqgan
 
 
@@ -33,20 +35,6 @@ class Cutouts:
     count: int = 32
     power: float = 1.0  # > 1 favours small cutouts (detail), < 1 large ones (composition)
     noise: float = 0.1  # the most Gaussian noise added to a cutout (0..1 image units)
-
-
-class _ClampWithGrad(torch.autograd.Function):
-    """clamp(x, 0, 1), but the gradient still flows where it would move x back into range."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return x.clamp(0.0, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad * (grad * (x - x.clamp(0.0, 1.0)) >= 0)
 
 
 def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -95,11 +83,16 @@ def frame_to_tensor(frame: np.ndarray, size: tuple[int, int], device: torch.devi
 
 
 class VqganClip:
-    """One running optimisation: ``step()`` = one Adam step, returning that step's image (uint8)."""
+    """One running optimisation: ``step()`` = one Adam step, returning that step's image (uint8).
+
+    What is optimised is a ``Drawer`` (``engine.vqclip.drawers``); a ``Vqgan`` given in its
+    place is drawn by a ``VqganDrawer`` of ``size`` (the classic loop). ``set_drawer`` swaps the
+    drawer mid-run, carrying the picture over; prompts, cutouts and the step count carry on.
+    """
 
     def __init__(
         self,
-        vqgan: Vqgan,
+        drawer: Drawer | Vqgan,
         clip: Clip,
         prompts: list[WeightedPrompt],
         *,
@@ -110,90 +103,108 @@ class VqganClip:
         seed: int = 0,
         autocast: torch.dtype | None = None,
     ) -> None:
-        self.vqgan, self.clip = vqgan, clip
+        self.clip = clip
         self.device = clip.device
         self.cutouts = cutouts
-        self.autocast = autocast  # bfloat16 / float16 forward passes on a GPU; z and Adam stay float32
+        self.autocast = autocast  # bfloat16 / float16 forward passes on a GPU; parameters and Adam stay float32
         self._rng = random.Random(seed)
         self._noise = torch.Generator(device=self.device).manual_seed(seed)
-        codebook = vqgan.codebook.float()
-        self._z_min = codebook.min(0).values.view(1, -1, 1, 1)
-        self._z_max = codebook.max(0).values.view(1, -1, 1, 1)
         self.steps = 0
-        self.size = size  # as asked; the image is the largest multiple of the VQGAN's factor within it
+        self.lr = lr
         self.prompts: list[WeightedPrompt] = []
         self._targets = torch.empty(0)
         self._weights = torch.empty(0)
         self.set_prompts(prompts)
-        self.z = self._initial_z(size, init, seed).requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.z], lr=lr)
+        self.drawer = VqganDrawer(drawer, size, seed) if isinstance(drawer, Vqgan) else drawer
+        self.size = size  # as asked; the drawer's image is the nearest it can make (``drawer.shape``)
+        if init is not None:
+            self.drawer.from_image(frame_to_tensor(init, self.drawer.shape, self.device))
+        self._new_adam()
+
+    @property
+    def z(self) -> torch.Tensor:
+        """The VQGAN drawer's latent (the classic loop's name for it)."""
+        return self.drawer.z
 
     # -- live changes ------------------------------------------------------------------------------
     def set_prompts(self, prompts: list[WeightedPrompt]) -> None:
-        """New targets; z and Adam's state carry on."""
+        """New targets; the drawer and Adam's state carry on."""
         self.prompts = list(prompts)
         if prompts:
             self._targets = self.clip.encode_text([p.text for p in prompts])
         self._weights = torch.tensor([p.weight for p in prompts], device=self.device)
 
+    def set_drawer(self, drawer: Drawer, carry: bool = True) -> None:
+        """Optimise ``drawer`` (built for this run's size) from now on, started from the current picture."""
+        if carry:
+            with torch.no_grad():
+                drawer.from_image(self._synth().detach())
+        self.drawer = drawer
+        self._new_adam()
+
+    def set_targets(self, prompts: list[WeightedPrompt], targets: torch.Tensor, weights: torch.Tensor) -> None:
+        """Text embeddings (N, D) and their weights (N,) given directly, e.g. a prompt timeline's
+        blend of two lines: nothing is encoded; ``prompts`` says what they came from. The drawer
+        and Adam carry on."""
+        self.prompts = list(prompts)
+        self._targets = targets.to(self.device, torch.float32)
+        self._weights = weights.to(self.device, torch.float32)
+
     def resize(self, size: int) -> None:
-        """A new image size: z is resampled (nearest) and optimising goes on with a fresh Adam."""
-        cells = max(1, size // self.vqgan.factor)
-        lr = self.optimizer.param_groups[0]["lr"]
-        z = F.interpolate(self.z.detach(), size=(cells, cells), mode="nearest")
-        self.z = z.contiguous().requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.z], lr=lr)  # its moments had the old shape
+        """A new image size: the drawer resamples its parameters; optimising goes on with a fresh Adam."""
+        self.drawer.resize(size)
+        self._new_adam()  # its moments had the old shapes
         self.size = size
 
     def set_lr(self, lr: float) -> None:
+        self.lr = lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * self.drawer.lr_scale
 
     # -- the loop ----------------------------------------------------------------------------------
     def step(self) -> np.ndarray:
         """One Adam step toward the prompts; returns the image the step was taken from."""
         self.optimizer.zero_grad(set_to_none=True)
-        image = self._synth(self.z)
+        image = self._synth()
         if self.prompts:
             self._loss(image, self._rng, self._noise).backward()
             self.optimizer.step()
-            with torch.no_grad():  # stay where the codebook lives (the decoder never saw beyond it)
-                self.z.copy_(torch.maximum(torch.minimum(self.z, self._z_max), self._z_min))
+            self.drawer.constrain()
         self.steps += 1
         return image_to_uint8(image)
 
     def loss(self, prompts: list[WeightedPrompt] | None = None, seed: int = 0) -> float:
-        """The loss of the current z with fixed cutouts (``seed``): comparable between steps."""
+        """The loss of the current picture with fixed cutouts (``seed``): comparable between steps."""
         saved = None
         if prompts is not None:
             saved = (self.prompts, self._targets, self._weights)
             self.set_prompts(prompts)
         try:
+            noise = torch.Generator(device=self.device).manual_seed(seed)
             with torch.no_grad():
-                return float(
-                    self._loss(
-                        self._synth(self.z), random.Random(seed), torch.Generator(device=self.device).manual_seed(seed)
-                    )
-                )
+                return float(self._loss(self._synth(), random.Random(seed), noise))
         finally:
             if saved is not None:
                 self.prompts, self._targets, self._weights = saved
 
     def image(self) -> np.ndarray:
-        """The current z's image, without stepping."""
+        """The current picture, without stepping."""
         with torch.no_grad():
-            return image_to_uint8(self._synth(self.z))
+            return image_to_uint8(self._synth())
 
     # -- internals ---------------------------------------------------------------------------------
+    def _new_adam(self) -> None:
+        self.optimizer = torch.optim.Adam(self.drawer.parameters(), lr=self.lr * self.drawer.lr_scale)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _synth(self, z: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            decoded = self.vqgan.decode(self.vqgan.quantize(z))
-        return _ClampWithGrad.apply(decoded.float().add(1).div(2))
+    def _synth(self) -> torch.Tensor:
+        context = self._autocast() if self.drawer.uses_autocast else contextlib.nullcontext()
+        with context:
+            return self.drawer.image().float()
 
     def _loss(self, image: torch.Tensor, rng: random.Random, noise: torch.Generator) -> torch.Tensor:
         if not self.prompts:
@@ -203,15 +214,3 @@ class VqganClip:
             embeddings = self.clip.encode_image(batch)
         distances = spherical_distance(embeddings.float(), self._targets)  # (cutouts, prompts)
         return (distances.mean(0) * self._weights).sum()
-
-    def _initial_z(self, size: int, init: np.ndarray | None, seed: int) -> torch.Tensor:
-        """From a frame: its encoding. From noise: a random codebook vector per latent cell."""
-        cells = max(1, size // self.vqgan.factor)
-        if init is not None:
-            pixels = frame_to_tensor(init, (cells * self.vqgan.factor,) * 2, self.device)
-            with torch.no_grad():
-                return self.vqgan.encode(pixels * 2 - 1).float().detach().clone()
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        codes = torch.randint(self.vqgan.codebook.shape[0], (cells * cells,), generator=generator)
-        z = self.vqgan.codebook[codes.to(self.device)].float()
-        return z.view(1, cells, cells, -1).permute(0, 3, 1, 2).contiguous()

@@ -7,6 +7,7 @@ the clock clock.py's. See the package docstring for the threads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -42,9 +43,9 @@ from engine.control.midimap import (
     default_mappings_path,
     default_step,
     guess_mapping,
-    half_step,
     load_mappings,
     parse_mapping,
+    picks_up,
     relative_ticks,
     save_mappings,
 )
@@ -53,7 +54,6 @@ from engine.params import Change, Kind, Param, ParamError, ParamRegistry
 log = logging.getLogger(__name__)
 
 ORIGIN = "midi"
-PICKUP_TOLERANCE = 2 / 127  # a fader this close to the value (0..1 units) has reached it
 LEARN_WINDOW = 0.4  # seconds of messages from the first control moved that learn looks at
 LEARN_EVENTS = 4  # ...or this many, whichever comes first
 INPUT_POLL = 0.001  # seconds between input polls when nothing is happening
@@ -530,8 +530,7 @@ class MidiControl:
                 hardware, state.hardware = state.hardware, x
             if not held:
                 target = param.normalise(current)
-                crossed = hardware is not None and (hardware - target) * (x - target) < 0
-                if abs(x - target) > max(PICKUP_TOLERANCE, half_step(param)) and not crossed:
+                if not picks_up(hardware, x, target, param):
                     with self._lock:
                         self._last_message += f" (pick up {mapping.param} at {target:.0%})"
                     return
@@ -679,7 +678,7 @@ class MidiControl:
 
     def _save(self) -> None:
         with self._lock:
-            file = MappingFile(self._file.path, list(self._file.mappings), list(self._file.kept), self._file.writable)
+            file = dataclasses.replace(self._file, mappings=list(self._file.mappings), kept=list(self._file.kept))
         try:
             save_mappings(file)
         except OSError as exc:
