@@ -38,6 +38,13 @@ costs the same whatever the weights; fp16 on the GPU):
     turbo-tensorrt       --accel tensorrt (experimental): TensorRT where installed, else its
                          fallback to compile, flagged in the summary
     vqgan-clip, lora     the slow scenes' benches (scripts/bench_vqgan_clip.py: each drawer; bench_lora.py)
+    turbo-canny-compile  SD-turbo + a canny ControlNet (the torch Canny on the device), compiled;
+                         baseline: StableDiffusionControlNetImg2ImgPipeline with cv2.Canny
+    turbo-depth-compile  SD-turbo + a depth ControlNet, Depth Anything V2 Small (random weights)
+                         included; baseline: the same with transformers' depth-estimation pipeline
+    sdxl-turbo-compile   SDXL-turbo 512x512, 1 step, compiled; baselines StableDiffusionXLImg2ImgPipeline
+    turbo-ip-adapter-compile  SD-turbo + an IP-Adapter (random, ViT-H encoder), compiled; baselines
+                         get ip_adapter_image (diffusers encodes the picture each call)
     sana-sprint          SANA-Sprint 0.6B 512x512, 1 step, compiled, bf16: fps against
                          SanaSprintImg2ImgPipeline in the same run (engine.diffusion.flow_bench)
     flux-schnell         FLUX.1-schnell 512x512, 4 steps, compiled, bf16: seconds per image
@@ -108,6 +115,10 @@ GPU_CASES = {
         (*VQGAN_CLIP, "--device", "cuda", "--autocast", "bfloat16", "--steps", "20", "--warmup", "3"), 90, "other"
     ),
     "lora": Case((*LORA, "--device", "cuda"), 60, "other"),
+    "turbo-canny-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "canny"), 110),
+    "turbo-depth-compile": Case((*TURBO, "--accel", "compile", "--controlnet", "depth"), 120),
+    "sdxl-turbo-compile": Case((*BENCH, "--arch", "sdxl-turbo", "--random-weights", "--accel", "compile"), 180),
+    "turbo-ip-adapter-compile": Case((*TURBO, "--accel", "compile", "--ip-adapter"), 120),
     "sana-sprint": Case((*FLOW, "--case", "sana-sprint", "--device", "cuda"), 120, "other"),
     "flux-schnell": Case((*FLOW, "--case", "flux-schnell", "--device", "cuda", "--frames", "20"), 200, "other"),
     "sd35-turbo": Case((*FLOW, "--case", "sd35-turbo", "--device", "cuda", "--frames", "20"), 180, "other"),
@@ -125,6 +136,10 @@ TINY_CASES = {
     "tiny-lcm4-eager": Case((*TINY_BENCH, "--arch", "sd15", "--accel", "eager"), 5),
     "tiny-turbo-tensorrt": Case((*TINY_BENCH, "--accel", "tensorrt", "--compile-backend", "eager"), 5),
     "tiny-vqgan-clip": Case((*VQGAN_CLIP, "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"), 5, "other"),
+    "tiny-turbo-canny-eager": Case((*TINY_BENCH, "--accel", "eager", "--controlnet", "canny"), 5),
+    "tiny-turbo-depth-eager": Case((*TINY_BENCH, "--accel", "eager", "--controlnet", "depth"), 5),
+    "tiny-sdxl-turbo-eager": Case((*TINY_BENCH, "--arch", "sdxl-turbo", "--accel", "eager"), 5),
+    "tiny-turbo-ip-adapter-eager": Case((*TINY_BENCH, "--accel", "eager", "--ip-adapter"), 5),
     **{
         f"tiny-{name}": Case(
             (*FLOW, "--case", name, "--tiny", "--frames", "3", "--warmup", "1", "--baseline-frames", "2"), 5, "other"
@@ -202,7 +217,7 @@ def _num(value: float | None, width: int, digits: int = 1) -> str:
 
 def table_row(r: dict) -> str:
     """One line of the summary: a bench case, an in-app case, a slow-scene case, or why not."""
-    head = f"{r['case']:22}"
+    head = f"{r['case']:28}"
     if r["status"] in ("failed", "skipped") and "engine" not in r and "scene_fps" not in r:
         return f"{head}{r['status'].upper()}: {r.get('error') or r.get('skipped')}"
     if r["kind"] == "other":
@@ -227,7 +242,7 @@ def table_row(r: dict) -> str:
 
 
 TABLE_HEAD = (
-    f"{'case':22}{'backend':20}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'KL fps':>9}{'ratio':>7}"
+    f"{'case':28}{'backend':20}{'fps':>9}{'p50 ms':>9}{'p99 ms':>9}{'KL fps':>9}{'ratio':>7}"
     f"{'TAESD':>9}{'ratio':>7}{'1st fr s':>9}{'build s':>8}{'recmp':>6}{'syncs':>7}  device"
 )
 

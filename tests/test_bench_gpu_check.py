@@ -76,6 +76,16 @@ def test_the_tiny_plan_runs_every_case(tmp_path):
         assert case["recompiles"]["in_timed_frames"] == 0
     assert cases["tiny-turbo-compile"]["accel"] == "compile" and not cases["tiny-turbo-compile"]["fell_back"]
     assert cases["tiny-lcm4-eager"]["steps"] == 4
+    for kind in ("canny", "depth"):  # a ControlNet: against diffusers' ControlNet img2img (TAESD: its latent size)
+        case = cases[f"tiny-turbo-{kind}-eager"]
+        assert case["status"] == "ok" and case["controlnet"] == kind and set(case["ratios"]) == {"taesd"}
+        assert case["baselines"]["taesd"]["pipeline"] == "StableDiffusionControlNetImg2ImgPipeline"
+        assert "control" in case["engine"]["stages_ms"] and case["recompiles"]["in_timed_frames"] == 0
+    xl = cases["tiny-sdxl-turbo-eager"]  # SDXL: against StableDiffusionXLImg2ImgPipeline, both VAEs
+    assert xl["status"] == "ok" and xl["arch"] == "tiny-xl" and set(xl["ratios"]) == {"own_vae", "taesd"}
+    assert xl["baselines"]["taesd"]["pipeline"] == "StableDiffusionXLImg2ImgPipeline"
+    ip = cases["tiny-turbo-ip-adapter-eager"]
+    assert ip["status"] == "ok" and ip["ip_adapter"] is True and set(ip["ratios"]) == {"own_vae", "taesd"}
     # tensorrt cannot run on a CPU: it fell back to compile, and the summary says so
     trt = cases["tiny-turbo-tensorrt"]
     assert trt["accel_requested"] == "tensorrt" and trt["accel"] == "compile" and trt["fell_back"] is True

@@ -355,7 +355,7 @@ def test_a_show_can_rebuild_more_often_than_dynamo_compiles_one_function():
     from engine.diffusion.schedule import StageCoefficients
 
     class Frame(torch.nn.Module):
-        def frame(self, pixels, buffer, text, noise, c, timestep_cond):
+        def frame(self, pixels, buffer, text, noise, c, timestep_cond, control=None, style=None):
             return pixels + 1, buffer
 
     example = FrameInputs(

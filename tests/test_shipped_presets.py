@@ -79,6 +79,10 @@ def test_the_ddpm_preset_plays_the_shipped_model(run_preset) -> None:
         ("vqgan-clip", "vqgan_clip", "heibox.uni-heidelberg.de"),
         ("pixel-art", "vqgan_clip", "hf download openai/clip-vit-base-patch32"),  # no VQGAN asked for: CLIP only
         ("lora-swap", "realtime", "hf download stabilityai/sd-turbo"),
+        ("controlnet-canny", "realtime", "hf download stabilityai/sd-turbo"),
+        ("controlnet-depth", "realtime", "hf download stabilityai/sd-turbo"),
+        ("sdxl-turbo", "realtime", "hf download stabilityai/sdxl-turbo"),
+        ("style-image", "realtime", "hf download SimianLuo/LCM_Dreamshaper_v7"),
         ("fourier-dream", "vqgan_clip", "hf download openai/clip-vit-base-patch32"),  # the fft drawer: CLIP only
         ("sana-sprint", "sana_sprint", "hf download Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers"),
         ("flux-schnell", "flow", "/scene/memory_budget 35800 or more"),  # the default budget is 12000 MB

@@ -268,6 +268,8 @@ class TensorRTAccelerator:
     def build(self, hot: HotPath, example: FrameInputs) -> Backend:
         from engine.diffusion.tensorrt import TrtUNet, build_cached_engine
 
+        if len(hot.controlnets):  # the exported UNet takes no residuals (tensorrt_or_compile compiles instead)
+            raise ValueError("ControlNets are not exported to TensorRT")
         steps = example.noise.shape[0]
         first = torch.zeros_like(example.noise[:1])
         sample = torch.cat([first, example.buffer]) if example.buffer.shape[0] else first

@@ -19,6 +19,14 @@ the timed frames, and synchronisations per frame (CUDA: ``torch.cuda.set_sync_de
     --tiny                 diffusers' tiny test architecture (CI; seconds on a CPU)
     --random-weights       the full-size --arch with random weights: no download, real cost
     --model ID|PATH        real weights (hub id, diffusers folder, .safetensors)
+    --arch sdxl-turbo      SDXL-turbo (two text encoders, added time ids); baselines: StableDiffusionXLImg2ImgPipeline
+    --ip-adapter           an IP-Adapter of random weights (ViT-H image encoder; tiny ones with --tiny) and a
+                           style picture: its embedding off the frame path; baselines get ip_adapter_image
+    --controlnet canny|depth   one ControlNet of the UNet's architecture (random weights), its
+                           control image made by the engine's preprocessor; the baselines are
+                           then ``StableDiffusionControlNetImg2ImgPipeline`` with the control
+                           image made as a diffusers user makes it (``cv2.Canny``; transformers'
+                           depth-estimation pipeline on a random Depth Anything V2 Small), timed too
 
 Importing this module is free (no torch): ``add_arguments`` can build the CLI at start-up.
 """
@@ -33,13 +41,18 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine.diffusion.options import ACCEL_CHOICES, ACCEL_HELP, DTYPE_CHOICES
 
-ARCHS = ("sd-turbo", "sd15")
-DEFAULT_MODELS = {"sd-turbo": "stabilityai/sd-turbo", "sd15": "SimianLuo/LCM_Dreamshaper_v7"}
+ARCHS = ("sd-turbo", "sd15", "sdxl-turbo")
+DEFAULT_MODELS = {
+    "sd-turbo": "stabilityai/sd-turbo",
+    "sd15": "SimianLuo/LCM_Dreamshaper_v7",
+    "sdxl-turbo": "stabilityai/sdxl-turbo",
+}
 TAESD_ID = "madebyollin/taesd"
+TAESDXL_ID = "madebyollin/taesdxl"
 PROMPT = "a watercolour painting of a city at night, vivid colours"
 STRENGTH = 0.5
 BASELINES = {"own_vae": "diffusers, the model's own VAE", "taesd": "diffusers, the same TAESD"}
@@ -63,6 +76,8 @@ class BenchOptions:
     device: str = "auto"
     dtype: str = "auto"
     vae: str = "tiny"  # the engine's VAE: tiny (TAESD) or full; the baselines run both
+    controlnet: str | None = None  # canny | depth: one ControlNet on the hot path and in the baselines
+    ip_adapter: bool = False  # an IP-Adapter (random weights) with a style picture, on the hot path and the baselines
     json_path: Path | None = None
 
 
@@ -99,6 +114,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | mps | cpu")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     parser.add_argument("--vae", choices=("tiny", "full"), default="tiny", help="engine VAE (default tiny = TAESD)")
+    parser.add_argument(
+        "--controlnet",
+        choices=("canny", "depth"),
+        help="one ControlNet (random weights) with this control image; baselines: diffusers' ControlNet img2img",
+    )
+    parser.add_argument(
+        "--ip-adapter",
+        action="store_true",
+        help="an IP-Adapter (random weights, CLIP ViT-H image encoder) and a style picture; baselines with "
+        "ip_adapter_image",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
@@ -129,6 +155,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         device=args.device,
         dtype=args.dtype,
         vae=args.vae,
+        controlnet=args.controlnet,
+        ip_adapter=args.ip_adapter,
         json_path=args.json,
     )
 
@@ -167,9 +195,10 @@ def _models(options: BenchOptions, choice: Any) -> tuple[Any, dict[str, Any], st
     if options.weights == "model":
         base = load_model(ModelSpec(model=options.model), choice)
         described = options.model
-        tiny = load_tiny_vae(ModelSpec(tiny_vae=TAESD_ID), choice.dtype)
+        tiny = load_tiny_vae(ModelSpec(tiny_vae=TAESDXL_ID if base.xl else TAESD_ID), choice.dtype)
     else:
-        arch = "tiny" if options.weights == "tiny" else options.arch
+        tiny_arch = "tiny-xl" if options.arch == "sdxl-turbo" else "tiny"
+        arch = tiny_arch if options.weights == "tiny" else options.arch
         lcm = options.arch == "sd15"
         base = build_random_model(
             arch,
@@ -180,7 +209,7 @@ def _models(options: BenchOptions, choice: Any) -> tuple[Any, dict[str, Any], st
         described = f"random {arch}"
         with torch.device(choice.device):
             torch.manual_seed(0)
-            tiny = AutoencoderTiny(**(TINY_TAESD if arch == "tiny" else TAESD))
+            tiny = AutoencoderTiny(**(TINY_TAESD if arch.startswith("tiny") else TAESD))
     tiny = tiny.eval().requires_grad_(False).to(device=choice.device)
     if tiny.dtype != choice.dtype:  # (diffusers warns about a cast to the dtype a model already has)
         tiny = tiny.to(dtype=choice.dtype)
@@ -273,22 +302,121 @@ def count_syncs(stream: Any, frames: list[Any], count: int) -> dict[str, Any]:
     }
 
 
-def _baseline(model: Any, pictures: list[Any], frames: int, steps: int) -> dict[str, Any]:
-    """diffusers' StableDiffusionImg2ImgPipeline over ``model``: PIL in, PIL out, ``steps`` UNet calls."""
+def _controlnet_case(options: BenchOptions, model: Any, choice: Any) -> tuple[Any, Any, Any]:
+    """(ControlUnit for the engine, ControlNet, the diffusers user's control-image function)."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    from engine.diffusion.controlnet import (
+        TINY_CONTROLNET,
+        CannyPreprocessor,
+        ControlUnit,
+        DepthPreprocessor,
+        random_controlnet,
+        random_depth_model,
+    )
+
+    tiny = options.weights == "tiny"
+    if tiny:  # its control-image embedding halves as often as the engine's VAE (TAESD: 3 times)
+        from engine.diffusion.stream import vae_scale_factor
+
+        halvings = vae_scale_factor(model.vae).bit_length() - 1
+        embedding = [16 * 2**i for i in range(halvings + 1)]
+        controlnet = random_controlnet({**TINY_CONTROLNET, "conditioning_embedding_out_channels": embedding})
+    else:  # the UNet's own architecture (a ControlNet for it), random weights
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_unet(model.unet).eval().requires_grad_(False)
+    controlnet = controlnet.to(device=choice.device, dtype=choice.dtype)
+    if options.controlnet == "canny":
+        preprocess: Any = CannyPreprocessor()
+
+        def user_control(picture: Any) -> Any:  # what diffusers' ControlNet docs do
+            edges = cv2.Canny(np.asarray(picture.convert("L")), 100, 200)
+            return Image.fromarray(np.stack([edges] * 3, axis=-1))
+
+    else:
+        from transformers import pipeline
+
+        depth_model, processor = random_depth_model(tiny, choice.device)
+        depth_model = depth_model.to(dtype=choice.dtype)
+        preprocess = DepthPreprocessor(depth_model, processor, choice.dtype)
+        estimator = pipeline("depth-estimation", model=depth_model, image_processor=processor, device=choice.device)
+
+        def user_control(picture: Any) -> Any:
+            return estimator(picture)["depth"].convert("RGB")
+
+    return ControlUnit(1, controlnet, preprocess), controlnet, user_control
+
+
+def _ip_adapter_case(options: BenchOptions, model: Any, choice: Any) -> tuple[Any, Any, Any]:
+    """(StyleBank for the engine, image encoder, feature extractor): a random IP-Adapter in the UNet."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from engine.diffusion.ip_adapter import StyleBank, load_ip_adapter_weights, random_ip_adapter
+
+    tiny = options.weights == "tiny"
+    vision: dict[str, Any] = (
+        {"hidden_size": 32, "image_size": 32, "projection_dim": 32, "intermediate_size": 37}
+        | {"num_attention_heads": 4, "num_hidden_layers": 2, "patch_size": 8}
+        if tiny  # h94/IP-Adapter models/image_encoder: OpenCLIP ViT-H/14
+        else {"hidden_size": 1280, "image_size": 224, "projection_dim": 1024, "intermediate_size": 5120}
+        | {"num_attention_heads": 16, "num_hidden_layers": 32, "patch_size": 14, "hidden_act": "gelu"}
+    )
+    with choice.device:
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)).eval().requires_grad_(False)
+    encoder = encoder.to(dtype=choice.dtype)
+    size = vision["image_size"]
+    extractor = CLIPImageProcessor(crop_size=size, size=size, do_center_crop=True, resample=3)
+    adapter = random_ip_adapter(model.unet, image_embed_dim=int(vision["projection_dim"]))
+    scale = load_ip_adapter_weights(model.unet, adapter)
+    model.unet.to(device=choice.device, dtype=choice.dtype)
+    bank = StyleBank(encoder, extractor, choice.device, choice.dtype)
+    bank.scale = scale
+    return bank, encoder, extractor
+
+
+def _baseline(
+    model: Any,
+    pictures: list[Any],
+    frames: int,
+    steps: int,
+    controlnet: Any = None,
+    user_control: Any = None,
+    style: Any = None,
+) -> dict[str, Any]:
+    """diffusers' StableDiffusionImg2ImgPipeline over ``model``: PIL in, PIL out, ``steps`` UNet calls
+    (with a ControlNet: StableDiffusionControlNetImg2ImgPipeline, the control image made each frame)."""
     import numpy as np
     import torch
 
     pipe = model.img2img_pipeline()
+    extra: dict[str, Any] = {}
+    if controlnet is not None:
+        from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+        pipe = cast(Any, StableDiffusionControlNetImg2ImgPipeline)(**pipe.components, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+    if style is not None:  # (encoder, extractor, picture): the pipeline encodes the picture each call
+        components = {**pipe.components, "image_encoder": style[0], "feature_extractor": style[1]}
+        pipe = type(pipe)(**components)
+        pipe.set_progress_bar_config(disable=True)
+        extra["ip_adapter_image"] = style[2]
     times = []
     for i in range(2 + frames):  # two untimed calls first (allocations, cuDNN choices)
         started = time.perf_counter()
+        picture = pictures[i % len(pictures)]
+        if user_control is not None:
+            extra["control_image"] = user_control(picture)
         out = pipe(
             PROMPT,
-            image=pictures[i % len(pictures)],
+            image=picture,
             num_inference_steps=round(steps / STRENGTH),
             strength=STRENGTH,
             guidance_scale=0.0,
             generator=torch.Generator().manual_seed(0),
+            **extra,
         ).images[0]
         np.asarray(out)
         if i >= 2:
@@ -316,6 +444,16 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
     engine_model, baseline_models, weights = _models(options, choice)
     load_s = time.monotonic() - started
     frames = _frames(options.size)
+    controls, controlnet, user_control = (
+        _controlnet_case(options, engine_model, choice) if options.controlnet else ((), None, None)
+    )
+
+    style, style_parts = None, None
+    if options.ip_adapter:
+        style, encoder, extractor = _ip_adapter_case(options, engine_model, choice)
+        style.request(frames[-1], key="style")
+        style.wait()
+        style_parts = (encoder, extractor, Image.fromarray(frames[-1]))
 
     # 1. the engine: hot path, host frames in and out
     accelerator = _accelerator(options, choice.device)
@@ -328,6 +466,8 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
         prompts=[(PROMPT, 1.0)],
         accelerator=accelerator,
         timing=True,
+        controls=[cast(Any, controls)] if controlnet is not None else (),
+        style=style,
     )
     stream.prompts.wait()
     # 2. the first image, as a show gets it: eager frames while a compiled or TensorRT build starts
@@ -372,20 +512,28 @@ def bench_diffusion(options: BenchOptions) -> dict[str, Any]:
     baselines: dict[str, dict[str, Any]] = {}
     if options.baseline_frames:
         pictures = [Image.fromarray(f) for f in frames]
+        from engine.diffusion.stream import vae_scale_factor
+
         for name, model in baseline_models.items():
-            baselines[name] = _baseline(model, pictures, options.baseline_frames, steps)
+            if controlnet is not None and vae_scale_factor(model.vae) != vae_scale_factor(engine_model.vae):
+                continue  # (tiny models: a ControlNet takes one VAE's latent size; full-size VAEs all halve 3x)
+            baselines[name] = _baseline(
+                model, pictures, options.baseline_frames, steps, controlnet, user_control, style_parts
+            )
 
     result = {
         "device": choice.device.type,
         "gpu_name": torch.cuda.get_device_name(choice.device) if choice.is_cuda else None,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "arch": "tiny" if options.weights == "tiny" else options.arch,
+        "arch": ("tiny-xl" if options.arch == "sdxl-turbo" else "tiny") if options.weights == "tiny" else options.arch,
         "weights": weights,
         "size": options.size,
         "steps": steps,
         "dtype": str(choice.dtype).removeprefix("torch."),
         "vae": options.vae,
+        "controlnet": options.controlnet,
+        "ip_adapter": options.ip_adapter,
         "accel": stream.accel,  # what ran the timed frames
         "accel_requested": stream.accel_requested,
         "fell_back": fell_back,
@@ -427,7 +575,9 @@ def format_table(result: dict[str, Any]) -> str:
     accel = result["accel"] + (f" (asked for {result['accel_requested']}: FELL BACK)" if result["fell_back"] else "")
     lines = [
         f"diffusion img2img: {result['arch']} ({result['weights']}) {result['size']}x{result['size']}, "
-        f"{result['steps']} step(s), {result['dtype']}, VAE {result['vae']}, accel {accel}, on {device}",
+        f"{result['steps']} step(s), {result['dtype']}, VAE {result['vae']}, accel {accel}, on {device}"
+        + (f", ControlNet {result['controlnet']}" if result.get("controlnet") else "")
+        + (", IP-Adapter" if result.get("ip_adapter") else ""),
         f"{'':30}{'fps':>9}{'p50 ms':>10}{'p99 ms':>10}{'ratio':>9}",
         f"{'engine (hot path)':30}{engine['fps']:9.1f}{engine['p50_ms']:10.2f}{engine['p99_ms']:10.2f}",
         f"{'  stages, mean ms':30}{stages}",

@@ -81,6 +81,7 @@ class Architecture:
     text_encoder: dict[str, Any]
     scheduler: dict[str, Any]
     default_steps: int
+    text_encoder_2: dict[str, Any] | None = None  # SDXL: the second (projecting) text encoder
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -157,6 +158,77 @@ ARCHITECTURES: dict[str, Architecture] = {
         default_steps=1,
     ),
 }
+_TINY_XL_TEXT = {
+    **ARCHITECTURES["tiny"].text_encoder,
+    "hidden_act": "gelu",
+    "projection_dim": 32,
+}
+# diffusers' own SDXL test components (tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl_img2img.py),
+# without the aesthetic score (SDXL-turbo's 6 time ids: 6 * 8 + 32 = 80)
+ARCHITECTURES["tiny-xl"] = Architecture(
+    "tiny-xl",
+    unet={
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+        "sample_size": 32,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [2, 4],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": [1, 2],
+        "projection_class_embeddings_input_dim": 80,
+        "cross_attention_dim": 64,
+    },
+    vae={**ARCHITECTURES["tiny"].vae, "sample_size": 128},
+    text_encoder=_TINY_XL_TEXT,
+    text_encoder_2=_TINY_XL_TEXT,
+    scheduler=_EULER_TRAILING,
+    default_steps=1,
+)
+# stabilityai/sdxl-turbo's config.json files, trimmed (its scheduler is Euler ancestral, trailing;
+# the benchmark runs plain trailing Euler: the same UNet cost)
+ARCHITECTURES["sdxl-turbo"] = Architecture(
+    "sdxl-turbo",
+    unet={
+        "block_out_channels": [320, 640, 1280],
+        "layers_per_block": 2,
+        "sample_size": 64,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [5, 10, 20],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "transformer_layers_per_block": [1, 2, 10],
+        "projection_class_embeddings_input_dim": 2816,
+        "cross_attention_dim": 2048,
+    },
+    vae={**_SD_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+    text_encoder={  # CLIP ViT-L
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+    },
+    text_encoder_2={  # OpenCLIP ViT-bigG
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "hidden_act": "gelu",
+        "projection_dim": 1280,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+    },
+    scheduler=_EULER_TRAILING,
+    default_steps=1,
+)
 SCHEDULERS = {"euler": _EULER_TRAILING, "lcm": _LCM}
 TAESD = {  # madebyollin/taesd: diffusers' AutoencoderTiny defaults, written out
     "encoder_block_out_channels": [64, 64, 64, 64],
@@ -219,7 +291,7 @@ def build_random_model(
     """
     import diffusers
     from diffusers import AutoencoderKL, AutoencoderTiny, SchedulerMixin, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     spec = ARCHITECTURES[arch]
     sched_config = SCHEDULERS[scheduler] if scheduler else spec.scheduler
@@ -229,16 +301,21 @@ def build_random_model(
         torch.manual_seed(seed)
         vae: AutoencoderKL | AutoencoderTiny
         if tiny_vae:
-            vae = AutoencoderTiny(**(TINY_TAESD if arch == "tiny" else TAESD))
+            vae = AutoencoderTiny(**(TINY_TAESD if arch.startswith("tiny") else TAESD))
         else:
             vae = AutoencoderKL(**spec.vae)
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+        text_encoder_2 = None
+        if spec.text_encoder_2 is not None:
+            torch.manual_seed(seed + 1)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_encoder_2))
     scheduler_cls: type[SchedulerMixin] = getattr(diffusers, cast(str, sched_config["_class_name"]))
     sched = scheduler_cls.from_config({k: v for k, v in sched_config.items() if k != "_class_name"})
-    parts: tuple[Any, ...] = (unet, vae, text_encoder)  # Any: diffusers' models are not seen as nn.Modules
+    parts: tuple[Any, ...] = (unet, vae, text_encoder, text_encoder_2)  # Any: diffusers' models are not nn.Modules
     for module in parts:
-        module.eval().requires_grad_(False)
+        if module is not None:
+            module.eval().requires_grad_(False)
     return DiffusionModel(
         unet=unet,
         vae=vae,
@@ -246,6 +323,8 @@ def build_random_model(
         tokenizer=byte_level_clip_tokenizer(),
         scheduler=sched,
         source=f"random {arch}" + (" + random TAESD" if tiny_vae else ""),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=byte_level_clip_tokenizer() if text_encoder_2 is not None else None,
     )
 
 

@@ -50,7 +50,7 @@ class ModelSpec:
 
 @dataclass
 class DiffusionModel:
-    """The parts of an SD 1.5 / 2.1 model that the hot path uses."""
+    """The parts of an SD 1.5 / 2.1 / SDXL model that the hot path uses (SDXL: two text encoders)."""
 
     unet: Any
     vae: Any  # AutoencoderKL or AutoencoderTiny
@@ -59,9 +59,18 @@ class DiffusionModel:
     scheduler: Any
     source: str = ""
     extras: dict[str, str] = field(default_factory=dict)  # what was fused or swapped in, for logs
+    text_encoder_2: Any = None  # SDXL's second text encoder (CLIPTextModelWithProjection: the pooled embeds)
+    tokenizer_2: Any = None
+
+    @property
+    def xl(self) -> bool:
+        """An SDXL UNet: pooled text embeddings and added time ids go into each call."""
+        return self.text_encoder_2 is not None
 
     def to(self, choice: DeviceChoice) -> DiffusionModel:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is None:
+                continue
             if module.dtype == choice.dtype:  # diffusers warns about dtype casts it did not make itself
                 module.to(device=choice.device)
             else:
@@ -69,9 +78,24 @@ class DiffusionModel:
         return self
 
     def img2img_pipeline(self) -> Any:
-        """diffusers' own StableDiffusionImg2ImgPipeline over these parts (baseline, tests, saving)."""
-        from diffusers import StableDiffusionImg2ImgPipeline
+        """diffusers' own StableDiffusionImg2ImgPipeline over these parts (baseline, tests, saving);
+        SDXL: StableDiffusionXLImg2ImgPipeline, as SDXL-turbo runs it (no aesthetic score)."""
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
+        if self.xl:
+            xl: Any = StableDiffusionXLImg2ImgPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.unet,
+                scheduler=self.scheduler,
+                requires_aesthetics_score=False,
+                force_zeros_for_empty_prompt=True,
+            )
+            xl.set_progress_bar_config(disable=True)
+            return xl
         # Any: the pipeline's mixin methods (progress bar, LoRA, saving) are not seen through diffusers' typing
         pipe: Any = StableDiffusionImg2ImgPipeline(
             vae=self.vae,
@@ -155,15 +179,16 @@ def load_model(spec: ModelSpec, choice: DeviceChoice) -> DiffusionModel:
         model.vae = load_tiny_vae(spec, choice.dtype)
         model.extras["vae"] = spec.tiny_vae
     # 5. device, precision, inference only
-    for module in (model.unet, model.vae, model.text_encoder):
-        module.eval().requires_grad_(False)
+    for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
+        if module is not None:
+            module.eval().requires_grad_(False)
     return model.to(choice)
 
 
 def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
     """``spec.model`` as diffusers loads it (any pipeline class its model_index.json names;
     a single file as SD 1.5 / 2.1), on the CPU. Raises ModelNotFound with the way to get it."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     kind = classify_source(spec.model)
     local_only = offline()
@@ -172,15 +197,20 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> Any:
             config = spec.config or None
             if config and classify_source(config) == "hub":
                 require_cached(config, spec, "model_index.json")
-            pipe = StableDiffusionPipeline.from_single_file(
-                spec.model,
-                config=config,
-                **dtype_argument(dtype),
-                local_files_only=local_only,
-                cache_dir=spec.cache_dir,
-                safety_checker=None,
-                requires_safety_checker=False,
-            )
+            if config and _is_xl_config(config):  # an SDXL checkpoint (its config folder says so)
+                pipe = StableDiffusionXLPipeline.from_single_file(
+                    spec.model, config=config, **dtype_argument(dtype), local_files_only=local_only
+                )
+            else:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    spec.model,
+                    config=config,
+                    **dtype_argument(dtype),
+                    local_files_only=local_only,
+                    cache_dir=spec.cache_dir,
+                    safety_checker=None,
+                    requires_safety_checker=False,
+                )
         else:
             if kind == "hub":
                 require_cached(spec.model, spec, "model_index.json")
@@ -213,7 +243,7 @@ def _load_base(spec: ModelSpec, dtype: torch.dtype) -> DiffusionModel:
         part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, part, None) is None
     ]
     if missing:
-        raise ValueError(f"{spec.model} is not an SD 1.5 / 2.1 model: it has no {', '.join(missing)}")
+        raise ValueError(f"{spec.model} is not an SD 1.5 / 2.1 / SDXL model: it has no {', '.join(missing)}")
     return DiffusionModel(
         unet=pipe.unet,
         vae=pipe.vae,
@@ -221,7 +251,19 @@ def _load_base(spec: ModelSpec, dtype: torch.dtype) -> DiffusionModel:
         tokenizer=pipe.tokenizer,
         scheduler=pipe.scheduler,
         source=spec.model,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
     )
+
+
+def _is_xl_config(config: str) -> bool:
+    """A local diffusers folder of an SDXL model (its model_index.json names a second text encoder)."""
+    index = Path(config).expanduser() / "model_index.json"
+    if not index.is_file():
+        return "xl" in config.lower()  # a hub id: stabilityai/sdxl-turbo, stable-diffusion-xl-base-1.0
+    import json
+
+    return "text_encoder_2" in json.loads(index.read_text(encoding="utf-8"))
 
 
 def _fuse_lora(model: DiffusionModel, spec: ModelSpec, dtype: torch.dtype) -> None:
@@ -236,12 +278,17 @@ def _fuse_lora(model: DiffusionModel, spec: ModelSpec, dtype: torch.dtype) -> No
     elif kind == "hub":
         require_cached(spec.lora, spec, "pytorch_lora_weights.safetensors")
     try:
-        StableDiffusionPipeline.load_lora_weights(pipe, source, **where)
+        if model.xl:  # (SDXL's loader: both text encoders, kohya's SDXL keys)
+            pipe.load_lora_weights(source, **where)
+        else:
+            StableDiffusionPipeline.load_lora_weights(pipe, source, **where)
     except OSError as exc:
         raise ModelNotFound(spec.lora, f"the LoRA could not be loaded ({exc})") from exc
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     model.unet, model.text_encoder = pipe.unet, pipe.text_encoder
+    if model.xl:
+        model.text_encoder_2 = pipe.text_encoder_2
     model.extras["lora"] = spec.lora
     log.info("fused LoRA %s into %s", spec.lora, spec.model)
 

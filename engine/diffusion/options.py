@@ -51,6 +51,9 @@ class TorchDefaults:
 
 
 LORA_SLOTS = 4  # live LoRA slots on the realtime scene (engine/diffusion/lora.py)
+CONTROLNET_SLOTS = 3  # live ControlNet slots on the realtime scene (engine/diffusion/controlnet.py)
+CONTROL_TYPES = ("canny", "depth", "tile", "source", "none")
+DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 
 
 def accel_label(state: str) -> str:

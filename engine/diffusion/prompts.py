@@ -203,3 +203,56 @@ class PromptBank:
             version = self.version + 1
             self._published = (embeds, version, prompts)  # one assignment: readers see old or new, never half
         log.debug("prompt embeddings v%d: %r", version, prompts)
+
+
+class XLPromptBank(PromptBank):
+    """SDXL's prompts: both text encoders' penultimate hidden states side by side, and the
+    second encoder's pooled embedding, as diffusers' ``StableDiffusionXLPipeline.encode_prompt``
+    computes them, packed in one tensor (so they are cached, blended and swapped as one):
+
+        (1, 78, D1 + D2): tokens 0..76 the hidden states; token 77 the pooled embedding (P <= D1 + D2
+        values, zero-padded; slerp over a zero-padded row is the slerp of the pooled vector)
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        tokenizer_2: Any,
+        text_encoder_2: Any,
+        choice: DeviceChoice,
+        cache_size: int = 64,
+    ) -> None:
+        super().__init__(tokenizer, text_encoder, choice, cache_size)
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = text_encoder_2
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.text_encoder_2.config.projection_dim)
+
+    def encode(self, text: str) -> torch.Tensor:
+        with self._lock:
+            if text in self._cache:
+                self._cache.move_to_end(text)
+                return self._cache[text]
+        device = self.choice.device
+        hidden, pooled = [], None
+        with torch.inference_mode():
+            for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+                length = tokenizer.model_max_length
+                tokens = tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+                out = encoder(tokens.input_ids.to(device), output_hidden_states=True)
+                if pooled is None and out[0].ndim == 2:  # the projecting encoder's text_embeds
+                    pooled = out[0]
+                hidden.append(out.hidden_states[-2])
+            assert pooled is not None  # text_encoder_2 is a CLIPTextModelWithProjection
+            states = torch.cat(hidden, dim=-1)
+            row = torch.zeros((1, 1, states.shape[-1]), dtype=states.dtype, device=states.device)
+            row[0, 0, : pooled.shape[-1]] = pooled[0].to(states.dtype)
+            embeds = torch.cat([states, row], dim=1).to(self.choice.dtype)
+        with self._lock:
+            self._cache[text] = embeds
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return embeds

@@ -48,11 +48,13 @@ from engine.diffusion.accel import (
     compile_counts,
     eager_backend,
 )
+from engine.diffusion.controlnet import ControlUnit, stage_scales
 from engine.diffusion.device import DeviceChoice
-from engine.diffusion.hotpath import DiffusersUNet, FrameInputs, HotPath
+from engine.diffusion.hotpath import ControlInputs, DiffusersUNet, FrameInputs, HotPath
+from engine.diffusion.ip_adapter import StyleBank
 from engine.diffusion.loading import DiffusionModel
 from engine.diffusion.lora import AdapterBank
-from engine.diffusion.prompts import PromptBank
+from engine.diffusion.prompts import PromptBank, XLPromptBank
 from engine.diffusion.schedule import StageCoefficients, build_schedule, guidance_embedding
 from engine.diffusion.similarity import SimilarityFilter
 from engine.diffusion.timing import StageTimer
@@ -150,9 +152,14 @@ class StreamImg2Img:
         bank: PromptBank | None = None,
         adapters: AdapterBank | None = None,
         timing: bool = False,
+        controls: Sequence[ControlUnit] = (),
+        style: StyleBank | None = None,
     ) -> None:
         """``bank``: a PromptBank of the same model to share (a rebuilt stream keeps its embeddings).
         ``adapters``: the LoRA slots on this model's UNet (applied between frames).
+        ``controls``: the ControlNets playing (``set_controls`` changes them).
+        ``style``: the IP-Adapter's image embeddings (the UNet holds the adapter); the frame waits
+        for none: until the first is published the style input is zeros.
         ``timing``: time each stage (``timer``; the benchmark turns it on, a show runs without)."""
         self.started = time.monotonic()  # the weights are loaded by now: the first image is timed from here
         self.first_image_s: float | None = None  # seconds from ``started`` to the first image out
@@ -178,13 +185,26 @@ class StreamImg2Img:
             )
         self.size = (height, width)
         self.latent_shape = (unet_config.in_channels, height // scale, width // scale)
+        xl_time_ids = None
+        if model.xl:  # SDXL-turbo's added time ids: original size, crop (0, 0), target size (no aesthetic score)
+            with torch.inference_mode(False):
+                xl_time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=choice.dtype).to(choice.device)
         self.hot = HotPath(
             DiffusersUNet(model.unet),
             model.vae,
             prediction_type=model.scheduler.config.prediction_type,
             size=self.size,
             dtype=choice.dtype,
+            controlnets=[unit.controlnet for unit in controls],
+            xl_time_ids=xl_time_ids,
+            pooled_dim=int(model.text_encoder_2.config.projection_dim) if model.xl else 0,
         )
+        self.controls = list(controls)
+        self.control_error: str | None = None  # a control image that could not be made (that ControlNet rests)
+        self.style = style
+        self._style_version = 0
+        if bank is None and model.xl:
+            bank = XLPromptBank(model.tokenizer, model.text_encoder, model.tokenizer_2, model.text_encoder_2, choice)
         self.prompts = bank or PromptBank(model.tokenizer, model.text_encoder, choice)
         self.adapters = adapters
         self.filter = SimilarityFilter(self.settings.similarity_threshold)
@@ -212,6 +232,8 @@ class StreamImg2Img:
                 noise=self._build_noise(self.settings.seed),
                 coefficients=self._build_coefficients(self.settings.strength),
                 timestep_cond=self._build_timestep_cond(self.settings.guidance_scale),
+                control=self._build_control(),
+                style=self._build_style(),
             )
             self.prompts.request(prompts)
         # the host's side of the two copies: pinned (page-locked) on CUDA, so that they do not block
@@ -278,6 +300,29 @@ class StreamImg2Img:
                     self._inputs.timestep_cond.copy_(cond)
             self.settings.guidance_scale = scale
             self._changed = True
+
+    def set_controls(self, controls: Sequence[ControlUnit]) -> None:
+        """Other ControlNets (one added or removed): frames go eager at once with them, and the
+        compiled frame is rebuilt in the background (its graph holds the ControlNets' calls)."""
+        self.controls = list(controls)
+        self.hot = self.hot.with_controlnets([unit.controlnet for unit in self.controls])
+        with self._on_frame_stream(), torch.inference_mode(False):
+            self._inputs = self._inputs._replace(control=self._build_control())
+        with self._accel_lock:
+            self._backend = eager_backend(self.hot)
+        self.rebuild_accelerated()
+        self.control_error = None
+        self._changed = True
+
+    def set_control_scale(self, slot: int, scale: float, start: float = 0.0, end: float = 1.0) -> None:
+        """A ControlNet's scale and its [start, end] share of the steps: one tensor write, no recompile."""
+        for i, unit in enumerate(self.controls):
+            if unit.slot == slot and (unit.scale, unit.start, unit.end) != (scale, start, end):
+                unit.scale, unit.start, unit.end = scale, start, end
+                assert self._inputs.control is not None  # there are controls
+                with self._on_frame_stream():
+                    self._inputs.control.scales[i].copy_(self._control_scales(unit).to(self.choice.device))
+                self._changed = True
 
     def set_similarity_threshold(self, threshold: float) -> None:
         self.settings.similarity_threshold = self.filter.threshold = threshold
@@ -347,6 +392,8 @@ class StreamImg2Img:
         if self.prompts.version == 0 or self._skip(frame):  # (version 0: the first prompt is still encoding)
             return False
         self._take_new_prompt()
+        if self.style is not None:
+            self._take_new_style()
         if self._accelerator is not None:
             self._start_accelerated_build()
         building = self._building
@@ -374,6 +421,10 @@ class StreamImg2Img:
                 fit_into(frame, self._host_in.numpy())
                 if inputs.pixels is not self._host_in:
                     inputs.pixels.copy_(self._host_in, non_blocking=self.choice.is_cuda)
+            # 2b. the ControlNets' control images, made on the device from the uploaded frame
+            if inputs.control is not None:
+                with self.timer.stage("control"):
+                    self._write_control(inputs.pixels, inputs.control)
             # 3-5. the frame function: encode, every stage in one UNet call, decode to uint8
             with self.timer.stage("diffuse"):
                 image, handed_on = self._diffuse(backend, inputs)
@@ -509,6 +560,55 @@ class StreamImg2Img:
             self.choice.device, self.choice.dtype
         )
 
+    def _control_scales(self, unit: ControlUnit) -> torch.Tensor:
+        scales = stage_scales(unit.scale, unit.start, unit.end, self.config.steps)
+        return torch.tensor(scales, dtype=self.choice.dtype).view(-1, 1, 1, 1)
+
+    def _build_control(self) -> ControlInputs | None:
+        if not self.controls:
+            return None
+        steps, (height, width) = self.config.steps, self.size
+        images = torch.zeros((len(self.controls), steps, 3, height, width), dtype=self.choice.dtype)
+        scales = torch.stack([self._control_scales(unit) for unit in self.controls])
+        return ControlInputs(images.to(self.choice.device), scales.to(self.choice.device))
+
+    def _write_control(self, pixels: torch.Tensor, control: ControlInputs) -> None:
+        """The newest frame's control images into stage 0; older frames' move one stage on.
+
+        A preprocessor that fails rests its ControlNet (scale 0, a tensor write) and says why
+        once (``control_error``); the frame plays on without that condition.
+        """
+        images = control.images
+        if images.shape[1] > 1:
+            images[:, 1:].copy_(images[:, :-1].clone())
+        for i, unit in enumerate(self.controls):
+            try:
+                images[i, 0].copy_(unit.preprocess(pixels))
+            except Exception as exc:  # named fallback: that ControlNet rests, the show goes on
+                if unit.scale != 0.0:
+                    self.control_error = f"ControlNet {unit.slot}: its control image failed, resting: {exc}"
+                    log.warning("%s", self.control_error)
+                    unit.scale = 0.0
+                    control.scales[i].zero_()
+
+    def _build_style(self) -> torch.Tensor | None:
+        if self.style is None:
+            return None
+        dim = int(self.model.unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features)
+        return torch.zeros((1, 1, dim), dtype=self.choice.dtype, device=self.choice.device)
+
+    def _take_new_style(self) -> None:
+        """A newly published style embedding: copied into the style input (no recompile)."""
+        assert self.style is not None and self._inputs.style is not None
+        version = self.style.version
+        current = self.style.current
+        if version == self._style_version or current is None:
+            return
+        with self._on_frame_stream(), torch.inference_mode():
+            self._inputs.style.copy_(current)
+        self._style_version = version
+        self._changed = True
+
     def _build_noise(self, seed: int) -> torch.Tensor:
         self._drift_generator.manual_seed(seed + 1)
         return fixed_noise(seed, self.config.steps, self.latent_shape).to(self.choice.device, self.choice.dtype)
@@ -560,6 +660,8 @@ class StreamImg2Img:
             inputs.noise.clone(),
             StageCoefficients(*(t.clone() for t in inputs.coefficients)),
             None if inputs.timestep_cond is None else inputs.timestep_cond.clone(),
+            None if inputs.control is None else ControlInputs(*(t.clone() for t in inputs.control)),
+            None if inputs.style is None else inputs.style.clone(),
         )
 
     def _build_accelerated(self, accelerator: Accelerator, example: FrameInputs, version: int) -> None:

@@ -15,6 +15,15 @@ this module (to list scenes, validate presets, print parameters) needs no torch.
   two frames (the old one plays until then, a bad one is reported and the last good one
   plays on); a weight change lands at the next frame. A new model starts with the slots
   loaded again. They do not reach a TensorRT engine (its weights are built in).
+- ControlNet slots ``controlnets/<n>/model|type|scale|start|end|image`` (n = 1..3) hold the
+  camera's structure (``engine.diffusion.controlnet``): a model loads in the background and
+  joins between two frames (the compiled frame is rebuilt in the background while frames play
+  eager); scale, start and end are tensor writes. A ControlNet that cannot play (another base
+  model's, missing, over ``controlnets/memory_mb``) is one HUD line; the scene plays without it.
+- IP-Adapter: ``style/adapter`` (loaded with the model, in the background) takes a style from
+  ``style/image`` (a file; its embedding is computed off the frame path when it changes) at
+  ``style/scale`` (a weight write: no recompile). A missing image is one HUD line; the last
+  style plays on.
 - ``timeline/*`` plays a prompt timeline (``engine.prompt_timeline``) in place of ``prompt``:
   the lines around the playing one are encoded ahead in the background, and each frame asks
   for the two lines' prompts weighted by the blend, which the prompt bank slerps on the spot
@@ -32,6 +41,9 @@ import numpy as np
 
 from engine.diffusion.options import (
     ACCEL_CHOICES,
+    CONTROL_TYPES,
+    CONTROLNET_SLOTS,
+    DEFAULT_DEPTH_MODEL,
     DEVICE_CHOICES,
     DTYPE_CHOICES,
     LORA_SLOTS,
@@ -73,6 +85,7 @@ class _LoadKey:
     device: str
     dtype: str
     accel: str
+    style_adapter: str = ""
 
 
 def _parse_prompt_pair(text: tuple[str, str]) -> tuple[list, list]:
@@ -108,10 +121,44 @@ def _lora_slot_params(slot: int) -> tuple:
     )
 
 
+def _controlnet_slot_params(slot: int) -> tuple:
+    return (
+        string_param(
+            f"controlnets/{slot}/model",
+            "",
+            description=f"ControlNet slot {slot}: hub id, local folder or .safetensors file, for the model's "
+            "base (SD 1.5 ControlNets on SD 1.5, SD 2.1 ones on SD-turbo); loaded live; empty = off",
+        ),
+        enum_param(
+            f"controlnets/{slot}/type",
+            "canny",
+            CONTROL_TYPES,
+            description=f"ControlNet slot {slot}'s control image: canny edges, depth (controlnets/depth_model), "
+            "tile / source (the frame itself) or none (the still image controlnets/<n>/image)",
+        ),
+        float_param(f"controlnets/{slot}/scale", 1.0, 0.0, 2.0, description=f"ControlNet slot {slot}'s strength"),
+        float_param(
+            f"controlnets/{slot}/start",
+            0.0,
+            0.0,
+            1.0,
+            description=f"ControlNet slot {slot} acts from this share of the steps on",
+        ),
+        float_param(
+            f"controlnets/{slot}/end", 1.0, 0.0, 1.0, description=f"ControlNet slot {slot} acts up to this share"
+        ),
+        string_param(
+            f"controlnets/{slot}/image",
+            "",
+            description=f"ControlNet slot {slot}'s still control image (type none): an image file",
+        ),
+    )
+
+
 class RealtimeScene(Scene):
     name = "realtime"
     order = 30
-    description = "Diffusion img2img of the source, every frame (SD-turbo, LCM)"
+    description = "Diffusion img2img of the source, every frame (SD-turbo, SDXL-turbo, LCM)"
     realtime = True
     uses_input = True
     # as fast as the GPU allows: the worker never redoes a source frame, so the camera's rate is
@@ -186,7 +233,8 @@ class RealtimeScene(Scene):
         string_param(
             "model",
             DEFAULT_MODEL,
-            description="Hub id, local diffusers folder or .safetensors file (SD 1.5 / 2.1 architecture)",
+            description="Hub id, local diffusers folder or .safetensors file (SD 1.5 / 2.1 / SDXL; "
+            "an SDXL single file needs an SDXL config folder)",
         ),
         string_param("lora", "", description="LoRA fused into the model, e.g. latent-consistency/lcm-lora-sdv1-5"),
         string_param(
@@ -217,6 +265,32 @@ class RealtimeScene(Scene):
             in_presets=False,
         ),
         *(param for slot in range(1, LORA_SLOTS + 1) for param in _lora_slot_params(slot)),
+        *(param for slot in range(1, CONTROLNET_SLOTS + 1) for param in _controlnet_slot_params(slot)),
+        float_param("controlnets/canny_low", 100.0, 0.0, 1000.0, description="Canny edges' low threshold"),
+        float_param("controlnets/canny_high", 200.0, 0.0, 1000.0, description="Canny edges' high threshold"),
+        string_param(
+            "controlnets/depth_model",
+            DEFAULT_DEPTH_MODEL,
+            description="The depth model of depth ControlNets (a transformers depth-estimation hub id or folder)",
+        ),
+        string_param(
+            "style/adapter",
+            "",
+            description="IP-Adapter weights as hub-id/subfolder/file.safetensors, e.g. "
+            "h94/IP-Adapter/models/ip-adapter_sd15.safetensors (its image encoder next to it); loaded with the "
+            "model; empty = off",
+        ),
+        string_param("style/image", "", description="The style picture of the IP-Adapter: an image file"),
+        float_param("style/scale", 0.6, 0.0, 2.0, description="How much of the style picture: 0 = none"),
+        int_param(
+            "controlnets/memory_mb",
+            4000,
+            0,
+            100000,
+            unit="MB",
+            description="Memory the ControlNets and depth models may take together; a load past it is refused",
+            in_presets=False,
+        ),
         *timeline_params(),
     )
 
@@ -237,6 +311,7 @@ class RealtimeScene(Scene):
         self._lora_bank: int | None = None  # id of the AdapterBank the files below were asked of
         self._lora_requested: dict[int, str] = {}
         self._first_frame_told: Any = None  # the stream whose first image has been logged
+        self._controls: Any = None  # the ControlBank of the loaded model's UNet
         self._timeline = ScenePromptTimeline(self.name, params, self.path, check=refuse_negative_weights)
         self._prefetched: tuple[Any, ...] | None = None  # (bank, timeline, line): its window is encoding
 
@@ -258,7 +333,9 @@ class RealtimeScene(Scene):
         if self._stream is not None:
             self._stream.close()
             self._stream.adapters.close()
-        self._model = self._stream = None
+        if self._controls is not None:
+            self._controls.close()
+        self._model = self._stream = self._controls = None
         free_accelerator_memory()
 
     # -- worker thread ---------------------------------------------------------------------------
@@ -282,6 +359,9 @@ class RealtimeScene(Scene):
         self.warning = (
             stream.accel_error
             or stream.adapter_error
+            or stream.control_error
+            or (self._controls.error if self._controls is not None else None)
+            or (stream.style.error if stream.style is not None else None)
             or self._lora_files.refusal
             or stream.prompts.error
             or self._prompts.refusal
@@ -311,6 +391,7 @@ class RealtimeScene(Scene):
             device=self.param("device"),
             dtype=self.param("dtype"),
             accel=self.param("accel"),
+            style_adapter=self.param("style/adapter").strip(),
         )
 
     def _wanted_stream_key(self) -> tuple[int, int]:
@@ -335,6 +416,7 @@ class RealtimeScene(Scene):
                 started = time.monotonic()
                 model = load_model(ModelSpec(model=key.model, lora=key.lora, tiny_vae=key.vae), choice)
                 log.info("realtime: %s loaded in %.1f s", key.model, time.monotonic() - started)
+            style = self._style_of(model, key, choice)
             adapters = adapters if adapters is not None else AdapterBank(model.unet)
             steps, resolution = self._wanted_stream_key()
             stream = StreamImg2Img(
@@ -352,6 +434,8 @@ class RealtimeScene(Scene):
                 accelerator=choose_accelerator(chosen.accel, choice.device),
                 bank=bank,
                 adapters=adapters,
+                controls=self._controls.units() if self._controls is not None and model is self._model else (),
+                style=style,
             )
             stream.prompts.wait()
         except Exception as exc:
@@ -411,6 +495,8 @@ class RealtimeScene(Scene):
         self._stream_shape.update((self._wanted_stream_key(), self.param("strength"), self._stream_key))
         stream = self._stream
         self._apply_lora_slots(stream)
+        self._apply_controlnet_slots(stream)
+        self._apply_style(stream)
         self._prefetch(stream, playing)
         prompts = self._weighted_prompts(playing)
         if prompts is not None:
@@ -454,6 +540,55 @@ class RealtimeScene(Scene):
         for slot in range(1, LORA_SLOTS + 1):
             stream.adapters.set_weight(slot, self.param(f"loras/{slot}/weight"))
 
+    def _style_of(self, model: Any, key: _LoadKey, choice: Any) -> Any:
+        """The model's StyleBank: the IP-Adapter loaded into it the first time (raises ModelNotFound)."""
+        if not key.style_adapter:
+            return None
+        bank = getattr(model, "style_bank", None)
+        if bank is None:
+            from engine.diffusion.ip_adapter import load_ip_adapter
+
+            bank = model.style_bank = load_ip_adapter(model, key.style_adapter, choice)
+        return bank
+
+    def _apply_style(self, stream: Any) -> None:
+        bank = stream.style
+        if bank is None:
+            return
+        image = self.param("style/image").strip()
+        if image:
+            bank.request(image)
+        bank.scale.set(self.param("style/scale") if image else 0.0)
+
+    def _apply_controlnet_slots(self, stream: Any) -> None:
+        """Ask for changed ControlNet slots (loaded in the background) and pass the scales on; a new
+        model gets a new bank (its slots asked for again)."""
+        from engine.diffusion.controlnet import ControlBank, ControlSpec
+
+        if self._controls is None or self._controls.unet is not self._model.unet:
+            if self._controls is not None:
+                self._controls.close()
+            self._controls = ControlBank(
+                self._model.unet, stream.choice.device, stream.choice.dtype, self.param("controlnets/memory_mb")
+            )
+        bank = self._controls
+        bank.budget_mb = self.param("controlnets/memory_mb")
+        bank.canny.low, bank.canny.high = self.param("controlnets/canny_low"), self.param("controlnets/canny_high")
+        scales = {}
+        for slot in range(1, CONTROLNET_SLOTS + 1):
+            prefix = f"controlnets/{slot}/"
+            bank.request(
+                slot,
+                ControlSpec(
+                    self.param(prefix + "model").strip(),
+                    self.param(prefix + "type"),
+                    self.param(prefix + "image").strip(),
+                    self.param("controlnets/depth_model").strip() or DEFAULT_DEPTH_MODEL,
+                ),
+            )
+            scales[slot] = (self.param(prefix + "scale"), self.param(prefix + "start"), self.param(prefix + "end"))
+        bank.apply(stream, scales)
+
     def _request_lora_files(self, attempt: tuple[int, str, tuple[str, ...]]) -> None:
         bank, accel, files = attempt
         stream = self._stream
@@ -482,7 +617,7 @@ class RealtimeScene(Scene):
         reloaded = reload.take()  # a failed load raises here: the worker reports it, the old model plays on
         if reloaded is not None:
             old = self._stream
-            self._active_key, self._model, self._stream = reloaded
+            self._active_key, self._model, self._stream = reloaded  # (a new bank of ControlNets follows)
             old.close()
             old.adapters.close()
             free_accelerator_memory()
