@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,21 @@ class BundleReport:
     size_bytes: int = 0
 
 
+def _uses_depth(scene: str, value: Callable[[str], str]) -> bool:
+    """The depth model is loaded only for a ControlNet slot of type depth that has a model."""
+    return any(
+        value(f"/scene/{scene}/controlnets/{slot}/type") == "depth"
+        and value(f"/scene/{scene}/controlnets/{slot}/model").strip()
+        for slot in (1, 2, 3)
+    )
+
+
+# model parameters a scene reads only in some settings: (path under the scene, is it used?)
+NEEDED_ONLY_IF: dict[str, Callable[[str, Callable[[str], str]], bool]] = {
+    "controlnets/depth_model": _uses_depth,
+}
+
+
 def models_for(preset_names: list[str], presets_dir: Path, registry: ParamRegistry) -> dict[str, list[str]]:
     """Hub repo ids each preset's active scene names -> the presets that need them."""
     library = PresetLibrary(presets_dir, registry)
@@ -47,10 +63,18 @@ def models_for(preset_names: list[str], presets_dir: Path, registry: ParamRegist
     for name in preset_names:
         values = library.load(name).values
         scene = values.get("/scene/active", registry.get("/scene/active"))
+
+        def value_of(path: str, values: dict[str, object] = values) -> str:
+            default = registry.param(path).default if path in registry else ""
+            return str(values.get(path, default) or "")
+
         for param in registry.params():
             if param.kind is not Kind.STRING or not param.path.startswith(f"/scene/{scene}/"):
                 continue
-            value = str(values.get(param.path, param.default) or "")
+            used = NEEDED_ONLY_IF.get(param.path.removeprefix(f"/scene/{scene}/"))
+            if used is not None and not used(scene, value_of):
+                continue
+            value = value_of(param.path)
             repo = "/".join(value.split("/")[:2])  # "org/name/weights.safetensors" is in org/name
             if HUB_ID.match(repo) and not Path(value).expanduser().exists():
                 needed.setdefault(repo, []).append(name)
