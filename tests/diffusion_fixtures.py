@@ -67,3 +67,16 @@ def set_params(params: ParamRegistry, values: dict) -> None:
     """Set values and land them at once, smoothing included (what a frame boundary does)."""
     params.set_many(values)
     params.apply_pending(10.0)
+
+
+def blob_frames(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth coloured blobs (size x size uint8): content a model can tell apart (unlike white noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(count):
+        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.15, 0.4)
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))[..., None]
+        colour, background = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        out.append((blob * colour + (1 - blob) * background).astype(np.uint8))
+    return out

@@ -20,7 +20,7 @@ pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 from diffusers import EulerDiscreteScheduler  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from diffusion_fixtures import offline, one_torch_thread  # noqa: E402,F401  (fixtures)
+from diffusion_fixtures import blob_frames, offline, one_torch_thread  # noqa: E402,F401  (fixtures)
 from engine.diffusion.configs import build_random_model  # noqa: E402
 from engine.diffusion.device import choose_device  # noqa: E402
 from engine.diffusion.stream import LiveSettings, StreamConfig, StreamImg2Img  # noqa: E402
@@ -43,15 +43,7 @@ def posterior_mean(monkeypatch):
 
 
 def frames(count: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    out = []
-    for _ in range(count):
-        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.15, 0.4)
-        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))[..., None]
-        colour, background = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        out.append((blob * colour + (1 - blob) * background).astype(np.uint8))
-    return out
+    return blob_frames(count, SIZE, seed)
 
 
 @pytest.mark.parametrize(
